@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv idempotently.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test docs bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# No GPU here: install the CPU torch wheel first so pip never pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python benchmarks/bench_layers.py --quick --output benchmarks/results/layers-quick.md
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+	$(MAKE) docs
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir .site
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_layers.py --output benchmarks/results/layers.md
+
+clean:
+	rm -rf $(VENV) .site build *.egg-info

@@ -1,0 +1,19 @@
+"""kroncompress: compress pretrained transformers by matrix decomposition, then recover by distillation.
+
+    import kroncompress as kc
+    A, B = kc.nearest_kronecker(W, a_shape=(m1, n1), b_shape=(m2, n2))
+"""
+
+from kroncompress.layers import (
+    FactorizedLinear, KroneckerEmbedding, KroneckerLinear, KroneckerTiedHead, LowRankLinear,
+)
+from kroncompress.linalg import kron_matmul, kron_sum, kronecker_shapes, nearest_kronecker, truncated_svd
+from kroncompress.strategies import LayerPlan, Strategy, StrategyConfig, get_strategy, list_strategies, register_strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
+    "LowRankLinear", "Strategy", "StrategyConfig", "get_strategy", "kron_matmul", "kron_sum",
+    "kronecker_shapes", "list_strategies", "nearest_kronecker", "register_strategy", "truncated_svd",
+]

@@ -1,0 +1,90 @@
+"""Common contract of the drop-in factorized layers.
+
+Every layer computes y = x W^T + b for an (out x in) weight W that it never materialises in forward.
+`layout` records what it replaced ("linear": nn.Linear, "conv1d": GPT-2's Conv1D, whose weight is stored
+(in x out)); the factors always describe W in nn.Linear's (out x in) orientation, so a Conv1D weight is
+transposed once at decomposition time and forward semantics are identical for both layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LAYOUTS = ("linear", "conv1d")
+
+
+def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
+    """(W in out x in orientation, layout) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(module, Conv1D):
+        return module.weight.T, "conv1d"
+    if isinstance(module, nn.Linear):
+        return module.weight, "linear"
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> nn.Module:
+    """The plain module (nn.Linear or Conv1D) holding the (out x in) `weight`."""
+    out_features, in_features = weight.shape
+    if layout == "conv1d":
+        dense = Conv1D(out_features, in_features)
+        dense.weight = nn.Parameter(weight.T.contiguous().detach().clone())
+        dense.bias = nn.Parameter(
+            bias.detach().clone() if bias is not None else torch.zeros(out_features, dtype=weight.dtype, device=weight.device)
+        )
+        return dense
+    if layout != "linear":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
+class FactorizedLinear(nn.Module):
+    """Base class: subclasses define `weight_matmul(x)` (x W^T), `dense_weight()` and `spec()`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, layout: str, device=None, dtype=None):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.in_features, self.out_features, self.layout = in_features, out_features, layout
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def weight_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent (out x in) weight; for export and tests, never used by forward."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable structure (shapes, ranks) from which the empty layer can be rebuilt."""
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight_matmul(x)
+        return y + self.bias if self.bias is not None else y
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_flops_per_token(self) -> int:
+        return 2 * self.in_features * self.out_features
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """The equivalent plain module: nn.Linear, or Conv1D for layout='conv1d'."""
+        return make_dense(self.dense_weight(), self.bias, self.layout)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, {self.spec()}"

@@ -1,0 +1,131 @@
+"""Nearest Kronecker product (Van Loan & Pitsianis) and the factored matmul it enables.
+
+W (m x n) ~ sum_i A_i (x) B_i with A_i: m1 x n1, B_i: m2 x n2, m = m1 m2, n = n1 n2.
+Rearranging W into R (m1 n1 x m2 n2), R[(i1, j1), (i2, j2)] = W[i1 m2 + i2, j1 n2 + j2], turns the
+Kronecker fit into a rank-r matrix approximation of R, solved by its top-r singular triplets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kroncompress.linalg.svd import top_singular_triplets
+
+Shape = tuple[int, int]
+
+
+def _infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
+    if a_shape is None and b_shape is None:
+        raise ValueError(
+            f"nearest_kronecker: give a_shape or b_shape for a {m} x {n} matrix "
+            "(the other is inferred), e.g. b_shape=(1, 2)"
+        )
+    a_shape = list(a_shape) if a_shape is not None else [None, None]
+    b_shape = list(b_shape) if b_shape is not None else [None, None]
+    for axis, (total, label) in enumerate(((m, "rows"), (n, "columns"))):
+        a, b = a_shape[axis], b_shape[axis]
+        if a is None and b is None:
+            raise ValueError(f"nearest_kronecker: a_shape[{axis}] and b_shape[{axis}] are both None; give one")
+        if a is None:
+            a = total // b if b and total % b == 0 else None
+        if b is None:
+            b = total // a if a and total % a == 0 else None
+        if a is None or b is None or a * b != total or a < 1 or b < 1:
+            raise ValueError(
+                f"nearest_kronecker: the {label} of W ({total}) are not a_shape[{axis}] x b_shape[{axis}] "
+                f"({a_shape[axis]} x {b_shape[axis]}); pick factors whose product is {total}"
+            )
+        a_shape[axis], b_shape[axis] = a, b
+    return (int(a_shape[0]), int(a_shape[1])), (int(b_shape[0]), int(b_shape[1]))
+
+
+def kron_rearrange(W: torch.Tensor, a_shape: Shape, b_shape: Shape) -> torch.Tensor:
+    """R(W): (m1 n1) x (m2 n2); a sum of r Kronecker products becomes a rank-r matrix."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return W.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+def kron_sum(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Dense sum_i A_i (x) B_i for stacked factors A (r, m1, n1), B (r, m2, n2); 2-D inputs mean r = 1."""
+    if A.dim() == 2:
+        A, B = A.unsqueeze(0), B.unsqueeze(0)
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    return torch.einsum("rac,rbd->abcd", A, B).reshape(m1 * m2, n1 * n2)
+
+
+def nearest_kronecker(
+    W: torch.Tensor,
+    a_shape: tuple[int | None, int | None] | None = None,
+    b_shape: tuple[int | None, int | None] | None = None,
+    rank: int = 1,
+    *,
+    return_residual: bool = False,
+):
+    """Frobenius-optimal sum of `rank` Kronecker products approximating the 2-D tensor W.
+
+    Returns (A, B): 2-D tensors for rank=1, stacked (rank, m1, n1) and (rank, m2, n2) otherwise, in W's
+    dtype and device. sqrt(sigma_i) goes on each factor. With return_residual=True, also returns
+    ||W - sum A_i (x) B_i||_F computed from the spectrum (exact by the Eckart-Young theorem on R(W)).
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"nearest_kronecker: W must be a 2-D tensor, got shape {shape}; reshape it to (out, in)")
+    m, n = W.shape
+    a_shape, b_shape = _infer_shapes(m, n, a_shape, b_shape)
+    max_rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(
+            f"nearest_kronecker: rank={rank} is out of range for A {a_shape} (x) B {b_shape}; "
+            f"use 1 <= rank <= {max_rank} (= min(m1*n1, m2*n2))"
+        )
+    compute_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    R = kron_rearrange(W.to(compute_dtype), a_shape, b_shape)
+    U, S, V = top_singular_triplets(R, rank)
+    root = S.clamp_min(0).sqrt()
+    A = (U * root).T.reshape(rank, *a_shape).to(W.dtype)
+    B = (V * root).T.reshape(rank, *b_shape).to(W.dtype)
+    if rank == 1:
+        A, B = A[0], B[0]
+    if not return_residual:
+        return A, B
+    total = R.double().pow(2).sum()
+    residual = (total - S.double().pow(2).sum()).clamp_min(0).sqrt().item()
+    return A, B, residual
+
+
+def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T with W = sum_i A_i (x) B_i (out x in), without building W.
+
+    x: (..., n1 n2); A: (r, m1, n1); B: (r, m2, n2). The r terms are contracted as two batched GEMMs
+    over the stacked factors; the order (B first or A first) is chosen by FLOPs.
+    """
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    lead = x.shape[:-1]
+    N = math.prod(lead)
+    X = x.reshape(N, n1, n2)
+    cost_b_first = n1 * m2 * (n2 + m1)
+    cost_a_first = m1 * n2 * (n1 + m2)
+    if cost_b_first <= cost_a_first:
+        # T[N, n1, (r, m2)] = X @ B^T, then contract (r, n1) against A.
+        T = X.reshape(N * n1, n2) @ B.permute(2, 0, 1).reshape(n2, r * m2)
+        T = T.reshape(N, n1, r, m2).permute(0, 3, 2, 1).reshape(N * m2, r * n1)
+        Y = T @ A.permute(0, 2, 1).reshape(r * n1, m1)  # (N m2, m1)
+        Y = Y.reshape(N, m2, m1).transpose(1, 2)
+    else:
+        # T[N, n2, (r, m1)] = X^T @ A^T, then contract (r, n2) against B.
+        T = X.transpose(1, 2).reshape(N * n2, n1) @ A.permute(2, 0, 1).reshape(n1, r * m1)
+        T = T.reshape(N, n2, r, m1).permute(0, 3, 2, 1).reshape(N * m1, r * n2)
+        Y = T @ B.permute(0, 2, 1).reshape(r * n2, m2)  # (N m1, m2)
+        Y = Y.reshape(N, m1, m2)
+    return Y.reshape(*lead, m1 * m2)
+
+
+def kron_matmul_flops(a_shape: Shape, b_shape: Shape, rank: int = 1) -> int:
+    """Multiply-accumulates per input row of kron_matmul (the cheaper order), times 2 for FLOPs."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    macs = rank * min(n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2))
+    return 2 * macs

@@ -1,0 +1,110 @@
+"""Kronecker factor-shape search: which (m1 x n1) (x) (m2 x n2) split, and how many terms, fit a budget.
+
+Without weights, candidates are ordered by how much of the budget they use (deterministic, so a plan
+on the meta device is reproducible). Given W, they are ranked by a pluggable criterion; the default is
+the energy the nearest Kronecker sum keeps (top-r squared singular values of R(W) over ||W||^2).
+Degenerate shapes A (m x 1) (x) B (1 x n) (and the mirrored (1 x n) (x) (m x 1)) are outer products, so a
+sum of them is plain low rank: they are excluded unless allow_degenerate=True (use `svd` for that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kroncompress.linalg.kronecker import kron_rearrange
+from kroncompress.linalg.svd import top_singular_triplets
+
+
+@dataclass(frozen=True)
+class KroneckerShape:
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    rank: int
+    params: int
+    score: float | None = field(default=None, compare=False)
+
+    @property
+    def degenerate(self) -> bool:
+        return is_degenerate(self.a_shape, self.b_shape)
+
+
+def divisors(k: int) -> list[int]:
+    return [d for d in range(1, k + 1) if k % d == 0]
+
+
+def is_degenerate(a_shape, b_shape) -> bool:
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return (n1 == 1 and m2 == 1) or (m1 == 1 and n2 == 1)
+
+
+def energy_kept(W: torch.Tensor, shape: KroneckerShape) -> float:
+    """Share of ||W||_F^2 kept by the optimal rank-r Kronecker sum of this shape (1.0 = exact)."""
+    R = kron_rearrange(W.to(torch.float32 if W.dtype != torch.float64 else W.dtype), shape.a_shape, shape.b_shape)
+    _, S, _ = top_singular_triplets(R, shape.rank)
+    total = R.double().pow(2).sum().item()
+    return float(S.double().pow(2).sum().item() / total) if total > 0 else 1.0
+
+
+def kronecker_shapes(
+    m: int,
+    n: int,
+    *,
+    ratio: float | None = None,
+    budget: int | None = None,
+    rank: int | str = 1,
+    weight: torch.Tensor | None = None,
+    criterion: Callable[[torch.Tensor, KroneckerShape], float] | None = energy_kept,
+    allow_degenerate: bool = False,
+    tolerance: float = 0.01,
+    band: float = 0.05,
+    max_candidates: int = 16,
+) -> list[KroneckerShape]:
+    """Feasible factor shapes for an m x n matrix under `ratio` (m n / params) or a parameter `budget`.
+
+    rank: a fixed number of Kronecker terms, or "auto" for the most terms that fit each shape.
+    A shape is feasible when its parameters are at most budget * (1 + tolerance) (so the paper's
+    (1 x 2) factors, which cost two parameters over m n / 2, count as 2x). Only shapes within `band`
+    of the largest feasible parameter count are kept: a 2x recipe never silently compresses 8x.
+    Returns them best first: by `criterion(weight, shape)` (higher is better) when weight is given,
+    otherwise by parameters used, then by the smaller B factor.
+    """
+    if (ratio is None) == (budget is None):
+        raise ValueError("kronecker_shapes: give exactly one of ratio= (e.g. 2.0) or budget= (a parameter count)")
+    if ratio is not None:
+        if not ratio > 1:
+            raise ValueError(f"kronecker_shapes: ratio={ratio} must be > 1 (2 halves the parameters)")
+        budget = m * n / ratio
+    if budget <= 0:
+        raise ValueError(f"kronecker_shapes: budget={budget} must be positive")
+    if rank != "auto" and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"kronecker_shapes: rank={rank!r} must be a positive int or 'auto'")
+    limit = budget * (1 + tolerance)
+
+    found: list[KroneckerShape] = []
+    for m1 in divisors(m):
+        for n1 in divisors(n):
+            a, b = (m1, n1), (m // m1, n // n1)
+            if not allow_degenerate and is_degenerate(a, b):
+                continue
+            per_term = a[0] * a[1] + b[0] * b[1]
+            max_rank = min(a[0] * a[1], b[0] * b[1])
+            r = min(max_rank, int(limit // per_term)) if rank == "auto" else rank
+            if r < 1 or r > max_rank or r * per_term > limit:
+                continue
+            found.append(KroneckerShape(a, b, r, r * per_term))
+    if not found:
+        raise ValueError(
+            f"kronecker_shapes: no Kronecker shape of a {m} x {n} matrix fits {int(budget)} parameters "
+            f"with rank={rank}; lower the ratio, use rank='auto', or allow_degenerate=True"
+        )
+    top = max(s.params for s in found)
+    found = [s for s in found if s.params >= (1 - band) * top]
+    found.sort(key=lambda s: (-s.params, s.b_shape[0] * s.b_shape[1], s.b_shape[0]))
+    found = found[:max_candidates]
+    if weight is not None and criterion is not None:
+        scored = [KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, criterion(weight, s)) for s in found]
+        found = sorted(scored, key=lambda s: -s.score)
+    return found

@@ -1,0 +1,7 @@
+"""Decomposition strategies. Importing this package registers the built-ins."""
+
+from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig
+from kroncompress.strategies.registry import get_strategy, list_strategies, register_strategy
+from kroncompress.strategies import kronecker, svd  # noqa: F401  (registration side effects)
+
+__all__ = ["LayerPlan", "Strategy", "StrategyConfig", "get_strategy", "list_strategies", "register_strategy"]

@@ -1,0 +1,113 @@
+"""`kronecker`: W ~ sum_{i<r} A_i (x) B_i, initialised by the nearest Kronecker product (KnGPT2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
+from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
+from kroncompress.linalg.shapes import is_degenerate, kronecker_shapes
+from kroncompress.strategies.base import (
+    LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params,
+)
+from kroncompress.strategies.registry import register_strategy
+
+
+def _check_shape(name: str, value) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(v is None or (isinstance(v, int) and v >= 1) for v in value)
+    if not ok:
+        raise config_error("kronecker", name, f"expected [rows, cols] with positive ints or null (inferred), got {value!r}")
+
+
+@dataclass
+class KroneckerConfig(StrategyConfig):
+    """a_shape / b_shape: explicit factor shapes (null entries are inferred); or ratio: a target
+    compression (m n / params) and the shape search picks the factors. rank: Kronecker terms, or
+    "auto" for as many as the budget allows."""
+
+    ratio: float | None = None
+    a_shape: list | None = None
+    b_shape: list | None = None
+    rank: int | str = 1
+    allow_degenerate: bool = False
+
+    def __post_init__(self):
+        _check_shape("a_shape", self.a_shape)
+        _check_shape("b_shape", self.b_shape)
+        explicit = self.a_shape is not None or self.b_shape is not None
+        if explicit == (self.ratio is not None):
+            raise config_error(
+                "kronecker", "ratio",
+                "give either ratio (e.g. 2) or a_shape/b_shape (e.g. b_shape: [1, 2]), exactly one of them",
+            )
+        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or self.ratio <= 1):
+            raise config_error("kronecker", "ratio", f"must be a number > 1 (2 halves the parameters), got {self.ratio!r}")
+        if self.rank != "auto" and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise config_error("kronecker", "rank", f"must be a positive int or 'auto', got {self.rank!r}")
+        if explicit and self.rank == "auto":
+            raise config_error("kronecker", "rank", "'auto' needs ratio; with explicit shapes give an int")
+
+
+@register_strategy("kronecker")
+class KroneckerStrategy(Strategy):
+    Config = KroneckerConfig
+    kinds = ("linear", "conv1d", "embedding")
+
+    def _choose_shape(self, shape, weight):
+        cfg = self.config
+        m, n = shape
+        if cfg.ratio is None:
+            a_shape, b_shape = _infer_shapes(m, n, cfg.a_shape, cfg.b_shape)
+            if is_degenerate(a_shape, b_shape) and not cfg.allow_degenerate:
+                raise config_error(
+                    "kronecker", "b_shape",
+                    f"A {a_shape} (x) B {b_shape} is an outer product (plain low rank); use strategy 'svd', "
+                    "or set allow_degenerate: true",
+                )
+            max_rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
+            if cfg.rank > max_rank:
+                raise config_error("kronecker", "rank", f"{cfg.rank} exceeds min(m1*n1, m2*n2) = {max_rank} for A {a_shape} (x) B {b_shape}")
+            return a_shape, b_shape, cfg.rank, "explicit"
+        candidates = kronecker_shapes(
+            m, n, ratio=cfg.ratio, rank=cfg.rank, weight=weight, allow_degenerate=cfg.allow_degenerate
+        )
+        best = candidates[0]
+        how = f"energy kept {best.score:.4f}" if best.score is not None else "parameter budget (no weights)"
+        return best.a_shape, best.b_shape, best.rank, how
+
+    def plan(self, shape, kind="linear", weight=None, bias=True):
+        self.check_kind(kind)
+        usable = weight if weight is not None and weight.device.type != "meta" else None
+        a_shape, b_shape, rank, how = self._choose_shape(tuple(shape), usable)
+        factor_params = rank * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])
+        bias_params = shape[0] if bias and kind != "embedding" else 0
+        flops = 2 * rank * shape[1] if kind == "embedding" else kron_matmul_flops(a_shape, b_shape, rank)
+        return LayerPlan(
+            strategy=self.name, kind=kind, shape=tuple(shape),
+            spec={"a_shape": list(a_shape), "b_shape": list(b_shape), "rank": rank},
+            params_before=linear_params(shape, kind, bias), params_after=factor_params + bias_params,
+            flops_before=dense_flops(shape, kind), flops_after=flops, note=f"shape chosen by {how}",
+        )
+
+    def decompose(self, weight, plan):
+        spec = plan.spec
+        A, B = nearest_kronecker(weight, spec["a_shape"], spec["b_shape"], rank=spec["rank"])
+        if spec["rank"] == 1:
+            A, B = A.unsqueeze(0), B.unsqueeze(0)
+        return {"a": A, "b": B}
+
+    def build(self, plan, factors=None, bias=None, device=None, dtype=None):
+        spec = plan.spec
+        if plan.kind == "embedding":
+            if factors is not None:
+                return KroneckerEmbedding.from_factors(factors["a"], factors["b"])
+            return KroneckerEmbedding(spec["a_shape"], spec["b_shape"], spec["rank"], device=device, dtype=dtype)
+        if factors is not None:
+            return KroneckerLinear.from_factors(factors["a"], factors["b"], bias, plan.kind)
+        (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
+        has_bias = plan.params_after > spec["rank"] * (m1 * n1 + m2 * n2)
+        return KroneckerLinear(spec["a_shape"], spec["b_shape"], spec["rank"], has_bias, plan.kind, device, dtype)

@@ -1,0 +1,60 @@
+"""`svd`: truncated SVD, W ~ U V with k terms (the low-rank baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kroncompress.layers.lowrank import LowRankLinear
+from kroncompress.linalg.svd import truncated_svd
+from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
+from kroncompress.strategies.registry import register_strategy
+
+
+@dataclass
+class SVDConfig(StrategyConfig):
+    """rank: kept singular values; or ratio: target compression, rank = floor(m n / (ratio (m + n)))."""
+
+    rank: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self):
+        if (self.rank is None) == (self.ratio is None):
+            raise config_error("svd", "rank", "give either rank (e.g. 64) or ratio (e.g. 2), exactly one of them")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise config_error("svd", "rank", f"must be a positive int, got {self.rank!r}")
+        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or self.ratio <= 1):
+            raise config_error("svd", "ratio", f"must be a number > 1 (2 halves the parameters), got {self.ratio!r}")
+
+
+@register_strategy("svd")
+class SVDStrategy(Strategy):
+    Config = SVDConfig
+
+    def rank_for(self, shape) -> int:
+        m, n = shape
+        rank = self.config.rank if self.config.rank is not None else int(m * n // (self.config.ratio * (m + n)))
+        if not 1 <= rank <= min(m, n):
+            field = "rank" if self.config.rank is not None else "ratio"
+            raise config_error("svd", field, f"gives rank {rank} for a {m} x {n} weight; the rank must be in 1..{min(m, n)}")
+        return rank
+
+    def plan(self, shape, kind="linear", weight=None, bias=True):
+        self.check_kind(kind)
+        m, n = shape
+        rank = self.rank_for(shape)
+        return LayerPlan(
+            strategy=self.name, kind=kind, shape=tuple(shape), spec={"rank": rank},
+            params_before=linear_params(shape, kind, bias), params_after=rank * (m + n) + (m if bias else 0),
+            flops_before=dense_flops(shape, kind), flops_after=2 * rank * (m + n),
+        )
+
+    def decompose(self, weight, plan):
+        U, V = truncated_svd(weight, plan.spec["rank"])
+        return {"u": U, "v": V}
+
+    def build(self, plan, factors=None, bias=None, device=None, dtype=None):
+        if factors is not None:
+            return LowRankLinear.from_factors(factors["u"], factors["v"], bias, plan.kind)
+        m, n = plan.shape
+        has_bias = plan.params_after > plan.spec["rank"] * (m + n)
+        return LowRankLinear(n, m, plan.spec["rank"], has_bias, plan.kind, device, dtype)
