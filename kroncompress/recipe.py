@@ -1,0 +1,654 @@
+"""YAML recipes: which modules get which strategy, plus the distill and evaluate sections.
+
+A recipe is parsed and fully validated on load, before any model is touched:
+
+    recipe = load_recipe("kn-gpt2")            # bundled name, "kn-gpt2.yaml", or a path
+    recipe = Recipe.from_dict({...}, source="my-recipe")
+
+Every error is a `RecipeError` whose message reads
+`<source>: <yaml path>: <what is wrong>; <the fix>`, e.g.
+`kn.yaml: compress[1].options.ratio: must be a number > 1 ...`.
+
+Targets (in `compress[*].targets`, `overrides[*].targets` and `ignore`) are:
+
+- a glob on the full dotted module name (`transformer.h.*.mlp.c_fc`),
+- `re:<regex>`, matched with `re.fullmatch` on the full name,
+- a bare identifier starting with an uppercase letter: the module's class name (`Conv1D`),
+- `role:<role>`: a per-architecture alias (`role:attention`, `role:mlp`) resolved by the surgery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+RECIPE_VERSION = 1
+CLASS_NAME = re.compile(r"[A-Z][A-Za-z0-9_]*")
+ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: the message names the source, the YAML path, what is wrong and the fix."""
+
+
+def _error(source: str, path: str, problem: str, fix: str | None = None) -> RecipeError:
+    where = f"{source}: {path}: " if path else f"{source}: "
+    return RecipeError(where + problem + (f"; {fix}" if fix else ""))
+
+
+# -- target patterns -----------------------------------------------------------------------------
+
+def pattern_kind(pattern: str) -> str:
+    """'regex', 'role', 'class' or 'glob': how `match_pattern` reads a target pattern."""
+    if pattern.startswith("re:"):
+        return "regex"
+    if pattern.startswith("role:"):
+        return "role"
+    if CLASS_NAME.fullmatch(pattern):
+        return "class"
+    return "glob"
+
+
+def match_pattern(pattern: str, name: str, module: Any = None,
+                  aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
+    """Whether a target pattern selects the module called `name` (full dotted name).
+
+    Globs use `fnmatch` (case-sensitive) on the full name, `re:` patterns `re.fullmatch`, a class
+    name compares with `type(module).__name__` (False when `module` is None). `role:<role>` is only
+    resolvable with `aliases`, a mapping role -> patterns of the model's architecture (supplied by the
+    surgery); without it, or for an unknown role, it matches nothing.
+    """
+    kind = pattern_kind(pattern)
+    if kind == "regex":
+        return re.fullmatch(pattern[3:], name) is not None
+    if kind == "class":
+        return module is not None and type(module).__name__ == pattern
+    if kind == "role":
+        role_patterns = (aliases or {}).get(pattern[5:], ())
+        if isinstance(role_patterns, str):
+            role_patterns = [role_patterns]
+        return any(pattern_kind(p) != "role" and match_pattern(p, name, module) for p in role_patterns)
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def match_any(patterns: Iterable[str], name: str, module: Any = None,
+              aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
+    """Whether any of `patterns` selects the module (see `match_pattern`)."""
+    return any(match_pattern(p, name, module, aliases) for p in patterns)
+
+
+# -- the typed recipe ----------------------------------------------------------------------------
+
+@dataclass
+class Override:
+    """Per-rule options for the modules of a rule that also match `targets` (first match wins)."""
+
+    targets: list[str]
+    options: dict
+
+
+@dataclass
+class Rule:
+    """One `compress` entry: modules matching `targets` are compressed by `strategy` with `options`."""
+
+    targets: list[str]
+    strategy: str
+    options: dict
+    overrides: list[Override] = field(default_factory=list)
+    index: int = 0
+
+    def matches(self, module_name: str, module: Any = None, aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
+        """Whether this rule's targets select the module."""
+        return match_any(self.targets, module_name, module, aliases)
+
+    def options_for(self, module_name: str, module: Any = None,
+                    aliases: Mapping[str, Iterable[str]] | None = None) -> dict:
+        """The rule's options merged with the first override whose targets match the module."""
+        for override in self.overrides:
+            if match_any(override.targets, module_name, module, aliases):
+                return {**self.options, **override.options}
+        return dict(self.options)
+
+
+@dataclass
+class LogitsKL:
+    """Temperature-scaled KL between teacher and student logits (weight 0 turns it off)."""
+
+    weight: float = 0.0
+    temperature: float = 2.0
+
+
+@dataclass
+class LossWeights:
+    """Weights of the distillation terms; the default is KnGPT2's ILKD (embedding + attention + hidden + CE)."""
+
+    ce: float = 1.0
+    logits_kl: LogitsKL = field(default_factory=LogitsKL)
+    hidden_mse: float = 1.0
+    attention_kl: float = 1.0
+    embedding_mse: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training text: a hub `dataset` (+ `config`), local `files` (paths/globs) or a bundled `source`
+    (e.g. "shakespeare"); at most one of them (none: the distillation engine's offline default)."""
+
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    fraction: float = 1.0
+    files: list[str] = field(default_factory=list)
+    source: str | None = None
+    block_size: int = 1024
+    streaming: bool = False
+    validation_fraction: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; `max_steps`, when set, caps `epochs`."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 2.5e-4
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.01
+    seed: int = 0
+    eval_every: int | None = None
+    save_every: int | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """The `distill` section: teacher ("original" = the uncompressed model, or a model path), loss
+    weights, an optional student-to-teacher `layer_map`, data and training settings."""
+
+    teacher: str = "original"
+    losses: LossWeights = field(default_factory=LossWeights)
+    layer_map: list[int] | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class PerplexityConfig:
+    """Sliding-window perplexity: windows of `block_size` tokens advanced by `stride`."""
+
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "test"
+    files: list[str] = field(default_factory=list)
+    source: str | None = None
+    block_size: int = 1024
+    stride: int = 512
+    max_tokens: int | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    """The `evaluate` section."""
+
+    perplexity: PerplexityConfig | None = None
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. Build it with `load_recipe` or `Recipe.from_dict`."""
+
+    version: int
+    name: str
+    description: str
+    compress: list[Rule]
+    ignore: list[str] = field(default_factory=list)
+    distill: DistillConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    source: str = field(default="<dict>", compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "Recipe":
+        """Validate a parsed recipe (e.g. from `yaml.safe_load`); raises RecipeError."""
+        return _parse_recipe(_Node(data, "", source))
+
+    def is_ignored(self, module_name: str, module: Any = None, aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
+        """Whether the global `ignore` list excludes the module."""
+        return match_any(self.ignore, module_name, module, aliases)
+
+    def rule_for(self, module_name: str, module: Any = None,
+                 aliases: Mapping[str, Iterable[str]] | None = None) -> Rule | None:
+        """The first rule matching the module, or None (also None when the module is ignored)."""
+        if self.is_ignored(module_name, module, aliases):
+            return None
+        return next((r for r in self.compress if r.matches(module_name, module, aliases)), None)
+
+    def to_dict(self) -> dict:
+        """Plain data (lists, dicts, scalars) that `from_dict` turns back into an equal Recipe."""
+        out: dict[str, Any] = {"version": self.version, "name": self.name, "description": self.description}
+        out["compress"] = []
+        for rule in self.compress:
+            entry: dict[str, Any] = {"targets": list(rule.targets), "strategy": rule.strategy, "options": _plain(rule.options)}
+            if rule.overrides:
+                entry["overrides"] = [{"targets": list(o.targets), "options": _plain(o.options)} for o in rule.overrides]
+            out["compress"].append(entry)
+        out["ignore"] = list(self.ignore)
+        if self.distill is not None:
+            out["distill"] = _plain(dataclasses.asdict(self.distill))
+        if self.evaluate is not None:
+            out["evaluate"] = _plain(dataclasses.asdict(self.evaluate))
+        return out
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML (defaults written out), loadable by `load_recipe`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=120)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+class _Node:
+    """A value in the parsed YAML with its path, so every error can name where it happened."""
+
+    def __init__(self, value: Any, path: str, source: str):
+        self.value, self.path, self.source = value, path, source
+
+    def child(self, key: str | int) -> "_Node":
+        value = self.value[key]
+        if isinstance(key, int):
+            return _Node(value, f"{self.path}[{key}]", self.source)
+        return _Node(value, f"{self.path}.{key}" if self.path else key, self.source)
+
+    def error(self, problem: str, fix: str | None = None, key: str | None = None) -> RecipeError:
+        path = (f"{self.path}.{key}" if self.path else key) if key else (self.path or "top level")
+        return _error(self.source, path, problem, fix)
+
+    def mapping(self, allowed: Iterable[str], required: Iterable[str] = ()) -> "_Node":
+        """Check this is a mapping with only `allowed` keys (did-you-mean) and all `required` ones."""
+        allowed = list(allowed)
+        if not isinstance(self.value, Mapping):
+            raise self.error(f"expected a mapping with keys {', '.join(allowed)}, got {_describe(self.value)}",
+                             "write it as `key: value` lines")
+        for key in self.value:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                fix = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+                raise self.error(f"unknown key {key!r}", fix, key=str(key))
+        for key in required:
+            if self.value.get(key) is None:
+                raise self.error(f"missing required key {key!r}", f"add `{key}:` here ({', '.join(allowed)})")
+        return self
+
+    def get(self, key: str, kinds: tuple[type, ...], default: Any = None, check: "_Check | None" = None) -> Any:
+        """The value under `key` (or `default` when absent or null), type-checked and range-checked."""
+        if key not in self.value or self.value[key] is None:
+            return default
+        node = self.child(key)
+        value = node.value
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            wanted = "a number" if float in kinds else " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise node.error(f"expected {wanted}, got {_describe(value)}", f"write {key} as {wanted}")
+        if check is not None and not check.holds(value):
+            raise node.error(f"must be {check.requirement}, got {value!r}", f"set {key} to {check.requirement}" if check.requirement.startswith("one of")
+                             else f"set {key} to a value {check.requirement}")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        return value
+
+    def string_list(self, key: str, required: bool = False) -> list[str]:
+        """A list of non-empty strings (a single string is accepted as a one-item list)."""
+        if key not in self.value or self.value[key] is None:
+            if required:
+                raise self.error(f"missing required key {key!r}", f'add `{key}: ["pattern", ...]`')
+            return []
+        node = self.child(key)
+        items = [node.value] if isinstance(node.value, str) else node.value
+        if not isinstance(items, list):
+            raise node.error(f"expected a list of strings, got {_describe(node.value)}", f'write {key}: ["...", "..."]')
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item.strip():
+                raise _Node(item, f"{node.path}[{i}]", self.source).error(
+                    f"expected a non-empty string, got {_describe(item)}", "quote the pattern")
+        if required and not items:
+            raise node.error("is empty", "list at least one pattern")
+        return list(items)
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, (list, dict)) else kind
+
+
+@dataclass(frozen=True)
+class _Check:
+    holds: Callable[[Any], bool]
+    requirement: str  # reads after "must be" and after "set <key>"
+
+
+_positive = _Check(lambda v: v > 0, "> 0")
+_at_least_one = _Check(lambda v: v >= 1, ">= 1")
+_non_negative = _Check(lambda v: v >= 0, ">= 0")
+_unit_open_closed = _Check(lambda v: 0 < v <= 1, "in (0, 1]")
+_unit_closed_open = _Check(lambda v: 0 <= v < 1, "in [0, 1)")
+_SCHEDULES = ("cosine", "linear", "constant")
+_schedule = _Check(lambda v: v in _SCHEDULES, f"one of {', '.join(_SCHEDULES)}")
+_not_blank = _Check(lambda v: bool(v.strip()), "a non-empty string")
+
+
+def _check_targets(node: _Node, key: str, required: bool) -> list[str]:
+    patterns = node.string_list(key, required=required)
+    for i, pattern in enumerate(patterns):
+        where = _Node(pattern, f"{node.path}.{key}[{i}]" if node.path else f"{key}[{i}]", node.source)
+        kind = pattern_kind(pattern)
+        if kind == "regex":
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise where.error(f"invalid regular expression {pattern[3:]!r} ({exc})",
+                                  "fix the regex; in YAML prefer single quotes so backslashes stay literal") from None
+        elif kind == "role" and not ROLE_NAME.fullmatch(pattern[5:]):
+            raise where.error(f"invalid role pattern {pattern!r}", "write role:<name>, e.g. role:attention or role:mlp")
+    return patterns
+
+
+_OPTION_ERROR = re.compile(r"^strategy '[^']*', option '([^']+)': (.*)$", re.S)
+
+
+def _check_options(strategy_cls, options: dict, node: _Node, override_options: dict | None = None,
+                   override_node: _Node | None = None) -> None:
+    """Parse options (merged with an override's) with the strategy; re-raise errors at their YAML path."""
+    merged = {**options, **(override_options or {})}
+    try:
+        strategy_cls.parse_options(dict(merged))
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        found = _OPTION_ERROR.match(message)
+        field_name, problem = (found.group(1), found.group(2)) if found else (None, message)
+        fix = None if ";" in problem else f"see the options of strategy {strategy_cls.name!r} (`kroncompress strategies`)"
+        if override_node is None or field_name in (override_options or {}):
+            owner = override_node or node
+            path = f"{owner.path}.{field_name}" if field_name else owner.path
+        else:  # the rule's options alone were valid, so the override's merge is what breaks them
+            path = override_node.path
+            problem = f"merged with {node.path}, option {field_name!r}: {problem}" if field_name else problem
+            fix = (fix + "; " if fix else "") + "an override may clear a rule option with null (e.g. ratio: null)"
+        raise _error(node.source, path, problem, fix) from None
+
+
+def _parse_options(parent: _Node) -> tuple[dict, _Node]:
+    if "options" not in parent.value or parent.value["options"] is None:
+        return {}, _Node({}, f"{parent.path}.options", parent.source)
+    node = parent.child("options")
+    if not isinstance(node.value, Mapping):
+        raise node.error(f"expected a mapping of strategy options, got {_describe(node.value)}", "e.g. options: {ratio: 2}")
+    return dict(node.value), node
+
+
+def _parse_rule(node: _Node, index: int) -> Rule:
+    from kroncompress.strategies import get_strategy  # late: recipes load without touching torch until here
+
+    node.mapping(["targets", "strategy", "options", "overrides"], required=["targets", "strategy"])
+    targets = _check_targets(node, "targets", required=True)
+    strategy = node.get("strategy", (str,))
+    try:
+        strategy_cls = get_strategy(strategy)
+    except ValueError as exc:
+        raise node.child("strategy").error(str(exc), "pick one of the registered strategies") from None
+    options, options_node = _parse_options(node)
+    _check_options(strategy_cls, options, options_node)
+
+    overrides = []
+    if node.value.get("overrides") is not None:
+        list_node = node.child("overrides")
+        if not isinstance(list_node.value, list):
+            raise list_node.error(f"expected a list, got {_describe(list_node.value)}", "write overrides: [{targets: [...], options: {...}}]")
+        for j in range(len(list_node.value)):
+            item = list_node.child(j).mapping(["targets", "options"], required=["targets", "options"])
+            override_options, override_node = _parse_options(item)
+            _check_options(strategy_cls, options, options_node, override_options, override_node)
+            overrides.append(Override(targets=_check_targets(item, "targets", required=True), options=override_options))
+    return Rule(targets=targets, strategy=strategy, options=options, overrides=overrides, index=index)
+
+
+def _parse_losses(node: _Node) -> LossWeights:
+    names = [f.name for f in dataclasses.fields(LossWeights)]
+    node.mapping(names)
+    defaults = LossWeights()
+    weights = {n: node.get(n, (int, float), getattr(defaults, n), _non_negative) for n in names if n != "logits_kl"}
+    logits_kl = LogitsKL()
+    if node.value.get("logits_kl") is not None:
+        kl = node.child("logits_kl")
+        if isinstance(kl.value, Mapping):
+            kl.mapping(["weight", "temperature"])
+            logits_kl = LogitsKL(weight=kl.get("weight", (int, float), 0.0, _non_negative),
+                                 temperature=kl.get("temperature", (int, float), 2.0, _positive))
+        else:
+            logits_kl = LogitsKL(weight=node.get("logits_kl", (int, float), 0.0, _non_negative))
+    losses = LossWeights(logits_kl=logits_kl, **weights)
+    if not any([losses.ce, losses.logits_kl.weight, losses.hidden_mse, losses.attention_kl, losses.embedding_mse]):
+        raise node.error("all loss weights are zero", "give at least one loss a positive weight, e.g. ce: 1.0")
+    return losses
+
+
+def _parse_data(node: _Node) -> DataConfig:
+    node.mapping([f.name for f in dataclasses.fields(DataConfig)])
+    data = DataConfig(
+        dataset=node.get("dataset", (str,)), config=node.get("config", (str,)), split=node.get("split", (str,), "train"),
+        fraction=node.get("fraction", (int, float), 1.0, _unit_open_closed), files=node.string_list("files"),
+        source=node.get("source", (str,)), block_size=node.get("block_size", (int,), 1024, _at_least_one),
+        streaming=node.get("streaming", (bool,), False),
+        validation_fraction=node.get("validation_fraction", (int, float), 0.0, _unit_closed_open),
+    )
+    _check_one_text_source(node, data)
+    return data
+
+
+def _check_one_text_source(node: _Node, section) -> None:
+    given = [k for k in ("dataset", "files", "source") if getattr(section, k)]
+    if len(given) > 1:
+        raise node.error(f"gives {' and '.join(given)}", "give only one text source: dataset, files or source")
+    if section.config and not section.dataset:
+        raise node.error("config is set without dataset", "add dataset (config names a configuration of a hub dataset)")
+
+
+def _parse_train(node: _Node) -> TrainConfig:
+    node.mapping([f.name for f in dataclasses.fields(TrainConfig)])
+    d = TrainConfig()
+    return TrainConfig(
+        epochs=node.get("epochs", (int, float), d.epochs, _positive),
+        max_steps=node.get("max_steps", (int,), None, _at_least_one),
+        lr=node.get("lr", (int, float), d.lr, _positive),
+        warmup_ratio=node.get("warmup_ratio", (int, float), d.warmup_ratio, _unit_closed_open),
+        schedule=node.get("schedule", (str,), d.schedule, _schedule),
+        batch_size=node.get("batch_size", (int,), d.batch_size, _at_least_one),
+        grad_accum=node.get("grad_accum", (int,), d.grad_accum, _at_least_one),
+        # an explicit null turns clipping off
+        max_grad_norm=None if "max_grad_norm" in node.value and node.value["max_grad_norm"] is None
+        else node.get("max_grad_norm", (int, float), d.max_grad_norm, _positive),
+        weight_decay=node.get("weight_decay", (int, float), d.weight_decay, _non_negative),
+        seed=node.get("seed", (int,), d.seed, _non_negative),
+        eval_every=node.get("eval_every", (int,), None, _at_least_one),
+        save_every=node.get("save_every", (int,), None, _at_least_one),
+        bf16=node.get("bf16", (bool,), d.bf16),
+        gradient_checkpointing=node.get("gradient_checkpointing", (bool,), d.gradient_checkpointing),
+    )
+
+
+def _parse_distill(node: _Node) -> DistillConfig:
+    node.mapping(["teacher", "losses", "layer_map", "data", "train"])
+    layer_map = None
+    if node.value.get("layer_map") is not None:
+        lm = node.child("layer_map")
+        if not isinstance(lm.value, list) or not lm.value:
+            raise lm.error(f"expected a non-empty list of teacher layer indices, got {_describe(lm.value)}", "e.g. layer_map: [0, 2, 4, 7, 9, 11]")
+        for i, v in enumerate(lm.value):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise lm.child(i).error(f"expected a teacher layer index >= 0, got {_describe(v)}", "one teacher layer per student layer")
+        layer_map = list(lm.value)
+    section = lambda key, parse, default: parse(node.child(key)) if node.value.get(key) is not None else default()
+    return DistillConfig(
+        teacher=node.get("teacher", (str,), "original"),
+        losses=section("losses", _parse_losses, LossWeights),
+        layer_map=layer_map,
+        data=section("data", _parse_data, DataConfig),
+        train=section("train", _parse_train, TrainConfig),
+    )
+
+
+def _parse_perplexity(node: _Node) -> PerplexityConfig:
+    node.mapping([f.name for f in dataclasses.fields(PerplexityConfig)])
+    ppl = PerplexityConfig(
+        dataset=node.get("dataset", (str,)), config=node.get("config", (str,)), split=node.get("split", (str,), "test"),
+        files=node.string_list("files"), source=node.get("source", (str,)),
+        block_size=node.get("block_size", (int,), 1024, _at_least_one),
+        stride=node.get("stride", (int,), 512, _at_least_one),
+        max_tokens=node.get("max_tokens", (int,), None, _at_least_one),
+    )
+    if ppl.stride > ppl.block_size:
+        raise node.child("stride").error(f"stride {ppl.stride} exceeds block_size {ppl.block_size} (tokens would be skipped)",
+                                         "use a stride <= block_size, e.g. half of it")
+    _check_one_text_source(node, ppl)
+    return ppl
+
+
+def _parse_evaluate(node: _Node) -> EvaluateConfig:
+    node.mapping(["perplexity"])
+    perplexity = _parse_perplexity(node.child("perplexity")) if node.value.get("perplexity") is not None else None
+    return EvaluateConfig(perplexity=perplexity)
+
+
+def _parse_recipe(root: _Node) -> Recipe:
+    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate"],
+                 required=["version", "name", "compress"])
+    version = root.get("version", (int,))
+    if version != RECIPE_VERSION:
+        raise root.child("version").error(f"unsupported recipe version {version}",
+                                          f"this kroncompress reads version {RECIPE_VERSION}; write version: {RECIPE_VERSION}")
+    name = root.get("name", (str,), check=_not_blank)
+    description = root.get("description", (str,), "")
+    if "\n" in description.strip():
+        raise root.child("description").error("spans several lines", "keep the description to one line")
+    rules_node = root.child("compress")
+    if not isinstance(rules_node.value, list) or not rules_node.value:
+        raise rules_node.error(f"expected a non-empty list of rules, got {_describe(rules_node.value)}",
+                               "add a rule: - {targets: [...], strategy: kronecker, options: {ratio: 2}}")
+    rules = [_parse_rule(rules_node.child(i), i) for i in range(len(rules_node.value))]
+    ignore = _check_targets(root, "ignore", required=False)
+    distill = _parse_distill(root.child("distill")) if root.value.get("distill") is not None else None
+    evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
+    return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
+                  distill=distill, evaluate=evaluate, source=root.source)
+
+
+# -- YAML and bundled recipes --------------------------------------------------------------------
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4) and refuses duplicate keys."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Recipe:
+    """Parse and validate recipe YAML text; syntax errors name the source and line."""
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise _error(source, where, f"invalid YAML: {problem}", "fix the syntax (indentation, colons, quotes) there") from None
+    if data is None:
+        raise _error(source, "", "the recipe is empty", "start with `version: 1`, `name:` and `compress:`")
+    return Recipe.from_dict(data, source=source)
+
+
+def _bundled_dir():
+    """The bundled recipes folder: the kroncompress.recipes package, or a checkout's recipes/."""
+    from importlib import resources
+
+    try:
+        return resources.files("kroncompress.recipes")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _bundled_files() -> dict[str, Any]:
+    return {entry.name[:-5]: entry for entry in _bundled_dir().iterdir() if entry.name.endswith(".yaml")}
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every bundled recipe, sorted by name (read without validating strategies)."""
+    out = []
+    for name, entry in sorted(_bundled_files().items()):
+        try:
+            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+        except yaml.YAMLError:
+            data = {}
+        description = data.get("description", "") if isinstance(data, Mapping) else ""
+        out.append((name, str(description).strip()))
+    return out
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A validated Recipe from a bundled name (`kn-gpt2` or `kn-gpt2.yaml`) or a path to a YAML file.
+
+    An existing file path wins over a bundled recipe of the same name.
+    """
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return parse_yaml(path.read_text(encoding="utf-8"), source=str(path))
+    bundled = _bundled_files()
+    bare = text[:-5] if text.endswith(".yaml") else text[:-4] if text.endswith(".yml") else text
+    if isinstance(name_or_path, str) and "/" not in text and bare in bundled:
+        entry = bundled[bare]
+        return parse_yaml(entry.read_text(encoding="utf-8"), source=f"{bare}.yaml (bundled)")
+    close = difflib.get_close_matches(bare, list(bundled), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    problem = "is a folder, not a recipe file" if path.is_dir() else "no such recipe file, and no bundled recipe of that name"
+    raise _error(text, "", problem, f"{hint}give a path to a YAML file or a bundled recipe: {', '.join(sorted(bundled))}")
