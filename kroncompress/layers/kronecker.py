@@ -13,12 +13,13 @@ from kroncompress.linalg.kronecker import kron_matmul, kron_matmul_flops, kron_s
 
 
 def _stacked(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if A.dim() == 2:
+    given = f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+    if A.dim() == 2 and B.dim() == 2:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
     if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
         raise ValueError(
             f"Kronecker factors must be (m1, n1) and (m2, n2), or stacked (r, m1, n1) and (r, m2, n2) with the "
-            f"same r; got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            f"same r; {given}"
         )
     return A, B
 

@@ -32,12 +32,20 @@ def _load_entry_points() -> None:
     global _entry_points_loaded
     if _entry_points_loaded:
         return
-    _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
+        if ep.name in _REGISTRY:  # built-ins (and earlier registrations) win
             continue
-        cls = ep.load()
-        register_strategy(ep.name)(cls)
+        where = f"entry point {ep.name!r} ({getattr(ep, 'value', '?')}) in group {ENTRY_POINT_GROUP!r}"
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            raise ValueError(f"{where} failed to load: {exc}; fix or uninstall the package that provides it") from exc
+        try:
+            register_strategy(ep.name)(cls)
+        except TypeError as exc:
+            raise TypeError(f"{where}: {exc}") from exc
+    # Only after every plugin loaded: a broken one keeps failing loudly instead of vanishing.
+    _entry_points_loaded = True
 
 
 def get_strategy(name: str) -> type[Strategy]:

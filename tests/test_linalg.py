@@ -1,0 +1,255 @@
+"""Nearest Kronecker product, the factored matmul and the factor-shape search (kroncompress.linalg)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kroncompress as kc
+import kroncompress.linalg.svd as svd_module
+from kroncompress.linalg import kron_rearrange
+
+# (a_shape, b_shape, rank): tall-thin rearrangements ((1 x 2) / (2 x 1) B factors), wide ones, balanced.
+SHAPES = [
+    ((16, 12), (1, 2), 1),
+    ((8, 24), (2, 1), 2),
+    ((1, 2), (16, 12), 1),
+    ((2, 3), (8, 4), 3),
+    ((4, 4), (4, 4), 4),
+    ((6, 4), (3, 5), 1),
+    ((3, 40), (2, 2), 2),
+]
+DTYPE_TOL = [(torch.float64, 1e-10), (torch.float32, 2e-5)]
+
+
+def random_kron_sum(a_shape, b_shape, rank, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn(rank, *a_shape, generator=generator, dtype=torch.float64)
+    B = torch.randn(rank, *b_shape, generator=generator, dtype=torch.float64)
+    return kc.kron_sum(A, B).to(dtype)
+
+
+def random_matrix(m, n, dtype=torch.float64, seed=0):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def tail_residual(W, a_shape, b_shape, rank) -> float:
+    """sqrt(sum of squared singular values of R(W) beyond `rank`), by a full float64 SVD."""
+    S = torch.linalg.svdvals(kron_rearrange(W.double(), a_shape, b_shape))
+    return S[rank:].pow(2).sum().sqrt().item()
+
+
+def rel_error(W, A, B) -> float:
+    return ((W.double() - kc.kron_sum(A.double(), B.double())).norm() / W.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+@pytest.mark.parametrize("a_shape,b_shape,rank", SHAPES)
+def test_exact_kronecker_sum_is_recovered(a_shape, b_shape, rank, dtype, tol):
+    W = random_kron_sum(a_shape, b_shape, rank, dtype)
+    A, B, residual = kc.nearest_kronecker(W, a_shape, b_shape, rank=rank, return_residual=True)
+    assert rel_error(W, A, B) < tol
+    assert residual / W.double().norm().item() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+@pytest.mark.parametrize("a_shape,b_shape,rank", SHAPES)
+def test_residual_theorem(a_shape, b_shape, rank, dtype, tol):
+    m, n = a_shape[0] * b_shape[0], a_shape[1] * b_shape[1]
+    W = random_matrix(m, n, dtype)
+    A, B, residual = kc.nearest_kronecker(W, a_shape, b_shape, rank=rank, return_residual=True)
+    expected = tail_residual(W, a_shape, b_shape, rank)
+    achieved = (W.double() - kc.kron_sum(A.double(), B.double())).norm().item()
+    scale = W.double().norm().item()
+    assert abs(achieved - expected) <= tol * scale
+    assert abs(residual - expected) <= tol * scale
+
+
+@pytest.mark.parametrize("a_shape,b_shape,rank", SHAPES)
+def test_perturbing_the_factors_never_helps(a_shape, b_shape, rank):
+    m, n = a_shape[0] * b_shape[0], a_shape[1] * b_shape[1]
+    W = random_matrix(m, n, seed=1)
+    A, B = kc.nearest_kronecker(W, a_shape, b_shape, rank=rank)
+    best = (W - kc.kron_sum(A, B)).norm().item()
+    generator = torch.Generator().manual_seed(2)
+    for scale in (1e-1, 1e-3):
+        for _ in range(5):
+            dA = scale * torch.randn(A.shape, generator=generator, dtype=A.dtype)
+            dB = scale * torch.randn(B.shape, generator=generator, dtype=B.dtype)
+            assert (W - kc.kron_sum(A + dA, B + dB)).norm().item() >= best - 1e-12
+
+
+# (a_shape given, b_shape given) -> expected full shapes for a 12 x 20 matrix
+INFERENCE = [
+    (None, (1, 2), (12, 10), (1, 2)),
+    ((3, 4), None, (3, 4), (4, 5)),
+    ((None, 5), (3, None), (4, 5), (3, 4)),
+    ((6, None), (None, 10), (6, 2), (2, 10)),
+]
+
+
+@pytest.mark.parametrize("a_given,b_given,a_expected,b_expected", INFERENCE)
+def test_none_shapes_are_inferred(a_given, b_given, a_expected, b_expected):
+    A, B = kc.nearest_kronecker(random_matrix(12, 20), a_given, b_given)
+    assert tuple(A.shape) == a_expected and tuple(B.shape) == b_expected
+
+
+@pytest.mark.parametrize("rank,a_expected,b_expected", [(1, (4, 3), (2, 5)), (3, (3, 4, 3), (3, 2, 5))])
+def test_rank_one_is_2d_and_rank_r_is_stacked(rank, a_expected, b_expected):
+    A, B = kc.nearest_kronecker(random_matrix(8, 15), (4, 3), (2, 5), rank=rank)
+    assert tuple(A.shape) == a_expected and tuple(B.shape) == b_expected
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_input_dtype_is_kept(dtype, tol):
+    W = random_kron_sum((8, 6), (1, 2), 1, dtype)
+    A, B = kc.nearest_kronecker(W, b_shape=(1, 2))
+    assert A.dtype == dtype and B.dtype == dtype
+    assert rel_error(W, A, B) < tol
+
+
+@pytest.mark.parametrize("a_shape,b_shape,rank", SHAPES)
+def test_randomized_path_agrees_with_gram_path(a_shape, b_shape, rank, monkeypatch):
+    m, n = a_shape[0] * b_shape[0], a_shape[1] * b_shape[1]
+    W = random_matrix(m, n, dtype=torch.float32, seed=3)
+    A_gram, B_gram, res_gram = kc.nearest_kronecker(W, a_shape, b_shape, rank=rank, return_residual=True)
+    calls = []
+    original = svd_module._triplets_randomized
+    monkeypatch.setattr(svd_module, "_triplets_randomized", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(svd_module, "GRAM_LIMIT", 1)
+    A_rand, B_rand, res_rand = kc.nearest_kronecker(W, a_shape, b_shape, rank=rank, return_residual=True)
+    assert calls, "the randomized path was not taken"
+    scale = W.norm().item()
+    assert abs(res_rand - res_gram) < 1e-4 * scale
+    gram, rand = kc.kron_sum(A_gram, B_gram), kc.kron_sum(A_rand, B_rand)
+    assert ((gram - rand).norm() / scale).item() < 1e-3
+
+
+@pytest.mark.parametrize("randomized", [False, True])
+@pytest.mark.parametrize("m,n,rank", [(40, 30, 5), (12, 64, 1), (64, 16, 16)])
+def test_truncated_svd_is_optimal(m, n, rank, randomized, monkeypatch):
+    W = random_matrix(m, n, seed=6)
+    if randomized:
+        monkeypatch.setattr(svd_module, "GRAM_LIMIT", 1)
+    U, V = kc.truncated_svd(W, rank)
+    assert U.shape == (m, rank) and V.shape == (rank, n)
+    optimum = torch.linalg.svdvals(W)[rank:].pow(2).sum().sqrt().item()
+    assert (W - U @ V).norm().item() == pytest.approx(optimum, rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_matches_cpu(dtype):
+    W = random_kron_sum((32, 24), (1, 2), 1, torch.float32) + 1e-3 * random_matrix(32, 48, torch.float32)
+    A_cpu, B_cpu = kc.nearest_kronecker(W, b_shape=(1, 2))
+    A, B = kc.nearest_kronecker(W.to("cuda", dtype), b_shape=(1, 2))
+    assert A.device.type == "cuda" and A.dtype == dtype
+    assert torch.allclose(kc.kron_sum(A, B).float().cpu(), kc.kron_sum(A_cpu, B_cpu), atol=5e-2, rtol=5e-2)
+
+
+# --- kron_matmul ----------------------------------------------------------------------------------
+# (a_shape, b_shape, rank, leading dims): the first two favour different contraction orders.
+MATMUL = [
+    ((64, 32), (1, 2), 1, (5,)),  # B first is cheaper
+    ((1, 2), (64, 32), 1, (5,)),  # A first is cheaper
+    ((3, 5), (4, 2), 3, (2, 3)),
+    ((8, 4), (2, 8), 2, (2, 1, 3)),
+    ((6, 6), (6, 6), 4, ()),
+]
+
+
+def order_costs(a_shape, b_shape):
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2)
+
+
+def test_matmul_table_covers_both_orders():
+    orders = {cost_b < cost_a for cost_b, cost_a in (order_costs(a, b) for a, b, _, _ in MATMUL)}
+    assert orders == {True, False}
+
+
+@pytest.mark.parametrize("a_shape,b_shape,rank,lead", MATMUL)
+def test_kron_matmul_equals_dense(a_shape, b_shape, rank, lead):
+    generator = torch.Generator().manual_seed(4)
+    A = torch.randn(rank, *a_shape, generator=generator, dtype=torch.float64)
+    B = torch.randn(rank, *b_shape, generator=generator, dtype=torch.float64)
+    x = torch.randn(*lead, a_shape[1] * b_shape[1], generator=generator, dtype=torch.float64)
+    y = kc.kron_matmul(x, A, B)
+    assert y.shape == (*lead, a_shape[0] * b_shape[0])
+    assert torch.allclose(y, x @ kc.kron_sum(A, B).T, atol=1e-10)
+
+
+# --- kronecker_shapes -----------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,ratio,rank", [(64, 64, 2, 1), (48, 96, 4, 1), (768, 3072, 2, 1), (32, 64, 4, "auto"), (24, 40, 3, 2)])
+def test_candidates_fit_the_budget_and_exclude_degenerate(m, n, ratio, rank):
+    tolerance = 0.01
+    shapes = kc.kronecker_shapes(m, n, ratio=ratio, rank=rank, tolerance=tolerance)
+    assert shapes
+    for s in shapes:
+        assert s.params <= m * n / ratio * (1 + tolerance)
+        assert s.params == s.rank * (s.a_shape[0] * s.a_shape[1] + s.b_shape[0] * s.b_shape[1])
+        assert s.a_shape[0] * s.b_shape[0] == m and s.a_shape[1] * s.b_shape[1] == n
+        assert not s.degenerate
+
+
+@pytest.mark.parametrize("m,n,ratio,rank,degenerate", [
+    (16, 16, 2, "auto", ((16, 1), (1, 16))),
+    (16, 16, 2, "auto", ((1, 16), (16, 1))),
+])
+def test_degenerate_shapes_only_when_allowed(m, n, ratio, rank, degenerate):
+    def found(**kwargs):
+        return {(s.a_shape, s.b_shape) for s in kc.kronecker_shapes(m, n, ratio=ratio, rank=rank, max_candidates=1000, band=1.0, **kwargs)}
+
+    assert degenerate not in found()
+    assert degenerate in found(allow_degenerate=True)
+
+
+def test_ratio_two_on_gpt2_mlp_prefers_a_one_by_two_factor():
+    best = kc.kronecker_shapes(768, 3072, ratio=2)[0]
+    assert best.rank == 1
+    assert sorted(best.b_shape) == [1, 2] or sorted(best.a_shape) == [1, 2]
+
+
+@pytest.mark.parametrize("m,n,ratio,a_shape,b_shape", [(16, 16, 8, (4, 4), (4, 4)), (24, 36, 4, (6, 6), (4, 6)), (32, 16, 2, (16, 8), (2, 2))])
+def test_energy_ranks_the_true_shape_first(m, n, ratio, a_shape, b_shape):
+    W = random_kron_sum(a_shape, b_shape, 1, torch.float32, seed=5)
+    candidates = kc.kronecker_shapes(m, n, ratio=ratio, max_candidates=1000, band=1.0)
+    assert (a_shape, b_shape) in {(s.a_shape, s.b_shape) for s in candidates}
+    best = kc.kronecker_shapes(m, n, ratio=ratio, weight=W, max_candidates=1000, band=1.0)[0]
+    assert (best.a_shape, best.b_shape) == (a_shape, b_shape)
+    assert best.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ranking_criterion_is_pluggable():
+    default = kc.kronecker_shapes(64, 64, ratio=2, weight=random_matrix(64, 64))
+    assert default[0].score is not None
+    prefer_tall_b = lambda W, s: s.b_shape[0] / s.b_shape[1]  # noqa: E731
+    best = kc.kronecker_shapes(64, 64, ratio=2, weight=random_matrix(64, 64), criterion=prefer_tall_b)[0]
+    assert best.b_shape == (2, 1) and best.score == 2.0
+
+
+# --- bad input ------------------------------------------------------------------------------------
+BAD_NEAREST = [
+    (lambda: kc.nearest_kronecker(random_matrix(12, 20), (5, 4)), ["12", "5", "product"]),
+    (lambda: kc.nearest_kronecker(random_matrix(12, 20), None, (1, 3)), ["20", "3", "product"]),
+    (lambda: kc.nearest_kronecker(random_matrix(12, 20)), ["a_shape", "b_shape", "12 x 20"]),
+    (lambda: kc.nearest_kronecker(random_matrix(12, 20), (4, 4), rank=0), ["rank=0", "1 <= rank <= 15"]),
+    (lambda: kc.nearest_kronecker(random_matrix(12, 20), (4, 4), rank=16), ["rank=16", "1 <= rank <= 15"]),
+    (lambda: kc.nearest_kronecker(torch.ones(2, 3, 4), (1, 1)), ["2-D", "(2, 3, 4)", "reshape"]),
+    (lambda: kc.nearest_kronecker(torch.ones(6), (1, 1)), ["2-D", "(6,)"]),
+    (lambda: kc.kronecker_shapes(64, 64, ratio=1), ["ratio=1", "> 1"]),
+    (lambda: kc.kronecker_shapes(64, 64, ratio=0.5), ["ratio=0.5", "> 1"]),
+    (lambda: kc.kronecker_shapes(64, 64), ["ratio", "budget"]),
+    (lambda: kc.kronecker_shapes(64, 64, ratio=2, rank=0), ["rank=0"]),
+    (lambda: kc.kronecker_shapes(4, 4, budget=1), ["4 x 4", "lower the ratio"]),
+    (lambda: kc.truncated_svd(random_matrix(4, 6), 5), ["rank=5", "4 x 6", "1..4"]),
+    (lambda: kc.truncated_svd(torch.ones(2, 2, 2), 1), ["2-D", "(2, 2, 2)"]),
+]
+
+
+@pytest.mark.parametrize("call,fragments", BAD_NEAREST)
+def test_bad_input_names_the_problem(call, fragments):
+    with pytest.raises(ValueError) as info:
+        call()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} missing from: {info.value}"
