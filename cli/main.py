@@ -1,0 +1,302 @@
+"""The `kroncompress` command line: parses with click, calls the library, renders with rich.
+
+Nothing here computes what the Python API can't; every command is a few library calls. User errors
+(a missing path, an invalid recipe, an existing output folder) print one `error: ...` line to stderr and
+exit with code 2. Set KRONCOMPRESS_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect as pyinspect
+import json
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from kroncompress.cli import render
+
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
+
+
+class UserError(click.ClickException):
+    """A bad-input error: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the library's message looks like
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", file=file or sys.stderr)
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn the library's ValueErrors (and friends) into one-line `error: ...` exits with code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            if os.environ.get("KRONCOMPRESS_DEBUG"):
+                raise
+            raise UserError(str(exc) or type(exc).__name__) from exc
+
+    return wrapper
+
+
+def _example(*lines: str) -> str:
+    # "\b" keeps click from re-wrapping the example lines
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _package_version() -> str:
+    try:
+        return version("kroncompress")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Fail fast, before any slow work, when OUTPUT already exists and --overwrite was not given."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {str(output)!r} exists and is a file; pass a folder path")
+    if output.exists() and not overwrite:
+        raise UserError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it, or choose another --output")
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _quiet_transformers() -> None:
+    """transformers' own tqdm bars (loading/writing shards) would interleave with rich's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _load(model: str, *, meta_ok: bool, dtype: str | None = None, device: str | None = None):
+    from kroncompress.models import load_model
+
+    _quiet_transformers()
+    return load_model(model, meta_ok=meta_ok, dtype=dtype, device=device)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=_example("kroncompress plan ./gpt2 --recipe kn-gpt2",
+                             "kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2"))
+@click.version_option(_package_version(), "--version", prog_name="kroncompress")
+def cli() -> None:
+    """Compress Hugging Face transformers by Kronecker (and other) matrix decompositions.
+
+    MODEL arguments accept a local folder written by save_pretrained(), a folder holding only
+    config.json (planned on shapes only), or a Hugging Face hub id (needs network access).
+    """
+
+
+@cli.command(epilog=_example("kroncompress plan ./gpt2 --recipe kn-gpt2",
+                             "kroncompress plan ./gpt2-config-only --recipe kn-gpt2 --json > plan.json"))
+@click.argument("model")
+@click.option("--recipe", "-r", required=True, help="Bundled recipe name (see `kroncompress recipes`) or a YAML path.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (params_before, params_after, modules) instead of tables.")
+@user_errors
+def plan(model: str, recipe: str, as_json: bool) -> None:
+    """Dry run: which module gets which strategy, factor shapes and parameter counts.
+
+    Needs shapes only: a folder holding just config.json is planned on the meta device.
+    """
+    from kroncompress.recipe import load_recipe
+    from kroncompress.surgery import plan as plan_model
+
+    parsed = load_recipe(recipe)  # validate before the (slow) model load
+    loaded, info = _load(model, meta_ok=True)
+    data = plan_model(loaded, parsed).to_dict()
+    if as_json:
+        _print_json({"model": model, "recipe": parsed.name, "source": info.source, "meta": info.meta, **data})
+        return
+    out = render.console()
+    out.print(f"[bold]model[/bold] {info.description}")
+    out.print(f"[bold]recipe[/bold] {parsed.name}: {parsed.description}")
+    out.print(render.module_table("plan", data.get("modules", [])))
+    out.print(render.totals_line(data))
+
+
+@cli.command(epilog=_example("kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2"))
+@click.argument("model")
+@click.option("--recipe", "-r", required=True, help="Bundled recipe name (see `kroncompress recipes`) or a YAML path.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder to write the compressed model to.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
+@click.option("--dtype", default=None, help="Load the model in this dtype (float32, bfloat16, float16, auto).")
+@click.option("--device", default=None, help="Decompose on this device (cpu, cuda, cuda:1, ...).")
+@user_errors
+def compress(model: str, recipe: str, output: Path, overwrite: bool, dtype: str | None, device: str | None) -> None:
+    """Decompose MODEL's modules as RECIPE says and save the result to OUTPUT.
+
+    OUTPUT is an HF-style folder (config.json, model.safetensors, recipe.yaml, report.json, README.md)
+    that `kroncompress inspect` summarises and kc.load_compressed() reloads.
+    """
+    from kroncompress.io import save_compressed
+    from kroncompress.recipe import load_recipe
+    from kroncompress.surgery import compress as compress_model
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    parsed = load_recipe(recipe)
+    _check_output(output, overwrite)
+    loaded, info = _load(model, meta_ok=False, dtype=dtype, device=device)
+    out, err = render.console(), render.console(stderr=True)
+    err.print(f"[bold]model[/bold] {info.description}")
+    columns = (TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("", total=None)
+
+        def on_module(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        report = compress_model(loaded, parsed, progress=on_module)
+    _save(save_compressed, loaded, output, recipe=parsed, report=report, tokenizer=info.tokenizer, overwrite=overwrite)
+    data = report.to_dict()
+    out.print(render.module_table("compressed modules", data.get("modules", []), with_error=True))
+    out.print(render.totals_line(data))
+    if parsed.distill is not None:
+        out.print(f"[yellow]note: the recipe's distill stage was NOT run (distillation arrives in a later release); "
+                  f"{output} holds the decomposed model before any accuracy recovery.[/yellow]")
+    out.print(f"[green]saved[/green] {output}")
+
+
+def _save(save: Callable, model, output: Path, **kwargs) -> None:
+    """Call save_compressed with the keyword arguments it accepts (overwrite/tokenizer are optional there)."""
+    accepted = pyinspect.signature(save).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    save(model, output, **{k: v for k, v in kwargs.items() if takes_any or k in accepted})
+
+
+@cli.command(epilog=_example("kroncompress strategies", "kroncompress strategies --json"))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@user_errors
+def strategies(as_json: bool) -> None:
+    """List the registered decomposition strategies and their options."""
+    import kroncompress as kc
+
+    rows = [_describe_strategy(name, kc.get_strategy(name)) for name in kc.list_strategies()]
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title="strategies", title_justify="left")
+    for column in ("name", "kinds", "options", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        options = ", ".join(f"{o['name']}={o['default']!r}" for o in row["options"])
+        table.add_row(row["name"], ", ".join(row["kinds"]), options, row["description"])
+    render.console().print(table)
+
+
+def _first_doc_line(*objects: Any) -> str:
+    for obj in objects:
+        doc = pyinspect.getdoc(obj) if obj is not None else None
+        if doc and not doc.startswith(f"{getattr(obj, '__name__', '')}("):  # skip dataclass auto-docs
+            return doc.strip().splitlines()[0]
+    return ""
+
+
+def _describe_strategy(name: str, cls: type) -> dict[str, Any]:
+    config = getattr(cls, "Config", None)
+    options = []
+    if config is not None and dataclasses.is_dataclass(config):
+        for f in dataclasses.fields(config):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            options.append({"name": f.name, "default": default})
+    module = sys.modules.get(cls.__module__)
+    return {
+        "name": name, "kinds": list(getattr(cls, "kinds", ())), "options": options,
+        "description": _first_doc_line(cls if cls.__doc__ else None, module, config),
+    }
+
+
+@cli.command(epilog=_example("kroncompress recipes", "kroncompress plan ./gpt2 --recipe kn-gpt2-mlp"))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@user_errors
+def recipes(as_json: bool) -> None:
+    """List the bundled recipes (usable by bare name with --recipe)."""
+    from kroncompress.recipe import list_recipes
+
+    rows = [{"name": name, "description": description} for name, description in list_recipes()]
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title="bundled recipes", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("description", overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["description"])
+    render.console().print(table)
+
+
+@cli.command(epilog=_example("kroncompress inspect runs/kn-gpt2"))
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@user_errors
+def inspect(directory: Path, as_json: bool) -> None:
+    """Summarise a folder written by `kroncompress compress`: params, recipe, per-module plan, metrics."""
+    from kroncompress.cli.folder import read_compressed_folder
+
+    summary = read_compressed_folder(directory)
+    if as_json:
+        _print_json(summary)
+        return
+    out = render.console()
+    items = [("folder", str(directory)), ("model type", summary.get("model_type", "?")),
+             ("recipe", summary.get("recipe") or "?")]
+    if summary.get("params_before") is not None:
+        items.append(("params", f"{render.count(summary['params_before'])} -> {render.count(summary.get('params_after'))}"))
+    out.print(render.key_value_table("compressed model", items))
+    has_errors = any("rel_error" in row for row in summary.get("modules", []))
+    out.print(render.module_table("modules", summary.get("modules", []), with_error=has_errors))
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        out.print(render.key_value_table("metrics", sorted(metrics.items())))
+
+
+@cli.command(epilog=_example("kroncompress export runs/kn-gpt2 --dense --output runs/kn-gpt2-dense"))
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--dense", is_flag=True, help="Multiply the factors back into plain weights (the only export format so far).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for the exported model.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
+@user_errors
+def export(directory: Path, dense: bool, output: Path, overwrite: bool) -> None:
+    """Export a compressed folder as a plain Hugging Face model (loads without kroncompress).
+
+    With --dense, AutoModelForCausalLM.from_pretrained(OUTPUT) loads the result; it has the original
+    parameter count (the compression is baked into the weights' values, not their structure).
+    """
+    from kroncompress.io import export_dense
+
+    if not dense:
+        raise UserError("export needs a format: pass --dense (a plain HF model with the factors multiplied back)")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{str(directory)!r} is not a compressed model folder (no config.json); pass a folder written by `kroncompress compress`")
+    _check_output(output, overwrite)
+    _quiet_transformers()
+    _save(export_dense, directory, output, overwrite=overwrite)
+    render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (`kroncompress ...`)."""
+    cli.main(args=argv, prog_name="kroncompress")
+
+
+if __name__ == "__main__":
+    main()

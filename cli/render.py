@@ -1,0 +1,123 @@
+"""Rich rendering for the CLI: tables built from the library's plain `to_dict()` data, nothing computed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterable, Mapping
+
+from rich import box
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on stdout (or stderr); 160 columns when piped (unless COLUMNS says otherwise) so tables
+    written to a file don't wrap module names."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, width=width, highlight=False, soft_wrap=False)
+
+
+def count(n: Any) -> str:
+    """12,345,678 for ints; anything else as given."""
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else ("" if n is None else str(n))
+
+
+def ratio(before: Any, after: Any) -> str:
+    if not isinstance(before, int) or not isinstance(after, int) or after <= 0:
+        return ""
+    return f"{before / after:.2f}x"
+
+
+def _dims(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join("?" if v is None else str(v) for v in value)
+    return str(value)
+
+
+def format_spec(spec: Mapping[str, Any] | None) -> str:
+    """A factor spec in a few characters: `A 384x384 (x) B 2x2`, `rank 64`, else `key=value` pairs."""
+    if not spec:
+        return ""
+    spec = dict(spec)
+    parts = []
+    if "a_shape" in spec and "b_shape" in spec:
+        parts.append(f"A {_dims(spec.pop('a_shape'))} (x) B {_dims(spec.pop('b_shape'))}")
+        rank = spec.pop("rank", 1)
+        if rank != 1:
+            parts.append(f"rank {rank}")
+    elif set(spec) == {"rank"}:
+        parts.append(f"rank {spec.pop('rank')}")
+    parts += [f"{k}={_dims(v)}" for k, v in spec.items()]
+    return ", ".join(parts)
+
+
+def field(row: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of `keys` found in a row, or in its nested `plan` / `layer_plan` mapping."""
+    scopes = [row] + [row[k] for k in ("plan", "layer_plan") if isinstance(row.get(k), Mapping)]
+    for key in keys:
+        for scope in scopes:
+            if scope.get(key) is not None:
+                return scope[key]
+    return default
+
+
+def module_table(title: str, rows: Iterable[Mapping[str, Any]], *, with_error: bool = False) -> Group:
+    """One line per module (name, strategy, kind, shape, factor spec, params before -> after), notes below.
+
+    Notes become footnote markers ([1], [2], ...; identical notes share one) so the table stays narrow.
+    Columns that are empty for every row (e.g. shape in a report that does not record it) are left out.
+    """
+    columns = ["module", "strategy", "kind", "shape", "factors", "before", "after", "ratio"]
+    columns += ["rel. error", "sec"] if with_error else []
+    columns.append("note")
+    notes: dict[str, int] = {}
+    cells = []
+    for row in rows:
+        before, after = field(row, "params_before"), field(row, "params_after")
+        line = [
+            str(field(row, "module", "name", default="?")), str(field(row, "strategy", default="")),
+            str(field(row, "kind", default="")), _dims(field(row, "shape", default="")),
+            format_spec(field(row, "spec")), count(before), count(after), ratio(before, after),
+        ]
+        if with_error:
+            error, seconds = field(row, "rel_error", "error"), field(row, "seconds", "time")
+            line += [f"{error:.4f}" if isinstance(error, float) else str(error or ""),
+                     f"{seconds:.2f}" if isinstance(seconds, float) else str(seconds or "")]
+        note = str(field(row, "note", default="")).strip()
+        line.append(f"[{notes.setdefault(note, len(notes) + 1)}]" if note else "")
+        cells.append(line)
+    keep = [i for i, name in enumerate(columns) if name == "module" or any(line[i] for line in cells)]
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for i in keep:
+        name = columns[i]
+        numeric = name in ("shape", "before", "after", "ratio", "rel. error", "sec")
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+    for line in cells:
+        table.add_row(*(escape(line[i]) for i in keep))
+    footnotes = [Text(f"[{n}] {note}", style="dim") for note, n in notes.items()]
+    return Group(table, *footnotes)
+
+
+def totals_line(data: Mapping[str, Any]) -> str:
+    """`params 124,439,808 -> 83,907,506 (1.48x smaller)` from a plan/report dict."""
+    before, after = data.get("params_before"), data.get("params_after")
+    line = f"[bold]params[/bold] {count(before)} -> {count(after)}"
+    if ratio(before, after):
+        line += f" ({ratio(before, after)} smaller)"
+    flops_before, flops_after = data.get("flops_before"), data.get("flops_after")
+    if isinstance(flops_before, int) and isinstance(flops_after, int) and flops_before:
+        line += f"; [bold]FLOPs/token[/bold] (compressed modules) {count(flops_before)} -> {count(flops_after)}"
+    return line
+
+
+def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in items:
+        table.add_row(key, count(value) if isinstance(value, int) else str(value))
+    return table
