@@ -5,10 +5,18 @@
 """
 
 from kroncompress.layers import (
-    FactorizedLinear, KroneckerEmbedding, KroneckerLinear, KroneckerTiedHead, LowRankLinear,
+    CPLinear, FactorizedLinear, KroneckerEmbedding, KroneckerLinear, KroneckerTiedHead, LowRankLinear, TTLinear,
+    TuckerLinear,
 )
 from kroncompress.linalg import kron_matmul, kron_sum, kronecker_shapes, nearest_kronecker, truncated_svd
 from kroncompress.strategies import LayerPlan, Strategy, StrategyConfig, get_strategy, list_strategies, register_strategy
+from kroncompress.recipe import (
+    DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
+)
+from kroncompress.aliases import aliases_for
+from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan
+from kroncompress.io import export_dense, load_compressed, save_compressed, to_dense
+from kroncompress.evaluate import perplexity
 
 __version__ = "0.1.0"
 
@@ -16,4 +24,10 @@ __all__ = [
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
     "LowRankLinear", "Strategy", "StrategyConfig", "get_strategy", "kron_matmul", "kron_sum",
     "kronecker_shapes", "list_strategies", "nearest_kronecker", "register_strategy", "truncated_svd",
+    "DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe",
+    "match_pattern",
+    "CompressionPlan", "CompressionReport", "aliases_for", "compress", "export_dense", "load_compressed", "plan",
+    "save_compressed", "to_dense",
+    "CPLinear", "TTLinear", "TuckerLinear",
+    "perplexity",
 ]

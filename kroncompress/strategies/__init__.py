@@ -3,5 +3,7 @@
 from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig
 from kroncompress.strategies.registry import get_strategy, list_strategies, register_strategy
 from kroncompress.strategies import kronecker, svd  # noqa: F401  (registration side effects)
+from kroncompress.strategies import layerdrop  # noqa: F401  (registration side effects)
+from kroncompress.strategies import cp, tt, tucker  # noqa: F401  (registration side effects)
 
 __all__ = ["LayerPlan", "Strategy", "StrategyConfig", "get_strategy", "list_strategies", "register_strategy"]

@@ -1,0 +1,184 @@
+"""Tucker / CP / tensor-train strategies and layers: forward, gradients, exact recovery, budgets, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tensorly as tl
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import kroncompress as kc
+from kroncompress.linalg.tensorized import balanced_factors, tt_matmul, tt_matmul_flops
+
+# name -> (explicit options small enough to be fast, the weight shape they fit)
+EXPLICIT = {
+    "tucker": ({"out_shape": [4, 6], "in_shape": [5, 6], "ranks": [2, 3, 3, 4]}, (24, 30)),
+    "cp": ({"out_shape": [4, 6], "in_shape": [5, 6], "rank": 3, "n_iter_max": 200, "tol": 1e-14}, (24, 30)),
+    "tt": ({"out_shape": [2, 3, 4], "in_shape": [2, 3, 5], "ranks": [3, 4]}, (24, 30)),
+}
+STRATEGIES = sorted(EXPLICIT)
+LAYOUTS = ["linear", "conv1d"]
+DTYPES = [torch.float32, torch.float64]
+FORWARD_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+# Relative reconstruction error of a weight that is exactly representable. Tucker (HOOI from an SVD init)
+# and TT (TT-SVD) are exact up to rounding. CP's ALS converges to the exact factors on these well-
+# conditioned random (Gaussian, rank 3 << mode sizes) tensors (about 1e-15 here), but only linearly, so it is held to 1e-6
+# in float64, far below what a wrong model or a missed component would give (>1e-2).
+RECOVERY_TOL = {
+    ("tucker", torch.float64): 1e-10, ("tt", torch.float64): 1e-10, ("cp", torch.float64): 1e-6,
+    ("tucker", torch.float32): 1e-5, ("tt", torch.float32): 1e-5, ("cp", torch.float32): 1e-4,
+}
+
+
+def make_plan(name, kind="linear", bias=True, **override):
+    options, shape = EXPLICIT[name]
+    strategy = kc.get_strategy(name)(**{**options, **override})
+    return strategy, strategy.plan(shape, kind, bias=bias)
+
+
+def random_layer(name, layout, dtype, bias=True):
+    torch.manual_seed(0)
+    strategy, plan = make_plan(name, layout, bias)
+    layer = strategy.build(plan, dtype=dtype)
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+    return strategy, plan, layer
+
+
+def dense_module(weight, layout):
+    out_features, in_features = weight.shape
+    module = Conv1D(out_features, in_features) if layout == "conv1d" else nn.Linear(in_features, out_features)
+    module = module.to(weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight.T if layout == "conv1d" else weight)
+        module.bias.normal_()
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_forward_matches_to_dense(name, layout, dtype):
+    _, _, layer = random_layer(name, layout, dtype)
+    dense = layer.to_dense()
+    assert isinstance(dense, Conv1D if layout == "conv1d" else nn.Linear)
+    x = torch.randn(2, 3, layer.in_features, dtype=dtype)
+    expected = dense(x)
+    got = layer(x)
+    assert got.shape == expected.shape == (2, 3, layer.out_features)
+    assert (got - expected).abs().max() <= FORWARD_TOL[dtype] * expected.abs().max()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_backward_reaches_every_factor(name, layout):
+    _, _, layer = random_layer(name, layout, torch.float64)
+    layer(torch.randn(4, layer.in_features, dtype=torch.float64)).square().sum().backward()
+    for param_name, param in layer.named_parameters():
+        assert param.grad is not None, param_name
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, param_name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_exactly_representable_weight_is_recovered(name, layout, dtype):
+    strategy, plan, source = random_layer(name, layout, torch.float64)
+    weight = source.dense_weight().detach().to(dtype)
+    module = dense_module(weight, layout)
+    backend = tl.get_backend()
+    new, new_plan, _ = strategy.compress_module(module)  # its error is in float32; measure in `dtype` here
+    assert tl.get_backend() == backend  # no global backend change leaks out
+    assert new_plan.spec == plan.spec and new.layout == layout
+    assert all(p.dtype == dtype for p in new.parameters())
+    error = float((new.dense_weight().detach() - weight).norm() / weight.norm())
+    assert error < RECOVERY_TOL[(name, dtype)], error
+    x = torch.randn(5, weight.shape[1], dtype=dtype)
+    expected = module(x)
+    assert (new(x) - expected).abs().max() <= 50 * RECOVERY_TOL[(name, dtype)] * expected.abs().max()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("options", [{}, {"ratio": 3}], ids=["explicit", "ratio"])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_planned_params_equal_module_params(name, options, bias):
+    base, shape = EXPLICIT[name]
+    if options:
+        base = {k: v for k, v in base.items() if k not in ("rank", "ranks")}
+    if name == "cp":
+        base = {**base, "n_iter_max": 3}  # a random weight: convergence is not what this test checks
+    strategy = kc.get_strategy(name)(**{**base, **options})
+    plan = strategy.plan(shape, "linear", bias=bias)
+    weight = torch.randn(*shape)
+    built = strategy.build(plan, strategy.decompose(weight, plan), torch.zeros(shape[0]) if bias else None)
+    empty = strategy.build(plan)  # the loading path: structure from the plan alone
+    assert built.num_params == empty.num_params == plan.params_after
+    assert built.spec() == empty.spec() == plan.spec
+    assert built.flops_per_token() == plan.flops_after
+    empty.load_state_dict(built.state_dict())
+    x = torch.randn(3, shape[1])
+    assert torch.equal(empty(x), built(x))
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (768, 768)])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_ratio_lands_within_one_percent_below_budget(name, shape, ratio):
+    plan = kc.get_strategy(name)(ratio=ratio).plan(shape, "conv1d", weight=None, bias=False)
+    budget = shape[0] * shape[1] / ratio
+    assert 0.99 * budget <= plan.params_after <= budget, (plan.spec, plan.params_after / budget)
+    dims = plan.spec["out_shape"] + plan.spec["in_shape"]
+    assert math.prod(plan.spec["out_shape"]) == shape[0] and math.prod(plan.spec["in_shape"]) == shape[1]
+    assert max(dims) <= 64  # balanced tensorization, not a trivial (1, m) split
+
+
+BAD = [
+    ("tucker", {}, "'ranks'"),
+    ("tucker", {"ranks": [2, 2, 2, 2], "ratio": 2}, "'ranks'"),
+    ("cp", {"ratio": 0.5}, "'ratio'"),
+    ("cp", {"rank": 0}, "'rank'"),
+    ("cp", {"rank": 2, "rnak": 3}, "'rnak'"),
+    ("tt", {"ratio": 2, "order": 1}, "'order'"),
+    ("tucker", {"ratio": 2, "out_shape": [5, 5]}, "'out_shape'"),
+    ("tucker", {"ratio": 2, "in_shape": [5, 7]}, "'in_shape'"),
+    ("tucker", {"ratio": 2, "out_shape": [4, 6], "in_shape": [2, 3, 5]}, "'in_shape'"),
+    ("tucker", {"ranks": [2, 3, 3]}, "'ranks'"),
+    ("tucker", {"ranks": [5, 3, 3, 4], "out_shape": [4, 6], "in_shape": [5, 6]}, "'ranks'"),
+    ("tucker", {"ranks": [1, 1, 1, 4], "out_shape": [4, 6], "in_shape": [5, 6]}, "'ranks'"),
+    ("tt", {"ranks": [7, 4], "out_shape": [2, 3, 4], "in_shape": [2, 3, 5]}, "'ranks'"),
+    ("cp", {"ratio": 10_000}, "'ratio'"),
+    ("cp", {"ratio": 2, "n_iter_max": 0}, "'n_iter_max'"),
+]
+
+
+@pytest.mark.parametrize("name,options,field", BAD)
+def test_bad_options_name_the_field(name, options, field):
+    with pytest.raises(ValueError, match=field) as info:
+        kc.get_strategy(name)(**options).plan((24, 30))
+    assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_embedding_is_refused(name):
+    with pytest.raises(ValueError, match="embedding"):
+        kc.get_strategy(name)(ratio=2).plan((24, 30), "embedding")
+
+
+@pytest.mark.parametrize("k,order,expected", [(3072, 2, (48, 64)), (3072, 3, (12, 16, 16)), (768, 2, (24, 32)),
+                                               (768, 3, (8, 8, 12)), (7, 2, (1, 7)), (1, 2, (1, 1))])
+def test_balanced_factors(k, order, expected):
+    assert balanced_factors(k, order) == expected
+
+
+@pytest.mark.parametrize("right_to_left", [True, False])
+def test_tt_both_sweep_directions_agree(right_to_left):
+    _, _, layer = random_layer("tt", "linear", torch.float64)
+    x = torch.randn(4, layer.in_features, dtype=torch.float64)
+    got = tt_matmul(x, list(layer.cores), right_to_left)
+    assert torch.allclose(got, x @ layer.dense_weight().T, atol=1e-12)
+    assert layer.flops_per_token() == min(tt_matmul_flops(layer.out_shape, layer.in_shape, layer.ranks, rtl)
+                                          for rtl in (True, False))
