@@ -76,10 +76,12 @@ def _print_json(data: Any) -> None:
 
 
 def _quiet_transformers() -> None:
-    """transformers' own tqdm bars (loading/writing shards) would interleave with rich's output."""
+    """transformers' and datasets' tqdm bars (shards, "Generating train split") would interleave with rich's output."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def _load(model: str, *, meta_ok: bool, dtype: str | None = None, device: str | None = None):
@@ -291,6 +293,37 @@ def export(directory: Path, dense: bool, output: Path, overwrite: bool) -> None:
     _quiet_transformers()
     _save(export_dense, directory, output, overwrite=overwrite)
     render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
+
+
+@cli.command("eval", epilog=_example("kroncompress eval runs/kn-gpt2 --data shakespeare --block-size 256 --stride 128",
+                                     "kroncompress eval ./gpt2 --data 'notes/*.txt' --json"))
+@click.argument("model")
+@click.option("--data", "-d", required=True,
+              help="A packaged corpus (shakespeare), a file path or glob, or a hub dataset NAME[:CONFIG].")
+@click.option("--split", default=None, help="Split to score (default: the source's own, else 'test').")
+@click.option("--block-size", type=int, default=None, help="Window length in tokens (default 1024).")
+@click.option("--stride", type=int, default=None, help="Tokens the window advances by (default block size / 2).")
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ...")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (perplexity with its protocol).")
+@user_errors
+def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch_size, device, as_json: bool) -> None:
+    """Sliding-window perplexity of MODEL (a compressed folder, a local model or a hub id) on DATA.
+
+    The number is always printed with its protocol: block size, stride and tokens scored.
+    """
+    from kroncompress.evaluate import evaluate_perplexity
+    from kroncompress.tokenizers import gpt2_tokenizer
+
+    loaded, info = _load(model, meta_ok=False, device=device)
+    tokenizer = info.tokenizer or gpt2_tokenizer()
+    result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,
+                                 max_tokens=max_tokens, batch_size=batch_size, device=device)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        render.console().print(f"{model}: {result}")
 
 
 def main(argv: list[str] | None = None) -> None:

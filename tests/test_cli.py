@@ -57,7 +57,7 @@ def compressed(tiny_gpt2, tmp_path_factory):
 
 # -- help, version, listings -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["plan"], ["compress"], ["strategies"], ["recipes"], ["inspect"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["plan"], ["compress"], ["strategies"], ["recipes"], ["inspect"], ["export"], ["eval"]])
 def test_every_help_shows_an_example(command):
     result = run(*command, "--help")
     assert result.exit_code == 0
@@ -283,3 +283,31 @@ def test_load_model_dtype_and_meta_refusal(tiny_gpt2, tiny_config_only):
         load_model(tiny_config_only, meta_ok=False)
     with pytest.raises(ValueError, match="not a torch dtype"):
         load_model(tiny_gpt2, dtype="float13")
+
+
+# -- eval -------------------------------------------------------------------------------------------
+
+def test_eval_prints_perplexity_with_its_protocol(tmp_path):
+    from kroncompress.evaluate import perplexity
+    from kroncompress.tokenizers import byte_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path / "byte-gpt2"
+    model = GPT2LMHeadModel(GPT2Config(**{**TINY, "vocab_size": 257, "bos_token_id": 256, "eos_token_id": 256}))
+    model.save_pretrained(folder)
+    tokenizer = byte_tokenizer()
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 8)
+
+    result = run("eval", folder, "--data", text, "--block-size", 32, "--stride", 16, "--json")
+    assert result.exit_code == 0, result.output
+    reported = json.loads(result.stdout)
+    assert (reported["block_size"], reported["stride"]) == (32, 16)
+    ids = torch.tensor(tokenizer(text.read_text())["input_ids"] + [256])
+    expected = perplexity(model.eval(), ids, block_size=32, stride=16)
+    assert reported["tokens"] == expected.tokens
+    assert reported["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
+
+    table = run("eval", folder, "--data", text, "--block-size", 32, "--stride", 16)
+    assert "block 32" in table.output and "stride 16" in table.output

@@ -1,0 +1,481 @@
+"""Model surgery: match a recipe's targets to modules, plan each one, and swap in the compressed modules.
+
+    plan = kc.plan(model, recipe)        # dry run: shapes and parameter counts, works on the meta device
+    report = kc.compress(model, recipe)  # decompose and swap in place; per-module rows and totals
+
+Targets are matched against the full dotted names of the model's modules (see `kroncompress.recipe`).
+Compressible modules are nn.Linear, GPT-2's Conv1D and nn.Embedding (exact classes, or subclasses that
+keep their forward); structural strategies (`layerdrop`) target the nn.ModuleList of blocks. The first
+rule that matches a module wins. A weight shared by several modules (GPT-2's wte and lm_head) is compressed
+once, through the embedding: the head becomes a KroneckerTiedHead that computes logits from the same
+factors, and the tie survives save/load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from kroncompress.aliases import aliases_for
+from kroncompress.layers.base import dense_weight_of
+from kroncompress.layers.kronecker import KroneckerTiedHead
+from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
+from kroncompress.strategies import LayerPlan, Strategy, get_strategy
+
+CONFIG_KEY = "kroncompress"  # the section of model.config (and config.json) holding the saved plan
+FORMAT_VERSION = 1
+
+
+# -- what a module is ------------------------------------------------------------------------------
+
+def module_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d', 'embedding', 'layers' (an nn.ModuleList of blocks), or None (not compressible)."""
+    if type(module) is Conv1D:
+        return "conv1d"
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+        return "embedding"
+    if isinstance(module, nn.ModuleList):
+        return "layers"
+    return None
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, each shared (tied) Parameter counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _weight_and_bias(module: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight in out x in orientation, or vocab x dim for an embedding; bias or None)."""
+    if kind == "embedding":
+        return module.weight, None
+    weight, _ = dense_weight_of(module)
+    return weight, getattr(module, "bias", None)
+
+
+def _is_meta(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "meta"
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight Parameter) -> names of the modules whose `.weight` it is (tied weights have several)."""
+    sharers: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if name and weight is not None:
+            names = sharers.setdefault(id(weight), [])
+            if name not in names:
+                names.append(name)
+    return sharers
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+@dataclass
+class PlanRow:
+    """One module's plan: which rule and strategy, with which options, and the strategy's LayerPlan."""
+
+    name: str
+    strategy: str
+    options: dict[str, Any]
+    plan: LayerPlan
+    rule: int
+    tied: list[dict[str, Any]] = field(default_factory=list)  # modules sharing this weight: {"name", "as"}
+    note: str = ""
+    config: Any = field(default=None, repr=False)  # the parsed strategy config
+
+    @property
+    def structural(self) -> bool:
+        return bool(getattr(get_strategy(self.strategy), "structural", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        notes = "; ".join(n for n in (plan.note, self.note) if n)
+        return {
+            "name": self.name, "strategy": self.strategy, "rule": self.rule, "kind": plan.kind,
+            "shape": list(plan.shape), "spec": _jsonable(plan.spec), "options": _jsonable(self.options),
+            "params_before": plan.params_before, "params_after": plan.params_after,
+            "flops_before": plan.flops_before, "flops_after": plan.flops_after,
+            "tied": [dict(t) for t in self.tied], "note": notes,
+        }
+
+
+@dataclass
+class CompressionPlan:
+    """What `compress` would do: one row per target module, and the whole model's parameter counts."""
+
+    rows: list[PlanRow]
+    params_before: int
+    params_after: int
+    recipe: str = ""
+    model_type: str = ""
+    skipped: list[str] = field(default_factory=list)  # targets inside blocks that layerdrop removes
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: totals and a `modules` list of rows."""
+        return {
+            "recipe": self.recipe, "model_type": self.model_type,
+            "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
+            "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
+        }
+
+    def module_plans(self) -> dict[str, dict[str, Any]]:
+        """{module name: {"strategy", "options", "plan", "tied"}} for the factorized modules: what
+        `load_compressed` needs to rebuild them (JSON-able; stored in config.json by compress)."""
+        return {
+            row.name: {"strategy": row.strategy, "options": _jsonable(row.options), "plan": _jsonable(row.plan.to_dict()),
+                       "tied": [dict(t) for t in row.tied]}
+            for row in self.rows if not row.structural
+        }
+
+    def summary_by_strategy(self) -> dict[str, dict[str, int]]:
+        """{strategy: {"modules", "params_before", "params_after"}} over the rows."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self.rows:
+            entry = out.setdefault(row.strategy, {"modules": 0, "params_before": 0, "params_after": 0})
+            entry["modules"] += 1
+            entry["params_before"] += row.plan.params_before
+            entry["params_after"] += row.plan.params_after
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+def _closest(text: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(text, names, n=3, cutoff=0.0)
+    return ", ".join(close) if close else "(the model has no named modules)"
+
+
+def _ignored(name: str, module: nn.Module, recipe: Recipe, aliases: dict) -> bool:
+    """Whether the module, or a module containing it, matches the recipe's ignore list."""
+    if not recipe.ignore:
+        return False
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return recipe.is_ignored(name, module, aliases) or any(recipe.is_ignored(p, None, aliases) for p in prefixes)
+
+
+def _match_rule(rule, modules: list[tuple[str, nn.Module]], recipe: Recipe, aliases: dict,
+                strategy_cls: type[Strategy], model_type: str) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, kind) of the modules the rule selects; errors for patterns that select nothing usable."""
+    names = [n for n, _ in modules]
+    selected: dict[str, tuple[nn.Module, str]] = {}
+    for i, pattern in enumerate(rule.targets):
+        where = f"{recipe.source}: compress[{rule.index}].targets[{i}]"
+        if pattern_kind(pattern) == "role" and pattern[5:] not in aliases:
+            known = ", ".join(sorted(aliases)) or "none (no aliases for this architecture; use globs or regexes)"
+            raise RecipeError(f"{where}: role {pattern[5:]!r} is not defined for model type {model_type!r}; known roles: {known}")
+        matched = [(n, m) for n, m in modules if match_pattern(pattern, n, m, aliases)]
+        if not matched:
+            raise RecipeError(f"{where}: pattern {pattern!r} matches no module; closest module names: {_closest(pattern.removeprefix('re:'), names)}")
+        usable = [(n, m) for n, m in matched if not _ignored(n, m, recipe, aliases)]
+        if not usable:
+            shown = ", ".join(n for n, _ in matched[:3])
+            raise RecipeError(f"{where}: pattern {pattern!r} matches only ignored modules ({shown}); remove it or drop them from ignore")
+        supported = [(n, m, module_kind(m)) for n, m in usable if module_kind(m) in strategy_cls.kinds]
+        if not supported:
+            n, m = usable[0]
+            if strategy_cls.kinds == ("layers",):
+                fix = "target the nn.ModuleList of blocks, e.g. role:layers"
+            elif next(m.children(), None) is not None:
+                fix = f"target the layers inside it, e.g. {n}.*"
+            else:
+                fix = "target nn.Linear, Conv1D or nn.Embedding modules"
+            raise RecipeError(f"{where}: pattern {pattern!r} matches {n} ({type(m).__name__}), which strategy "
+                              f"{rule.strategy!r} cannot compress; it compresses {', '.join(strategy_cls.kinds)} modules; {fix}")
+        for n, m, kind in supported:
+            selected.setdefault(n, (m, kind))
+    return [(n, m, kind) for n, (m, kind) in selected.items()]
+
+
+def plan(model: nn.Module, recipe: Recipe | str) -> CompressionPlan:
+    """Dry run: which module gets which strategy, factor shapes/ranks and parameter counts.
+
+    Needs only shapes, so the model may live on the meta device
+    (`with torch.device("meta"): model = AutoModelForCausalLM.from_config(config)`). With real weights,
+    strategies that choose shapes from the weights (kronecker with `ratio`) use them, as `compress` will.
+    Raises RecipeError for a target that matches no module (naming the 3 closest module names), only
+    ignored modules, or only modules the strategy cannot compress.
+    """
+    recipe = load_recipe(recipe)
+    aliases = aliases_for(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    sharers = _weight_sharers(model)
+    rows: dict[str, PlanRow] = {}
+    for rule in recipe.compress:
+        strategy_cls = get_strategy(rule.strategy)
+        configs: dict[str, Any] = {}
+        for name, module, kind in _match_rule(rule, modules, recipe, aliases, strategy_cls, model_type):
+            if name in rows:
+                if rows[name].rule != rule.index:
+                    rows[name].note = _join(rows[name].note, f"also matched by compress[{rule.index}] (first rule wins)")
+                continue
+            options = rule.options_for(name, module, aliases)
+            key = json.dumps(options, sort_keys=True, default=str)
+            if key not in configs:
+                configs[key] = strategy_cls.parse_options(dict(options))
+            strategy = strategy_cls(config=configs[key])
+            row = _plan_module(model, name, module, kind, strategy, sharers)
+            row.options, row.rule = dict(options), rule.index
+            rows[name] = row
+    ordered = list(rows.values())
+    ordered, skipped = _drop_rows_inside_dropped_blocks(ordered)
+    before = count_params(model)
+    after = before - sum(r.plan.params_before - r.plan.params_after for r in ordered)
+    return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
+                           model_type=model_type, skipped=skipped)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _plan_module(model, name, module, kind, strategy: Strategy, sharers) -> PlanRow:
+    if kind == "layers":
+        layer_params = [sum(p.numel() for p in block.parameters()) for block in module]
+        layer_plan = strategy.plan_layers(layer_params)
+        return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config)
+    weight, bias = _weight_and_bias(module, kind)
+    usable = None if _is_meta(weight) else weight.detach()
+    layer_plan = strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None)
+    tied, note = [], ""
+    others = [n for n in sharers.get(id(module.weight), []) if n != name]
+    for other in others:
+        other_kind = module_kind(model.get_submodule(other))
+        if kind == "embedding" and other_kind == "linear":
+            tied.append({"name": other, "as": "head"})
+            note = _join(note, f"{other} is tied to it: logits go through the same factors")
+        elif kind == "embedding" and other_kind == "embedding":
+            tied.append({"name": other, "as": "alias"})
+        else:
+            raise RecipeError(
+                f"{name} shares its weight with {other} (tied weights); compressing it alone would untie them. "
+                f"Compress the embedding instead (the tied head follows it), or add {name!r} to ignore"
+            )
+    return PlanRow(name, strategy.name, {}, layer_plan, 0, tied=tied, note=note, config=strategy.config)
+
+
+def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow], list[str]]:
+    dropped_prefixes = []
+    for row in rows:
+        if row.plan.kind == "layers":
+            keep = set(row.plan.spec["keep"])
+            dropped_prefixes += [f"{row.name}.{i}." for i in range(row.plan.spec["num_layers"]) if i not in keep]
+    kept, skipped = [], []
+    for row in rows:
+        if row.plan.kind != "layers" and any(row.name.startswith(p) for p in dropped_prefixes):
+            skipped.append(row.name)
+        else:
+            kept.append(row)
+    return kept, skipped
+
+
+# -- compress --------------------------------------------------------------------------------------
+
+@dataclass
+class ReportRow:
+    """What happened to one module."""
+
+    name: str
+    strategy: str
+    kind: str
+    spec: dict[str, Any]
+    params_before: int
+    params_after: int
+    rel_error: float | None  # ||W - W^||_F / ||W||_F; None for structural strategies
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class CompressionReport:
+    """The result of `compress`: one row per module and the whole model's parameter counts."""
+
+    rows: list[ReportRow]
+    params_before: int
+    params_after: int
+    seconds: float
+    recipe: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: totals and a `modules` list of rows."""
+        return {
+            "recipe": self.recipe, "params_before": self.params_before, "params_after": self.params_after,
+            "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
+            "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
+        }
+
+
+def compress(model: nn.Module, recipe: Recipe | str,
+             progress: Callable[[int, int, str], None] | None = None) -> CompressionReport:
+    """Compress `model` in place following `recipe`; returns a per-module report with totals.
+
+    Each target is decomposed by its strategy (no data) and replaced by the strategy's drop-in module;
+    tied heads follow their embedding; structural strategies (layerdrop) run last. `progress`, if given,
+    is called as progress(done, total, module_name) after each module. The plan is stored in
+    `model.config.kroncompress` so `save_compressed` / `load_compressed` can rebuild the structure.
+    """
+    recipe = load_recipe(recipe)
+    start = time.perf_counter()
+    if any(_is_meta(p) for p in model.parameters()):
+        raise ValueError("compress needs the model's weights, but it lives on the meta device; load it with "
+                         "from_pretrained (kc.plan works on meta models)")
+    before = count_params(model)
+    the_plan = plan(model, recipe)
+    factor_rows = [r for r in the_plan.rows if not r.structural]
+    structural_rows = [r for r in the_plan.rows if r.structural]
+    total = len(the_plan.rows)
+    report_rows, done, tied_heads = [], 0, []
+    for row in factor_rows:
+        t0 = time.perf_counter()
+        error = _swap_module(model, row)
+        tied_heads += [t for t in row.tied if t["as"] == "head"]
+        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
+                                     row.plan.params_before, row.plan.params_after, error,
+                                     time.perf_counter() - t0, _join(row.plan.note, row.note)))
+        done += 1
+        if progress is not None:
+            progress(done, total, row.name)
+    section = dict(getattr(model.config, CONFIG_KEY, None) or {}) if hasattr(model, "config") else {}
+    modules = dict(section.get("modules", {}))
+    for name, entry in the_plan.module_plans().items():
+        padding_idx = getattr(model.get_submodule(name), "padding_idx", None)
+        if padding_idx is not None:
+            entry["padding_idx"] = padding_idx
+        modules[name] = entry
+    structural = list(section.get("structural", []))
+    for row in structural_rows:
+        t0 = time.perf_counter()
+        get_strategy(row.strategy)(config=row.config).apply(model, row.name, row.plan)
+        modules = _renumber(modules, row.name, row.plan.spec["keep"])
+        structural.append({"name": row.name, "strategy": row.strategy, "spec": _jsonable(row.plan.spec)})
+        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
+                                     row.plan.params_before, row.plan.params_after, None,
+                                     time.perf_counter() - t0, row.plan.note))
+        done += 1
+        if progress is not None:
+            progress(done, total, row.name)
+    after = count_params(model)
+    if hasattr(model, "config"):
+        _store_section(model, section, recipe, modules, structural, tied_heads, before, after)
+    return CompressionReport(report_rows, before, after, time.perf_counter() - start, recipe.name)
+
+
+def _swap_module(model: nn.Module, row: PlanRow) -> float:
+    """Decompose, build and swap one module (and its tied sharers); returns the relative error."""
+    module = model.get_submodule(row.name)
+    kind = row.plan.kind
+    strategy = get_strategy(row.strategy)(config=row.config)
+    weight, bias = _weight_and_bias(module, kind)
+    weight = weight.detach()
+    exact = weight.dtype in (torch.float32, torch.float64)
+    work = weight if exact else weight.to(torch.float32)
+    work_bias = None if bias is None else bias.detach().to(work.dtype)
+    with torch.no_grad():
+        factors = strategy.decompose(work, row.plan)
+        new = strategy.build(row.plan, factors, work_bias)
+        if kind == "embedding" and module.padding_idx is not None:
+            new.padding_idx = module.padding_idx
+        new.to(device=weight.device, dtype=weight.dtype)
+        approx = new.dense_weight().to(torch.float32)
+        reference = weight.to(torch.float32)
+        error = float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
+    new.train(module.training)
+    _set_submodule(model, row.name, new)
+    for tie in row.tied:
+        old = model.get_submodule(tie["name"])
+        _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
+    return error
+
+
+def tied_replacement(embedding: nn.Module, role: str, bias: nn.Parameter | None = None) -> nn.Module:
+    """The module replacing one that shared a weight with `embedding`: the same module ('alias') or a tied head."""
+    if role == "alias":
+        return embedding
+    if not hasattr(embedding, "project"):
+        raise ValueError(f"{type(embedding).__name__} has no project(); a tied LM head cannot share its factors")
+    head = KroneckerTiedHead(embedding)
+    head.bias = bias  # the same Parameter: keeps ties such as BERT's decoder.bias == predictions.bias
+    return head
+
+
+def _renumber(modules: dict[str, Any], layers_name: str, keep: list[int]) -> dict[str, Any]:
+    """Rename `<layers>.<old index>.*` entries to the kept block's new index."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    prefix = f"{layers_name}."
+    out = {}
+    for name, entry in modules.items():
+        if name.startswith(prefix):
+            index, _, rest = name[len(prefix):].partition(".")
+            if index.isdigit():
+                if int(index) not in new_index:
+                    continue
+                name = f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
+                entry = {**entry, "tied": [{**t, "name": _renumber_name(t["name"], prefix, new_index)} for t in entry.get("tied", [])]}
+        out[name] = entry
+    return out
+
+
+def _renumber_name(name: str, prefix: str, new_index: dict[int, int]) -> str:
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix):].partition(".")
+    if not index.isdigit() or int(index) not in new_index:
+        return name
+    return f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
+
+
+def set_tie_word_embeddings(model: nn.Module, value: bool) -> None:
+    """Set tie_word_embeddings on the config (and its text config) and refresh transformers' tie mapping."""
+    configs = [model.config]
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text_config is not None and text_config is not model.config:
+        configs.append(text_config)
+    for config in configs:
+        if hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = value
+    if hasattr(model, "get_expanded_tied_weights_keys") and hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+
+
+def _store_section(model, section, recipe, modules, structural, tied_heads, before, after) -> None:
+    from kroncompress import __version__
+
+    tied_head = section.get("tied_head")
+    if tied_heads:
+        embedding_name = next(name for name, entry in modules.items() if entry.get("tied"))
+        tied_head = {"head": tied_heads[0]["name"], "embedding": embedding_name,
+                     "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", True))}
+        # transformers must neither re-tie (there is no dense weight) nor expect lm_head.weight in files
+        set_tie_word_embeddings(model, False)
+    section.update({
+        "format_version": FORMAT_VERSION, "kroncompress_version": __version__, "recipe": recipe.to_dict(),
+        "modules": modules, "structural": structural, "tied_head": tied_head,
+        "params_before": section.get("params_before", before), "params_after": after,
+    })
+    setattr(model.config, CONFIG_KEY, section)

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny models of several architectures, built offline from local configs.
+
+    def test_x(tiny_model, tiny_inputs):
+        model = tiny_model("gpt2")                 # eager attention, eval mode, seeded weights
+        logits = model(**tiny_inputs("gpt2")).logits
+
+All hidden sizes are 64 and all intermediate sizes 128, so one set of explicit factor shapes fits every
+matrix (b_shape [2, 2] with rank 4 reproduces any of them exactly).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+ARCHITECTURES = ("gpt2", "llama", "bert", "opt", "gpt_neox", "vit")
+VOCAB = 128
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
+    """A tiny config of `arch` (see ARCHITECTURES) with eager attention; `overrides` replace fields."""
+    if arch == "gpt2":
+        kwargs = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(**{**kwargs, **overrides})
+    elif arch == "llama":
+        kwargs = dict(_SMALL, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = transformers.LlamaConfig(**{**kwargs, **overrides})
+    elif arch == "bert":
+        kwargs = dict(_SMALL, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0)
+        config = transformers.BertConfig(**{**kwargs, **overrides})
+    elif arch == "opt":
+        kwargs = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                      max_position_embeddings=64, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        config = transformers.OPTConfig(**{**kwargs, **overrides})
+    elif arch == "gpt_neox":
+        kwargs = dict(_SMALL, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPTNeoXConfig(**{**kwargs, **overrides})
+    elif arch == "vit":
+        kwargs = dict(_SMALL, image_size=32, patch_size=8, num_labels=3)
+        config = transformers.ViTConfig(**{**kwargs, **overrides})
+    else:
+        raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    config._attn_implementation = "eager"
+    return config
+
+
+def build_tiny(arch: str, seed: int = 0, device: str | None = None, **overrides) -> torch.nn.Module:
+    """A tiny model with a task head (causal LM, masked LM for BERT, image classification for ViT).
+
+    device="meta" builds it without weights (for planning).
+    """
+    config = tiny_config(arch, **overrides)
+    model_class = {"bert": transformers.BertForMaskedLM, "vit": transformers.ViTForImageClassification}.get(
+        arch, transformers.AutoModelForCausalLM)
+    torch.manual_seed(seed)
+    if device == "meta":
+        with torch.device("meta"):
+            model = model_class.from_config(config) if model_class is transformers.AutoModelForCausalLM else model_class(config)
+    else:
+        model = model_class.from_config(config) if model_class is transformers.AutoModelForCausalLM else model_class(config)
+    return model.eval()
+
+
+def build_inputs(arch: str, batch: int = 2, length: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Model inputs for `arch`: token ids (1..VOCAB-1) or, for ViT, pixel values."""
+    generator = torch.Generator().manual_seed(seed)
+    if arch == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=generator)}
+    return {"input_ids": torch.randint(2, VOCAB, (batch, length), generator=generator)}
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: tiny_model(arch, seed=0, device=None, **config_overrides) -> model in eval mode."""
+    return build_tiny
+
+
+@pytest.fixture
+def tiny_inputs():
+    """Factory: tiny_inputs(arch, batch=2, length=8) -> dict of model inputs."""
+    return build_inputs
+
+
+@pytest.fixture
+def tiny_config_of():
+    """Factory: tiny_config_of(arch, **overrides) -> config (eager attention)."""
+    return tiny_config
