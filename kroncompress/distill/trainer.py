@@ -1,0 +1,411 @@
+"""The distillation engine: a transformers `Trainer` whose loss is the teacher-student distillation loss.
+
+    result = distill(student, teacher, recipe.distill, train_blocks, eval_blocks, output_dir="runs/x/checkpoints")
+    result.eval_history      # [{"step": 0, "perplexity": ...}, {"step": 500, ...}, ...]
+
+Everything else comes from the Trainer (and accelerate under it): AdamW, linear warmup + cosine decay,
+gradient accumulation, clipping, bf16/fp16 autocast on GPU, gradient checkpointing, checkpoints with
+optimizer/scheduler/RNG state, and DDP / FSDP / DeepSpeed under `accelerate launch` or `torchrun`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kroncompress.distill.data import BlockDataset
+from kroncompress.distill.losses import (
+    LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
+    use_eager_attention,
+)
+from kroncompress.recipe import DistillConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+RESULT_NAME = "distill_result.json"
+DEFAULT_SAVE_EVERY = 500
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
+
+
+@dataclass
+class DistillResult:
+    """What `distill` did: optimizer steps, the last logged value of each loss term, the validation
+    perplexity at each evaluation (for a plot), wall time and tokens seen (all processes, all sessions)."""
+
+    steps: int
+    final_losses: dict[str, float]
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    resumed_from: str | None = None
+    output_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable plain data."""
+        return asdict(self)
+
+
+def as_dataset(data: Any) -> torch.utils.data.Dataset | None:
+    """A Dataset of dicts from a Dataset (returned as is), an (N, block) tensor of ids, or None."""
+    if data is None or isinstance(data, torch.utils.data.Dataset):
+        return data
+    return BlockDataset(torch.as_tensor(data, dtype=torch.long))
+
+
+# -- the trainer ---------------------------------------------------------------------------------------
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """A Trainer computing the distillation loss against a frozen teacher.
+
+        In training mode the loss is `loss_fn`'s weighted sum and every term is accumulated and logged as
+        `loss_<term>`; in evaluation it is the student's plain LM loss, so `eval_loss` gives the validation
+        perplexity (`eval_perplexity`, non-overlapping blocks).
+        """
+
+        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
+
+        def __init__(self, *args, teacher: nn.Module | None, loss_fn: DistillationLoss, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False
+            self.loss_fn = loss_fn
+            self.teacher = teacher
+            if teacher is not None:
+                teacher.to(self.args.device)
+            self._term_sums: dict[str, torch.Tensor] = {}
+            self._term_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            input_ids, labels = inputs["input_ids"], inputs.get("labels")
+            attention_mask = inputs.get("attention_mask")
+            if not model.training:  # evaluation: the student's own LM loss
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                return (outputs.loss, outputs) if return_outputs else outputs.loss
+            extra = self.loss_fn.model_kwargs()
+            wants_ce = "ce" in self.loss_fn.enabled
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels if wants_ce else None, **extra)
+            teacher_outputs = None
+            if self.loss_fn.needs_teacher:
+                with torch.no_grad(), self.accelerator.autocast():
+                    teacher_outputs = self.teacher(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            total, terms = self.loss_fn(outputs, teacher_outputs, labels, attention_mask)
+            self._check_finite(terms)
+            for name, value in terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach()
+            self._term_count += 1
+            return (total, outputs) if return_outputs else total
+
+        def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+            values = torch.stack([v.detach().float() for v in terms.values()])
+            if bool(torch.isfinite(values).all()):
+                return
+            step = self.state.global_step + 1
+            bad = ", ".join(f"{name}={float(v):g}" for name, v in zip(terms, values.tolist()) if not math.isfinite(v))
+            last = last_checkpoint(self.args.output_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} of {self.state.max_steps}: loss term {bad}; training stopped and {kept}. "
+                "Lower the learning rate, check the data, or turn on gradient clipping (train.max_grad_norm), "
+                "then resume from the checkpoint (resume=True / --resume)")
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._term_count:
+                names = list(self._term_sums)
+                means = torch.stack([torch.as_tensor(self._term_sums[n], device=self.args.device, dtype=torch.float32)
+                                     for n in names]) / self._term_count
+                means = self.accelerator.reduce(means, reduction="mean")
+                for name, value in zip(names, means.tolist()):
+                    logs[f"loss_{name}"] = round(value, 6)
+                self._term_sums, self._term_count = {}, 0
+            super().log(logs, start_time)
+
+        def evaluation_loop(self, *args, **kwargs):
+            output = super().evaluation_loop(*args, **kwargs)
+            for key, loss in list(output.metrics.items()):  # "<prefix>_loss" -> "<prefix>_perplexity"
+                if key.endswith("_loss") and isinstance(loss, float):
+                    output.metrics[key[: -len("loss")] + "perplexity"] = math.exp(min(loss, 700.0))
+            return output
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            # Not save_pretrained: compressed students hold modules transformers does not know (a tied head
+            # sharing the embedding's Kronecker factors, shared parameters); kroncompress.io's de-duplicated
+            # state dict is what safetensors accepts. The Trainer's resume path reads it back with
+            # load_state_dict, which matches these keys.
+            from safetensors.torch import save_file
+
+            from kroncompress.io import _unique_state
+
+            output_dir = output_dir or self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            save_file(_unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+            if hasattr(model, "config"):
+                model.config.save_pretrained(output_dir)
+
+    return DistillTrainer
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` folder in `output_dir` that has weights and trainer state, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
+            found.append((int(suffix), path))
+    return str(max(found)[1]) if found else None
+
+
+# -- progress -----------------------------------------------------------------------------------------
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        """A rich progress bar on the main process: step, each loss term, tokens/s and ETA."""
+
+        def __init__(self):
+            self.progress = None
+            self.task = None
+            self.terms = ""
+            self.start = None
+            self.start_tokens = 0
+            self.start_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("distill"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
+                                     TextColumn("{task.fields[terms]}"), console=Console(stderr=True), transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("distill", total=state.max_steps, completed=state.global_step,
+                                               rate="", terms="")
+            self.start, self.start_tokens, self.start_step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is None:
+                return
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            tokens = state.num_input_tokens_seen - self.start_tokens
+            rate = f"{tokens / elapsed:,.0f} tok/s" if tokens else f"{(state.global_step - self.start_step) / elapsed:.2f} it/s"
+            self.progress.update(self.task, completed=state.global_step, rate=rate, terms=self.terms)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is None or not logs:
+                return
+            parts = [f"{k[5:]} {v:.4g}" for k, v in logs.items() if k.startswith("loss_")]
+            if "eval_perplexity" in logs:
+                parts.append(f"val ppl {logs['eval_perplexity']:.4g}")
+            if parts:
+                self.terms = " | ".join(parts)
+                self.progress.update(self.task, terms=self.terms)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgress()
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is False:
+        return False
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return sys.stderr.isatty() or bool(progress and os.environ.get("KRONCOMPRESS_FORCE_PROGRESS"))
+
+
+# -- the public entry point ----------------------------------------------------------------------------
+
+def _precision(bf16: bool) -> dict[str, bool]:
+    """Mixed precision only on GPU: bf16 where supported, else fp16 (with loss scaling); fp32 on CPU."""
+    if not bf16 or not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    if torch.cuda.is_bf16_supported():
+        return {"bf16": True, "fp16": False}
+    return {"bf16": False, "fp16": True}
+
+
+def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, max_steps: int | None = None,
+                       has_eval: bool = False, log_every: int = 10, eval_on_start: bool = False):
+    """The transformers TrainingArguments a DistillConfig stands for."""
+    from transformers import TrainingArguments
+
+    train = config.train
+    steps = max_steps if max_steps is not None else train.max_steps
+    eval_every = train.eval_every if has_eval else None
+    save_every = train.save_every or DEFAULT_SAVE_EVERY
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm or 0.0,
+        optim="adamw_torch",
+        lr_scheduler_type=_SCHEDULERS[train.schedule],
+        warmup_steps=float(train.warmup_ratio) if train.warmup_ratio else 0,
+        num_train_epochs=train.epochs,
+        max_steps=steps if steps is not None else -1,
+        seed=train.seed,
+        data_seed=train.seed,
+        activation_checkpointing=train.gradient_checkpointing,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        eval_on_start=bool(has_eval and eval_on_start),
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=save_every,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=log_every,
+        logging_first_step=True,
+        include_num_input_tokens_seen="all",
+        disable_tqdm=True,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # without a GPU, use_cpu is what makes accelerate run DDP over gloo under torchrun
+        use_cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
+        **_precision(train.bf16),
+    )
+
+
+def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig, train_data: Any,
+            eval_data: Any = None, output_dir: str | os.PathLike = "distill-checkpoints", *,
+            max_steps: int | None = None, resume: bool = False, progress: bool | None = True,
+            log_every: int = 10, callbacks: list | None = None) -> DistillResult:
+    """Train `student` in place against the frozen `teacher` with `config`'s losses and settings.
+
+    `train_data` / `eval_data`: a Dataset of {"input_ids", "labels"} dicts or an (N, block_size) tensor of
+    token ids. `output_dir` receives the checkpoints (`checkpoint-<step>`: weights, optimizer, scheduler,
+    RNG and trainer state, every `train.save_every` steps (default 500) and at the end) and
+    distill_result.json; only the main process writes. `max_steps` overrides `train.max_steps`.
+    `resume=True` continues from the newest checkpoint in `output_dir` (a fresh start if there is none)
+    and ends where an uninterrupted run would. With `eval_data` and `train.eval_every`, the validation
+    perplexity is measured before training, every `eval_every` steps and at the end.
+
+    Raises NonFiniteLossError naming the step and loss term when a term turns NaN/inf; ValueError for a
+    teacher with another vocabulary, a bad layer_map, or existing checkpoints without resume=True.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    start = time.perf_counter()
+    loss_fn = DistillationLoss(config.losses, causal=_is_causal(student))
+    if loss_fn.needs_teacher:
+        if teacher is None:
+            raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
+                             "pass the original model as teacher (or keep only ce)")
+        check_same_vocabulary(student, teacher)
+        if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
+            loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
+        _freeze(teacher)
+        if loss_fn.needs_attentions:
+            use_eager_attention(student)
+            use_eager_attention(teacher)
+            disable_attention_dropout(student)
+    else:
+        teacher = None
+
+    output_dir = Path(output_dir)
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint and not resume:
+        raise ValueError(f"{output_dir} already holds checkpoints (newest: {Path(checkpoint).name}); pass resume=True "
+                         "(CLI: --resume) to continue that run, or use an empty output folder")
+    train_dataset, eval_dataset = as_dataset(train_data), as_dataset(eval_data)
+    if train_dataset is None or len(train_dataset) == 0:
+        raise ValueError("distill: the training data is empty; give at least one block of token ids")
+    has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
+    args = training_arguments(config, output_dir, max_steps=max_steps, has_eval=has_eval,
+                              log_every=log_every, eval_on_start=checkpoint is None)
+    trainer = _trainer_class()(model=student, args=args, train_dataset=train_dataset,
+                               eval_dataset=eval_dataset if has_eval else None, teacher=teacher, loss_fn=loss_fn,
+                               callbacks=list(callbacks or []))
+    trainer.remove_callback(PrinterCallback)
+    if _show_progress(progress):
+        trainer.add_callback(_progress_callback())
+    if checkpoint and _finished(checkpoint, args.max_steps):
+        # the Trainer would run one step past the end; a finished run only reloads its final weights
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    student.eval()
+
+    result = _result(trainer, time.perf_counter() - start, checkpoint if resume else None, output_dir)
+    if trainer.args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _finished(checkpoint: str, max_steps: int) -> bool:
+    """Whether the checkpoint already reached the run's end (`max_steps`, else the end it planned)."""
+    state = json.loads(Path(checkpoint, "trainer_state.json").read_text(encoding="utf-8"))
+    end = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return end > 0 and state.get("global_step", 0) >= end
+
+
+def _is_causal(model: nn.Module) -> bool:
+    """Decoder-only LMs attend causally; encoders (BERT-like, no is_decoder) do not."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return False
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
+
+
+def _freeze(teacher: nn.Module) -> None:
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+
+
+def _result(trainer, seconds: float, resumed_from: str | None, output_dir: Path) -> DistillResult:
+    history = trainer.state.log_history
+    evals: dict[int, dict[str, float]] = {}
+    losses = []
+    for entry in history:
+        step = int(entry.get("step", 0))
+        if "eval_perplexity" in entry and step not in evals:
+            evals[step] = {"step": step, "perplexity": float(entry["eval_perplexity"]), "loss": float(entry["eval_loss"])}
+        terms = {k[5:]: float(v) for k, v in entry.items() if k.startswith("loss_")}
+        if terms:
+            losses.append({"step": step, "loss": float(entry.get("loss", float("nan"))), **terms})
+    final = {name: losses[-1][name] for name in ("loss", *LOSS_TERMS) if losses and name in losses[-1]}
+    return DistillResult(steps=trainer.state.global_step, final_losses=final,
+                         eval_history=[evals[s] for s in sorted(evals)], loss_history=losses, seconds=round(seconds, 3),
+                         tokens=int(trainer.state.num_input_tokens_seen), resumed_from=resumed_from,
+                         output_dir=str(output_dir))

@@ -1,0 +1,269 @@
+"""The distillation engine on a tiny GPT-2: terms decrease, resume equivalence, the NaN guard, a frozen teacher."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import kroncompress as kc
+from kroncompress.distill.trainer import NonFiniteLossError, distill, last_checkpoint
+from kroncompress.recipe import DistillConfig, LogitsKL, LossWeights, TrainConfig
+
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pair(tiny_model):
+    """(student, teacher): the teacher is a tiny GPT-2, the student its kn-gpt2 compression."""
+    teacher = tiny_model("gpt2", **NO_DROPOUT)
+    student = copy.deepcopy(teacher)
+    kc.compress(student, kc.load_recipe("kn-gpt2"))
+    return student, teacher
+
+
+def blocks(count: int = 16, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 128, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def config(losses: LossWeights | None = None, **train) -> DistillConfig:
+    settings = dict(batch_size=4, lr=3e-3, warmup_ratio=0.0, max_steps=6, seed=0)
+    return DistillConfig(losses=losses or LossWeights(), train=TrainConfig(**{**settings, **train}))
+
+
+def only(term: str) -> LossWeights:
+    weights = dict(ce=0.0, logits_kl=LogitsKL(0.0), hidden_mse=0.0, attention_kl=0.0, embedding_mse=0.0)
+    weights[term] = LogitsKL(1.0, 2.0) if term == "logits_kl" else 1.0
+    return LossWeights(**weights)
+
+
+@pytest.mark.parametrize("term", ["ce", "logits_kl", "hidden_mse", "attention_kl", "embedding_mse"])
+def test_each_loss_term_decreases_under_training(term, tiny_model, tmp_path):
+    # a teacher with sharp attention (large init) and a student from another seed: every term starts large
+    teacher = tiny_model("gpt2", initializer_range=0.2, **NO_DROPOUT)
+    student = tiny_model("gpt2", seed=1, **NO_DROPOUT)
+    kc.compress(student, kc.load_recipe("kn-gpt2"))
+    data = blocks(4)  # one batch, seen every step: the curve is not noise
+    result = distill(student, teacher, config(only(term), lr=1e-2, max_steps=6), data, output_dir=tmp_path,
+                     progress=False, log_every=1)
+    curve = [entry[term] for entry in result.loss_history]
+    assert len(curve) == 6 and set(result.final_losses) == {"loss", term}
+    assert curve[-1] < 0.9 * curve[0], curve
+
+
+def test_result_history_checkpoints_and_a_frozen_teacher(pair, tmp_path):
+    student, teacher = pair
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    result = distill(student, teacher, config(max_steps=4, eval_every=2, save_every=2), blocks(), blocks(4, seed=1),
+                     output_dir=tmp_path, progress=False, log_every=2)
+    assert result.steps == 4
+    assert [e["step"] for e in result.eval_history] == [0, 2, 4]
+    assert all(e["perplexity"] > 1 for e in result.eval_history)
+    assert set(result.final_losses) == {"loss", "ce", "hidden_mse", "attention_kl", "embedding_mse"}
+    assert result.tokens == 4 * 4 * 16
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert last_checkpoint(tmp_path).endswith("checkpoint-4")
+    saved = json.loads((tmp_path / "distill_result.json").read_text())
+    assert saved["steps"] == 4 and saved["eval_history"] == result.eval_history
+    assert not student.training
+    # the teacher: eval mode, no gradients, bit-identical weights
+    assert not teacher.training
+    for name, param in teacher.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+        assert torch.equal(param, teacher_before[name]), name
+    # the checkpoint of a student with a Kronecker-tied head loads back to the same logits
+    from safetensors.torch import load_file
+
+    fresh = copy.deepcopy(student)
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.zero_()
+    fresh.load_state_dict(load_file(str(tmp_path / "checkpoint-4" / "model.safetensors")), strict=False)
+    ids = blocks(1)
+    torch.testing.assert_close(fresh(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+class StopAt(TrainerCallback):
+    """Kills the run after `step` steps, as an interruption would (after that step's checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_ends_where_an_uninterrupted_run_would(pair, tmp_path):
+    student, teacher = pair
+    initial = copy.deepcopy(student)
+    settings = config(max_steps=6, save_every=3, warmup_ratio=0.2, grad_accum=2)
+    data = blocks(20)
+
+    straight = copy.deepcopy(initial)
+    distill(straight, teacher, settings, data, output_dir=tmp_path / "straight", progress=False)
+
+    interrupted = copy.deepcopy(initial)
+    distill(interrupted, teacher, settings, data, output_dir=tmp_path / "resumed", progress=False, callbacks=[StopAt(3)])
+    assert last_checkpoint(tmp_path / "resumed").endswith("checkpoint-3")
+    with pytest.raises(ValueError, match="resume=True"):
+        distill(copy.deepcopy(initial), teacher, settings, data, output_dir=tmp_path / "resumed", progress=False)
+    resumed = copy.deepcopy(initial)  # a fresh process would rebuild the student the same way
+    result = distill(resumed, teacher, settings, data, output_dir=tmp_path / "resumed", progress=False, resume=True)
+
+    assert result.steps == 6 and result.resumed_from.endswith("checkpoint-3")
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(straight.parameters(), initial.parameters()))
+    assert moved > 1e-3  # training did change the weights
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+    # resuming a finished run trains no further: it reloads the final weights
+    again = copy.deepcopy(initial)
+    assert distill(again, teacher, settings, data, output_dir=tmp_path / "resumed", progress=False, resume=True).steps == 6
+    for a, b in zip(again.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_checkpoint_starts_fresh(pair, tmp_path):
+    student, teacher = pair
+    result = distill(student, teacher, config(max_steps=1), blocks(4), output_dir=tmp_path, progress=False, resume=True)
+    assert result.steps == 1 and result.resumed_from is None
+
+
+class Poison(TrainerCallback):
+    """Fills one weight of `model` with NaN before step `step` (1-based)."""
+
+    def __init__(self, model, step: int):
+        self.model, self.step = model, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                self.model.get_parameter("transformer.wpe.weight").fill_(float("nan"))
+
+
+@pytest.mark.parametrize("weights, poisoned, named, clean", [
+    (only("ce"), "student", "ce=nan", []),
+    (LossWeights(ce=1.0, logits_kl=LogitsKL(0.0), hidden_mse=0.0, attention_kl=0.0, embedding_mse=1.0), "teacher",
+     "embedding_mse=nan", ["ce="]),
+])
+def test_non_finite_loss_stops_naming_step_and_term(weights, poisoned, named, clean, pair, tmp_path):
+    student, teacher = pair
+    target = student if poisoned == "student" else teacher
+    with pytest.raises(NonFiniteLossError) as info:
+        distill(student, teacher, config(weights, max_steps=6, save_every=2), blocks(), output_dir=tmp_path,
+                progress=False, callbacks=[Poison(target, 3)])
+    message = str(info.value)
+    assert "step 3 of 6" in message and named in message and "checkpoint-2" in message
+    assert not any(text in message for text in clean)
+    assert last_checkpoint(tmp_path).endswith("checkpoint-2")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_layer_dropped_student_distils_with_the_kept_map(tiny_model, tmp_path):
+    teacher = tiny_model("gpt2", n_layer=4, **NO_DROPOUT)
+    student = copy.deepcopy(teacher)
+    kc.compress(student, kc.Recipe.from_dict({"version": 1, "name": "drop", "compress": [
+        {"targets": ["transformer.h"], "strategy": "layerdrop", "options": {"keep": [0, 3]}}]}))
+    result = distill(student, teacher, config(max_steps=2), blocks(8), output_dir=tmp_path, progress=False)
+    assert result.steps == 2 and "hidden_mse" in result.final_losses
+
+
+def test_other_vocabulary_teacher_is_refused(pair, tiny_model, tmp_path):
+    student, _ = pair
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        distill(student, tiny_model("gpt2", vocab_size=96), config(), blocks(), output_dir=tmp_path, progress=False)
+
+
+# -- the pipeline behind `kroncompress compress` ---------------------------------------------------
+
+WORDS = ("the king and queen walk to the castle at night while a dog sleeps by the warm fire and "
+         "birds sing in the old green tree near the river where children play").split()
+
+
+@pytest.fixture
+def tiny_gpt2_folder(tmp_path):
+    """A tiny GPT-2 (byte-level tokenizer, 257 tokens) saved with its tokenizer, and a local text file."""
+    import random
+
+    import transformers
+
+    from kroncompress.tokenizers import byte_tokenizer
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=257, n_positions=64,
+                                     bos_token_id=256, eos_token_id=256, **NO_DROPOUT)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    folder = tmp_path / "tiny-gpt2"
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    rng = random.Random(0)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(120)))
+    return folder, text
+
+
+def test_pipeline_end_to_end(tiny_gpt2_folder, tmp_path):
+    from kroncompress.io import OutputExistsError
+    from kroncompress.pipeline import run_pipeline
+
+    folder, text = tiny_gpt2_folder
+    output = tmp_path / "run"
+    report = run_pipeline(folder, "kn-gpt2", output, data=str(text), max_steps=3, progress=False,
+                          cache_dir=tmp_path / "cache")
+    assert report["params_after"] < report["params_before"]
+    stages = report["perplexity"]
+    assert set(stages) == {"teacher", "compressed", "distilled"}
+    for stage in stages.values():
+        assert stage["perplexity"] > 1 and stage["block_size"] == 64 and stage["stride"] == 32 and stage["tokens"] > 0
+    assert stages["teacher"]["tokens"] == stages["distilled"]["tokens"]  # one protocol for all three
+    assert report["distill"]["steps"] == 3
+    assert [p["step"] for p in report["distill"]["eval_history"]] == [0, 1, 2, 3]
+    assert report["distill"]["teacher_validation_perplexity"] > 1
+
+    saved = json.loads((output / "report.json").read_text())
+    assert saved["perplexity"] == json.loads(json.dumps(stages))
+    assert saved["params_before"] == report["params_before"] and saved["distill"]["steps"] == 3
+    assert not (output / "checkpoints").exists()  # the finished folder replaced the checkpoints
+    model = kc.load_compressed(output)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    assert (output / "tokenizer.json").is_file() and (output / "recipe.yaml").is_file()
+
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        run_pipeline(folder, "kn-gpt2", output, data=str(text), max_steps=1, progress=False)
+
+
+def test_pipeline_refuses_an_unfinished_run_without_resume(tiny_gpt2_folder, tmp_path):
+    from kroncompress.io import OutputExistsError
+    from kroncompress.pipeline import run_pipeline
+
+    folder, text = tiny_gpt2_folder
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(OutputExistsError, match="resume=True"):
+        run_pipeline(folder, "kn-gpt2", tmp_path / "run", data=str(text), max_steps=1, progress=False)
+
+
+def test_progress_display_shows_steps_and_terms(pair, tmp_path, monkeypatch, capsys):
+    student, teacher = pair
+    monkeypatch.setenv("KRONCOMPRESS_FORCE_PROGRESS", "1")  # stdout is no terminal under pytest
+    distill(student, teacher, config(max_steps=2), blocks(8), output_dir=tmp_path / "a", progress=True, log_every=1)
+    shown = capsys.readouterr()
+    assert "hidden_mse" in shown.err and "hidden_mse" not in shown.out  # on stderr: stdout is for results
+    distill(copy.deepcopy(student), teacher, config(max_steps=2), blocks(8), output_dir=tmp_path / "b", progress=False)
+    shown = capsys.readouterr()
+    assert "hidden_mse" not in shown.out + shown.err
