@@ -14,6 +14,10 @@ import pytest
 import torch
 import transformers
 
+# The suite runs as `pytest -n 2` on 2 cores: one intra-op thread per worker avoids oversubscription,
+# which made tiny forwards ~100x slower on a loaded machine.
+torch.set_num_threads(1)
+
 ARCHITECTURES = ("gpt2", "llama", "bert", "opt", "gpt_neox", "vit")
 VOCAB = 128
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
