@@ -137,8 +137,11 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
 @click.option("--dtype", default=None, help="Load the model in this dtype (float32, bfloat16, float16, auto).")
 @click.option("--device", default=None, help="Decompose on this device (cpu, cuda, cuda:1, ...).")
+@click.option("--calibration-data", default=None, help="Text for data-aware init (e.g. shakespeare, 'notes/*.txt'); overrides the recipe's calibration.data.")
+@click.option("--calibration-tokens", type=int, default=None, help="Calibration tokens (default: the recipe's, else 16384).")
 @user_errors
-def compress(model: str, recipe: str, output: Path, overwrite: bool, dtype: str | None, device: str | None) -> None:
+def compress(model: str, recipe: str, output: Path, overwrite: bool, dtype: str | None, device: str | None,
+             calibration_data: str | None = None, calibration_tokens: int | None = None) -> None:
     """Decompose MODEL's modules as RECIPE says and save the result to OUTPUT.
 
     OUTPUT is an HF-style folder (config.json, model.safetensors, recipe.yaml, report.json, README.md)
@@ -154,6 +157,9 @@ def compress(model: str, recipe: str, output: Path, overwrite: bool, dtype: str 
     loaded, info = _load(model, meta_ok=False, dtype=dtype, device=device)
     out, err = render.console(), render.console(stderr=True)
     err.print(f"[bold]model[/bold] {info.description}")
+    from kroncompress.calibration import calibrate_for_cli
+
+    stats = calibrate_for_cli(loaded, parsed, info.tokenizer, data=calibration_data, tokens=calibration_tokens, console=err)
     columns = (TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=err, transient=False) as progress:
@@ -162,7 +168,7 @@ def compress(model: str, recipe: str, output: Path, overwrite: bool, dtype: str 
         def on_module(done: int, total: int, name: str) -> None:
             progress.update(task, completed=done, total=total, description=name)
 
-        report = compress_model(loaded, parsed, progress=on_module)
+        report = compress_model(loaded, parsed, progress=on_module, calibration=stats)
     _save(save_compressed, loaded, output, recipe=parsed, report=report, tokenizer=info.tokenizer, overwrite=overwrite)
     data = report.to_dict()
     out.print(render.module_table("compressed modules", data.get("modules", []), with_error=True))

@@ -15,8 +15,14 @@ from kroncompress.recipe import (
 )
 from kroncompress.aliases import aliases_for
 from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan
+from kroncompress.calibration import CalibrationStats, calibrate, collect_statistics
 from kroncompress.io import export_dense, load_compressed, save_compressed, to_dense
 from kroncompress.evaluate import perplexity
+# kc.distill stays the subpackage (a function of that name would break `import kroncompress.distill.data`):
+# the engine is kc.distill.distill, the whole compress run kc.run_pipeline
+from kroncompress import distill
+from kroncompress.distill import DistillResult
+from kroncompress.pipeline import run_pipeline
 
 __version__ = "0.1.0"
 
@@ -30,4 +36,6 @@ __all__ = [
     "save_compressed", "to_dense",
     "CPLinear", "TTLinear", "TuckerLinear",
     "perplexity",
+    "distill", "DistillResult", "run_pipeline",
+    "CalibrationStats", "calibrate", "collect_statistics",
 ]

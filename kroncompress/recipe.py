@@ -206,6 +206,17 @@ class EvaluateConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The `calibration` section: text for data-aware initialisation (a distill-style data spec), how
+    many `tokens` to read, the `block_size` of each forward sequence, and the `damping` of the second moments."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokens: int = 16384
+    block_size: int = 256
+    damping: float = 0.01
+
+
+@dataclass
 class Recipe:
     """A validated recipe. Build it with `load_recipe` or `Recipe.from_dict`."""
 
@@ -216,6 +227,7 @@ class Recipe:
     ignore: list[str] = field(default_factory=list)
     distill: DistillConfig | None = None
     evaluate: EvaluateConfig | None = None
+    calibration: CalibrationConfig | None = None
     source: str = field(default="<dict>", compare=False)
 
     @classmethod
@@ -248,6 +260,8 @@ class Recipe:
             out["distill"] = _plain(dataclasses.asdict(self.distill))
         if self.evaluate is not None:
             out["evaluate"] = _plain(dataclasses.asdict(self.evaluate))
+        if self.calibration is not None:
+            out["calibration"] = _plain(dataclasses.asdict(self.calibration))
         return out
 
     def to_yaml(self) -> str:
@@ -540,8 +554,19 @@ def _parse_evaluate(node: _Node) -> EvaluateConfig:
     return EvaluateConfig(perplexity=perplexity)
 
 
+def _parse_calibration(node: _Node) -> CalibrationConfig:
+    node.mapping(["data", "tokens", "block_size", "damping"])
+    d = CalibrationConfig()
+    data = _parse_data(node.child("data")) if node.value.get("data") is not None else DataConfig()
+    return CalibrationConfig(
+        data=data, tokens=node.get("tokens", (int,), d.tokens, _at_least_one),
+        block_size=node.get("block_size", (int,), d.block_size, _at_least_one),
+        damping=node.get("damping", (int, float), d.damping, _non_negative),
+    )
+
+
 def _parse_recipe(root: _Node) -> Recipe:
-    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate"],
+    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration"],
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
     if version != RECIPE_VERSION:
@@ -559,8 +584,9 @@ def _parse_recipe(root: _Node) -> Recipe:
     ignore = _check_targets(root, "ignore", required=False)
     distill = _parse_distill(root.child("distill")) if root.value.get("distill") is not None else None
     evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
+    calibration = _parse_calibration(root.child("calibration")) if root.value.get("calibration") is not None else None
     return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
-                  distill=distill, evaluate=evaluate, source=root.source)
+                  distill=distill, evaluate=evaluate, calibration=calibration, source=root.source)
 
 
 # -- YAML and bundled recipes --------------------------------------------------------------------

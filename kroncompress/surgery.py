@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -208,12 +210,21 @@ def _match_rule(rule, modules: list[tuple[str, nn.Module]], recipe: Recipe, alia
     return [(n, m, kind) for n, (m, kind) in selected.items()]
 
 
-def plan(model: nn.Module, recipe: Recipe | str) -> CompressionPlan:
+def _takes_stats(method) -> bool:
+    return "stats" in inspect.signature(method).parameters
+
+
+def _stats_for(calibration, name: str):
+    return calibration.matrix(name) if calibration is not None and name in calibration else None
+
+
+def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> CompressionPlan:
     """Dry run: which module gets which strategy, factor shapes/ranks and parameter counts.
 
     Needs only shapes, so the model may live on the meta device
     (`with torch.device("meta"): model = AutoModelForCausalLM.from_config(config)`). With real weights,
-    strategies that choose shapes from the weights (kronecker with `ratio`) use them, as `compress` will.
+    strategies that choose shapes from the weights (kronecker with `ratio`) use them, as `compress` will;
+    with `calibration` (`kroncompress.calibration.CalibrationStats`) they rank shapes by output error.
     Raises RecipeError for a target that matches no module (naming the 3 closest module names), only
     ignored modules, or only modules the strategy cannot compress.
     """
@@ -236,7 +247,7 @@ def plan(model: nn.Module, recipe: Recipe | str) -> CompressionPlan:
             if key not in configs:
                 configs[key] = strategy_cls.parse_options(dict(options))
             strategy = strategy_cls(config=configs[key])
-            row = _plan_module(model, name, module, kind, strategy, sharers)
+            row = _plan_module(model, name, module, kind, strategy, sharers, _stats_for(calibration, name))
             row.options, row.rule = dict(options), rule.index
             rows[name] = row
     ordered = list(rows.values())
@@ -251,14 +262,15 @@ def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def _plan_module(model, name, module, kind, strategy: Strategy, sharers) -> PlanRow:
+def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=None) -> PlanRow:
     if kind == "layers":
         layer_params = [sum(p.numel() for p in block.parameters()) for block in module]
         layer_plan = strategy.plan_layers(layer_params)
         return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config)
     weight, bias = _weight_and_bias(module, kind)
     usable = None if _is_meta(weight) else weight.detach()
-    layer_plan = strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None)
+    extra = {"stats": stats} if stats is not None and usable is not None and _takes_stats(strategy.plan) else {}
+    layer_plan = strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
     tied, note = [], ""
     others = [n for n in sharers.get(id(module.weight), []) if n != name]
     for other in others:
@@ -306,6 +318,7 @@ class ReportRow:
     rel_error: float | None  # ||W - W^||_F / ||W||_F; None for structural strategies
     seconds: float
     note: str = ""
+    output_error: float | None = None  # sqrt(tr(D C D^T) / tr(W C W^T)) on calibration inputs, when given
 
 
 @dataclass
@@ -332,10 +345,13 @@ class CompressionReport:
 
 
 def compress(model: nn.Module, recipe: Recipe | str,
-             progress: Callable[[int, int, str], None] | None = None) -> CompressionReport:
+             progress: Callable[[int, int, str], None] | None = None, calibration=None) -> CompressionReport:
     """Compress `model` in place following `recipe`; returns a per-module report with totals.
 
-    Each target is decomposed by its strategy (no data) and replaced by the strategy's drop-in module;
+    Each target is decomposed by its strategy and replaced by the strategy's drop-in module. With
+    `calibration` (a `CalibrationStats` from `kc.calibrate`), strategies with a data-aware init (kronecker
+    `init: als`, svd `init: whitened`, or `auto`) use each module's input second moment and the report
+    gives each module's output error; without it they fall back to weight-only init with a warning;
     tied heads follow their embedding; structural strategies (layerdrop) run last. `progress`, if given,
     is called as progress(done, total, module_name) after each module. The plan is stored in
     `model.config.kroncompress` so `save_compressed` / `load_compressed` can rebuild the structure.
@@ -346,18 +362,19 @@ def compress(model: nn.Module, recipe: Recipe | str,
         raise ValueError("compress needs the model's weights, but it lives on the meta device; load it with "
                          "from_pretrained (kc.plan works on meta models)")
     before = count_params(model)
-    the_plan = plan(model, recipe)
+    the_plan = plan(model, recipe, calibration)
     factor_rows = [r for r in the_plan.rows if not r.structural]
+    _warn_weight_only(factor_rows, calibration)
     structural_rows = [r for r in the_plan.rows if r.structural]
     total = len(the_plan.rows)
     report_rows, done, tied_heads = [], 0, []
     for row in factor_rows:
         t0 = time.perf_counter()
-        error = _swap_module(model, row)
+        error, output_error, init = _swap_module(model, row, _stats_for(calibration, row.name))
         tied_heads += [t for t in row.tied if t["as"] == "head"]
         report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, error,
-                                     time.perf_counter() - t0, _join(row.plan.note, row.note)))
+                                     time.perf_counter() - t0, _join(row.plan.note, row.note, init), output_error))
         done += 1
         if progress is not None:
             progress(done, total, row.name)
@@ -386,8 +403,26 @@ def compress(model: nn.Module, recipe: Recipe | str,
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, recipe.name)
 
 
-def _swap_module(model: nn.Module, row: PlanRow) -> float:
-    """Decompose, build and swap one module (and its tied sharers); returns the relative error."""
+def _warn_weight_only(rows: list[PlanRow], calibration) -> None:
+    """Warn once when rules ask for a data-aware init (or auto) but their modules have no statistics."""
+    missing = [row.name for row in rows
+               if row.plan.kind in ("linear", "conv1d") and getattr(row.config, "init", None) in ("auto", "als", "whitened")
+               and _takes_stats(get_strategy(row.strategy).decompose) and _stats_for(calibration, row.name) is None]
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    why = "no calibration data was given" if calibration is None else "the calibration statistics do not cover them"
+    warnings.warn(
+        f"compress: {why}, so {shown} use weight-only initialisation (nkp / svd). Data-aware initialisation "
+        "(ALS, whitened SVD) is usually far better before distillation: pass calibration=kc.calibrate(...), "
+        "add a `calibration:` section to the recipe or --calibration-data on the command line, or set "
+        "init: nkp / svd to silence this (see docs/dataaware.md)", UserWarning, stacklevel=3)
+
+
+def _swap_module(model: nn.Module, row: PlanRow, stats: torch.Tensor | None = None) -> tuple[float, float | None, str]:
+    """Decompose, build and swap one module (and its tied sharers).
+
+    Returns (relative weight error, relative output error or None without stats, "init <name>" or "")."""
     module = model.get_submodule(row.name)
     kind = row.plan.kind
     strategy = get_strategy(row.strategy)(config=row.config)
@@ -396,8 +431,10 @@ def _swap_module(model: nn.Module, row: PlanRow) -> float:
     exact = weight.dtype in (torch.float32, torch.float64)
     work = weight if exact else weight.to(torch.float32)
     work_bias = None if bias is None else bias.detach().to(work.dtype)
+    takes_stats = stats is not None and _takes_stats(strategy.decompose)
+    init = f"init {strategy.init_for(kind, stats)}" if hasattr(strategy, "init_for") else ""
     with torch.no_grad():
-        factors = strategy.decompose(work, row.plan)
+        factors = strategy.decompose(work, row.plan, stats=stats) if takes_stats else strategy.decompose(work, row.plan)
         new = strategy.build(row.plan, factors, work_bias)
         if kind == "embedding" and module.padding_idx is not None:
             new.padding_idx = module.padding_idx
@@ -405,12 +442,17 @@ def _swap_module(model: nn.Module, row: PlanRow) -> float:
         approx = new.dense_weight().to(torch.float32)
         reference = weight.to(torch.float32)
         error = float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
+        output_error = None
+        if takes_stats:
+            from kroncompress.linalg.whitening import output_error as relative_output_error
+
+            output_error = relative_output_error(reference, approx, stats)
     new.train(module.training)
     _set_submodule(model, row.name, new)
     for tie in row.tied:
         old = model.get_submodule(tie["name"])
         _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
-    return error
+    return error, output_error, init
 
 
 def tied_replacement(embedding: nn.Module, role: str, bias: nn.Parameter | None = None) -> nn.Module:

@@ -5,6 +5,11 @@ on the meta device is reproducible). Given W, they are ranked by a pluggable cri
 the energy the nearest Kronecker sum keeps (top-r squared singular values of R(W) over ||W||^2).
 Degenerate shapes A (m x 1) (x) B (1 x n) (and the mirrored (1 x n) (x) (m x 1)) are outer products, so a
 sum of them is plain low rank: they are excluded unless allow_degenerate=True (use `svd` for that).
+
+With calibration statistics (`stats`, the layer's damped input second moment C), candidates are ranked by
+the output error tr((W - W^) C (W - W^)^T) instead, which is what predicts model quality: first by a cheap
+proxy (the Kronecker-factored whitening NKP, exact when C is a Kronecker product), then the `shortlist`
+best are refined by a few ALS sweeps and re-ranked by the output error they reach.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ def kronecker_shapes(
     tolerance: float = 0.01,
     band: float = 0.05,
     max_candidates: int = 16,
+    stats: torch.Tensor | None = None,
+    shortlist: int = 3,
+    sweeps: int = 2,
 ) -> list[KroneckerShape]:
     """Feasible factor shapes for an m x n matrix under `ratio` (m n / params) or a parameter `budget`.
 
@@ -69,7 +77,8 @@ def kronecker_shapes(
     (1 x 2) factors, which cost two parameters over m n / 2, count as 2x). Only shapes within `band`
     of the largest feasible parameter count are kept: a 2x recipe never silently compresses 8x.
     Returns them best first: by `criterion(weight, shape)` (higher is better) when weight is given,
-    otherwise by parameters used, then by the smaller B factor.
+    otherwise by parameters used, then by the smaller B factor. With `weight` and `stats`, the score is
+    the output energy kept, 1 - oerr^2 (see the module docs; `shortlist`, `sweeps`: the ALS refinement).
     """
     if (ratio is None) == (budget is None):
         raise ValueError("kronecker_shapes: give exactly one of ratio= (e.g. 2.0) or budget= (a parameter count)")
@@ -104,7 +113,36 @@ def kronecker_shapes(
     found = [s for s in found if s.params >= (1 - band) * top]
     found.sort(key=lambda s: (-s.params, s.b_shape[0] * s.b_shape[1], s.b_shape[0]))
     found = found[:max_candidates]
+    if weight is not None and stats is not None:
+        return rank_by_output_error(weight, stats, found, shortlist=shortlist, sweeps=sweeps)
     if weight is not None and criterion is not None:
         scored = [KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, criterion(weight, s)) for s in found]
         found = sorted(scored, key=lambda s: -s.score)
     return found
+
+
+def rank_by_output_error(W: torch.Tensor, C: torch.Tensor, candidates: list[KroneckerShape], *,
+                         shortlist: int = 3, sweeps: int = 2) -> list[KroneckerShape]:
+    """Candidates best first by output energy kept, 1 - oerr^2 (higher is better).
+
+    All are scored by the whitened-NKP proxy; the `shortlist` best are re-scored by the true output error
+    after `sweeps` ALS sweeps and lead the list; the rest keep their proxy scores.
+    """
+    from kroncompress.linalg.als import kronecker_als, kronecker_whitening, whitened_nkp
+
+    W64, C64 = W.to(torch.float64), C.to(device=W.device, dtype=torch.float64)
+    whitenings: dict[int, object] = {}
+    proxied = []
+    for s in candidates:
+        n1 = s.a_shape[1]
+        if n1 not in whitenings:
+            whitenings[n1] = kronecker_whitening(C64, n1, s.b_shape[1])
+        _, _, proxy = whitened_nkp(W64, C64, s.a_shape, s.b_shape, s.rank, whitening=whitenings[n1])
+        proxied.append(KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, 1 - proxy ** 2))
+    proxied.sort(key=lambda s: -s.score)
+    refined = []
+    for s in proxied[:max(shortlist, 0)]:
+        error = kronecker_als(W64, C64, s.a_shape, s.b_shape, s.rank, max_sweeps=sweeps).history[-1]
+        refined.append(KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, 1 - error ** 2))
+    refined.sort(key=lambda s: -s.score)
+    return refined + proxied[len(refined):]

@@ -3,6 +3,10 @@
 Options as for `tucker` (see kroncompress/strategies/tucker.py), with a single `rank`. Beware the cost:
 ALS solves an R x R system per mode and iteration, so a 2x ratio on a 768 x 3072 weight (R ~ 7000) takes
 minutes per iteration on a CPU; `n_iter_max` bounds it.
+
+No data-aware init (see docs/dataaware.md): the fit works on the tensorized weight, and an input metric C
+couples all input modes, so the mode updates stop being small SVD / least-squares problems; calibration
+statistics are ignored here.
 """
 
 from __future__ import annotations

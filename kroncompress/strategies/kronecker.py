@@ -1,4 +1,5 @@
-"""`kronecker`: W ~ sum_{i<r} A_i (x) B_i, initialised by the nearest Kronecker product (KnGPT2)."""
+"""`kronecker`: W ~ sum_{i<r} A_i (x) B_i, initialised by the nearest Kronecker product (KnGPT2), or
+data-aware by ALS on the layer's input statistics (`init: als`, see docs/dataaware.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
+from kroncompress.linalg.als import kronecker_als
 from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
 from kroncompress.linalg.shapes import is_degenerate, kronecker_shapes
 from kroncompress.strategies.base import (
@@ -23,19 +25,34 @@ def _check_shape(name: str, value) -> None:
         raise config_error("kronecker", name, f"expected [rows, cols] with positive ints or null (inferred), got {value!r}")
 
 
+INITS = ("auto", "nkp", "als")
+
+
 @dataclass
 class KroneckerConfig(StrategyConfig):
     """a_shape / b_shape: explicit factor shapes (null entries are inferred); or ratio: a target
     compression (m n / params) and the shape search picks the factors. rank: Kronecker terms, or
-    "auto" for as many as the budget allows."""
+    "auto" for as many as the budget allows. init: "nkp" (weight-only nearest Kronecker product), "als"
+    (output-error ALS from a Kronecker-factored whitening start; needs calibration statistics) or "auto"
+    (als when statistics are given, else nkp). sweeps: the most ALS sweeps. With statistics and ratio,
+    the shape search ranks candidates by output error (whitened NKP proxy, then ALS on `shortlist`)."""
 
     ratio: float | None = None
     a_shape: list | None = None
     b_shape: list | None = None
     rank: int | str = 1
     allow_degenerate: bool = False
+    init: str = "auto"
+    sweeps: int = 6
+    shortlist: int = 3
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise config_error("kronecker", "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
+        for name in ("sweeps", "shortlist"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "sweeps" else 1):
+                raise config_error("kronecker", name, f"must be an int >= {0 if name == 'sweeps' else 1}, got {value!r}")
         _check_shape("a_shape", self.a_shape)
         _check_shape("b_shape", self.b_shape)
         explicit = self.a_shape is not None or self.b_shape is not None
@@ -57,7 +74,7 @@ class KroneckerStrategy(Strategy):
     Config = KroneckerConfig
     kinds = ("linear", "conv1d", "embedding")
 
-    def _choose_shape(self, shape, weight):
+    def _choose_shape(self, shape, weight, stats=None):
         cfg = self.config
         m, n = shape
         if cfg.ratio is None:
@@ -72,17 +89,25 @@ class KroneckerStrategy(Strategy):
             if cfg.rank > max_rank:
                 raise config_error("kronecker", "rank", f"{cfg.rank} exceeds min(m1*n1, m2*n2) = {max_rank} for A {a_shape} (x) B {b_shape}")
             return a_shape, b_shape, cfg.rank, "explicit"
+        use_stats = weight is not None and stats is not None and cfg.init != "nkp"
         candidates = kronecker_shapes(
-            m, n, ratio=cfg.ratio, rank=cfg.rank, weight=weight, allow_degenerate=cfg.allow_degenerate
+            m, n, ratio=cfg.ratio, rank=cfg.rank, weight=weight, allow_degenerate=cfg.allow_degenerate,
+            stats=stats if use_stats else None, shortlist=cfg.shortlist, sweeps=min(cfg.sweeps, 2),
         )
         best = candidates[0]
-        how = f"energy kept {best.score:.4f}" if best.score is not None else "parameter budget (no weights)"
+        if best.score is None:
+            how = "parameter budget (no weights)"
+        elif use_stats:
+            how = f"output error {max(1 - best.score, 0) ** 0.5:.4f}"
+        else:
+            how = f"energy kept {best.score:.4f}"
         return best.a_shape, best.b_shape, best.rank, how
 
-    def plan(self, shape, kind="linear", weight=None, bias=True):
+    def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
+        """As Strategy.plan; `stats` (the input second moment) makes a ratio search rank by output error."""
         self.check_kind(kind)
         usable = weight if weight is not None and weight.device.type != "meta" else None
-        a_shape, b_shape, rank, how = self._choose_shape(tuple(shape), usable)
+        a_shape, b_shape, rank, how = self._choose_shape(tuple(shape), usable, stats if kind != "embedding" else None)
         factor_params = rank * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])
         bias_params = shape[0] if bias and kind != "embedding" else 0
         flops = 2 * rank * shape[1] if kind == "embedding" else kron_matmul_flops(a_shape, b_shape, rank)
@@ -93,8 +118,19 @@ class KroneckerStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=flops, note=f"shape chosen by {how}",
         )
 
-    def decompose(self, weight, plan):
+    def init_for(self, kind: str, stats) -> str:
+        """The init that runs: "als" when asked (or auto) and statistics exist for a linear layer, else "nkp"."""
+        wants_data = self.config.init in ("auto", "als")
+        return "als" if wants_data and stats is not None and kind != "embedding" else "nkp"
+
+    def decompose(self, weight, plan, stats=None):
+        """Factors {"a": (r, m1, n1), "b": (r, m2, n2)}; with `stats` (the damped n x n input second
+        moment) and init als/auto, minimise the output error by ALS instead of the weight error."""
         spec = plan.spec
+        if self.init_for(plan.kind, stats) == "als":
+            result = kronecker_als(weight, stats, spec["a_shape"], spec["b_shape"], spec["rank"],
+                                   max_sweeps=self.config.sweeps)
+            return {"a": result.a, "b": result.b}
         A, B = nearest_kronecker(weight, spec["a_shape"], spec["b_shape"], rank=spec["rank"])
         if spec["rank"] == 1:
             A, B = A.unsqueeze(0), B.unsqueeze(0)

@@ -1,4 +1,5 @@
-"""`svd`: truncated SVD, W ~ U V with k terms (the low-rank baseline)."""
+"""`svd`: truncated SVD, W ~ U V with k terms (the low-rank baseline), or the whitened SVD (SVD-LLM)
+minimising the output error on calibration inputs (`init: whitened`, see docs/dataaware.md)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ from dataclasses import dataclass
 
 from kroncompress.layers.lowrank import LowRankLinear
 from kroncompress.linalg.svd import truncated_svd
+from kroncompress.linalg.whitening import whitened_svd
 from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
+INITS = ("auto", "svd", "whitened")
+
+
 @dataclass
 class SVDConfig(StrategyConfig):
-    """rank: kept singular values; or ratio: target compression, rank = floor(m n / (ratio (m + n)))."""
+    """rank: kept singular values; or ratio: target compression, rank = floor(m n / (ratio (m + n))).
+    init: "svd" (weight-only), "whitened" (SVD_k(W L) L^-1 with C = L L^T; needs calibration statistics)
+    or "auto" (whitened when statistics are given, else svd)."""
 
     rank: int | None = None
     ratio: float | None = None
+    init: str = "auto"
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise config_error("svd", "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if (self.rank is None) == (self.ratio is None):
             raise config_error("svd", "rank", "give either rank (e.g. 64) or ratio (e.g. 2), exactly one of them")
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
@@ -48,7 +58,16 @@ class SVDStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=2 * rank * (m + n),
         )
 
-    def decompose(self, weight, plan):
+    def init_for(self, kind: str, stats) -> str:
+        """The init that runs: "whitened" when asked (or auto) and statistics exist, else "svd"."""
+        return "whitened" if self.config.init in ("auto", "whitened") and stats is not None else "svd"
+
+    def decompose(self, weight, plan, stats=None):
+        """Factors {"u": m x k, "v": k x n}; with `stats` (the damped n x n input second moment) and init
+        whitened/auto, the output-error-optimal rank-k factors instead of the weight-error-optimal ones."""
+        if self.init_for(plan.kind, stats) == "whitened":
+            U, V = whitened_svd(weight, stats, plan.spec["rank"])
+            return {"u": U, "v": V}
         U, V = truncated_svd(weight, plan.spec["rank"])
         return {"u": U, "v": V}
 

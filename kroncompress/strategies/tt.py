@@ -3,6 +3,10 @@
 Options as for `tucker` (see kroncompress/strategies/tucker.py), with `ranks` the d - 1 inner TT ranks.
 The default order is 3 factors per side: with 2, a TT-matrix is exactly a rank-r Kronecker sum (use
 `kronecker` for that).
+
+No data-aware init (see docs/dataaware.md): the fit works on the tensorized weight, and an input metric C
+couples all input modes, so the mode updates stop being small SVD / least-squares problems; calibration
+statistics are ignored here.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ automatic tensorization (out = prod out_shape, in = prod in_shape) and ranks giv
 from a target `ratio` (m n / factor parameters; the bias is not counted). Ratio-solved ranks never
 exceed the budget (the ratio is met or exceeded) and use as much of it as the rank grid allows, which is
 within 1% for the usual transformer shapes; the plan's note says how much was used.
+
+No data-aware init (see docs/dataaware.md): the fit works on the tensorized weight, and an input metric C
+couples all input modes, so the mode updates stop being small SVD / least-squares problems; calibration
+statistics are ignored here.
 """
 
 from __future__ import annotations

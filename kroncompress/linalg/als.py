@@ -1,0 +1,206 @@
+"""Activation-aware Kronecker sums: Kronecker-factored whitening and alternating least squares (ALS).
+
+Find W^ = sum_{r} A_r (x) B_r (A_r: m1 x n1, B_r: m2 x n2) minimising the output error
+
+    f(A, B) = tr((W - W^) C (W - W^)^T),   C = damped input second moment (n x n, n = n1 n2).
+
+Derivation (index W^ rows as (i1, i2) and columns as (j, a), so W^[(i1, i2), (j, a)] = sum_r A_r[i1, j]
+B_r[i2, a]; view C as C4[j, a, k, b] and V = W C as V[i1, i2, k, b]). f = tr(W C W^T) - 2 tr(W^ C W^T)
++ tr(W^ C W^^T), and for fixed B both traces are in the rows a_{i1} = (A_r[i1, j])_{r, j} of A:
+
+    tr(W^ C W^T)  = sum_{i1} a_{i1} . rhs_{i1},   rhs[i1, (s, k)] = sum_{i2, b} B_s[i2, b] V[i1, i2, k, b]
+    tr(W^ C W^^T) = sum_{i1} a_{i1}^T G a_{i1},   G[(r, j), (s, k)] = sum_{a, b} (B_r^T B_s)[a, b] C4[j, a, k, b]
+
+so f is a convex quadratic in A whose minimiser solves G a_{i1} = rhs_{i1} for every row: one shared
+(r n1) x (r n1) SPD system (SPD when C is and the B_r are linearly independent), solved by Cholesky.
+The B-step is the mirror image: H[(r, a), (s, b)] = sum_{j, k} (A_r^T A_s)[j, k] C4[j, a, k, b] and
+rhs[i2, (s, b)] = sum_{i1, k} A_s[i1, k] V[i1, i2, k, b]. Each step solves its block exactly, so f never
+increases from sweep to sweep (up to rounding).
+
+Start (Kronecker-factored whitening): fit C ~ C1 (x) C2 (nearest Kronecker product), S_k = C_k^(1/2);
+because (A (x) B)(S1 (x) S2) = (A S1) (x) (B S2) and C1 (x) C2 = (S1 (x) S2)^2, the NKP of W (S1 (x) S2)
+gives the exact optimum when C = C1 (x) C2, and a start point otherwise: A = A~ S1^-1, B = B~ S2^-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
+from kroncompress.linalg.whitening import output_error
+
+Shape = tuple[int, int]
+
+
+@dataclass
+class ALSResult:
+    """Factors A (r, m1, n1) and B (r, m2, n2) in W's dtype; `history`: the relative output error
+    sqrt(f / tr(W C W^T)) of the start (index 0) and after each sweep; `sweeps` run; `converged`: the
+    last sweep improved the error by less than `tol` (relative)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    history: list[float] = field(default_factory=list)
+    sweeps: int = 0
+    converged: bool = False
+
+
+@dataclass
+class KroneckerWhitening:
+    """C ~ C1 (x) C2 with symmetric square roots S1, S2 and their inverses; `misfit` = ||C - C1 (x) C2|| / ||C||."""
+
+    s1: torch.Tensor
+    s2: torch.Tensor
+    s1_inv: torch.Tensor
+    s2_inv: torch.Tensor
+    misfit: float
+
+
+def _check(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shape) -> None:
+    m, n = W.shape
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    if m1 * m2 != m or n1 * n2 != n:
+        raise ValueError(f"kronecker ALS: A {tuple(a_shape)} (x) B {tuple(b_shape)} does not tile a {m} x {n} weight")
+    if tuple(C.shape) != (n, n):
+        raise ValueError(f"kronecker ALS: C must be {n} x {n} (the input size of W), got {tuple(C.shape)}")
+
+
+def _sqrt_and_inverse(M: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    M = (M + M.T) / 2
+    evals, evecs = torch.linalg.eigh(M)
+    evals = evals.clamp_min(max(evals.max().item(), 1e-300) * floor)
+    root = evals.sqrt()
+    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
+def kronecker_whitening(C: torch.Tensor, n1: int, n2: int) -> KroneckerWhitening:
+    """Fit the SPD matrix C (n1 n2 x n1 n2) by C1 (x) C2 (n1 x n1, n2 x n2) and return their square roots.
+
+    The nearest Kronecker product of an SPD matrix has definite factors up to a common sign, which is
+    fixed so both are positive; tiny eigenvalues are floored so the roots are invertible.
+    """
+    C = C.to(torch.float64)
+    C1, C2, residual = nearest_kronecker(C, (n1, n1), (n2, n2), rank=1, return_residual=True)
+    if C1.trace() < 0:
+        C1, C2 = -C1, -C2
+    s1, s1_inv = _sqrt_and_inverse(C1)
+    s2, s2_inv = _sqrt_and_inverse(C2)
+    return KroneckerWhitening(s1, s2, s1_inv, s2_inv, residual / max(C.norm().item(), 1e-300))
+
+
+def _apply_right(W: torch.Tensor, S1: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:
+    """W (S1 (x) S2) without forming the Kronecker product."""
+    m = W.shape[0]
+    n1, n2 = S1.shape[0], S2.shape[0]
+    return torch.einsum("xkb,kj,ba->xja", W.reshape(m, n1, n2), S1, S2).reshape(m, n1 * n2)
+
+
+def whitened_nkp(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shape, rank: int = 1,
+                 whitening: KroneckerWhitening | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The Kronecker-factored whitening fit: (A (r, m1, n1), B (r, m2, n2), proxy error) in float64.
+
+    The proxy error is ||(W - W^)(S1 (x) S2)|| / ||W (S1 (x) S2)||: the relative output error if C were
+    exactly C1 (x) C2 (the cheap criterion of the shape search).
+    """
+    _check(W, C, a_shape, b_shape)
+    w = whitening or kronecker_whitening(C, a_shape[1], b_shape[1])
+    WS = _apply_right(W.to(torch.float64), w.s1, w.s2)
+    A, B, residual = nearest_kronecker(WS, a_shape, b_shape, rank=rank, return_residual=True)
+    if rank == 1:
+        A, B = A.unsqueeze(0), B.unsqueeze(0)
+    proxy = residual / max(WS.norm().item(), 1e-300)
+    return A @ w.s1_inv, B @ w.s2_inv, proxy
+
+
+def _solve_spd(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """G X = rhs for a symmetric positive (semi)definite G by Cholesky, with jitter if it is singular."""
+    G = (G + G.T) / 2
+    L, info = torch.linalg.cholesky_ex(G)
+    scale = max(G.diagonal().abs().mean().item(), 1e-300)
+    step = 0
+    while int(info) != 0:
+        if step > 10:
+            raise ValueError("kronecker ALS: the normal equations are singular (linearly dependent factors); "
+                             "lower the rank or raise the damping")
+        L, info = torch.linalg.cholesky_ex(G + scale * 10.0 ** (step - 14) * torch.eye(len(G), dtype=G.dtype, device=G.device))
+        step += 1
+    return torch.cholesky_solve(rhs, L)
+
+
+def _a_step(B: torch.Tensor, V4: torch.Tensor, C4: torch.Tensor) -> torch.Tensor:
+    r, m2, n2 = B.shape
+    m1, _, n1, _ = V4.shape
+    P = torch.einsum("ria,sib->rsab", B, B).reshape(r * r, n2 * n2)
+    G = (P @ C4.permute(1, 3, 0, 2).reshape(n2 * n2, n1 * n1)).reshape(r, r, n1, n1)
+    G = G.permute(0, 2, 1, 3).reshape(r * n1, r * n1)
+    rhs = torch.einsum("sib,xikb->xsk", B, V4).reshape(m1, r * n1)
+    return _solve_spd(G, rhs.T).reshape(r, n1, m1).permute(0, 2, 1)
+
+
+def _b_step(A: torch.Tensor, V4: torch.Tensor, C4: torch.Tensor) -> torch.Tensor:
+    r, m1, n1 = A.shape
+    _, m2, _, n2 = V4.shape
+    Q = torch.einsum("rxj,sxk->rsjk", A, A).reshape(r * r, n1 * n1)
+    H = (Q @ C4.permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2)).reshape(r, r, n2, n2)
+    H = H.permute(0, 2, 1, 3).reshape(r * n2, r * n2)
+    rhs = torch.einsum("sxk,xikb->isb", A, V4).reshape(m2, r * n2)
+    return _solve_spd(H, rhs.T).reshape(r, n2, m2).permute(0, 2, 1)
+
+
+def _balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale A_r by c and B_r by 1/c so ||A_r|| = ||B_r|| (W^ unchanged; keeps the systems well scaled)."""
+    a_norm = A.flatten(1).norm(dim=1).clamp_min(1e-300)
+    b_norm = B.flatten(1).norm(dim=1).clamp_min(1e-300)
+    c = (b_norm / a_norm).sqrt()[:, None, None]
+    return A * c, B / c
+
+
+def kronecker_als(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shape, rank: int = 1, *,
+                  start: str | tuple[torch.Tensor, torch.Tensor] = "whitened", max_sweeps: int = 6,
+                  tol: float = 1e-4) -> ALSResult:
+    """Kronecker sum of `rank` terms minimising tr((W - W^) C (W - W^)^T) by ALS (see the module docs).
+
+    W: m x n weight (out x in); C: its n x n input second moment, already damped (see
+    `kroncompress.linalg.whitening.damp`). `start`: "whitened" (Kronecker-factored whitening), "nkp"
+    (weight-only nearest Kronecker product) or a pair (A, B) of stacked factors. Stops after `max_sweeps`
+    sweeps (one A-step and one B-step each) or when a sweep lowers the relative output error by less than
+    `tol` (relative); max_sweeps=0 returns the start. Runs in float64 on W's device.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"kronecker_als: W must be 2-D, got shape {tuple(W.shape)}")
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    _check(W, C, a_shape, b_shape)
+    if max_sweeps < 0:
+        raise ValueError(f"kronecker_als: max_sweeps must be >= 0, got {max_sweeps}")
+    W64, C64 = W.to(torch.float64), C.to(device=W.device, dtype=torch.float64)
+    if isinstance(start, str):
+        if start == "whitened":
+            A, B, _ = whitened_nkp(W64, C64, a_shape, b_shape, rank)
+        elif start == "nkp":
+            A, B = nearest_kronecker(W64, a_shape, b_shape, rank=rank)
+            if rank == 1:
+                A, B = A.unsqueeze(0), B.unsqueeze(0)
+        else:
+            raise ValueError(f"kronecker_als: start must be 'whitened', 'nkp' or a pair (A, B), got {start!r}")
+    else:
+        A, B = (t.to(device=W.device, dtype=torch.float64) for t in start)
+        if tuple(A.shape) != (rank, *a_shape) or tuple(B.shape) != (rank, *b_shape):
+            raise ValueError(f"kronecker_als: start factors must be {(rank, *a_shape)} and {(rank, *b_shape)}, "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    V4 = (W64 @ C64).reshape(m1, m2, n1, n2)
+    C4 = C64.reshape(n1, n2, n1, n2)
+    A, B = _balance(A, B)
+    history = [output_error(W64, kron_sum(A, B), C64)]
+    converged, sweeps = False, 0
+    for sweeps in range(1, max_sweeps + 1):
+        A = _a_step(B, V4, C4)
+        B = _b_step(A, V4, C4)
+        A, B = _balance(A, B)
+        history.append(output_error(W64, kron_sum(A, B), C64))
+        if history[-2] - history[-1] <= tol * history[-2]:
+            converged = True
+            break
+    return ALSResult(A.to(W.dtype), B.to(W.dtype), history, sweeps, converged)

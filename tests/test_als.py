@@ -1,0 +1,189 @@
+"""Activation-aware Kronecker: whitening start, ALS sweeps, the kronecker strategy's init, shape ranking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kroncompress.linalg.als import _a_step, _b_step, kronecker_als, kronecker_whitening, whitened_nkp
+from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
+from kroncompress.linalg.shapes import kronecker_shapes
+from kroncompress.linalg.whitening import damp, output_error, second_moment
+from kroncompress.strategies import get_strategy
+
+F64 = torch.float64
+
+
+def spd(k: int, g: torch.Generator) -> torch.Tensor:
+    Z = torch.randn(k, k, generator=g, dtype=F64)
+    return Z @ Z.T + 0.1 * torch.eye(k, dtype=F64)
+
+
+def correlated_moment(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(20 * n, n, generator=g, dtype=F64) @ torch.randn(n, n, generator=g, dtype=F64)
+    return damp(second_moment(X), 0.01)
+
+
+def brute_force_step(W, C, A, B, solve_for: str) -> torch.Tensor:
+    """The exact least-squares block update, from the explicit linear map (tiny sizes only)."""
+    L = torch.linalg.cholesky(C)
+    fixed, free = (B, A) if solve_for == "a" else (A, B)
+    columns = []
+    for index in range(free.numel()):
+        unit = torch.zeros(free.numel(), dtype=F64)
+        unit[index] = 1
+        unit = unit.reshape(free.shape)
+        W_hat = kron_sum(unit, fixed) if solve_for == "a" else kron_sum(fixed, unit)
+        columns.append((W_hat @ L).reshape(-1))
+    design = torch.stack(columns, 1)
+    return torch.linalg.lstsq(design, (W @ L).reshape(-1, 1)).solution.reshape(free.shape)
+
+
+# (a_shape, b_shape, rank)
+SHAPES = [((3, 4), (5, 2), 1), ((3, 4), (5, 2), 2), ((2, 6), (4, 3), 3), ((4, 2), (2, 4), 2), ((1, 4), (6, 3), 2)]
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank", SHAPES)
+def test_each_half_step_is_the_exact_least_squares_solution(a_shape, b_shape, rank):
+    g = torch.Generator().manual_seed(0)
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    W = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=F64)
+    C = correlated_moment(n1 * n2, 1)
+    A = torch.randn(rank, m1, n1, generator=g, dtype=F64)
+    B = torch.randn(rank, m2, n2, generator=g, dtype=F64)
+    V4, C4 = (W @ C).reshape(m1, m2, n1, n2), C.reshape(n1, n2, n1, n2)
+    torch.testing.assert_close(_a_step(B, V4, C4), brute_force_step(W, C, A, B, "a"))
+    torch.testing.assert_close(_b_step(A, V4, C4), brute_force_step(W, C, A, B, "b"))
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank", SHAPES)
+@pytest.mark.parametrize("start", ["nkp", "whitened"])
+def test_als_reaches_the_closed_form_optimum_when_C_is_a_kronecker_product(a_shape, b_shape, rank, start):
+    g = torch.Generator().manual_seed(rank)
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    W = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=F64)
+    C1, C2 = spd(n1, g), spd(n2, g)
+    C = torch.kron(C1, C2)
+    # the closed form: NKP of W (S1 (x) S2), mapped back
+    S1, S2 = (torch.linalg.cholesky(M) for M in (C1, C2))  # any square roots with S S^T = C_k work
+    At, Bt = nearest_kronecker(W @ torch.kron(S1, S2), a_shape, b_shape, rank=rank)
+    At, Bt = (At, Bt) if rank > 1 else (At[None], Bt[None])
+    optimum = output_error(W, kron_sum(At @ torch.linalg.inv(S1), Bt @ torch.linalg.inv(S2)), C)
+    whitened_start = kron_sum(*whitened_nkp(W, C, a_shape, b_shape, rank)[:2])
+    assert output_error(W, whitened_start, C) == pytest.approx(optimum, rel=1e-9, abs=1e-12)
+    result = kronecker_als(W, C, a_shape, b_shape, rank, start=start, max_sweeps=400, tol=1e-13)
+    assert result.history[-1] == pytest.approx(optimum, rel=1e-6, abs=1e-9)
+    if start == "nkp" and C1.shape[0] > 1 and C2.shape[0] > 1:
+        assert result.history[0] > optimum * (1 + 1e-6)  # the weight-only start was not already optimal
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank", SHAPES)
+@pytest.mark.parametrize("start", ["nkp", "whitened"])
+def test_the_output_error_never_increases_across_sweeps(a_shape, b_shape, rank, start):
+    g = torch.Generator().manual_seed(7)
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    W = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=F64)
+    C = correlated_moment(n1 * n2, 3)
+    result = kronecker_als(W, C, a_shape, b_shape, rank, start=start, max_sweeps=25, tol=0.0)
+    assert len(result.history) == result.sweeps + 1
+    for before, after in zip(result.history, result.history[1:]):
+        assert after <= before * (1 + 1e-10)
+    assert result.history[-1] < result.history[0] or result.history[0] < 1e-8
+
+
+def test_als_stops_on_convergence_or_the_sweep_limit():
+    W = torch.randn(12, 8, dtype=F64)
+    C = correlated_moment(8, 0)
+    limited = kronecker_als(W, C, (3, 4), (4, 2), 2, max_sweeps=2, tol=0.0)
+    assert limited.sweeps == 2 and not limited.converged and len(limited.history) == 3
+    loose = kronecker_als(W, C, (3, 4), (4, 2), 2, max_sweeps=200, tol=0.5)
+    assert loose.converged and loose.sweeps < 200
+    none = kronecker_als(W, C, (3, 4), (4, 2), 2, max_sweeps=0)
+    assert none.sweeps == 0 and len(none.history) == 1
+
+
+def test_als_beats_the_weight_only_nkp_in_output_error():
+    W = torch.randn(16, 16, dtype=F64)
+    C = correlated_moment(16, 5)
+    A, B = nearest_kronecker(W, (4, 4), (4, 4), rank=2)
+    result = kronecker_als(W, C, (4, 4), (4, 4), 2)
+    assert result.history[-1] < 0.95 * output_error(W, kron_sum(A, B), C)
+    assert result.a.shape == (2, 4, 4) and result.b.shape == (2, 4, 4)
+
+
+def test_kronecker_whitening_is_exact_for_kronecker_moments_and_reports_misfit():
+    g = torch.Generator().manual_seed(0)
+    C1, C2 = spd(3, g), spd(4, g)
+    exact = kronecker_whitening(torch.kron(C1, C2), 3, 4)
+    torch.testing.assert_close(torch.kron(exact.s1 @ exact.s1, exact.s2 @ exact.s2), torch.kron(C1, C2))
+    assert exact.misfit < 1e-10
+    assert kronecker_whitening(correlated_moment(12, 1), 3, 4).misfit > 0.01
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"a_shape": (3, 3), "b_shape": (4, 2)}, "does not tile"),
+    ({"start": "random"}, "start must be"),
+    ({"max_sweeps": -1}, "max_sweeps"),
+    ({"start": (torch.zeros(1, 3, 4), torch.zeros(1, 4, 2))}, "start factors must be"),
+])
+def test_als_rejects_bad_arguments(kwargs, message):
+    args = {"a_shape": (3, 4), "b_shape": (4, 2), "rank": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        kronecker_als(torch.randn(12, 8, dtype=F64), torch.eye(8, dtype=F64), args.pop("a_shape"), args.pop("b_shape"), **args)
+
+
+# -- the kronecker strategy's init and the shape search ------------------------------------------
+
+@pytest.mark.parametrize("init, with_stats, expected", [
+    ("auto", True, "als"), ("auto", False, "nkp"), ("als", True, "als"), ("als", False, "nkp"), ("nkp", True, "nkp"),
+])
+def test_kronecker_strategy_init_selection(init, with_stats, expected):
+    W = torch.randn(12, 8, dtype=F64)
+    C = correlated_moment(8, 2)
+    strategy = get_strategy("kronecker")(a_shape=[3, 4], rank=2, init=init, sweeps=3)
+    stats = C if with_stats else None
+    factors = strategy.decompose(W, strategy.plan((12, 8), weight=W), stats=stats)
+    assert strategy.init_for("linear", stats) == expected
+    if expected == "als":
+        reference = kronecker_als(W, C, (3, 4), (4, 2), 2, max_sweeps=3)
+        torch.testing.assert_close(factors["a"], reference.a)
+    else:
+        A, B = nearest_kronecker(W, (3, 4), (4, 2), rank=2)
+        torch.testing.assert_close(kron_sum(factors["a"], factors["b"]), kron_sum(A, B))
+
+
+def test_kronecker_embedding_ignores_stats():
+    strategy = get_strategy("kronecker")(b_shape=[1, 2])
+    assert strategy.init_for("embedding", torch.eye(4)) == "nkp"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"init": "whitened"}, "'init'.*one of auto, nkp, als"), ({"sweeps": -1}, "'sweeps'"), ({"shortlist": 0}, "'shortlist'"),
+])
+def test_kronecker_strategy_rejects_bad_init_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_strategy("kronecker")(ratio=2, **options)
+
+
+def test_shape_search_ranks_by_output_error_with_stats():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 16, generator=g, dtype=F64)
+    # inputs live on the first 4 of 16 features: only shapes that can spend parameters there do well
+    X = torch.zeros(400, 16, dtype=F64)
+    X[:, :4] = torch.randn(400, 4, generator=g, dtype=F64)
+    C = damp(second_moment(X), 1e-4)
+    by_energy = kronecker_shapes(16, 16, ratio=2, rank="auto", weight=W)
+    by_output = kronecker_shapes(16, 16, ratio=2, rank="auto", weight=W, stats=C, shortlist=len(by_energy))
+    assert {s.a_shape for s in by_output} == {s.a_shape for s in by_energy}
+    assert all(not s.degenerate for s in by_output)
+    errors = [kronecker_als(W, C, s.a_shape, s.b_shape, s.rank, max_sweeps=2).history[-1] for s in by_output]
+    assert errors == sorted(errors)
+    assert [s.score for s in by_output] == pytest.approx([1 - e ** 2 for e in errors], rel=1e-9, abs=1e-12)
+
+
+def test_shape_search_keeps_degenerate_shapes_out_unless_allowed():
+    W, C = torch.randn(8, 8, dtype=F64), correlated_moment(8, 0)
+    assert not any(s.degenerate for s in kronecker_shapes(8, 8, ratio=2, rank="auto", weight=W, stats=C))
+    allowed = kronecker_shapes(8, 8, ratio=2, rank="auto", weight=W, stats=C, allow_degenerate=True)
+    assert any(s.degenerate for s in allowed)
