@@ -130,53 +130,56 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
     out.print(render.totals_line(data))
 
 
-@cli.command(epilog=_example("kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2"))
-@click.argument("model")
+@cli.command(epilog=_example(
+    "kroncompress compress --recipe kn-gpt2 --output runs/demo --data shakespeare --max-steps 200",
+    "kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2",
+    "kroncompress compress gpt2 --recipe kn-gpt2 --output runs/kn-gpt2   # hub id: needs network",
+    "kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2 --resume"))
+@click.argument("model", default="shakespeare-gpt2")
 @click.option("--recipe", "-r", required=True, help="Bundled recipe name (see `kroncompress recipes`) or a YAML path.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder to write the compressed model to.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
+@click.option("--data", default=None,
+              help="Override the recipe's text: a packaged corpus (shakespeare), a file/glob, or a hub dataset NAME[:CONFIG].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap the distillation steps.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUTPUT/checkpoints.")
+@click.option("--no-distill", is_flag=True, help="Skip the recipe's distillation stage: decompose, evaluate, save.")
 @click.option("--dtype", default=None, help="Load the model in this dtype (float32, bfloat16, float16, auto).")
-@click.option("--device", default=None, help="Decompose on this device (cpu, cuda, cuda:1, ...).")
+@click.option("--device", default=None, help="Run on this device (cpu, cuda, cuda:1, ...).")
 @click.option("--calibration-data", default=None, help="Text for data-aware init (e.g. shakespeare, 'notes/*.txt'); overrides the recipe's calibration.data.")
 @click.option("--calibration-tokens", type=int, default=None, help="Calibration tokens (default: the recipe's, else 16384).")
 @user_errors
-def compress(model: str, recipe: str, output: Path, overwrite: bool, dtype: str | None, device: str | None,
+def compress(model: str, recipe: str, output: Path, overwrite: bool, data: str | None, max_steps: int | None,
+             resume: bool, no_distill: bool, dtype: str | None, device: str | None,
              calibration_data: str | None = None, calibration_tokens: int | None = None) -> None:
-    """Decompose MODEL's modules as RECIPE says and save the result to OUTPUT.
+    """Run every stage RECIPE has on MODEL (decompose, distill, evaluate) and save the result to OUTPUT.
 
-    OUTPUT is an HF-style folder (config.json, model.safetensors, recipe.yaml, report.json, README.md)
-    that `kroncompress inspect` summarises and kc.load_compressed() reloads.
+    MODEL defaults to the small GPT-2 packaged with kroncompress (shakespeare-gpt2), so the whole
+    pipeline runs offline. To compress GPT-2 itself, pass a local folder saved with
+    save_pretrained, or the hub id `gpt2` on a machine with network access.
+
+    OUTPUT is an HF-style folder (config.json, model.safetensors, recipe.yaml, report.json, README.md,
+    perplexity.png) that `kroncompress inspect` summarises and kc.load_compressed() reloads.
     """
-    from kroncompress.io import save_compressed
+    from kroncompress.pipeline import run_pipeline
     from kroncompress.recipe import load_recipe
-    from kroncompress.surgery import compress as compress_model
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     parsed = load_recipe(recipe)
-    _check_output(output, overwrite)
-    loaded, info = _load(model, meta_ok=False, dtype=dtype, device=device)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {str(output)!r} exists and is a file; pass a folder path")
+    _quiet_transformers()
     out, err = render.console(), render.console(stderr=True)
-    err.print(f"[bold]model[/bold] {info.description}")
-    from kroncompress.calibration import calibrate_for_cli
-
-    stats = calibrate_for_cli(loaded, parsed, info.tokenizer, data=calibration_data, tokens=calibration_tokens, console=err)
-    columns = (TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("", total=None)
-
-        def on_module(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
-        report = compress_model(loaded, parsed, progress=on_module, calibration=stats)
-    _save(save_compressed, loaded, output, recipe=parsed, report=report, tokenizer=info.tokenizer, overwrite=overwrite)
-    data = report.to_dict()
-    out.print(render.module_table("compressed modules", data.get("modules", []), with_error=True))
-    out.print(render.totals_line(data))
-    if parsed.distill is not None:
-        out.print(f"[yellow]note: the recipe's distill stage was NOT run (distillation arrives in a later release); "
-                  f"{output} holds the decomposed model before any accuracy recovery.[/yellow]")
-    out.print(f"[green]saved[/green] {output}")
+    bars = render.LazyProgress(err)
+    report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume, overwrite=overwrite,
+                          device=device, dtype=dtype, calibration_data=calibration_data, distill=not no_distill,
+                          calibration_tokens=calibration_tokens,
+                          compress_progress=bars.callback("compressing"),
+                          calibration_progress=bars.callback("calibrating"))
+    bars.stop()
+    compression = report["compression"]
+    out.print(render.module_table("compressed modules", compression.get("modules", []), with_error=True))
+    out.print(render.summary_table(report))
+    out.print(f"[green]saved[/green] {output}" + (f"  (plot: {report['plot']})" if report.get("plot") else ""))
 
 
 def _save(save: Callable, model, output: Path, **kwargs) -> None:

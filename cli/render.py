@@ -121,3 +121,58 @@ def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
     for key, value in items:
         table.add_row(key, count(value) if isinstance(value, int) else str(value))
     return table
+
+
+class LazyProgress:
+    """One rich progress bar per stage, started on the stage's first callback (two live displays at once
+    would fight, and the distillation engine shows its own)."""
+
+    def __init__(self, console: Console):
+        self.console, self.bars = console, {}
+
+    def callback(self, label: str):
+        def update(done: int, total: int, description: Any = "") -> None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            if label not in self.bars:
+                self.stop()
+                bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               TextColumn("{task.description}"), console=self.console)
+                bar.start()
+                self.bars[label] = (bar, bar.add_task("", total=total))
+            bar, task = self.bars[label]
+            bar.update(task, completed=done, total=total, description=str(description))
+            if total and done >= total:
+                bar.stop()
+
+        return update
+
+    def stop(self) -> None:
+        for bar, _ in self.bars.values():
+            bar.stop()
+
+
+def _ppl(entry: Mapping[str, Any] | None) -> str:
+    if not entry:
+        return "not run"
+    return (f"{entry['perplexity']:.2f}  (block {entry['block_size']}, stride {entry['stride']}, "
+            f"{count(entry['tokens'])} tokens)")
+
+
+def summary_table(report: Mapping[str, Any]) -> Table:
+    """The end-of-run table: parameters, perplexity at each stage, speed, where the model was saved."""
+    before, after = report.get("params_before"), report.get("params_after")
+    perplexity = report.get("perplexity") or {}
+    items = [("model", report.get("model", "")), ("recipe", report.get("recipe", "")),
+             ("parameters", f"{count(before)} -> {count(after)} ({ratio(before, after)} smaller)"),
+             ("perplexity, original model", _ppl(perplexity.get("teacher"))),
+             ("perplexity, right after decomposition", _ppl(perplexity.get("compressed"))),
+             ("perplexity, after distillation", _ppl(perplexity.get("distilled")))]
+    speed = report.get("speed") or {}
+    if speed.get("ratio"):
+        items.append(("forward speed vs original", f"{speed['ratio']:.2f}x  ({speed.get('protocol', '')})"))
+    distill = report.get("distill") or {}
+    if distill.get("steps"):
+        items.append(("distillation steps", distill["steps"]))
+    items.append(("saved to", report.get("output_dir", "")))
+    return key_value_table("summary", items)

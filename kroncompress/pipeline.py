@@ -45,7 +45,10 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
                  data: Any = None, max_steps: int | None = None, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, cache_dir: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 compress_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+                 compress_progress: Callable[[int, int, str], None] | None = None,
+                 calibration_data: Any = None, calibration_tokens: int | None = None,
+                 calibration_progress: Callable[[int, int], None] | None = None,
+                 measure_speed: bool = True, distill: bool = True) -> dict[str, Any]:
     """Run every stage the recipe has on a model and save the result in `output_dir`; returns the report.
 
     `data` overrides the recipe's distillation text: a packaged corpus name, a file path/glob, a hub
@@ -56,6 +59,10 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     compresses and distils; only the main process evaluates and writes. `device` (default: the
     process's GPU, else CPU) and `dtype` are where and how the model is loaded; `compress_progress` is
     passed to `kc.compress` as its per-module progress callback; `cache_dir` holds tokenised text.
+    Data-aware initialisation runs when the recipe has a `calibration` section or `calibration_data` is
+    given (`calibration_tokens` overrides the section's count). With `measure_speed`, forward throughput
+    (tokens/s, 8 sequences) of the original and the final model is recorded under `speed`.
+    `distill=False` skips the recipe's distillation stage (decompose, evaluate and save only).
     """
     from kroncompress.recipe import load_recipe
 
@@ -69,17 +76,31 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
 
     with stage("load"):
         model, tokenizer = _load(model_name_or_path, device, dtype)
-    distill_config = _distill_config(recipe, data, max_steps)
+    distill_config = _distill_config(recipe, data, max_steps) if distill else None
     evaluator = _Evaluator(recipe, data, distill_config, tokenizer, cache_dir, model)
     perplexity: dict[str, Any] = {}
     with stage("evaluate_teacher"):
         if main:
             perplexity["teacher"] = evaluator(model, "teacher")
+    speed: dict[str, Any] = {}
+    if measure_speed and main:
+        with stage("speed_teacher"):
+            speed["teacher_tokens_per_s"] = _speed(model)
     teacher = _teacher(model, distill_config.teacher, device) if distill_config is not None else None
+    from kroncompress.calibration import calibrate
     from kroncompress.surgery import compress
 
+    stats = None
+    if recipe.calibration is not None or calibration_data is not None:
+        with stage("calibrate"):
+            if tokenizer is None:
+                raise ValueError("data-aware initialisation needs the model's tokenizer, but none was found next "
+                                 "to the model; save the tokenizer with it, or drop the calibration data")
+            stats = calibrate(model, recipe, tokenizer, data=calibration_data, tokens=calibration_tokens,
+                              progress=calibration_progress, cache_dir=cache_dir)
     with stage("compress"):
-        compression = compress(model, recipe, progress=compress_progress)
+        compression = compress(model, recipe, progress=compress_progress, calibration=stats)
+    del stats
     with stage("evaluate_compressed"):
         if main:
             perplexity["compressed"] = evaluator(model, "compressed")
@@ -92,11 +113,16 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
             if main:
                 perplexity["distilled"] = evaluator(model, "distilled")
     del teacher
+    if measure_speed and main:
+        with stage("speed_compressed"):
+            speed["compressed_tokens_per_s"] = _speed(model)
+        speed["ratio"] = round(speed["compressed_tokens_per_s"] / speed["teacher_tokens_per_s"], 3)
+        speed["protocol"] = f"forward, {SPEED_BATCH} sequences x {_speed_len(model)} tokens, median of 10"
 
     report = {
         "model": str(model_name_or_path), "recipe": recipe.name, "output_dir": str(target),
         "params_before": compression.params_before, "params_after": compression.params_after,
-        "perplexity": perplexity, "distill": distill_summary, "timings": timings,
+        "perplexity": perplexity, "distill": distill_summary, "timings": timings, "speed": speed,
         "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
     }
     if not main:
@@ -106,6 +132,19 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     report["plot"] = _plot(target / PLOT_NAME, distill_summary, perplexity)
     _write_report(target, report)
     return report
+
+
+SPEED_BATCH = 8
+
+
+def _speed_len(model) -> int:
+    return min(128, _positions(model) or 128)
+
+
+def _speed(model) -> float:
+    from kroncompress.evaluate import throughput
+
+    return round(throughput(model, batch_size=SPEED_BATCH, seq_len=_speed_len(model)), 1)
 
 
 # -- stages --------------------------------------------------------------------------------------
@@ -140,9 +179,14 @@ def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
     if finished and not overwrite:
         raise OutputExistsError(f"output folder {target} already holds a finished run; pass overwrite=True "
                                 "(CLI: --overwrite) to replace it, or pick another folder")
-    if not finished and not (resume or overwrite) and any(target.iterdir()):
+    if finished or resume or overwrite or not any(target.iterdir()):
+        return
+    if (target / CHECKPOINTS).is_dir():
         raise OutputExistsError(f"output folder {target} holds an unfinished run ({CHECKPOINTS}/); pass resume=True "
-                                "(CLI: --resume) to continue it, overwrite=True to start again, or pick another folder")
+                                "(CLI: --resume) to continue it, overwrite=True (CLI: --overwrite) to start again, "
+                                "or pick another folder")
+    raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
+                            "(CLI: --overwrite) to replace it, or pick another folder")
 
 
 def _load(model_name_or_path, device: torch.device, dtype):
@@ -263,6 +307,9 @@ class _Evaluator:
         from kroncompress.evaluate import evaluate_perplexity, perplexity
 
         start = time.perf_counter()
+        if self.tokenizer is None and self.config is None:
+            logger.warning("the model has no tokenizer: %s perplexity not measured", stage)
+            return None
         if self.spec is not None:
             result = evaluate_perplexity(model, self.tokenizer, self.spec, block_size=self.block_size, stride=self.stride,
                                          max_tokens=self.max_tokens, cache_dir=self.cache_dir)
@@ -331,6 +378,8 @@ def _save(model, target: Path, recipe, compression, tokenizer, report: dict[str,
     first = next((v for v in report["perplexity"].values() if v), None)
     if first:
         metrics["perplexity protocol"] = f"block {first['block_size']}, stride {first['stride']}, {first['tokens']:,} tokens, {first['data']}"
+    if report.get("speed", {}).get("ratio"):
+        metrics["forward speed vs original"] = f"{report['speed']['ratio']:.2f}x ({report['speed']['protocol']})"
     if report["distill"]:
         metrics["distill steps"] = report["distill"]["steps"]
         metrics["distill seconds"] = report["distill"]["seconds"]
@@ -342,7 +391,7 @@ def _write_report(target: Path, report: dict[str, Any]) -> None:
     """Add the pipeline's results to the report.json that save_compressed wrote."""
     path = target / "report.json"
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    saved.update({k: report[k] for k in ("model", "perplexity", "distill", "timings", "plot")})
+    saved.update({k: report[k] for k in ("model", "perplexity", "distill", "timings", "speed", "plot")})
     path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
 
 

@@ -52,7 +52,7 @@ def compressed(tiny_gpt2, tmp_path_factory):
     if importlib.util.find_spec("kroncompress.surgery") is None or importlib.util.find_spec("kroncompress.io") is None:
         pytest.skip("kroncompress/surgery.py or kroncompress/io.py not there yet")
     output = tmp_path_factory.mktemp("runs") / "kn-tiny"
-    return run("compress", tiny_gpt2, "--recipe", "kn-gpt2", "--output", output), output
+    return run("compress", tiny_gpt2, "--recipe", "kn-gpt2", "--output", output, "--no-distill"), output
 
 
 # -- help, version, listings -----------------------------------------------------------------------
@@ -144,16 +144,16 @@ def test_compress_reports_and_saves(compressed):
     result, output = compressed
     assert result.exit_code == 0, result.output
     assert "transformer.h.1.mlp.c_fc" in result.stdout
-    assert "distill stage was NOT run" in result.stdout
+    assert "after distillation" in result.stdout and "not run" in result.stdout
     assert (output / "config.json").is_file() and (output / "model.safetensors").is_file()
 
 
 def test_compress_overwrite_replaces_the_folder(compressed, tiny_gpt2):
     _, output = compressed
-    result = run("compress", tiny_gpt2, "--recipe", "kn-gpt2-mlp", "--output", output, "--overwrite")
+    result = run("compress", tiny_gpt2, "--recipe", "kn-gpt2-mlp", "--output", output, "--overwrite", "--no-distill")
     assert result.exit_code == 0, result.output
     assert "transformer.h.0.mlp.c_fc" in result.stdout  # kn-gpt2-mlp also compresses block 0
-    restore = run("compress", tiny_gpt2, "--recipe", "kn-gpt2", "--output", output, "--overwrite")
+    restore = run("compress", tiny_gpt2, "--recipe", "kn-gpt2", "--output", output, "--overwrite", "--no-distill")
     assert restore.exit_code == 0, restore.output
 
 
@@ -311,3 +311,24 @@ def test_eval_prints_perplexity_with_its_protocol(tmp_path):
 
     table = run("eval", folder, "--data", text, "--block-size", 32, "--stride", 16)
     assert "block 32" in table.output and "stride 16" in table.output
+
+
+def test_compress_runs_the_whole_pipeline_with_distillation(tmp_path):
+    from kroncompress.tokenizers import byte_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path / "byte-gpt2"
+    GPT2LMHeadModel(GPT2Config(**{**TINY, "vocab_size": 257, "bos_token_id": 256, "eos_token_id": 256})).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 40)
+    output = tmp_path / "run"
+
+    result = run("compress", folder, "--recipe", "kn-gpt2", "--output", output, "--data", text, "--max-steps", 2)
+    assert result.exit_code == 0, result.output
+    for stage in ("original model", "right after decomposition", "after distillation", "forward speed"):
+        assert stage in result.stdout
+    report = json.loads((output / "report.json").read_text())
+    assert set(report["perplexity"]) == {"teacher", "compressed", "distilled"}
+    assert report["distill"]["steps"] == 2
+    assert report["speed"]["ratio"] > 0
