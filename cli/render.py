@@ -168,6 +168,11 @@ def summary_table(report: Mapping[str, Any]) -> Table:
              ("perplexity, original model", _ppl(perplexity.get("teacher"))),
              ("perplexity, right after decomposition", _ppl(perplexity.get("compressed"))),
              ("perplexity, after distillation", _ppl(perplexity.get("distilled")))]
+    calibration = report.get("calibration")
+    if calibration:
+        tokens = max((i["tokens"] for i in calibration["inputs"]), default=0)
+        items.append(("calibration (data-aware init)", f"{count(tokens)} tokens, {len(calibration['inputs'])} distinct "
+                      f"inputs, {calibration['memory_bytes'] / 2**20:.1f} MiB of statistics"))
     speed = report.get("speed") or {}
     if speed.get("ratio"):
         items.append(("forward speed vs original", f"{speed['ratio']:.2f}x  ({speed.get('protocol', '')})"))

@@ -87,10 +87,10 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
         with stage("speed_teacher"):
             speed["teacher_tokens_per_s"] = _speed(model)
     teacher = _teacher(model, distill_config.teacher, device) if distill_config is not None else None
-    from kroncompress.calibration import calibrate
+    from kroncompress.calibration import calibrate, describe
     from kroncompress.surgery import compress
 
-    stats = None
+    stats, calibration_summary = None, None
     if recipe.calibration is not None or calibration_data is not None:
         with stage("calibrate"):
             if tokenizer is None:
@@ -98,6 +98,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
                                  "to the model; save the tokenizer with it, or drop the calibration data")
             stats = calibrate(model, recipe, tokenizer, data=calibration_data, tokens=calibration_tokens,
                               progress=calibration_progress, cache_dir=cache_dir)
+            calibration_summary = describe(stats)
     with stage("compress"):
         compression = compress(model, recipe, progress=compress_progress, calibration=stats)
     del stats
@@ -123,6 +124,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
         "model": str(model_name_or_path), "recipe": recipe.name, "output_dir": str(target),
         "params_before": compression.params_before, "params_after": compression.params_after,
         "perplexity": perplexity, "distill": distill_summary, "timings": timings, "speed": speed,
+        "calibration": calibration_summary,
         "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
     }
     if not main:
@@ -391,7 +393,7 @@ def _write_report(target: Path, report: dict[str, Any]) -> None:
     """Add the pipeline's results to the report.json that save_compressed wrote."""
     path = target / "report.json"
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    saved.update({k: report[k] for k in ("model", "perplexity", "distill", "timings", "speed", "plot")})
+    saved.update({k: report[k] for k in ("model", "perplexity", "distill", "timings", "speed", "calibration", "plot")})
     path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
 
 

@@ -27,7 +27,8 @@ def _has_recipe(name: str) -> bool:
 
 
 def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    # a fixed wide terminal: under pytest-xdist COLUMNS may be narrow, and rich would shorten module names
+    return CliRunner(env={"COLUMNS": "220"}).invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

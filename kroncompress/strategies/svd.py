@@ -60,7 +60,8 @@ class SVDStrategy(Strategy):
 
     def init_for(self, kind: str, stats) -> str:
         """The init that runs: "whitened" when asked (or auto) and statistics exist, else "svd"."""
-        return "whitened" if self.config.init in ("auto", "whitened") and stats is not None else "svd"
+        init = getattr(self.config, "init", "auto")  # third-party subclasses may bring their own Config
+        return "whitened" if init in ("auto", "whitened") and stats is not None else "svd"
 
     def decompose(self, weight, plan, stats=None):
         """Factors {"u": m x k, "v": k x n}; with `stats` (the damped n x n input second moment) and init
