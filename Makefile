@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Offline: compress the packaged Shakespeare GPT-2 with kn-gpt2, 30 ILKD steps, table + runs/demo/perplexity.png
 demo: $(STAMP)
-	$(BIN)/python benchmarks/bench_layers.py --quick --output benchmarks/results/layers-quick.md
+	$(BIN)/kroncompress compress shakespeare-gpt2 --recipe kn-gpt2 --output runs/demo --overwrite --data shakespeare --max-steps 30
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

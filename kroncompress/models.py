@@ -3,6 +3,7 @@
     model, info = load_model("path/to/gpt2")          # folder with config.json + weights
     model, info = load_model("path/to/config-only")   # only config.json: built on the meta device
     model, info = load_model("gpt2")                  # hub id (needs network access)
+    model, info = load_model("shakespeare-gpt2")      # the packaged demo model (also "demo"), offline
 
 A config-only folder gives a model on the meta device: shapes only, no memory, enough for
 `kc.plan`. Errors for bad input are ValueErrors naming the path or id, what is wrong and the fix.
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from kroncompress.demo import demo_model_path, is_demo_name
 
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -54,6 +57,8 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
     - a local folder with only config.json: the same class built from the config on the meta device
       (`info.meta` is True; refused with a ValueError when `meta_ok=False`);
     - a folder saved by `kc.save_compressed`: delegated to `kc.load_compressed`;
+    - "shakespeare-gpt2" (or "demo"): the small GPT-2 packaged with kroncompress (`kroncompress.demo`),
+      when no folder of that name exists;
     - anything else: a hub id, loaded with `from_pretrained` (needs network access).
 
     `dtype` is a torch dtype or its name ("float32", "bfloat16", "auto"); `device` moves the loaded model.
@@ -62,6 +67,8 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
     name = os.fspath(name_or_path)
     torch_dtype = _parse_dtype(dtype)
     path = Path(name).expanduser()
+    if not path.exists() and is_demo_name(name):  # a folder of that name in the cwd still wins
+        path = demo_model_path()
     if path.exists():
         model, info = _load_local(path, name, meta_ok=meta_ok, dtype=torch_dtype)
     elif _looks_like_path(name):
