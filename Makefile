@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 # Offline: compress the packaged Shakespeare GPT-2 with kn-gpt2, 30 ILKD steps, table + runs/demo/perplexity.png
 demo: $(STAMP)
-	$(BIN)/kroncompress compress shakespeare-gpt2 --recipe kn-gpt2 --output runs/demo --overwrite --data shakespeare --max-steps 30
+	$(BIN)/kroncompress compress shakespeare-gpt2 --recipe kn-gpt2 --output runs/demo --overwrite --data shakespeare --max-steps 40
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -23,6 +23,7 @@ from kroncompress.evaluate import perplexity
 from kroncompress import distill
 from kroncompress.distill import DistillResult
 from kroncompress.pipeline import run_pipeline
+from kroncompress.models import load_model
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,5 @@ __all__ = [
     "perplexity",
     "distill", "DistillResult", "run_pipeline",
     "CalibrationStats", "calibrate", "collect_statistics",
+    "load_model",
 ]

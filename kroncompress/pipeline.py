@@ -38,7 +38,10 @@ PLOT_NAME = "perplexity.png"
 FALLBACK_VALIDATION_FRACTION = 0.05  # held out when the data has no validation split of its own
 EVALS_PER_RUN = 10  # validation points on the plot when the recipe gives no train.eval_every
 MAX_VALIDATION_BLOCKS = 256  # validation is a fixed sample of the held-out blocks: evaluating stays cheap
-_SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming")
+TRAINING_EVAL_BLOCKS = 64  # the periodic evaluations during distillation score the first blocks of that sample
+# Keys that describe the text itself: a `data` override replaces all of them (a recipe's validation_fraction
+# suits its own corpus; the override's own validation split, e.g. Shakespeare's held-out plays, is used instead).
+_SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction")
 
 
 def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir: str | os.PathLike, *,
@@ -353,6 +356,7 @@ def _distill(model, teacher, config, evaluator: _Evaluator, target: Path, *, res
     from kroncompress.evaluate import perplexity
 
     train, validation = evaluator.blocks()
+    validation = validation[:TRAINING_EVAL_BLOCKS]
     config = copy.deepcopy(config)
     config.train = dataclasses.replace(config.train, eval_every=_eval_every(config, len(train)))
     checkpoints = target / CHECKPOINTS
