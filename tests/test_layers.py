@@ -146,3 +146,21 @@ def test_bad_factors_name_the_problem(call, fragments):
         call()
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} missing from: {info.value}"
+
+
+@pytest.mark.parametrize("mode", ["factored", "dense"])
+def test_kronecker_linear_forward_modes_agree(mode):
+    torch.manual_seed(0)
+    layer = kc.KroneckerLinear.from_factors(torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64),
+                                         bias=torch.randn(20, dtype=torch.float64))
+    x = torch.randn(7, 12, dtype=torch.float64)
+    expected = x @ layer.dense_weight().T + layer.bias
+    layer.forward_mode = mode
+    assert torch.allclose(layer(x), expected)
+
+
+def test_kronecker_linear_rejects_an_unknown_forward_mode():
+    layer = kc.KroneckerLinear((2, 2), (2, 2))
+    layer.forward_mode = "fast"
+    with pytest.raises(ValueError, match="forward_mode"):
+        layer(torch.randn(1, 4))

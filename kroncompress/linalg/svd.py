@@ -47,7 +47,7 @@ def _triplets_from_gram(R: torch.Tensor, rank: int):
     V, S = V.to(R.dtype), S.to(R.dtype)
     # U in R's own precision: V and S are already accurate, and a float64 copy of a huge R costs more
     # than the whole Gram.
-    U = (R @ V) / torch.where(S > 0, S, torch.ones_like(S))
+    U = R @ (V / torch.where(S > 0, S, torch.ones_like(S)))  # scale the small V, not the tall U
     return U, S, V
 
 
