@@ -99,6 +99,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
             if tokenizer is None:
                 raise ValueError("data-aware initialisation needs the model's tokenizer, but none was found next "
                                  "to the model; save the tokenizer with it, or drop the calibration data")
+            calibration_data = _calibration_data(recipe, calibration_data, data)
             stats = calibrate(model, recipe, tokenizer, data=calibration_data, tokens=calibration_tokens,
                               progress=calibration_progress, cache_dir=cache_dir)
             calibration_summary = describe(stats)
@@ -233,6 +234,22 @@ def _distill_config(recipe, data: Any, max_steps: int | None):
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         config.train = dataclasses.replace(config.train, max_steps=max_steps)
     return config
+
+
+def _calibration_data(recipe, explicit: Any, data: Any) -> Any:
+    """Calibration text: given explicitly, else the recipe's calibration.data when it names a source, else
+    the run's own text (the `data` override, then the recipe's distillation data)."""
+    if explicit is not None:
+        return explicit
+    section = recipe.calibration.data if recipe.calibration is not None else None
+    if section is not None and (section.dataset or section.files or section.source):
+        return None  # calibrate() reads the section itself
+    if data is not None:
+        return data
+    distill_data = recipe.distill.data if recipe.distill is not None else None
+    if distill_data is not None and (distill_data.dataset or distill_data.files or distill_data.source):
+        return distill_data
+    return None
 
 
 def _data_override(data: Any) -> dict[str, Any]:

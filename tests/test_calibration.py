@@ -199,3 +199,31 @@ def test_cli_compress_with_calibration_data(tmp_path):
                                       "--calibration-tokens", "256"])
     assert result.exit_code == 0, result.output
     assert "calibration" in result.output and "init whitened" in (tmp_path / "out" / "report.json").read_text()
+
+
+def _recipe_with(calibration_data=None, distill_data=None):
+    import kroncompress as kc
+
+    data = {"version": 1, "name": "r", "compress": [{"targets": ["role:mlp"], "strategy": "svd", "options": {"ratio": 2}}],
+            "calibration": {"tokens": 256} if calibration_data is None else {"data": calibration_data, "tokens": 256}}
+    if distill_data is not None:
+        data["distill"] = {"data": distill_data}
+    return kc.Recipe.from_dict(data)
+
+
+@pytest.mark.parametrize("recipe_kwargs, explicit, override, expected", [
+    ({}, "notes.txt", "shakespeare", "notes.txt"),                            # the flag wins
+    ({"calibration_data": {"source": "kjv"}}, None, "shakespeare", None),     # the section names its own text
+    ({}, None, "shakespeare", "shakespeare"),                                 # else the run's --data
+    ({"distill_data": {"files": ["a.txt"]}}, None, None, "distill"),          # else the distillation data
+    ({}, None, None, None),                                                   # else calibrate's offline default
+])
+def test_pipeline_calibration_text_defaults_to_the_runs_own_text(recipe_kwargs, explicit, override, expected):
+    from kroncompress.pipeline import _calibration_data
+
+    recipe = _recipe_with(**recipe_kwargs)
+    got = _calibration_data(recipe, explicit, override)
+    if expected == "distill":
+        assert got is recipe.distill.data
+    else:
+        assert got == expected
