@@ -42,10 +42,15 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/init.md")
     parser.add_argument("--steps", type=int, default=40, help="ILKD steps for the kn-gpt2 recovery comparison")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--skip-recovery", action="store_true", help="only the zero-shot table")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (one per core; never oversubscribe)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows, protocol, teacher = [], "", None
-    for recipe in RECIPES:
+    for recipe in args.recipes:
         for data_aware in (False, True):
             report = run(recipe, data_aware, None, args.tokens)
             ppl = report["perplexity"]
@@ -56,7 +61,7 @@ def main() -> None:
                          ppl["compressed"]["perplexity"], sum(errors) / len(errors) if errors else None, report["seconds"]))
             print(rows[-1], flush=True)
     recovery = []
-    for data_aware in (False, True):
+    for data_aware in (() if args.skip_recovery else (False, True)):
         report = run("kn-gpt2", data_aware, args.steps, args.tokens)
         ppl = report["perplexity"]
         recovery.append(("data-aware" if data_aware else "weight-only", ppl["compressed"]["perplexity"],
@@ -76,8 +81,9 @@ def main() -> None:
     ]
     for recipe, init, params, ppl, oerr, seconds in rows:
         lines.append(f"| {recipe} | {init} | {params:,} | {ppl:.2f} | {'' if oerr is None else f'{oerr:.3f}'} | {seconds:.0f} |")
-    lines += ["", f"## kn-gpt2 after {args.steps} ILKD steps from each init", "",
-              "| init | perplexity after decomposition | perplexity after ILKD | seconds |", "|---|---|---|---|"]
+    if recovery:
+        lines += ["", f"## kn-gpt2 after {args.steps} ILKD steps from each init", "",
+                  "| init | perplexity after decomposition | perplexity after ILKD | seconds |", "|---|---|---|---|"]
     for init, before, after, seconds in recovery:
         lines.append(f"| {init} | {before:.2f} | {after:.2f} | {seconds:.0f} |")
     output = Path(args.output)

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,13 +96,16 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
 
     stats, calibration_summary = None, None
     if recipe.calibration is not None or calibration_data is not None:
-        with stage("calibrate"):
-            if tokenizer is None:
-                raise ValueError("data-aware initialisation needs the model's tokenizer, but none was found next "
-                                 "to the model; save the tokenizer with it, or drop the calibration data")
-            calibration_data = _calibration_data(recipe, calibration_data, data)
-            stats = calibrate(model, recipe, tokenizer, data=calibration_data, tokens=calibration_tokens,
-                              progress=calibration_progress, cache_dir=cache_dir)
+        if tokenizer is None and calibration_data is not None:
+            raise ValueError("data-aware initialisation needs the model's tokenizer, but none was found next "
+                             "to the model; save the tokenizer with it, or drop the calibration data")
+        if tokenizer is None:
+            warnings.warn(f"recipe {recipe.name!r} asks for calibration, but the model has no tokenizer: "
+                          "weight-only initialisation instead (save the tokenizer next to the model)")
+        else:
+            with stage("calibrate"):
+                stats = calibrate(model, recipe, tokenizer, data=_calibration_data(recipe, calibration_data, data),
+                                  tokens=calibration_tokens, progress=calibration_progress, cache_dir=cache_dir)
             calibration_summary = describe(stats)
     with stage("compress"):
         compression = compress(model, recipe, progress=compress_progress, calibration=stats)
