@@ -18,15 +18,6 @@ from kroncompress.recipe import LogitsKL, LossWeights
 ALL_ON = LossWeights(ce=1.0, logits_kl=LogitsKL(1.0, 2.0), hidden_mse=1.0, attention_kl=1.0, embedding_mse=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(model, ids, labels=True):
     return model(input_ids=ids, labels=ids if labels else None, output_hidden_states=True, output_attentions=True)
 

@@ -16,15 +16,6 @@ from kroncompress.recipe import DistillConfig, LogitsKL, LossWeights, TrainConfi
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pair(tiny_model):
     """(student, teacher): the teacher is a tiny GPT-2, the student its kn-gpt2 compression."""
