@@ -40,6 +40,9 @@ FALLBACK_VALIDATION_FRACTION = 0.05  # held out when the data has no validation 
 EVALS_PER_RUN = 10  # validation points on the plot when the recipe gives no train.eval_every
 MAX_VALIDATION_BLOCKS = 256  # validation is a fixed sample of the held-out blocks: evaluating stays cheap
 TRAINING_EVAL_BLOCKS = 64  # the periodic evaluations during distillation score the first blocks of that sample
+# The held-out split and the validation sample do not follow the training seed: runs that differ only in
+# their seed are scored on the same text.
+EVALUATION_SEED = 0
 # Keys that describe the text itself: a `data` override replaces all of them (a recipe's validation_fraction
 # suits its own corpus; the override's own validation split, e.g. Shakespeare's held-out plays, is used instead).
 _SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction")
@@ -309,18 +312,14 @@ class _Evaluator:
                                  "model (tokenizer.save_pretrained(folder))")
             data = self.config.data if self.config is not None else self.data_override_config()
             train, validation = build_datasets(data, self.tokenizer, block_size=self.data_block_size(),
-                                               cache_dir=self.cache_dir, seed=self.seed)
+                                               cache_dir=self.cache_dir, seed=EVALUATION_SEED)
             if len(validation) == 0:
-                train, validation = split_blocks(train, FALLBACK_VALIDATION_FRACTION, self.seed)
+                train, validation = split_blocks(train, FALLBACK_VALIDATION_FRACTION, EVALUATION_SEED)
             if len(validation) > MAX_VALIDATION_BLOCKS:
-                keep = torch.randperm(len(validation), generator=torch.Generator().manual_seed(self.seed))
+                keep = torch.randperm(len(validation), generator=torch.Generator().manual_seed(EVALUATION_SEED))
                 validation = validation[keep[:MAX_VALIDATION_BLOCKS].sort().values]
             self._blocks = (train, validation)
         return self._blocks
-
-    @property
-    def seed(self) -> int:
-        return self.config.train.seed if self.config is not None else 0
 
     def data_override_config(self):
         from kroncompress.recipe import DataConfig

@@ -658,13 +658,16 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A validated Recipe from a bundled name (`kn-gpt2` or `kn-gpt2.yaml`) or a path to a YAML file.
+def load_recipe(name_or_path: "str | Path | Mapping | Recipe") -> Recipe:
+    """A validated Recipe from a bundled name (`kn-gpt2` or `kn-gpt2.yaml`), a path to a YAML file, or a
+    dict shaped like the YAML (e.g. `load_recipe("kn-gpt2").to_dict()` after edits).
 
     An existing file path wins over a bundled recipe of the same name.
     """
     if isinstance(name_or_path, Recipe):
         return name_or_path
+    if isinstance(name_or_path, Mapping):
+        return Recipe.from_dict(name_or_path)
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_file():

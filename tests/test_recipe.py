@@ -64,6 +64,16 @@ def test_a_path_object_and_a_local_file_load(tmp_path):
     assert recipe.source == str(path)
 
 
+def test_an_edited_dict_loads_and_is_validated():
+    data = load_recipe("kn-gpt2").to_dict()
+    data["compress"][1]["options"] = {"b_shape": [1, 4]}
+    recipe = load_recipe(data)
+    assert recipe.compress[1].options == {"b_shape": [1, 4]} and recipe.name == "kn-gpt2"
+    data["compress"][1]["options"] = {"b_shap": [1, 4]}
+    with pytest.raises(RecipeError, match="b_shape"):
+        load_recipe(data)
+
+
 # GPT-2 small, as (name, (out, in), kind, bias): every compressible matrix. Lets the tests check the
 # recipes' parameter budgets with the strategies' own plan(), without building a 124M model.
 GPT2_SMALL_PARAMS = 124_439_808
