@@ -31,8 +31,11 @@ test: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet --site-dir .site
 
+# Long (about 1.5 h on 2 CPU cores; see benchmarks/README.md): speed first, while the machine is idle.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py --output benchmarks/results/layers.md
+	$(BIN)/python benchmarks/bench_speed.py --output benchmarks/results/speed.md
+	$(BIN)/python benchmarks/bench_quality.py --output benchmarks/results/quality.md
 
 clean:
 	rm -rf $(VENV) .site build *.egg-info

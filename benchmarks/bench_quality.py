@@ -1,0 +1,391 @@
+"""Quality benchmark: every bundled strategy at the same parameter budget, then the same distillation budget.
+
+On the packaged demo teacher (`shakespeare-gpt2`) and its held-out Shakespeare plays, each cell is one
+`kc.run_pipeline` run: decompose (weight-only or data-aware init), score zero-shot, distil for the same
+number of steps with the same tokens and learning-rate schedule, score again. Cells at the kn-gpt2 budget
+make the main table (kn-gpt2, kn-gpt2-mlp, svd-gpt2 plain and whitened, tucker-gpt2, tt-gpt2 and
+DistilGPT2-style layer dropping); extra layouts of the same strategies add budget points, and the report
+plots perplexity against parameters, one line per strategy.
+
+    python benchmarks/bench_quality.py --output benchmarks/results/quality.md [--steps 40] [--seeds 0 1] [--jobs 2]
+
+Finished cells are appended to `<output stem>.cells.jsonl` as they complete, so an interrupted run
+resumes where it stopped; cached cells are reused only when the settings and the kroncompress sources
+are unchanged (`--fresh` starts over, e.g. after editing this script). Every cell runs with one torch thread whatever
+`--jobs` is, so its numbers do not depend on how many cells run side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kroncompress as kc
+
+# One optimisation budget for every cell (the kn-gpt2 recipe's schedule); only the loss terms differ by family.
+TRAIN = {"lr": 2.5e-4, "warmup_ratio": 0.05, "schedule": "cosine", "batch_size": 8, "grad_accum": 4,
+         "max_grad_norm": 1.0, "weight_decay": 0.01, "bf16": False}
+# Main table rows: (recipe, init). Data-aware init exists for kronecker (activation-aware ALS) and svd (whitened).
+MAIN = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("kn-gpt2-mlp", "weight-only"),
+        ("kn-gpt2-mlp", "data-aware"), ("svd-gpt2", "weight-only"), ("svd-gpt2", "data-aware"),
+        ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only"), ("distilgpt2", "-"))
+# Extra budget points: the factorising recipes over fewer or more modules. "recipe" is the bundled layout (for
+# kn-gpt2: the embedding + every matrix of the odd blocks, ~72% of the demo teacher); the others leave the
+# embedding dense and/or take every block.
+CURVE_RECIPES = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("svd-gpt2", "data-aware"),
+                 ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only"))
+CURVE_LAYOUTS = ("no embedding", "all blocks, no embedding", "all blocks")
+# Main-table cells repeated with every seed (the others run with the first seed).
+REPEAT = r"^(kn-gpt2|kn-gpt2-mlp|distilgpt2)\|"
+ODD_BLOCKS = "(1|3|5|7|9|11)"
+LINE_NAMES = {"kn-gpt2": "kronecker", "kn-gpt2-mlp": "kronecker, MLP only", "svd-gpt2": "svd",
+              "tucker-gpt2": "tucker", "tt-gpt2": "tt", "distilgpt2": "layer drop (DistilGPT2)"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a bundled recipe, a layout of it ("recipe", "no embedding", "all blocks", "keep K"), an init, a seed."""
+
+    recipe: str
+    layout: str
+    init: str
+    seed: int
+    main: bool = False  # a row of the main table (the kn-gpt2 budget)
+
+    @property
+    def key(self) -> str:
+        return f"{self.recipe}|{self.layout}|{self.init}|{self.seed}"
+
+    @property
+    def line(self) -> str:
+        name = LINE_NAMES.get(self.recipe, self.recipe)
+        return f"{name}, data-aware" if self.init == "data-aware" else name
+
+
+def evenly_spaced(num_layers: int, keep: int) -> list[int]:
+    """`keep` block indices spread over `num_layers`, first and last included (12 -> 6 gives DistilGPT2's)."""
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"cannot keep {keep} of {num_layers} blocks")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def cells(num_layers: int, seeds: list[int], curve: bool, repeat: str = REPEAT) -> list[Cell]:
+    """The default grid: the main table (the cells matching `repeat` with every seed, the others with the
+    first), then the extra budget points with the first seed."""
+    main_keep = max(1, num_layers - num_layers // 3)  # 6 -> 4 (the kn-gpt2 budget), 12 -> 8
+    grid = []
+    for seed in seeds:
+        for recipe, init in MAIN:
+            layout = f"keep {main_keep}" if recipe == "distilgpt2" else "recipe"
+            cell = Cell(recipe, layout, init, seed, main=True)
+            if seed == seeds[0] or re.search(repeat, cell.key):
+                grid.append(cell)
+    if curve:
+        for recipe, init in CURVE_RECIPES:
+            grid += [Cell(recipe, layout, init, seeds[0]) for layout in CURVE_LAYOUTS]
+        keeps = sorted({k for k in (num_layers - 1, num_layers - 3 * num_layers // 6, num_layers // 3) if 1 <= k < num_layers} - {main_keep})
+        grid += [Cell("distilgpt2", f"keep {k}", "-", seeds[0]) for k in keeps]
+    return grid
+
+
+def cell_recipe(cell: Cell, num_layers: int) -> dict[str, Any]:
+    """The recipe dict a cell runs: the bundled recipe with its layout, init and the common training budget."""
+    recipe = kc.load_recipe(cell.recipe).to_dict()
+    rules = recipe["compress"]
+    if cell.layout.startswith("keep "):
+        keep = evenly_spaced(num_layers, int(cell.layout.split()[1]))
+        rules[0]["options"] = {"keep": keep}
+        recipe["distill"]["layer_map"] = keep
+    elif cell.layout not in ("recipe", *CURVE_LAYOUTS):
+        raise ValueError(f"unknown layout {cell.layout!r}")
+    if "no embedding" in cell.layout:
+        recipe["compress"] = rules = [r for r in rules if not any(t.endswith(".wte") for t in r["targets"])]
+    if "all blocks" in cell.layout:
+        for rule in rules:
+            rule["targets"] = [t.replace(ODD_BLOCKS, r"\d+") for t in rule["targets"]]
+    if cell.init != "data-aware":
+        recipe.pop("calibration", None)
+    recipe["distill"]["train"] = {**TRAIN, "seed": cell.seed}
+    recipe["name"] = f"{cell.recipe} ({cell.layout}, {cell.init})"
+    return recipe
+
+
+def num_layers_of(model: str) -> int:
+    config = kc.load_model(model, load_tokenizer=False)[0].config
+    for name in ("n_layer", "num_hidden_layers", "num_layers"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"{model}: the config names no layer count")
+
+
+def run_cell(cell: Cell, model: str, data: str, steps: int, calibration_tokens: int, num_layers: int,
+             threads: int | None = 1) -> dict[str, Any]:
+    """Run one cell and return its row (perplexities with their protocol, parameters, seconds)."""
+    if threads:
+        torch.set_num_threads(threads)
+    data_aware = cell.init == "data-aware"
+    recipe = cell_recipe(cell, num_layers)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = kc.run_pipeline(model, recipe, Path(tmp) / "out", data=data,
+                                 max_steps=steps, measure_speed=False, progress=False,
+                                 calibration_data=data if data_aware else None,
+                                 calibration_tokens=calibration_tokens if data_aware else None)
+    ppl = report["perplexity"]
+    protocol = {k: ppl["teacher"][k] for k in ("block_size", "stride", "tokens")}
+    embedding = any(t.endswith(".wte") for rule in recipe["compress"] for t in rule["targets"])
+    return {**asdict(cell), "key": cell.key, "line": cell.line, "embedding_compressed": embedding,
+            "params": report["params_after"],
+            "teacher_params": report["params_before"], "teacher": ppl["teacher"]["perplexity"],
+            "zero_shot": ppl["compressed"]["perplexity"], "distilled": ppl["distilled"]["perplexity"],
+            "steps": report["distill"]["steps"], "protocol": protocol, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def source_fingerprint() -> str:
+    """A hash of the code and recipes that decide a cell's numbers (kroncompress/ and recipes/)."""
+    import hashlib
+
+    root = Path(kc.__file__).resolve().parent
+    files = sorted([*root.rglob("*.py"), *root.rglob("*.safetensors"), *(root.parent / "recipes").glob("*.yaml")])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def run_all(grid: list[Cell], cache: Path, jobs: int, **kwargs) -> list[dict[str, Any]]:
+    """Run the cells not already in `cache` (one JSON row per line), `jobs` at a time; return every row of the grid.
+
+    A cached row counts only when it was made with the same settings and the same kroncompress sources."""
+    settings = {"settings": {k: kwargs[k] for k in ("model", "data", "steps", "calibration_tokens")},
+                "source": source_fingerprint()}
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line)
+            if all(row.get(k) == v for k, v in settings.items()):
+                done[row["key"]] = row
+    todo = [cell for cell in grid if cell.key not in done]
+    print(f"{len(grid)} cells, {len(grid) - len(todo)} cached, {len(todo)} to run ({jobs} at a time)", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(row):
+        row = {**row, **settings}
+        done[row["key"]] = row
+        with cache.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['key']}: {row['params']:,} params, {row['zero_shot']:.2f} -> {row['distilled']:.2f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+
+    if jobs <= 1:
+        for cell in todo:
+            record(run_cell(cell, **kwargs))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+            futures = [pool.submit(run_cell, cell, **kwargs) for cell in todo]
+            for future in concurrent.futures.as_completed(futures):
+                record(future.result())
+    return [done[cell.key] for cell in grid]
+
+
+def _budget_key(row: dict) -> tuple:
+    return (row["recipe"], row["layout"], row["init"])
+
+
+def group_seeds(rows: list[dict]) -> list[dict]:
+    """One entry per (recipe, layout, init): the first seed's row, with the mean and range over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_budget_key(row), []).append(row)
+    out = []
+    for members in groups.values():
+        after = [m["distilled"] for m in members]
+        out.append({**members[0], "seeds": [m["seed"] for m in members], "distilled_runs": after,
+                    "distilled_mean": statistics.fmean(after), "seconds": statistics.fmean(m["seconds"] for m in members)})
+    return out
+
+
+def _fmt_after(row: dict) -> tuple[str, str]:
+    runs = row["distilled_runs"]
+    if len(runs) == 1:
+        return f"{runs[0]:.2f}", ""
+    return f"{row['distilled_mean']:.2f}", f"{min(runs):.2f}-{max(runs):.2f} ({len(runs)} seeds)"
+
+
+def claim(main: list[dict]) -> str:
+    """The paper's KnGPT2-vs-DistilGPT2 comparison, worded from the measured rows."""
+    kron = [r for r in main if r["recipe"] == "kn-gpt2"]
+    drop = [r for r in main if r["recipe"] == "distilgpt2"]
+    if not kron or not drop:
+        return "Not measured: the run had no kn-gpt2 or no distilgpt2 cell."
+    best, baseline = min(kron, key=lambda r: r["distilled_mean"]), drop[0]
+    gap = (baseline["distilled_mean"] - best["distilled_mean"]) / baseline["distilled_mean"]
+    overlap = min(baseline["distilled_runs"]) <= max(best["distilled_runs"]) and min(best["distilled_runs"]) <= max(baseline["distilled_runs"])
+    verdict = ("**holds here**" if gap > 0 else "**does not hold here**") + (
+        " (but the seed ranges overlap: not a clear difference)" if overlap and (len(best["distilled_runs"]) > 1) else "")
+    return (f"The paper: KnGPT2 + ILKD 20.5 vs DistilGPT2 23.7 WikiText-103 perplexity at ~82-84M parameters. Here, "
+            f"kn-gpt2 ({best['init']}) reaches {best['distilled_mean']:.2f} with {best['params']:,} parameters and "
+            f"layer dropping ({baseline['layout']}) {baseline['distilled_mean']:.2f} with {baseline['params']:,}: "
+            f"kn-gpt2 is {abs(gap) * 100:.1f}% {'lower' if gap > 0 else 'higher'}. The claim {verdict}.")
+
+
+def plot(path: Path, rows: list[dict], teacher: float, teacher_params: int) -> None:
+    """Perplexity vs parameters (% of the teacher), zero-shot and after distillation: a colour per strategy,
+    solid where the embedding is compressed too, dashed where it stays dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, bool], list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["line"], row["embedding_compressed"]), []).append(row)
+    colours = {line: f"C{i}" for i, line in enumerate(dict.fromkeys(r["line"] for r in rows))}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
+    for axis, field, title in ((axes[0], "zero_shot", "right after decomposition"),
+                               (axes[1], "distilled_mean", f"after {rows[0]['steps']} distillation steps")):
+        for (line, embedding), members in series.items():
+            members = sorted(members, key=lambda r: r["params"])
+            x = [100 * r["params"] / teacher_params for r in members]
+            label = f"{line}{' + embedding' if embedding else ''}"
+            axis.plot(x, [r[field] for r in members], marker="o", color=colours[line],
+                      linestyle="-" if embedding else "--", label=label)
+        axis.axhline(teacher, color="black", linewidth=0.8, linestyle=":", label=f"teacher ({teacher:.1f})")
+        axis.set_yscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("parameters (% of the teacher)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity (held-out text)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
+    grouped = group_seeds(rows)
+    first = rows[0]
+    teacher, teacher_params, protocol = first["teacher"], first["teacher_params"], first["protocol"]
+    main = sorted([r for r in grouped if r["main"]], key=lambda r: r["distilled_mean"])
+    curve = sorted(grouped, key=lambda r: (r["line"], r["params"]))
+    tokens = TRAIN["batch_size"] * TRAIN["grad_accum"] * protocol["block_size"] * first["steps"]
+    lines = [
+        "# Quality: every strategy at the same budget on the demo teacher", "",
+        f"Generated by `python benchmarks/bench_quality.py {' '.join(args.argv)}` on "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} cells, {wall / 60:.1f} min of wall time "
+        f"for the cells run this time ({args.jobs} at a time, one torch thread each).", "",
+        "## Protocol", "",
+        f"- Teacher: `{args.model}`, {teacher_params:,} parameters, perplexity {teacher:.2f}.",
+        f"- Perplexity: the held-out text of `{args.data}` (for Shakespeare: the validation plays), a fixed sample, "
+        f"block {protocol['block_size']}, stride {protocol['stride']}, {protocol['tokens']:,} scored tokens; the same "
+        "text for every cell and seed.",
+        f"- Distillation budget, identical for every cell: {first['steps']} steps x {TRAIN['batch_size']} sequences x "
+        f"{TRAIN['grad_accum']} accumulation x {protocol['block_size']} tokens = {tokens:,} tokens; AdamW lr "
+        f"{TRAIN['lr']}, {TRAIN['warmup_ratio']:.0%} warmup then {TRAIN['schedule']}, clip {TRAIN['max_grad_norm']}, "
+        f"weight decay {TRAIN['weight_decay']}.",
+        "- Losses: each recipe's own. The factorised students use ILKD (embedding MSE + attention KL + hidden MSE + CE, "
+        "weights 1); layer dropping uses DistilGPT2's soft-target KL (T = 2, weight 5) + CE (2) + hidden MSE (1) "
+        "through its layer map.",
+        f"- Init: weight-only = nearest Kronecker product / truncated SVD / Tucker / TT of the weights; data-aware = "
+        f"activation-aware ALS (kronecker) or whitened SVD (svd) from {args.calibration_tokens:,} tokens of the training "
+        "text. Layer dropping copies the kept blocks.",
+        f"- Seeds: {', '.join(map(str, args.seeds))} for the main table (the seed drives data order and dropout; "
+        "decomposition and calibration are deterministic); the extra budget points use the first seed. "
+        "A run repeated with the same seed gives the same numbers.", "",
+        f"## At the kn-gpt2 budget", "",
+        "| recipe | init | parameters | % of teacher | zero-shot perplexity | perplexity after distillation | range over seeds | minutes per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in main:
+        after, spread = _fmt_after(row)
+        name = row["recipe"] if row["layout"] == "recipe" else f"{row['recipe']} ({row['layout']})"
+        lines.append(f"| {name} | {row['init']} | "
+                     f"{row['params']:,} | {100 * row['params'] / teacher_params:.1f} | {row['zero_shot']:.2f} | {after} | "
+                     f"{spread} | {row['seconds'] / 60:.1f} |")
+    lines += ["", "## The paper's claim in miniature", "", claim(main), "",
+              "## Perplexity vs parameters", "", f"![perplexity vs parameters]({Path(args.output).with_suffix('.png').name})", "",
+              "| line | layout | parameters | % of teacher | zero-shot perplexity | perplexity after distillation |",
+              "|---|---|---|---|---|---|"]
+    for row in curve:
+        lines.append(f"| {row['line']} | {row['layout']} | {row['params']:,} | {100 * row['params'] / teacher_params:.1f} | "
+                     f"{row['zero_shot']:.2f} | {_fmt_after(row)[0]} |")
+    lines += ["", "Layouts: `recipe` is the bundled recipe (for kn-gpt2: the embedding and every matrix of the odd blocks); "
+              "`no embedding` leaves the embedding dense; `all blocks` takes every block's matrices instead of the odd blocks'; `keep K` keeps "
+              "K evenly spaced blocks, first and last included."]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="benchmarks/results/quality.md", help="markdown report (the plot goes next to it as .png)")
+    parser.add_argument("--model", default="shakespeare-gpt2", help="teacher: a model folder or the packaged demo")
+    parser.add_argument("--data", default="shakespeare", help="distillation, calibration and evaluation text (its held-out part)")
+    parser.add_argument("--steps", type=int, default=40, help="distillation steps of every cell")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of the main table")
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--repeat", default=REPEAT, help="regex: main-table cells run with every seed (the rest with the first)")
+    parser.add_argument("--no-curve", dest="curve", action="store_false", help="only the kn-gpt2 budget")
+    parser.add_argument("--only", default=None, help="regex: run only the cells whose key (recipe|layout|init|seed) matches")
+    parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="cells run side by side")
+    parser.add_argument("--fresh", action="store_true", help="ignore cells cached by an earlier run")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    output = Path(args.output)
+    cache = output.with_name(output.stem + ".cells.jsonl")
+    if args.fresh and cache.exists():
+        cache.unlink()
+    num_layers = num_layers_of(args.model)
+    grid = cells(num_layers, args.seeds, args.curve, args.repeat)
+    if args.only:
+        grid = [cell for cell in grid if re.search(args.only, cell.key)]
+    if not grid:
+        raise SystemExit(f"--only {args.only!r} matches no cell")
+    start = time.perf_counter()
+    rows = run_all(grid, cache, args.jobs, model=args.model, data=args.data, steps=args.steps,
+                   calibration_tokens=args.calibration_tokens, num_layers=num_layers)
+    wall = time.perf_counter() - start
+    write_atomic(output, report(rows, args, wall))
+    plot(output.with_suffix(".png"), group_seeds(rows), rows[0]["teacher"], rows[0]["teacher_params"])
+    print(output.read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Speed benchmark: whole-model throughput of compressed models vs the original, side by side in one run.
+
+Two models: the packaged demo teacher with every bundled recipe at the kn-gpt2 budget, and a
+GPT-2-small-shaped model (random weights, the real 124M shapes) with kn-gpt2, svd-gpt2 and distilgpt2 vs
+dense, since the demo teacher is small and a GPT-2 user sees the second ratio. Each variant is measured
+for forward throughput (8 x 128 tokens) and batch-1 greedy generation (KV cache), on CPU and on CUDA
+when there is a GPU. Rounds interleave the variants so drifting machine load hits them alike; the
+median over rounds is reported, with the ratio to the original, the parameter ratio and the ratio of
+matrix-multiply FLOPs per token (what an ideal kernel would gain).
+
+    python benchmarks/bench_speed.py --output benchmarks/results/speed.md [--rounds 5] [--threads N]
+
+Speed depends only on shapes, so the variants are decomposed weight-only and not distilled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kroncompress as kc  # noqa: E402
+from bench_quality import Cell, cell_recipe, num_layers_of, write_atomic  # noqa: E402
+from kroncompress.evaluate import generation_throughput, throughput  # noqa: E402
+from kroncompress.layers import FactorizedLinear, KroneckerTiedHead  # noqa: E402
+
+DEMO_RECIPES = ("kn-gpt2", "kn-gpt2-mlp", "svd-gpt2", "tucker-gpt2", "tt-gpt2", "distilgpt2")
+GPT2_SMALL_RECIPES = ("kn-gpt2", "svd-gpt2", "distilgpt2")
+
+
+def matmul_flops_per_token(model: nn.Module) -> int:
+    """FLOPs per token of the model's weight matrices (linear maps and the LM head); attention scores and
+    elementwise work are left out (they are the same for every factorisation)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            total += module.flops_per_token()
+        elif isinstance(module, KroneckerTiedHead):
+            total += module.tied_to.projection_flops_per_token()
+        elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            total += 2 * module.weight.numel()
+    return total
+
+
+def variant_recipe(recipe: str, num_layers: int) -> dict:
+    """The bundled recipe as the quality benchmark runs it at the kn-gpt2 budget (distilgpt2 keeps 2/3 of the blocks)."""
+    keep = max(1, num_layers - num_layers // 3)
+    layout = f"keep {keep}" if recipe == "distilgpt2" else "recipe"
+    return cell_recipe(Cell(recipe, layout, "weight-only", 0), num_layers)
+
+
+def build_variants(name: str, original: nn.Module, recipes: tuple[str, ...], num_layers: int) -> list[tuple[str, nn.Module]]:
+    import copy
+
+    variants = [("original", original)]
+    for recipe in recipes:
+        model = copy.deepcopy(original)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kc.compress(model, variant_recipe(recipe, num_layers))
+        print(f"{name}: {recipe} compressed in {time.perf_counter() - start:.1f} s", flush=True)
+        variants.append((recipe, model.eval()))
+    return variants
+
+
+def gpt2_small(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def measure(variants: list[tuple[str, nn.Module]], device: torch.device, rounds: int, batch: int, seq_len: int,
+            new_tokens: int, forward_repeats: int) -> list[dict]:
+    """Median tokens/s over `rounds` interleaved rounds, forward and generation, for each variant."""
+    forward = {name: [] for name, _ in variants}
+    generate = {name: [] for name, _ in variants}
+    for name, model in variants:
+        model.to(device)
+    for _ in range(rounds):
+        for name, model in variants:
+            forward[name].append(throughput(model, batch_size=batch, seq_len=seq_len, repeats=forward_repeats,
+                                            warmup=1, device=device))
+            generate[name].append(generation_throughput(model, new_tokens=new_tokens, repeats=1, warmup=1, device=device))
+    rows = []
+    for name, model in variants:
+        rows.append({"variant": name, "params": sum(p.numel() for p in model.parameters()),
+                     "flops": matmul_flops_per_token(model),
+                     "forward": statistics.median(forward[name]), "forward_spread": _spread(forward[name]),
+                     "generate": statistics.median(generate[name]), "generate_spread": _spread(generate[name])})
+        model.to("cpu")
+    return rows
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / median: how much the rounds disagree."""
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
+def table(title: str, rows: list[dict], batch: int, seq_len: int, new_tokens: int) -> list[str]:
+    base = rows[0]
+    lines = [f"### {title}", "",
+             f"| variant | parameters | params ratio | matmul FLOPs/token ratio | forward tokens/s ({batch} x {seq_len}) | "
+             f"forward speed-up | generation tokens/s (batch 1, {new_tokens} new) | generation speed-up | round-to-round spread (fwd / gen) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['params']:,} | {base['params'] / row['params']:.2f}x | "
+                     f"{base['flops'] / row['flops']:.2f}x | {row['forward']:,.0f} | {row['forward'] / base['forward']:.2f}x | "
+                     f"{row['generate']:,.1f} | {row['generate'] / base['generate']:.2f}x | "
+                     f"{row['forward_spread']:.0%} / {row['generate_spread']:.0%} |")
+    return lines + [""]
+
+
+def plot(path: Path, sections: list[tuple[str, list[dict]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.6), squeeze=False)
+    for axis, (title, rows) in zip(axes[0], sections):
+        base, names = rows[0], [r["variant"] for r in rows[1:]]
+        x = range(len(names))
+        width = 0.27
+        for offset, label, values in (
+            (-width, "matmul FLOP ratio (ideal)", [base["flops"] / r["flops"] for r in rows[1:]]),
+            (0.0, "forward speed-up", [r["forward"] / base["forward"] for r in rows[1:]]),
+            (width, "generation speed-up", [r["generate"] / base["generate"] for r in rows[1:]]),
+        ):
+            axis.bar([i + offset for i in x], values, width, label=label)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks(list(x), names, rotation=20, fontsize=8)
+        axis.set_title(title, fontsize=9)
+        axis.set_ylabel("x the original")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="benchmarks/results/speed.md")
+    parser.add_argument("--model", default="shakespeare-gpt2", help="the small model (a folder or the packaged demo)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (median reported)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per batch-1 generation run")
+    parser.add_argument("--forward-repeats", type=int, default=3, help="timed forward passes per round")
+    parser.add_argument("--no-gpt2-small", dest="gpt2_small", action="store_false", help="skip the 124M-shaped model")
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's choice)")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    started = time.perf_counter()
+    models = []
+    original = kc.load_model(args.model, meta_ok=False, load_tokenizer=False)[0].eval()
+    layers = num_layers_of(args.model)
+    models.append((f"`{args.model}` ({layers} blocks)", build_variants(args.model, original, DEMO_RECIPES, layers)))
+    if args.gpt2_small:
+        models.append(("GPT-2-small shapes (12 blocks, random weights)", build_variants("gpt2-small", gpt2_small(), GPT2_SMALL_RECIPES, 12)))
+    sections = []
+    for device in devices:
+        device_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+        for title, variants in models:
+            rows = measure(variants, torch.device(device), args.rounds, args.batch, args.seq_len, args.new_tokens,
+                           args.forward_repeats)
+            sections.append((f"{title}, {device} ({device_name})", rows))
+            print(f"measured {title} on {device}", flush=True)
+    output = Path(args.output)
+    lines = ["# Speed: compressed models vs the original", "",
+             f"Generated by `python benchmarks/bench_speed.py {' '.join(args.argv)}` on {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at the end "
+             f"{os.getloadavg()[0]:.2f}; {(time.perf_counter() - started) / 60:.1f} min.", "",
+             f"Median of {args.rounds} interleaved rounds. Forward: {args.forward_repeats} timed passes of {args.batch} x "
+             f"{args.seq_len} random tokens per round, eval mode, no gradients. Generation: greedy, batch 1, a prompt of 8 "
+             f"tokens then exactly {args.new_tokens} new ones with the KV cache. Variants are the bundled recipes at the "
+             "kn-gpt2 budget (distilgpt2: 2/3 of the blocks kept), decomposed weight-only. The FLOP ratio counts the "
+             "weight matrices and the LM head only.", ""]
+    for title, rows in sections:
+        lines += table(title, rows, args.batch, args.seq_len, args.new_tokens)
+    lines += [f"![speed-ups]({output.with_suffix('.png').name})", ""]
+    write_atomic(output, "\n".join(lines))
+    plot(output.with_suffix(".png"), sections)
+    print(output.read_text())
+    return sections
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The code paths of benchmarks/bench_quality.py and bench_speed.py, on a tiny 6-block GPT-2.
+
+Not timing tests: nothing here depends on how fast anything ran. The grid and recipe checks plan on the
+packaged demo teacher's config (meta device), so they check the real benchmark's parameter budgets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kroncompress as kc
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+WORDS = "the king queen lord my thy good sir love night day hath doth come go speak".split()
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("bench_quality")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def speed(quality):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("bench_speed")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 6-block GPT-2 with a byte-level tokenizer, and a text file to distil, calibrate and score on."""
+    import transformers
+
+    from kroncompress.tokenizers import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("bench")
+    config = transformers.GPT2Config(n_layer=6, n_embd=32, n_head=2, vocab_size=257, n_positions=64,
+                                     bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "tiny")
+    byte_tokenizer().save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    text = root / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(150)))
+    return root / "tiny", text
+
+
+@pytest.mark.parametrize("layers, keep, expected", [
+    (12, 6, [0, 2, 4, 7, 9, 11]),  # DistilGPT2's choice
+    (6, 4, [0, 2, 3, 5]),
+    (6, 2, [0, 5]),
+    (6, 1, [0]),
+    (6, 6, [0, 1, 2, 3, 4, 5]),
+])
+def test_evenly_spaced_blocks(quality, layers, keep, expected):
+    assert quality.evenly_spaced(layers, keep) == expected
+
+
+@pytest.mark.parametrize("keep", [0, 7])
+def test_evenly_spaced_refuses_impossible_counts(quality, keep):
+    with pytest.raises(ValueError, match=f"cannot keep {keep} of 6"):
+        quality.evenly_spaced(6, keep)
+
+
+@pytest.fixture(scope="module")
+def demo_plans(quality):
+    """Planned parameter count of every default grid cell on the demo teacher (meta device)."""
+    model, _ = kc.load_model("shakespeare-gpt2", load_tokenizer=False)
+    meta = model.to("meta") if not any(p.is_meta for p in model.parameters()) else model
+    grid = quality.cells(6, [0, 1], curve=True)
+    return grid, {cell.key: kc.plan(meta, kc.load_recipe(quality.cell_recipe(cell, 6))).params_after for cell in grid}
+
+
+def test_main_table_cells_share_the_kn_gpt2_budget(demo_plans):
+    grid, params = demo_plans
+    kn = params["kn-gpt2|recipe|weight-only|0"]
+    for cell in grid:
+        if cell.main:
+            assert abs(params[cell.key] - kn) / kn < 0.01, cell.key
+
+
+def test_main_table_repeats_only_the_headline_cells_over_seeds(demo_plans):
+    grid, _ = demo_plans
+    repeated = {c.recipe for c in grid if c.seed == 1}
+    assert repeated == {"kn-gpt2", "kn-gpt2-mlp", "distilgpt2"}
+    assert all(c.main for c in grid if c.seed == 1)
+    assert len({c.key for c in grid}) == len(grid)
+
+
+@pytest.mark.parametrize("recipe, init", [("kn-gpt2", "weight-only"), ("svd-gpt2", "data-aware"),
+                                          ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only")])
+def test_curve_layouts_order_the_budgets(quality, demo_plans, recipe, init):
+    _, params = demo_plans
+    at = {layout: params[f"{recipe}|{layout}|{init}|0"] for layout in ("recipe", *quality.CURVE_LAYOUTS)}
+    # dense embedding + odd blocks > the recipe (embedding + odd blocks) > every block, dense embedding > every block + embedding
+    assert at["no embedding"] > at["recipe"] > at["all blocks, no embedding"] > at["all blocks"]
+
+
+def test_layer_drop_cells_set_the_layer_map(quality):
+    recipe = quality.cell_recipe(quality.Cell("distilgpt2", "keep 3", "-", 1), 6)
+    assert recipe["compress"][0]["options"] == {"keep": [0, 2, 5]} and recipe["distill"]["layer_map"] == [0, 2, 5]
+    assert recipe["distill"]["train"]["seed"] == 1 and recipe["distill"]["train"]["lr"] == quality.TRAIN["lr"]
+
+
+def test_weight_only_cells_drop_the_recipe_calibration(quality):
+    weight_only = quality.cell_recipe(quality.Cell("kn-gpt2-mlp", "recipe", "weight-only", 0), 6)
+    data_aware = quality.cell_recipe(quality.Cell("kn-gpt2-mlp", "recipe", "data-aware", 0), 6)
+    assert "calibration" not in weight_only and "calibration" in data_aware
+
+
+def _row(recipe, runs, params=100, init="weight-only"):
+    return {"recipe": recipe, "init": init, "layout": "recipe", "params": params, "distilled_runs": runs,
+            "distilled_mean": sum(runs) / len(runs)}
+
+
+@pytest.mark.parametrize("kron, drop, expected", [
+    ([20.0, 21.0], [24.0, 25.0], "holds here**."),
+    ([26.0, 27.0], [24.0, 25.0], "does not hold here**."),
+    ([20.0, 24.5], [24.0, 25.0], "not a clear difference"),
+    ([20.0], [24.0], "holds here**."),
+])
+def test_claim_is_worded_from_the_numbers(quality, kron, drop, expected):
+    text = quality.claim([_row("kn-gpt2", kron), _row("distilgpt2", drop)])
+    assert text.endswith(expected) or expected in text
+
+
+def test_quality_benchmark_end_to_end_and_resumes(quality, tiny_folder, tmp_path, monkeypatch):
+    folder, text = tiny_folder
+    output = tmp_path / "quality.md"
+    argv = ["--model", str(folder), "--data", str(text), "--steps", "1", "--seeds", "0", "1", "--jobs", "1",
+            "--output", str(output), "--calibration-tokens", "512",
+            "--only", r"^(kn-gpt2\|recipe|distilgpt2\|keep 4|tucker-gpt2\|no embedding\|)"]
+    rows = quality.main(argv)
+    assert {r["key"] for r in rows} == {"kn-gpt2|recipe|weight-only|0", "kn-gpt2|recipe|data-aware|0",
+                                        "kn-gpt2|recipe|weight-only|1", "kn-gpt2|recipe|data-aware|1",
+                                        "distilgpt2|keep 4|-|0", "distilgpt2|keep 4|-|1",
+                                        "tucker-gpt2|no embedding|weight-only|0"}
+    for row in rows:
+        assert row["steps"] == 1 and row["teacher_params"] > row["params"]
+        assert row["zero_shot"] > 1 and row["distilled"] > 1 and row["protocol"]["tokens"] > 0
+    assert len({r["teacher"] for r in rows}) == 1  # one protocol, one validation text, whatever the seed
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["kn-gpt2|recipe|weight-only|0"]["zero_shot"] == by_key["kn-gpt2|recipe|weight-only|1"]["zero_shot"]
+
+    report = output.read_text()
+    assert "## At the kn-gpt2 budget" in report and "(2 seeds)" in report and "The claim **" in report
+    assert "block 64, stride 32" in report
+    assert output.with_suffix(".png").stat().st_size > 10_000
+    cached = output.with_name("quality.cells.jsonl").read_text().splitlines()
+    assert len(cached) == 7 and all(json.loads(line)["key"] for line in cached)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached cell ran again")
+
+    monkeypatch.setattr(quality, "run_cell", must_not_run)
+    again = quality.main(argv)
+    assert [r["distilled"] for r in again] == [r["distilled"] for r in rows]
+
+
+@pytest.mark.filterwarnings("ignore:compress. no calibration")
+def test_matmul_flops_count_every_weight_matrix(speed, tiny_model):
+    model = tiny_model("gpt2")
+    dense = speed.matmul_flops_per_token(model)
+    weights = sum(m.weight.numel() for name, m in model.named_modules() if type(m).__name__ in ("Conv1D", "Linear"))
+    assert dense == 2 * weights
+    kc.compress(model, kc.load_recipe("svd-gpt2"))
+    assert speed.matmul_flops_per_token(model) < dense
+
+
+def test_speed_benchmark_end_to_end(speed, tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    output = tmp_path / "speed.md"
+    sections = speed.main(["--model", str(folder), "--no-gpt2-small", "--rounds", "1", "--batch", "2", "--seq-len", "16",
+                           "--new-tokens", "4", "--forward-repeats", "1", "--devices", "cpu", "--output", str(output)])
+    (title, rows), = sections
+    assert [r["variant"] for r in rows] == ["original", *speed.DEMO_RECIPES]
+    assert all(r["forward"] > 0 and r["generate"] > 0 for r in rows)
+    assert all(r["params"] < rows[0]["params"] for r in rows[1:])
+    report = output.read_text()
+    assert report.count("| original |") == 1 and "forward speed-up" in report
+    assert output.with_suffix(".png").stat().st_size > 10_000
