@@ -168,6 +168,10 @@ def test_quality_benchmark_end_to_end_and_resumes(quality, tiny_folder, tmp_path
     monkeypatch.setattr(quality, "run_cell", must_not_run)
     again = quality.main(argv)
     assert [r["distilled"] for r in again] == [r["distilled"] for r in rows]
+    quality.main([*argv, "--report-only"])
+    assert "rewritten from the cached cells" in output.read_text()
+    with pytest.raises(SystemExit, match="not in .*quality.cells.jsonl"):
+        quality.main([*argv[:-1], r"^tt-gpt2\|recipe", "--report-only"])
 
 
 @pytest.mark.filterwarnings("ignore:compress. no calibration")
