@@ -256,6 +256,19 @@ def claim(main: list[dict]) -> str:
             f"kn-gpt2 is {abs(gap) * 100:.1f}% {'lower' if gap > 0 else 'higher'}. The claim {verdict}.")
 
 
+def best_at_budget(main: list[dict]) -> str:
+    """Which row of the main table ends lowest, and where layer dropping ranks."""
+    ranked = sorted(main, key=lambda r: r["distilled_mean"])
+    if not ranked:
+        return ""
+    best = ranked[0]
+    drop = [i for i, r in enumerate(ranked) if r["recipe"] == "distilgpt2"]
+    text = f"Lowest after distillation at this budget: {best['recipe']} ({best['init']}), {best['distilled_mean']:.2f}."
+    if drop:
+        text += f" Layer dropping ranks {drop[0] + 1} of {len(ranked)}."
+    return text
+
+
 def plot(path: Path, rows: list[dict], teacher: float, teacher_params: int) -> None:
     """Perplexity vs parameters (% of the teacher), zero-shot and after distillation: a colour per strategy,
     solid where the embedding is compressed too, dashed where it stays dense."""
@@ -334,7 +347,7 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         lines.append(f"| {name} | {row['init']} | "
                      f"{row['params']:,} | {100 * row['params'] / teacher_params:.1f} | {row['zero_shot']:.2f} | {after} | "
                      f"{spread} | {row['seconds'] / 60:.1f} |")
-    lines += ["", "## The paper's claim in miniature", "", claim(main), "",
+    lines += ["", "## The paper's claim in miniature", "", claim(main), "", best_at_budget(main), "",
               "## Perplexity vs parameters", "", f"![perplexity vs parameters]({Path(args.output).with_suffix('.png').name})", "",
               "| line | layout | parameters | % of teacher | zero-shot perplexity | perplexity after distillation |",
               "|---|---|---|---|---|---|"]

@@ -137,6 +137,12 @@ def test_claim_is_worded_from_the_numbers(quality, kron, drop, expected):
     assert text.endswith(expected) or expected in text
 
 
+def test_best_at_budget_ranks_layer_dropping(quality):
+    rows = [_row("kn-gpt2", [30.0]), _row("kn-gpt2-mlp", [20.0], init="data-aware"), _row("distilgpt2", [25.0])]
+    assert quality.best_at_budget(rows) == ("Lowest after distillation at this budget: kn-gpt2-mlp (data-aware), 20.00. "
+                                            "Layer dropping ranks 2 of 3.")
+
+
 def test_quality_benchmark_end_to_end_and_resumes(quality, tiny_folder, tmp_path, monkeypatch):
     folder, text = tiny_folder
     output = tmp_path / "quality.md"
