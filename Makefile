@@ -31,7 +31,7 @@ test: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet --site-dir .site
 
-# Long (about 1.5 h on 2 CPU cores; see benchmarks/README.md): speed first, while the machine is idle.
+# Long (about 4-5 h on 2 CPU cores, mostly the tensor-train cells; see docs/benchmarks.md): speed first, while the machine is idle.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py --output benchmarks/results/layers.md
 	$(BIN)/python benchmarks/bench_speed.py --output benchmarks/results/speed.md
