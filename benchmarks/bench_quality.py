@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -85,21 +86,26 @@ def evenly_spaced(num_layers: int, keep: int) -> list[int]:
     return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
 
 
+def main_keep(num_layers: int) -> int:
+    """Blocks layer dropping keeps at the main table's budget: 6 -> 4 (the kn-gpt2 budget on the demo), 12 -> 8."""
+    return max(1, num_layers - num_layers // 3)
+
+
 def cells(num_layers: int, seeds: list[int], curve: bool, repeat: str = REPEAT) -> list[Cell]:
     """The default grid: the main table (the cells matching `repeat` with every seed, the others with the
     first), then the extra budget points with the first seed."""
-    main_keep = max(1, num_layers - num_layers // 3)  # 6 -> 4 (the kn-gpt2 budget), 12 -> 8
+    keep_main = main_keep(num_layers)
     grid = []
     for seed in seeds:
         for recipe, init in MAIN:
-            layout = f"keep {main_keep}" if recipe == "distilgpt2" else "recipe"
+            layout = f"keep {keep_main}" if recipe == "distilgpt2" else "recipe"
             cell = Cell(recipe, layout, init, seed, main=True)
             if seed == seeds[0] or re.search(repeat, cell.key):
                 grid.append(cell)
     if curve:
         for recipe, init in CURVE_RECIPES:
             grid += [Cell(recipe, layout, init, seeds[0]) for layout in CURVE_LAYOUTS]
-        keeps = sorted({k for k in (num_layers - 1, num_layers - 3 * num_layers // 6, num_layers // 3) if 1 <= k < num_layers} - {main_keep})
+        keeps = sorted({k for k in (num_layers - 1, num_layers - num_layers // 2, num_layers // 3) if 1 <= k < num_layers} - {keep_main})
         grid += [Cell("distilgpt2", f"keep {k}", "-", seeds[0]) for k in keeps]
     return grid
 
@@ -170,10 +176,6 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def cached_rows(cache: Path) -> dict[str, dict[str, Any]]:
     """Every row in the cache file, by cell key (the last one wins)."""
     rows = {}
@@ -208,7 +210,7 @@ def run_all(grid: list[Cell], cache: Path, jobs: int, **kwargs) -> list[dict[str
             record(run_cell(cell, **kwargs))
     else:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             futures = [pool.submit(run_cell, cell, **kwargs) for cell in todo]
             for future in concurrent.futures.as_completed(futures):
                 record(future.result())
@@ -335,9 +337,8 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"activation-aware ALS (kronecker) or whitened SVD (svd) from {args.calibration_tokens:,} tokens of the training "
         "text. Layer dropping copies the kept blocks.",
         f"- Seeds: {', '.join(map(str, args.seeds))} for the main table (the seed drives data order and dropout; "
-        "decomposition and calibration are deterministic); the extra budget points use the first seed. "
-        "A run repeated with the same seed gives the same numbers.", "",
-        f"## At the kn-gpt2 budget", "",
+        "decomposition and calibration are deterministic); the extra budget points use the first seed.", "",
+        "## At the kn-gpt2 budget", "",
         "| recipe | init | parameters | % of teacher | zero-shot perplexity | perplexity after distillation | range over seeds | minutes per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -383,7 +384,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite the report from the cached cells, whatever sources made them")
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kroncompress as kc  # noqa: E402
-from bench_quality import Cell, cell_recipe, num_layers_of, write_atomic  # noqa: E402
+from bench_quality import Cell, cell_recipe, main_keep, num_layers_of, write_atomic  # noqa: E402
 from kroncompress.evaluate import generation_throughput, throughput  # noqa: E402
 from kroncompress.layers import FactorizedLinear, KroneckerTiedHead  # noqa: E402
 
@@ -53,8 +53,7 @@ def matmul_flops_per_token(model: nn.Module) -> int:
 
 def variant_recipe(recipe: str, num_layers: int) -> dict:
     """The bundled recipe as the quality benchmark runs it at the kn-gpt2 budget (distilgpt2 keeps 2/3 of the blocks)."""
-    keep = max(1, num_layers - num_layers // 3)
-    layout = f"keep {keep}" if recipe == "distilgpt2" else "recipe"
+    layout = f"keep {main_keep(num_layers)}" if recipe == "distilgpt2" else "recipe"
     return cell_recipe(Cell(recipe, layout, "weight-only", 0), num_layers)
 
 

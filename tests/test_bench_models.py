@@ -22,21 +22,23 @@ WORDS = "the king queen lord my thy good sir love night day hath doth come go sp
 
 
 @pytest.fixture(scope="module")
-def quality():
+def benchmarks():
+    """The two scripts as modules (bench_speed imports bench_quality from its own folder)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield importlib.import_module("bench_quality")
+        yield importlib.import_module("bench_quality"), importlib.import_module("bench_speed")
     finally:
         sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
-def speed(quality):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench_speed")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def quality(benchmarks):
+    return benchmarks[0]
+
+
+@pytest.fixture(scope="module")
+def speed(benchmarks):
+    return benchmarks[1]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def _row(recipe, runs, params=100, init="weight-only"):
 ])
 def test_claim_is_worded_from_the_numbers(quality, kron, drop, expected):
     text = quality.claim([_row("kn-gpt2", kron), _row("distilgpt2", drop)])
-    assert text.endswith(expected) or expected in text
+    assert expected in text
 
 
 def test_best_at_budget_ranks_layer_dropping(quality):
