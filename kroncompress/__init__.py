@@ -2,30 +2,40 @@
 
     import kroncompress as kc
     A, B = kc.nearest_kronecker(W, a_shape=(m1, n1), b_shape=(m2, n2))
+
+Every name below is imported on first use (PEP 562), so `import kroncompress` and `kroncompress --help`
+load neither torch nor transformers; `kc.X`, `from kroncompress import X` and `dir(kc)` work as usual.
 """
 
-from kroncompress.layers import (
-    CPLinear, FactorizedLinear, KroneckerEmbedding, KroneckerLinear, KroneckerTiedHead, LowRankLinear, TTLinear,
-    TuckerLinear,
-)
-from kroncompress.linalg import kron_matmul, kron_sum, kronecker_shapes, nearest_kronecker, truncated_svd
-from kroncompress.strategies import LayerPlan, Strategy, StrategyConfig, get_strategy, list_strategies, register_strategy
-from kroncompress.recipe import (
-    DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
-)
-from kroncompress.aliases import aliases_for
-from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan
-from kroncompress.calibration import CalibrationStats, calibrate, collect_statistics
-from kroncompress.io import export_dense, load_compressed, save_compressed, to_dense
-from kroncompress.evaluate import perplexity
-# kc.distill stays the subpackage (a function of that name would break `import kroncompress.distill.data`):
-# the engine is kc.distill.distill, the whole compress run kc.run_pipeline
-from kroncompress import distill
-from kroncompress.distill import DistillResult
-from kroncompress.pipeline import run_pipeline
-from kroncompress.models import load_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module it lives in
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("CPLinear", "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead",
+                     "LowRankLinear", "TTLinear", "TuckerLinear"), "kroncompress.layers"),
+    **dict.fromkeys(("kron_matmul", "kron_sum", "kronecker_shapes", "nearest_kronecker", "truncated_svd"),
+                    "kroncompress.linalg"),
+    **dict.fromkeys(("LayerPlan", "Strategy", "StrategyConfig", "get_strategy", "list_strategies",
+                     "register_strategy"), "kroncompress.strategies"),
+    **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes",
+                     "load_recipe", "match_pattern"), "kroncompress.recipe"),
+    "aliases_for": "kroncompress.aliases",
+    **dict.fromkeys(("CompressionPlan", "CompressionReport", "compress", "plan"), "kroncompress.surgery"),
+    **dict.fromkeys(("CalibrationStats", "calibrate", "collect_statistics"), "kroncompress.calibration"),
+    **dict.fromkeys(("export_dense", "load_compressed", "save_compressed", "to_dense"), "kroncompress.io"),
+    "perplexity": "kroncompress.evaluate",
+    "DistillResult": "kroncompress.distill",
+    "run_pipeline": "kroncompress.pipeline",
+    "load_model": "kroncompress.models",
+}
+# kc.distill stays the subpackage (a function of that name would break `import kroncompress.distill.data`):
+# the engine is kc.distill.distill, the whole compress run kc.run_pipeline
+_SUBPACKAGES = ("distill",)
 
 __all__ = [
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
@@ -41,3 +51,41 @@ __all__ = [
     "CalibrationStats", "calibrate", "collect_statistics",
     "load_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; never run
+    from kroncompress import distill
+    from kroncompress.aliases import aliases_for
+    from kroncompress.calibration import CalibrationStats, calibrate, collect_statistics
+    from kroncompress.distill import DistillResult
+    from kroncompress.evaluate import perplexity
+    from kroncompress.io import export_dense, load_compressed, save_compressed, to_dense
+    from kroncompress.layers import (
+        CPLinear, FactorizedLinear, KroneckerEmbedding, KroneckerLinear, KroneckerTiedHead, LowRankLinear, TTLinear,
+        TuckerLinear,
+    )
+    from kroncompress.linalg import kron_matmul, kron_sum, kronecker_shapes, nearest_kronecker, truncated_svd
+    from kroncompress.models import load_model
+    from kroncompress.pipeline import run_pipeline
+    from kroncompress.recipe import (
+        DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
+    )
+    from kroncompress.strategies import (
+        LayerPlan, Strategy, StrategyConfig, get_strategy, list_strategies, register_strategy,
+    )
+    from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan

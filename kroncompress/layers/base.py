@@ -8,18 +8,21 @@ transposed once at decomposition time and forward semantics are identical for bo
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 LAYOUTS = ("linear", "conv1d")
 
 
 def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
     """(W in out x in orientation, layout) of an nn.Linear or a GPT-2 Conv1D."""
-    if isinstance(module, Conv1D):
+    # transformers is imported lazily (`import kroncompress.layers` needs torch only); a Conv1D exists only once
+    # transformers.pytorch_utils has been imported
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    if pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D):
         return module.weight.T, "conv1d"
     if isinstance(module, nn.Linear):
         return module.weight, "linear"
@@ -30,6 +33,8 @@ def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> 
     """The plain module (nn.Linear or Conv1D) holding the (out x in) `weight`."""
     out_features, in_features = weight.shape
     if layout == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
         dense = Conv1D(out_features, in_features)
         dense.weight = nn.Parameter(weight.T.contiguous().detach().clone())
         dense.bias = nn.Parameter(
