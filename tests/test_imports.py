@@ -42,8 +42,8 @@ def test_light_entry_points_load_no_torch_or_transformers(code):
     assert _loaded_after(code) == []
 
 
-def test_layers_need_torch_but_not_transformers():
-    assert _loaded_after("import kroncompress.layers, kroncompress.linalg") == ["torch"]
+def test_layers_and_the_distill_package_need_torch_but_not_transformers():
+    assert _loaded_after("import kroncompress.layers, kroncompress.linalg, kroncompress.distill") == ["torch"]
 
 
 def test_every_public_name_resolves():

@@ -258,3 +258,37 @@ def test_progress_display_shows_steps_and_terms(pair, tmp_path, monkeypatch, cap
     distill(copy.deepcopy(student), teacher, config(max_steps=2), blocks(8), output_dir=tmp_path / "b", progress=False)
     shown = capsys.readouterr()
     assert "hidden_mse" not in shown.out + shown.err
+
+
+# -- the transformers adapter --------------------------------------------------------------------------
+
+def test_installed_transformers_is_in_the_supported_range():
+    import tomllib
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirement = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "transformers")
+    assert any(spec.operator in ("<", "<=", "~=", "==") for spec in requirement.specifier), \
+        f"state the supported transformers range with an upper bound, not {requirement}"
+    assert requirement.specifier.contains(transformers.__version__, prereleases=True), \
+        f"transformers {transformers.__version__} is outside the supported range {requirement.specifier}"
+
+
+def test_the_trainer_adapter_overrides_only_listed_private_methods_that_still_exist():
+    import inspect
+
+    from transformers import Trainer
+
+    from kroncompress.distill.hf_trainer import PRIVATE_OVERRIDES, DistillTrainer
+
+    overridden = {name for name in vars(DistillTrainer)
+                  if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)}
+    assert overridden == set(PRIVATE_OVERRIDES), "list every private Trainer override in PRIVATE_OVERRIDES, with why"
+    for name in PRIVATE_OVERRIDES:
+        ours, theirs = (inspect.signature(getattr(cls, name)).parameters.values() for cls in (DistillTrainer, Trainer))
+        assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs], name
+    for hook in ("compute_loss", "log", "evaluation_loop", "loss_is_scaled_for_ga"):  # the public hooks used
+        assert hasattr(Trainer, hook), hook

@@ -65,102 +65,7 @@ def as_dataset(data: Any) -> torch.utils.data.Dataset | None:
     return BlockDataset(torch.as_tensor(data, dtype=torch.long))
 
 
-# -- the trainer ---------------------------------------------------------------------------------------
-
-def _trainer_class():
-    from transformers import Trainer
-
-    class DistillTrainer(Trainer):
-        """A Trainer computing the distillation loss against a frozen teacher.
-
-        In training mode the loss is `loss_fn`'s weighted sum and every term is accumulated and logged as
-        `loss_<term>`; in evaluation it is the student's plain LM loss, so `eval_loss` gives the validation
-        perplexity (`eval_perplexity`, non-overlapping blocks).
-        """
-
-        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
-
-        def __init__(self, *args, teacher: nn.Module | None, loss_fn: DistillationLoss, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.model_accepts_loss_kwargs = False
-            self.loss_fn = loss_fn
-            self.teacher = teacher
-            if teacher is not None:
-                teacher.to(self.args.device)
-            self._term_sums: dict[str, torch.Tensor] = {}
-            self._term_count = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            input_ids, labels = inputs["input_ids"], inputs.get("labels")
-            attention_mask = inputs.get("attention_mask")
-            if not model.training:  # evaluation: the student's own LM loss
-                outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-                return (outputs.loss, outputs) if return_outputs else outputs.loss
-            extra = self.loss_fn.model_kwargs()
-            wants_ce = "ce" in self.loss_fn.enabled
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels if wants_ce else None, **extra)
-            teacher_outputs = None
-            if self.loss_fn.needs_teacher:
-                with torch.no_grad(), self.accelerator.autocast():
-                    teacher_outputs = self.teacher(input_ids=input_ids, attention_mask=attention_mask, **extra)
-            total, terms = self.loss_fn(outputs, teacher_outputs, labels, attention_mask)
-            self._check_finite(terms)
-            for name, value in terms.items():
-                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach()
-            self._term_count += 1
-            return (total, outputs) if return_outputs else total
-
-        def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
-            values = torch.stack([v.detach().float() for v in terms.values()])
-            if bool(torch.isfinite(values).all()):
-                return
-            step = self.state.global_step + 1
-            bad = ", ".join(f"{name}={float(v):g}" for name, v in zip(terms, values.tolist()) if not math.isfinite(v))
-            last = last_checkpoint(self.args.output_dir)
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} of {self.state.max_steps}: loss term {bad}; training stopped and {kept}. "
-                "Lower the learning rate, check the data, or turn on gradient clipping (train.max_grad_norm), "
-                "then resume from the checkpoint (resume=True / --resume)")
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._term_count:
-                names = list(self._term_sums)
-                means = torch.stack([torch.as_tensor(self._term_sums[n], device=self.args.device, dtype=torch.float32)
-                                     for n in names]) / self._term_count
-                means = self.accelerator.reduce(means, reduction="mean")
-                for name, value in zip(names, means.tolist()):
-                    logs[f"loss_{name}"] = round(value, 6)
-                self._term_sums, self._term_count = {}, 0
-            super().log(logs, start_time)
-
-        def evaluation_loop(self, *args, **kwargs):
-            output = super().evaluation_loop(*args, **kwargs)
-            for key, loss in list(output.metrics.items()):  # "<prefix>_loss" -> "<prefix>_perplexity"
-                if key.endswith("_loss") and isinstance(loss, float):
-                    output.metrics[key[: -len("loss")] + "perplexity"] = math.exp(min(loss, 700.0))
-            return output
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            # Not save_pretrained: compressed students hold modules transformers does not know (a tied head
-            # sharing the embedding's Kronecker factors, shared parameters); kroncompress.io's de-duplicated
-            # state dict is what safetensors accepts. The Trainer's resume path reads it back with
-            # load_state_dict, which matches these keys.
-            from safetensors.torch import save_file
-
-            from kroncompress.io import _unique_state
-
-            output_dir = output_dir or self.args.output_dir
-            if not self.args.should_save:
-                return
-            os.makedirs(output_dir, exist_ok=True)
-            model = self.accelerator.unwrap_model(self.model)
-            save_file(_unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-            if hasattr(model, "config"):
-                model.config.save_pretrained(output_dir)
-
-    return DistillTrainer
-
+# -- checkpoints ---------------------------------------------------------------------------------------
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-<step>` folder in `output_dir` that has weights and trainer state, or None."""
@@ -176,60 +81,6 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 # -- progress -----------------------------------------------------------------------------------------
-
-def _progress_callback():
-    from transformers import TrainerCallback
-
-    class RichProgress(TrainerCallback):
-        """A rich progress bar on the main process: step, each loss term, tokens/s and ETA."""
-
-        def __init__(self):
-            self.progress = None
-            self.task = None
-            self.terms = ""
-            self.start = None
-            self.start_tokens = 0
-            self.start_step = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("distill"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
-                                     TextColumn("{task.fields[terms]}"), console=Console(stderr=True), transient=False)
-            self.progress.start()
-            self.task = self.progress.add_task("distill", total=state.max_steps, completed=state.global_step,
-                                               rate="", terms="")
-            self.start, self.start_tokens, self.start_step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.progress is None:
-                return
-            elapsed = max(time.perf_counter() - self.start, 1e-9)
-            tokens = state.num_input_tokens_seen - self.start_tokens
-            rate = f"{tokens / elapsed:,.0f} tok/s" if tokens else f"{(state.global_step - self.start_step) / elapsed:.2f} it/s"
-            self.progress.update(self.task, completed=state.global_step, rate=rate, terms=self.terms)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.progress is None or not logs:
-                return
-            parts = [f"{k[5:]} {v:.4g}" for k, v in logs.items() if k.startswith("loss_")]
-            if "eval_perplexity" in logs:
-                parts.append(f"val ppl {logs['eval_perplexity']:.4g}")
-            if parts:
-                self.terms = " | ".join(parts)
-                self.progress.update(self.task, terms=self.terms)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.stop()
-                self.progress = None
-
-    return RichProgress()
-
 
 def _show_progress(progress: bool | None) -> bool:
     if progress is False:
@@ -318,6 +169,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     """
     from transformers.trainer_callback import PrinterCallback
 
+    from kroncompress.distill.hf_trainer import DistillTrainer, RichProgress
+
     start = time.perf_counter()
     loss_fn = DistillationLoss(config.losses, causal=_is_causal(student))
     if loss_fn.needs_teacher:
@@ -346,17 +199,17 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
     args = training_arguments(config, output_dir, max_steps=max_steps, has_eval=has_eval,
                               log_every=log_every, eval_on_start=checkpoint is None)
-    trainer = _trainer_class()(model=student, args=args, train_dataset=train_dataset,
+    trainer = DistillTrainer(model=student, args=args, train_dataset=train_dataset,
                                eval_dataset=eval_dataset if has_eval else None, teacher=teacher, loss_fn=loss_fn,
                                callbacks=list(callbacks or []))
     trainer.remove_callback(PrinterCallback)
     if _show_progress(progress):
-        trainer.add_callback(_progress_callback())
+        trainer.add_callback(RichProgress())
     if checkpoint and _finished(checkpoint, args.max_steps):
         # the Trainer would run one step past the end; a finished run only reloads its final weights
         from transformers import TrainerState
 
-        trainer._load_from_checkpoint(checkpoint)
+        load_checkpoint_weights(student, checkpoint)
         trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -367,6 +220,22 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def load_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load a checkpoint's model.safetensors into `model` (written de-duplicated: a shared tensor is stored
+    under one of its names and loading it fills every alias)."""
+    from safetensors.torch import load_file
+
+    from kroncompress.io import _unique_state
+
+    state = load_file(os.path.join(checkpoint, "model.safetensors"), device="cpu")
+    expected = set(_unique_state(model))
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)
+        raise ValueError(f"{checkpoint}: its weights do not match the model ({len(odd)} tensor names differ, e.g. "
+                         f"{odd[0]!r}); it was written by a run with another model or recipe")
+    model.load_state_dict(state, strict=False)
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:

@@ -1,0 +1,168 @@
+"""The adapter between the distillation engine and transformers' `Trainer`: everything that touches the
+Trainer's API lives here, so a transformers upgrade is checked in one place.
+
+    trainer = DistillTrainer(model=student, args=args, train_dataset=..., teacher=teacher, loss_fn=loss_fn)
+
+The public hooks it overrides (`compute_loss`, `log`, `evaluation_loop`) and class attributes it sets
+(`loss_is_scaled_for_ga`, `model_accepts_loss_kwargs`) are documented extension points. One private
+method is overridden because no public hook does its job; `PRIVATE_OVERRIDES` lists it with the reason,
+and tests/test_trainer.py fails when the installed transformers no longer has it with the same
+signature (the supported range is `transformers` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from kroncompress.distill.losses import DistillationLoss
+from kroncompress.distill.trainer import NonFiniteLossError, last_checkpoint
+
+# name -> why no public hook can replace it
+PRIVATE_OVERRIDES: dict[str, str] = {
+    "_save": "the Trainer writes weights with save_pretrained, which refuses a compressed student (shared "
+             "Kronecker factors, modules transformers does not know); save_model's other branches (FSDP, "
+             "DeepSpeed, SageMaker) all end in _save, so it is the one place every checkpoint's weights pass",
+}
+
+
+class DistillTrainer(Trainer):
+    """A Trainer computing the distillation loss against a frozen teacher.
+
+    In training mode the loss is `loss_fn`'s weighted sum and every term is accumulated and logged as
+    `loss_<term>`; in evaluation it is the student's plain LM loss, so `eval_loss` gives the validation
+    perplexity (`eval_perplexity`, non-overlapping blocks).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
+
+    def __init__(self, *args, teacher: nn.Module | None, loss_fn: DistillationLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.loss_fn = loss_fn
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.to(self.args.device)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids, labels = inputs["input_ids"], inputs.get("labels")
+        attention_mask = inputs.get("attention_mask")
+        if not model.training:  # evaluation: the student's own LM loss
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        extra = self.loss_fn.model_kwargs()
+        wants_ce = "ce" in self.loss_fn.enabled
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels if wants_ce else None, **extra)
+        teacher_outputs = None
+        if self.loss_fn.needs_teacher:
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_outputs = self.teacher(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        total, terms = self.loss_fn(outputs, teacher_outputs, labels, attention_mask)
+        self._check_finite(terms)
+        for name, value in terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach()
+        self._term_count += 1
+        return (total, outputs) if return_outputs else total
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        step = self.state.global_step + 1
+        bad = ", ".join(f"{name}={float(v):g}" for name, v in zip(terms, values.tolist()) if not math.isfinite(v))
+        last = last_checkpoint(self.args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} of {self.state.max_steps}: loss term {bad}; training stopped and {kept}. "
+            "Lower the learning rate, check the data, or turn on gradient clipping (train.max_grad_norm), "
+            "then resume from the checkpoint (resume=True / --resume)")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_count:
+            names = list(self._term_sums)
+            means = torch.stack([torch.as_tensor(self._term_sums[n], device=self.args.device, dtype=torch.float32)
+                                 for n in names]) / self._term_count
+            means = self.accelerator.reduce(means, reduction="mean")
+            for name, value in zip(names, means.tolist()):
+                logs[f"loss_{name}"] = round(value, 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        for key, loss in list(output.metrics.items()):  # "<prefix>_loss" -> "<prefix>_perplexity"
+            if key.endswith("_loss") and isinstance(loss, float):
+                output.metrics[key[: -len("loss")] + "perplexity"] = math.exp(min(loss, 700.0))
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # See PRIVATE_OVERRIDES. kroncompress.io's de-duplicated state dict is what safetensors accepts; the
+        # Trainer's resume path reads it back with a non-strict load_state_dict, which matches these keys.
+        from safetensors.torch import save_file
+
+        from kroncompress.io import _unique_state
+
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        save_file(_unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(model, "config"):
+            model.config.save_pretrained(output_dir)
+
+
+class RichProgress(TrainerCallback):
+    """A rich progress bar on the main process: step, each loss term, tokens/s and ETA."""
+
+    def __init__(self):
+        self.progress = None
+        self.task = None
+        self.terms = ""
+        self.start = None
+        self.start_tokens = 0
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("distill"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
+                                 TextColumn("{task.fields[terms]}"), console=Console(stderr=True), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("distill", total=state.max_steps, completed=state.global_step,
+                                           rate="", terms="")
+        self.start, self.start_tokens, self.start_step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is None:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        rate = f"{tokens / elapsed:,.0f} tok/s" if tokens else f"{(state.global_step - self.start_step) / elapsed:.2f} it/s"
+        self.progress.update(self.task, completed=state.global_step, rate=rate, terms=self.terms)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        parts = [f"{k[5:]} {v:.4g}" for k, v in logs.items() if k.startswith("loss_")]
+        if "eval_perplexity" in logs:
+            parts.append(f"val ppl {logs['eval_perplexity']:.4g}")
+        if parts:
+            self.terms = " | ".join(parts)
+            self.progress.update(self.task, terms=self.terms)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
