@@ -372,6 +372,7 @@ def _eval_every(config, train_blocks: int) -> int:
 
 def _distill(model, teacher, config, evaluator: _Evaluator, target: Path, *, resume: bool, overwrite: bool,
              progress: bool | None, main: bool) -> dict[str, Any]:
+    from kroncompress.distill.checkpoints import fingerprint
     from kroncompress.distill.trainer import distill
     from kroncompress.evaluate import perplexity
 
@@ -382,8 +383,9 @@ def _distill(model, teacher, config, evaluator: _Evaluator, target: Path, *, res
     checkpoints = target / CHECKPOINTS
     if main and overwrite and not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)
+    recipe = evaluator.recipe  # resume checks it is the same recipe (and the engine the rest of the settings)
     result = distill(model, teacher, config, train, validation, output_dir=checkpoints, resume=resume,
-                     progress=progress)
+                     progress=progress, run_settings={"recipe": f"{recipe.name} ({fingerprint(recipe.to_dict())})"})
     summary = result.to_dict()
     summary["block_size"] = int(train.shape[1])
     summary["train_blocks"], summary["validation_blocks"] = int(train.shape[0]), int(validation.shape[0])

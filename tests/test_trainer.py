@@ -292,3 +292,134 @@ def test_the_trainer_adapter_overrides_only_listed_private_methods_that_still_ex
         assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs], name
     for hook in ("compute_loss", "log", "evaluation_loop", "loss_is_scaled_for_ga"):  # the public hooks used
         assert hasattr(Trainer, hook), hook
+
+
+# -- resume: the same run, an intact checkpoint, sound weights ----------------------------------------
+
+def _interrupted(pair, tmp_path, **train):
+    """A run of `config(**train)` stopped after step 2 (checkpoint-2 written); returns its initial student."""
+    student, teacher = pair
+    initial = copy.deepcopy(student)
+    distill(student, teacher, config(**{"max_steps": 4, "save_every": 2, **train}), blocks(), output_dir=tmp_path,
+            progress=False, callbacks=[StopAt(2)], run_settings={"recipe": "kn-gpt2 (abc)"})
+    assert last_checkpoint(tmp_path).endswith("checkpoint-2")
+    return initial, teacher
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(max_steps=6), "max_steps 4 then, 6 now"),
+    (dict(data=blocks(seed=1)), "train_data"),
+    (dict(lr=1e-3), "train.lr 0.003 then, 0.001 now"),
+    (dict(batch_size=2), "train.batch_size 4 then, 2 now"),
+    (dict(run_settings={"recipe": "kn-gpt2-mlp (def)"}), 'recipe "kn-gpt2 (abc)" then, "kn-gpt2-mlp (def)" now'),
+])
+def test_resume_refuses_changed_settings_naming_both_values(change, named, pair, tmp_path):
+    initial, teacher = _interrupted(pair, tmp_path)
+    change = dict(change)
+    data = change.pop("data", blocks())
+    extra = change.pop("run_settings", {"recipe": "kn-gpt2 (abc)"})
+    with pytest.raises(kc.distill.ResumeError) as info:
+        distill(copy.deepcopy(initial), teacher, config(**{"max_steps": 4, "save_every": 2, **change}), data,
+                output_dir=tmp_path, progress=False, resume=True, run_settings=extra)
+    message = str(info.value)
+    assert named in message and "checkpoint-2" in message and "\n" not in message
+    assert "re-run with the same values" in message and "--overwrite" in message
+    # nothing was trained or rewritten: the same settings still resume
+    result = distill(copy.deepcopy(initial), teacher, config(max_steps=4, save_every=2), blocks(), output_dir=tmp_path,
+                     progress=False, resume=True, run_settings={"recipe": "kn-gpt2 (abc)"})
+    assert result.steps == 4 and result.resumed_from.endswith("checkpoint-2")
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["settings-recorded", "older-run-without-record"])
+def test_resume_with_a_student_of_another_recipe_is_one_clear_error(recorded, pair, tmp_path, tiny_model):
+    _, teacher = _interrupted(pair, tmp_path)
+    if not recorded:
+        (tmp_path / "run_settings.json").unlink()
+    other = tiny_model("gpt2", **NO_DROPOUT)
+    kc.compress(other, kc.load_recipe("svd-gpt2"))
+    with pytest.raises(kc.distill.ResumeError, match="another model or recipe|student") as info:
+        distill(other, teacher, config(max_steps=4, save_every=2), blocks(), output_dir=tmp_path, progress=False,
+                resume=True, run_settings={"recipe": "kn-gpt2 (abc)"})
+    assert "\n" not in str(info.value) and "--overwrite" in str(info.value)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: _truncate(folder / "model.safetensors"),
+    lambda folder: (folder / "trainer_state.json").unlink(),
+    lambda folder: _truncate(folder / "optimizer.pt"),
+    lambda folder: (folder / "model.safetensors").write_bytes(b"\x00" * 64),
+], ids=["truncated-weights", "no-trainer-state", "truncated-optimizer", "garbage-weights"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, pair, tmp_path):
+    student, teacher = pair
+    initial = copy.deepcopy(student)
+    settings = config(max_steps=6, save_every=3)
+    distill(student, teacher, settings, blocks(), output_dir=tmp_path, progress=False)  # checkpoints 3 and 6
+    damage(tmp_path / "checkpoint-6")
+    assert last_checkpoint(tmp_path).endswith("checkpoint-3")
+    resumed = copy.deepcopy(initial)
+    with pytest.warns(UserWarning, match="checkpoint-6 .* is damaged .*resuming from checkpoint-3"):
+        result = distill(resumed, teacher, settings, blocks(), output_dir=tmp_path, progress=False, resume=True)
+    assert result.steps == 6 and result.resumed_from.endswith("checkpoint-3")
+    for (name, a), b in zip(student.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # as the uninterrupted run ended
+
+
+def test_no_intact_checkpoint_is_one_clear_error(pair, tmp_path):
+    student, teacher = pair
+    distill(copy.deepcopy(student), teacher, config(max_steps=4, save_every=2), blocks(), output_dir=tmp_path,
+            progress=False)
+    _truncate(tmp_path / "checkpoint-4" / "model.safetensors")
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    with pytest.raises(kc.distill.ResumeError) as info:
+        distill(student, teacher, config(max_steps=4, save_every=2), blocks(), output_dir=tmp_path, progress=False,
+                resume=True)
+    message = str(info.value)
+    assert "no intact checkpoint" in message and "checkpoint-4: model.safetensors is truncated" in message
+    assert "checkpoint-2: trainer_state.json is missing" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_non_finite_source_weights_are_refused_before_training(role, pair, tmp_path):
+    student, teacher = pair
+    target = student if role == "student" else teacher
+    with torch.no_grad():
+        target.get_parameter("transformer.h.1.ln_2.weight")[3] = float("nan")
+    with pytest.raises(kc.distill.NonFiniteWeightsError) as info:
+        distill(student, teacher, config(max_steps=2), blocks(), output_dir=tmp_path, progress=False)
+    message = str(info.value)
+    assert f"the {role}'s parameter transformer.h.1.ln_2.weight holds 1 NaN/inf" in message
+    assert "source weights are broken" in message and "Lower the learning rate" not in message
+    assert isinstance(info.value, ValueError) and not any(tmp_path.iterdir())  # before any work
+
+
+def test_cli_resume_with_another_max_steps_exits_2_naming_it(tiny_gpt2_folder, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import kroncompress.pipeline as pipeline
+    from kroncompress.cli.main import cli
+
+    folder, text = tiny_gpt2_folder
+    output = tmp_path / "run"
+    args = ["compress", str(folder), "--recipe", "kn-gpt2", "--output", str(output), "--data", str(text)]
+
+    def killed(*_, **__):  # a run killed after distillation, before the final save
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("KRONCOMPRESS_CACHE", str(tmp_path / "cache"))
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "_save", killed)
+        CliRunner().invoke(cli, [*args, "--max-steps", "2"])
+    assert last_checkpoint(output / "checkpoints").endswith("checkpoint-2")
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[::-1])
+    for extra, named in ((["--max-steps", "3"], "max_steps 2 then, 3 now"),
+                         (["--max-steps", "2", "--recipe", "kn-gpt2-mlp"], "recipe"),
+                         (["--max-steps", "2", "--data", str(other)], "data.files")):
+        result = CliRunner().invoke(cli, [*args, *extra, "--resume"])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert lines[-1].startswith("error: cannot resume") and named in lines[-1], result.output

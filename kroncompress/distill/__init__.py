@@ -6,11 +6,13 @@ from kroncompress.distill.data import (
     split_blocks, text_spec, token_stream,
 )
 from kroncompress.distill.losses import DistillationLoss
-from kroncompress.distill.trainer import DistillResult, NonFiniteLossError, distill, last_checkpoint
+from kroncompress.distill.checkpoints import ResumeError, last_checkpoint
+from kroncompress.distill.trainer import DistillResult, NonFiniteLossError, NonFiniteWeightsError, distill
 
 __all__ = [
     "BlockDataset", "Corpus", "TextSpec", "build_datasets", "corpus_documents", "default_cache_dir", "get_corpus",
     "list_corpora", "load_text", "pack_blocks", "parse_data_arg", "register_corpus", "split_blocks", "text_spec",
     "token_stream",
-    "DistillationLoss", "DistillResult", "NonFiniteLossError", "distill", "last_checkpoint",
+    "DistillationLoss", "DistillResult", "NonFiniteLossError", "NonFiniteWeightsError", "ResumeError", "distill",
+    "last_checkpoint",
 ]

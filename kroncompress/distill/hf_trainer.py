@@ -21,7 +21,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from kroncompress.distill.losses import DistillationLoss
-from kroncompress.distill.trainer import NonFiniteLossError, last_checkpoint
+from kroncompress.distill.checkpoints import last_checkpoint
+from kroncompress.distill.trainer import NonFiniteLossError
 
 # name -> why no public hook can replace it
 PRIVATE_OVERRIDES: dict[str, str] = {

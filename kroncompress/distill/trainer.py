@@ -11,7 +11,6 @@ optimizer/scheduler/RNG state, and DDP / FSDP / DeepSpeed under `accelerate laun
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -22,6 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kroncompress.distill.checkpoints import (
+    last_checkpoint, load_checkpoint_weights, record_settings, resume_point, run_settings as describe_run,
+    verify_settings,
+)
 from kroncompress.distill.data import BlockDataset
 from kroncompress.distill.losses import (
     LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
@@ -29,7 +32,6 @@ from kroncompress.distill.losses import (
 )
 from kroncompress.recipe import DistillConfig
 
-CHECKPOINT_PREFIX = "checkpoint-"
 RESULT_NAME = "distill_result.json"
 DEFAULT_SAVE_EVERY = 500
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -37,6 +39,10 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_wit
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """The student or teacher holds NaN/inf weights before the first step: its source weights are broken."""
 
 
 @dataclass
@@ -63,21 +69,6 @@ def as_dataset(data: Any) -> torch.utils.data.Dataset | None:
     if data is None or isinstance(data, torch.utils.data.Dataset):
         return data
     return BlockDataset(torch.as_tensor(data, dtype=torch.long))
-
-
-# -- checkpoints ---------------------------------------------------------------------------------------
-
-def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-<step>` folder in `output_dir` that has weights and trainer state, or None."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
-            found.append((int(suffix), path))
-    return str(max(found)[1]) if found else None
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -153,19 +144,25 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
 def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig, train_data: Any,
             eval_data: Any = None, output_dir: str | os.PathLike = "distill-checkpoints", *,
             max_steps: int | None = None, resume: bool = False, progress: bool | None = True,
-            log_every: int = 10, callbacks: list | None = None) -> DistillResult:
+            log_every: int = 10, callbacks: list | None = None,
+            run_settings: dict[str, Any] | None = None) -> DistillResult:
     """Train `student` in place against the frozen `teacher` with `config`'s losses and settings.
 
     `train_data` / `eval_data`: a Dataset of {"input_ids", "labels"} dicts or an (N, block_size) tensor of
     token ids. `output_dir` receives the checkpoints (`checkpoint-<step>`: weights, optimizer, scheduler,
     RNG and trainer state, every `train.save_every` steps (default 500) and at the end) and
     distill_result.json; only the main process writes. `max_steps` overrides `train.max_steps`.
-    `resume=True` continues from the newest checkpoint in `output_dir` (a fresh start if there is none)
-    and ends where an uninterrupted run would. With `eval_data` and `train.eval_every`, the validation
-    perplexity is measured before training, every `eval_every` steps and at the end.
+    `resume=True` continues from the newest intact checkpoint in `output_dir` (a fresh start if there is
+    none; a damaged newer one is skipped with a warning) and ends where an uninterrupted run would. A fresh
+    run records its settings (the config, step budget, student layout, data hash and `run_settings`, e.g.
+    the recipe's fingerprint) in `output_dir`/run_settings.json; a resumed one must match them. With
+    `eval_data` and `train.eval_every`, the validation perplexity is measured before training, every
+    `eval_every` steps and at the end.
 
-    Raises NonFiniteLossError naming the step and loss term when a term turns NaN/inf; ValueError for a
-    teacher with another vocabulary, a bad layer_map, or existing checkpoints without resume=True.
+    Raises NonFiniteWeightsError (a ValueError) naming the first NaN/inf tensor of the student or teacher
+    before training; NonFiniteLossError naming the step and loss term when a term turns NaN/inf;
+    ResumeError (a ValueError) naming each changed setting, or when no checkpoint is intact; ValueError for
+    a teacher with another vocabulary, a bad layer_map, or existing checkpoints without resume=True.
     """
     from transformers.trainer_callback import PrinterCallback
 
@@ -188,8 +185,11 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     else:
         teacher = None
 
+    check_finite_weights(student, "student")
+    if teacher is not None:
+        check_finite_weights(teacher, "teacher")
     output_dir = Path(output_dir)
-    checkpoint = last_checkpoint(output_dir)
+    checkpoint = resume_point(output_dir) if resume else last_checkpoint(output_dir)
     if checkpoint and not resume:
         raise ValueError(f"{output_dir} already holds checkpoints (newest: {Path(checkpoint).name}); pass resume=True "
                          "(CLI: --resume) to continue that run, or use an empty output folder")
@@ -199,9 +199,14 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
     args = training_arguments(config, output_dir, max_steps=max_steps, has_eval=has_eval,
                               log_every=log_every, eval_on_start=checkpoint is None)
+    settings = describe_run(config, args.max_steps, student, train_dataset, eval_dataset, run_settings)
+    if checkpoint:
+        verify_settings(output_dir, settings, checkpoint, student)
     trainer = DistillTrainer(model=student, args=args, train_dataset=train_dataset,
-                               eval_dataset=eval_dataset if has_eval else None, teacher=teacher, loss_fn=loss_fn,
-                               callbacks=list(callbacks or []))
+                             eval_dataset=eval_dataset if has_eval else None, teacher=teacher, loss_fn=loss_fn,
+                             callbacks=list(callbacks or []))
+    if checkpoint is None and trainer.args.should_save:
+        record_settings(output_dir, settings)
     trainer.remove_callback(PrinterCallback)
     if _show_progress(progress):
         trainer.add_callback(RichProgress())
@@ -222,20 +227,16 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     return result
 
 
-def load_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """Load a checkpoint's model.safetensors into `model` (written de-duplicated: a shared tensor is stored
-    under one of its names and loading it fills every alias)."""
-    from safetensors.torch import load_file
-
-    from kroncompress.io import _unique_state
-
-    state = load_file(os.path.join(checkpoint, "model.safetensors"), device="cpu")
-    expected = set(_unique_state(model))
-    if set(state) != expected:
-        odd = sorted(set(state) ^ expected)
-        raise ValueError(f"{checkpoint}: its weights do not match the model ({len(odd)} tensor names differ, e.g. "
-                         f"{odd[0]!r}); it was written by a run with another model or recipe")
-    model.load_state_dict(state, strict=False)
+def check_finite_weights(model: nn.Module, role: str = "model") -> None:
+    """NonFiniteWeightsError naming the first parameter of `model` holding NaN or inf (checked before training:
+    no training setting can repair weights that are already broken)."""
+    for name, param in model.named_parameters():
+        bad = int((~torch.isfinite(param.detach())).sum()) if param.is_floating_point() else 0
+        if bad:
+            fix = ("the model files or their compression" if role == "student" else "the teacher's model files")
+            raise NonFiniteWeightsError(
+                f"the {role}'s parameter {name} holds {bad:,} NaN/inf value(s) of {param.numel():,} before training; "
+                f"its source weights are broken ({fix}): reload or re-download them; lowering the learning rate will not help")
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:
