@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/kroncompress compress shakespeare-gpt2 --recipe kn-gpt2 --output runs/demo --overwrite --data shakespeare --max-steps 40
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 	$(MAKE) docs
 
