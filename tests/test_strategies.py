@@ -22,7 +22,13 @@ OPTIONS = {
 }
 OUT_FEATURES, IN_FEATURES, VOCAB, DIM = 32, 48, 64, 16
 DTYPES = [torch.float32, torch.float64]
-TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-9}
+
+
+def forward_tol(dtype: torch.dtype, n: int) -> float:
+    """Relative to the largest output: the factorized and the dense forward differ by rounding only, and a
+    length-n dot product in any order is within n eps of the sum of |x_i w_i|, a few times the largest
+    |y| for these Gaussian inputs (4x margin; seen: at most 0.11 n eps)."""
+    return 4 * n * torch.finfo(dtype).eps
 # layout -> (strategy kind, dense class to_dense() must return)
 LAYOUTS = {
     "linear": ("linear", nn.Linear),
@@ -92,8 +98,8 @@ def test_forward_equals_to_dense_forward(name, layout, dtype):
     assert weight_out_by_in(dense).shape == weight_out_by_in(module).shape
     y = new(x)
     assert y.shape == module(x).shape and y.dtype == dtype
-    tol = TOLERANCE[dtype]
-    assert torch.allclose(y, dense(x), atol=tol, rtol=tol)
+    n = DIM if layout == "embedding" else weight_out_by_in(module).shape[1]
+    assert (y - dense(x)).abs().max() <= forward_tol(dtype, n) * y.abs().max()
 
 
 @pytest.mark.parametrize("name,layout,dtype", grid())
