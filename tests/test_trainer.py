@@ -380,6 +380,8 @@ def test_no_intact_checkpoint_is_one_clear_error(pair, tmp_path):
     message = str(info.value)
     assert "no intact checkpoint" in message and "checkpoint-4: model.safetensors is truncated" in message
     assert "checkpoint-2: trainer_state.json is missing" in message and "\n" not in message
+    with pytest.raises(ValueError, match="already holds checkpoints .newest: checkpoint-4"):  # damaged ones count
+        distill(student, teacher, config(max_steps=4, save_every=2), blocks(), output_dir=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])

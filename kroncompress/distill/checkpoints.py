@@ -88,8 +88,12 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return entries
 
 
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every `checkpoint-<step>` folder in `output_dir`, intact or not, newest first."""
+    return _checkpoints(Path(output_dir))
+
+
 def _checkpoints(output_dir: Path) -> list[Path]:
-    """`checkpoint-<step>` folders in `output_dir`, newest first."""
     if not output_dir.is_dir():
         return []
     found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")

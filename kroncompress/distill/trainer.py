@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kroncompress.distill.checkpoints import last_checkpoint  # noqa: F401  (public here before checkpoints.py)
 from kroncompress.distill.checkpoints import (
-    last_checkpoint, load_checkpoint_weights, record_settings, resume_point, run_settings as describe_run,
+    checkpoint_folders, load_checkpoint_weights, record_settings, resume_point, run_settings as describe_run,
     verify_settings,
 )
 from kroncompress.distill.data import BlockDataset
@@ -189,10 +190,11 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     if teacher is not None:
         check_finite_weights(teacher, "teacher")
     output_dir = Path(output_dir)
-    checkpoint = resume_point(output_dir) if resume else last_checkpoint(output_dir)
-    if checkpoint and not resume:
-        raise ValueError(f"{output_dir} already holds checkpoints (newest: {Path(checkpoint).name}); pass resume=True "
+    existing = checkpoint_folders(output_dir)  # damaged ones too: the Trainer's rotation would count them
+    if existing and not resume:
+        raise ValueError(f"{output_dir} already holds checkpoints (newest: {existing[0].name}); pass resume=True "
                          "(CLI: --resume) to continue that run, or use an empty output folder")
+    checkpoint = resume_point(output_dir) if resume else None
     train_dataset, eval_dataset = as_dataset(train_data), as_dataset(eval_data)
     if train_dataset is None or len(train_dataset) == 0:
         raise ValueError("distill: the training data is empty; give at least one block of token ids")
