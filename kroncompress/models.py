@@ -272,17 +272,24 @@ def check_weight_files(path: Path, name: str) -> None:
 
 
 class _quiet_load_report:
-    """Silence transformers' multi-line LOAD REPORT; `_check_loading_info` turns its content into one line."""
+    """Drop transformers' multi-line LOAD REPORT; `_check_loading_info` turns its content into one line.
+
+    A filter, not a higher level: transformers 5 runs (and logs) its tensor-parallel plan check only when
+    that logger's level is WARNING or above.
+    """
+
+    @staticmethod
+    def _keep(record) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
 
     def __enter__(self):
         import logging
 
         self.logger = logging.getLogger("transformers.modeling_utils")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
+        self.logger.addFilter(self._keep)
 
     def __exit__(self, *exc_info):
-        self.logger.setLevel(self.level)
+        self.logger.removeFilter(self._keep)
 
 
 def _show(names, limit: int = 4) -> str:

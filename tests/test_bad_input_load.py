@@ -10,6 +10,7 @@ and prints exit code and first line per case (how the issue's before/after table
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -250,17 +251,32 @@ def offline():
     hub.set_online(None)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage()[:200])
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_load_input(case, bases, tmp_path):
     from kroncompress.cli.main import cli
 
     argv = [str(a) for a in case.setup(bases, tmp_path)]
-    result = CliRunner(env={"COLUMNS": "220"}).invoke(cli, argv)
+    records = _Records()  # transformers' loggers do not propagate and write to the real stderr
+    logging.getLogger("transformers").addHandler(records)
+    try:
+        result = CliRunner(env={"COLUMNS": "220"}).invoke(cli, argv)
+    finally:
+        logging.getLogger("transformers").removeHandler(records)
     assert result.exit_code == case.exit_code, (result.output, result.exception)
     assert "Traceback" not in result.output
     if case.exit_code == 2:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert records.messages == []  # nor a load report or warning before it
         text = lines[0]
     else:
         text = result.stdout
