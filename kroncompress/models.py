@@ -69,9 +69,10 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
     naming the file or tensor.
 
     The tokenizer is loaded when the folder (or hub repo) has one, and put in `info.tokenizer`. A training
-    checkpoint (`<output>/checkpoints/checkpoint-N`) uses the run's tokenizer from `<output>`. A folder without
-    one whose vocabulary is GPT-2's (50257 tokens) gets GPT-2's BPE (`kroncompress.tokenizers.gpt2_tokenizer`),
-    said in `info.notes`; otherwise `info.tokenizer` is None and `require_tokenizer(info)` explains.
+    checkpoint (`<output>/checkpoints/checkpoint-N`) gets the run's, from `checkpoints/` or `<output>`. A
+    folder without one whose vocabulary is GPT-2's (50257 tokens) gets GPT-2's BPE
+    (`kroncompress.tokenizers.gpt2_tokenizer`), with a warning and a note in `info.notes`; otherwise
+    `info.tokenizer` is None and `require_tokenizer(info)` says why and what to do.
     """
     name = os.fspath(name_or_path)
     torch_dtype = _parse_dtype(dtype)
@@ -251,10 +252,12 @@ def check_weight_files(path: Path, name: str) -> None:
     if not safetensors:
         pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
         shown = ", ".join(pickles[:3]) or "pytorch_model.bin"
+        classes = _read_config_dict(path).get("architectures") or ["AutoModelForCausalLM"]
+        cls = classes[0] if isinstance(classes, list) and classes and isinstance(classes[0], str) else "AutoModel"
         raise ValueError(
             f"model folder {name!r} holds only pickle weights ({shown}); kroncompress never unpickles files (a pickle "
-            "can run arbitrary code): convert it where you trust the file, e.g. `AutoModel.from_pretrained(folder)."
-            "save_pretrained(folder)` (transformers writes model.safetensors), then load the folder again"
+            f"can run arbitrary code): convert it where you trust the file, with `transformers.{cls}.from_pretrained"
+            "(folder).save_pretrained(folder)` (which writes model.safetensors), then load the folder again"
         )
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -283,8 +286,6 @@ class _quiet_load_report:
         return "LOAD REPORT" not in record.getMessage()
 
     def __enter__(self):
-        import logging
-
         self.logger = logging.getLogger("transformers.modeling_utils")
         self.logger.addFilter(self._keep)
 
@@ -315,7 +316,7 @@ def _check_loading_info(loading: dict, name: str, cls: type, info: ModelInfo) ->
         raise ValueError(f"model {name!r}: {len(rows)} tensor(s) have the wrong shape for config.json: {_show(rows, 2)}; "
                          "the weights and config.json do not belong together: re-download or re-save the model")
     if unexpected:
-        if getattr(cls, "__name__", "").startswith("AutoModel"):
+        if getattr(cls, "__name__", "") == "AutoModel":
             info.notes.append(f"checkpoint tensors not used by {info.model_class}: {_show(unexpected)}")
             return
         raise ValueError(
