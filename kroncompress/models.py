@@ -50,7 +50,8 @@ class ModelInfo:
 
 
 def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None, load_tokenizer: bool = True):
+               device: str | torch.device | None = None, load_tokenizer: bool = True,
+               tokenizer: str | os.PathLike | None = None):
     """Load a model and return `(model, ModelInfo)`.
 
     - a local folder with config.json and weights: `from_pretrained` with the class its config names
@@ -72,7 +73,8 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
     checkpoint (`<output>/checkpoints/checkpoint-N`) gets the run's, from `checkpoints/` or `<output>`. A
     folder without one whose vocabulary is GPT-2's (50257 tokens) gets GPT-2's BPE
     (`kroncompress.tokenizers.gpt2_tokenizer`), with a warning and a note in `info.notes`; otherwise
-    `info.tokenizer` is None and `require_tokenizer(info)` says why and what to do.
+    `info.tokenizer` is None and `require_tokenizer(info)` says why and what to do. `tokenizer` (a folder or
+    hub id) overrides all of this.
     """
     name = os.fspath(name_or_path)
     torch_dtype = _parse_dtype(dtype)
@@ -92,7 +94,10 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
         check_finite(model, name)
     if device is not None and not info.meta:
         model = model.to(device)
-    if load_tokenizer and info.tokenizer is None and info.source != "config":
+    if tokenizer is not None:  # given explicitly: it wins, and must load
+        info.tokenizer = _explicit_tokenizer(tokenizer)
+        info.notes.append(f"tokenizer: {os.fspath(tokenizer)!r}")
+    elif load_tokenizer and info.tokenizer is None and info.source != "config":
         source = path if info.source != "hub" else name
         info.tokenizer, note = _load_tokenizer(source)
         if info.tokenizer is None and isinstance(source, Path):
@@ -400,6 +405,21 @@ def require_tokenizer(info: ModelInfo, model=None):
             f"{vocab}; the tokenizer belongs to another model: save the right one into the folder"
         )
     return tokenizer
+
+
+def _explicit_tokenizer(source: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    if path.exists() and not _has_tokenizer(path):
+        raise ValueError(f"tokenizer folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass the "
+                         "folder a tokenizer was saved to with save_pretrained()")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+    except Exception as exc:  # noqa: BLE001  transformers raises many types for a bad tokenizer
+        raise ValueError(f"cannot load the tokenizer {name!r}: {_first_line(exc)}; pass a folder written by "
+                         "tokenizer.save_pretrained()") from exc
 
 
 def _load_tokenizer(source: Path | str) -> tuple[Any, str]:

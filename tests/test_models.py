@@ -180,3 +180,13 @@ def test_verify_folder_finds_nothing_wrong_with_a_good_folder(tmp_path):
     assert verify_folder(out) == []
     shutil.copy(out / "config.json", tmp_path / "config.json")
     assert verify_folder(tmp_path) == [f"{tmp_path / 'model.safetensors'} is missing"]
+
+
+def test_an_explicit_tokenizer_wins_and_must_load(gpt2_folder, tmp_path):
+    from kroncompress.tokenizers import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    _, info = load_model(gpt2_folder, tokenizer=tmp_path / "tok")
+    assert len(info.tokenizer) == 257
+    with pytest.raises(ValueError, match="holds no tokenizer files"):
+        load_model(gpt2_folder, tokenizer=tmp_path)
