@@ -226,10 +226,10 @@ def check_safetensors(path: str | os.PathLike) -> None:
             count = 1
             for dim in entry["shape"]:
                 count *= int(dim)
-            itemsize = _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+            itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])  # None: a newer dtype, its size unchecked
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has a malformed header entry") from None
-        if stop - start != count * itemsize or start < 0:
+        if start < 0 or stop < start or (itemsize is not None and stop - start != count * itemsize):
             raise bad(f"tensor {name!r}: its byte range does not fit its shape and dtype")
         end = max(end, stop)
     if 8 + length + end != size:
