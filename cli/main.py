@@ -262,10 +262,14 @@ def recipes(as_json: bool) -> None:
 def inspect(directory: Path, as_json: bool) -> None:
     """Summarise a folder written by `kroncompress compress`: params, recipe, per-module plan, metrics."""
     from kroncompress.cli.folder import read_compressed_folder
+    from kroncompress.io import verify_folder
 
     summary = read_compressed_folder(directory)
+    summary["problems"] = verify_folder(directory)
     if as_json:
         _print_json(summary)
+        if summary["problems"]:
+            raise UserError(f"{directory} is damaged: {summary['problems'][0]}")
         return
     out = render.console()
     items = [("folder", str(directory)), ("model type", summary.get("model_type", "?")),
@@ -278,6 +282,8 @@ def inspect(directory: Path, as_json: bool) -> None:
     metrics = summary.get("metrics") or {}
     if metrics:
         out.print(render.key_value_table("metrics", sorted(metrics.items())))
+    if summary["problems"]:
+        raise UserError(f"{directory} is damaged: {summary['problems'][0]}")
 
 
 @cli.command(epilog=_example("kroncompress export runs/kn-gpt2 --dense --output runs/kn-gpt2-dense"))
@@ -323,10 +329,10 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
     The number is always printed with its protocol: block size, stride and tokens scored.
     """
     from kroncompress.evaluate import evaluate_perplexity
-    from kroncompress.tokenizers import gpt2_tokenizer
+    from kroncompress.models import require_tokenizer
 
     loaded, info = _load(model, meta_ok=False, device=device)
-    tokenizer = info.tokenizer or gpt2_tokenizer()
+    tokenizer = require_tokenizer(info, loaded)  # the folder's, the run's, or GPT-2's when the vocabulary is GPT-2's
     result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,
                                  max_tokens=max_tokens, batch_size=batch_size, device=device)
     if as_json:

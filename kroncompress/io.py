@@ -3,11 +3,12 @@
     kc.save_compressed(model, "out/", recipe=recipe, report=report)
     model = kc.load_compressed("out/")            # same logits, bit for bit; nothing re-decomposed
     dense = kc.to_dense(model)                    # plain transformers model (save_pretrained/from_pretrained)
+    kc.io.verify_folder("out/")                   # [] or one line per problem (truncated weights, bad plan, ...)
     kc.export_dense("out/", "out-dense/")
 
 A folder holds config.json (with a `kroncompress` section: per-module plans, tied heads, shared
 parameters), model.safetensors, recipe.yaml, report.json and a README.md model card. Only safetensors is
-ever read, so loading unpickles nothing.
+ever read, so loading unpickles nothing; and everything read is validated (see `load_compressed`).
 """
 
 from __future__ import annotations
@@ -181,6 +182,146 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+# -- checks ----------------------------------------------------------------------------------------
+
+# bytes per element of every dtype safetensors writes
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise ValueError (one line naming the file) unless `path` is a complete safetensors file.
+
+    Reads only the header (8-byte length + JSON) and compares the byte ranges it declares with the file
+    size, so a truncated download or a file of another format is caught before any tensor is read.
+    """
+    path = Path(path)
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path} is truncated or not a safetensors file: {problem}; re-download or re-save it")
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise bad(f"{size} bytes, too short for a header")
+        length = int.from_bytes(prefix, "little")
+        if length > min(size - 8, _MAX_HEADER):
+            raise bad(f"the header claims {length:,} bytes but the file has {size:,}")
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad(f"the header is not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(v) for v in entry["data_offsets"])
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])  # None: a newer dtype, its size unchecked
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed header entry") from None
+        if start < 0 or stop < start or (itemsize is not None and stop - start != count * itemsize):
+            raise bad(f"tensor {name!r}: its byte range does not fit its shape and dtype")
+        end = max(end, stop)
+    if 8 + length + end != size:
+        raise bad(f"the header describes {8 + length + end:,} bytes but the file has {size:,}")
+
+
+def first_nonfinite(tensors) -> tuple[str, int, int] | None:
+    """(name, bad count, size) of the first floating tensor of a name -> tensor mapping holding NaN or inf."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
+            continue
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                return name, int((~finite).sum()), tensor.numel()
+    return None
+
+
+def _config_error(folder: Path, field: str, problem: str) -> ValueError:
+    return ValueError(f"{folder / CONFIG_NAME}: {field}: {problem}; the folder was edited or damaged: restore it or "
+                      "compress again")
+
+
+def _module_shape(module: nn.Module) -> tuple[str | None, tuple[int, int] | None]:
+    """(kind, (out, in) or (vocab, dim)) of a dense module as a plan records it."""
+    from kroncompress.surgery import module_kind
+
+    kind = module_kind(module)
+    weight = getattr(module, "weight", None)
+    if kind is None or weight is None:
+        return kind, None
+    shape = tuple(weight.shape)
+    return kind, (shape[1], shape[0]) if kind == "conv1d" else shape
+
+
+def _check_section(section: Any, folder: Path) -> dict[str, Any]:
+    """The `kroncompress` section's structure (types only; modules are checked as they are rebuilt)."""
+    if not isinstance(section, dict):
+        raise _config_error(folder, CONFIG_KEY, f"is a {type(section).__name__}, not an object")
+    modules = section.get("modules", {}) or {}
+    if not isinstance(modules, dict):
+        raise _config_error(folder, f"{CONFIG_KEY}.modules", f"is a {type(modules).__name__}, not an object")
+    for name, entry in modules.items():
+        field = f"{CONFIG_KEY}.modules[{name!r}]"
+        if not isinstance(entry, dict):
+            raise _config_error(folder, field, f"is a {type(entry).__name__}, not an object")
+        for key in ("strategy", "plan"):
+            if key not in entry:
+                raise _config_error(folder, field, f"has no {key!r} key")
+        if not isinstance(entry["plan"], dict):
+            raise _config_error(folder, f"{field}.plan", "is not an object")
+    shared = section.get("shared_parameters", []) or []
+    if not isinstance(shared, list) or not all(
+            isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) for n in g) for g in shared):
+        raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", "must be a list of lists of 2+ parameter names")
+    return modules
+
+
+def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype) -> nn.Module:
+    """The compressed module `name` rebuilt from its saved plan, after checking the plan against the model."""
+    field = f"{CONFIG_KEY}.modules[{name!r}]"
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise _config_error(folder, field, f"the {type(model).__name__} has no module {name!r}") from None
+    try:
+        strategy_cls = get_strategy(entry["strategy"])
+    except (ValueError, TypeError) as exc:
+        raise _config_error(folder, f"{field}.strategy", str(exc).splitlines()[0]) from None
+    try:
+        layer_plan = LayerPlan.from_dict(entry["plan"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise _config_error(folder, f"{field}.plan", f"not a saved plan ({exc})") from None
+    kind, shape = _module_shape(old)
+    if layer_plan.strategy != entry["strategy"] or layer_plan.kind != kind or tuple(layer_plan.shape) != shape:
+        raise _config_error(folder, f"{field}.plan", (
+            f"says a {layer_plan.kind} {tuple(layer_plan.shape)} by {layer_plan.strategy!r}, but the module is a "
+            f"{kind} {shape} compressed by {entry['strategy']!r}"))
+    for key, value in layer_plan.spec.items():  # shapes and ranks: positive integers, possibly nested in lists
+        leaves = value if isinstance(value, list) else [value]
+        leaves = [v for leaf in leaves for v in (leaf if isinstance(leaf, list) else [leaf])]
+        if not all(type(v) is int and v > 0 for v in leaves):
+            raise _config_error(folder, f"{field}.plan.spec.{key}", f"must hold positive integers, got {value!r}")
+    try:
+        options = strategy_cls.parse_options(dict(entry.get("options", {}) or {}))
+        new = strategy_cls(config=options).build(layer_plan, None, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001  any failure here comes from the edited plan
+        raise _config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
+                                                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return new
+
+
 # -- load ------------------------------------------------------------------------------------------
 
 def _model_class(config: Any, folder: Path):
@@ -205,10 +346,17 @@ def _file_dtype(path: Path) -> torch.dtype:
     return torch.float32
 
 
-def _tie_groups(model: nn.Module, groups: list[list[str]]) -> None:
+def _tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None:
     """Make every parameter of a group the same Parameter object as the group's first."""
     for names in groups:
-        shared = model.get_parameter(names[0])
+        try:
+            params = [model.get_parameter(name) for name in names]
+        except AttributeError as exc:
+            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
+        if len({tuple(p.shape) for p in params}) > 1:
+            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters",
+                                f"{', '.join(names)} have different shapes and cannot be one parameter")
+        shared = params[0]
         for name in names[1:]:
             owner, _, attribute = name.rpartition(".")
             module = model.get_submodule(owner) if owner else model
@@ -232,17 +380,32 @@ def _load_weights_strict(model: nn.Module, path: Path) -> None:
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
         raise ValueError(f"{path}: the weights do not match the model rebuilt from config.json: missing keys: {show(missing)}; "
                          f"unexpected keys: {show(unexpected)}. The folder is damaged or was written by another version")
+    for name, tensor in loaded.items():
+        want = expected[name]
+        if tensor.is_floating_point() != want.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, the model needs "
+                             f"{str(want.dtype).removeprefix('torch.')}; the folder was edited or damaged: compress again")
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the plan in config.json gives "
+                             f"{tuple(want.shape)}; the weights and config.json do not belong together: compress again")
+    bad = first_nonfinite(loaded)
+    if bad is not None:
+        raise ValueError(f"{path}: tensor {bad[0]!r} holds NaN or inf values ({bad[1]:,} of {bad[2]:,}); the folder "
+                         "is damaged (or the run diverged): compress again")
     try:
         model.load_state_dict(loaded, strict=False)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{path}: " + " ".join(str(exc).split())) from None
 
 
 def load_compressed(directory: str | os.PathLike, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> nn.Module:
     """Load a folder written by `save_compressed`: the architecture from config.json, each compressed
     module rebuilt from its saved plan (no decomposition), tied heads re-tied, then model.safetensors
-    loaded with strict key checking. Returns the model in eval mode, on `device`, in `dtype` (default: the
+    loaded with strict key checking. Everything read is checked first: the file is a complete safetensors
+    file, each module's plan names a module of the model with its shape and a registered strategy, shared
+    parameters exist, and every tensor has the rebuilt model's shape, a floating dtype where the model has
+    one and finite values; a ValueError names the config field, module or tensor otherwise. Returns the model in eval mode, on `device`, in `dtype` (default: the
     saved dtype), with logits identical to the model that was saved.
     """
     import transformers
@@ -252,30 +415,70 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; give a folder written by kc.save_compressed (config.json + model.safetensors)")
-    config = transformers.AutoConfig.from_pretrained(str(folder))
+    check_safetensors(folder / WEIGHTS_NAME)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise ValueError(f"{folder / CONFIG_NAME}: not a readable model config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                         "restore it or compress again") from None
     cls = _model_class(config, folder)
     section = getattr(config, CONFIG_KEY, None) or {}
+    modules = _check_section(section, folder)
     dtype = dtype or _file_dtype(folder / WEIGHTS_NAME)
     implementation = attn_implementation or section.get("attn_implementation")
     kwargs = {"attn_implementation": implementation} if implementation else {}
     with no_init_weights():  # every weight is overwritten from the file; skip the random init
-        model = cls._from_config(config, dtype=dtype, **kwargs)
-        for name, entry in section.get("modules", {}).items():
-            layer_plan = LayerPlan.from_dict(entry["plan"])
-            strategy = get_strategy(entry["strategy"])(config=get_strategy(entry["strategy"]).parse_options(dict(entry.get("options", {}))))
-            new = strategy.build(layer_plan, None, dtype=dtype)
+        try:
+            model = cls._from_config(config, dtype=dtype, **kwargs)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{folder / CONFIG_NAME}: cannot build the {cls.__name__} from it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                             "restore it or compress again") from None
+        for name, entry in modules.items():
+            new = _rebuild_module(model, name, entry, folder, dtype)
             if "padding_idx" in entry:
                 new.padding_idx = entry["padding_idx"]
             _set_submodule(model, name, new)
             for tie in entry.get("tied", []):
-                tied_old = model.get_submodule(tie["name"])
-                _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(tied_old, "bias", None)))
-    _tie_groups(model, section.get("shared_parameters", []))
+                try:
+                    tied_old = model.get_submodule(tie["name"])
+                    replacement = tied_replacement(new, tie["as"], getattr(tied_old, "bias", None))
+                except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                    raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
+                _set_submodule(model, tie["name"], replacement)
+    _tie_groups(model, section.get("shared_parameters", []) or [], folder)
     _load_weights_strict(model, folder / WEIGHTS_NAME)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def verify_folder(directory: str | os.PathLike, load: bool = True) -> list[str]:
+    """Problems of a folder written by `save_compressed`, one line each (empty list: none found).
+
+    Checks that config.json and model.safetensors exist and that the weights file is a complete safetensors
+    file; with `load=True` (default) also loads the model as `load_compressed` does, which checks every saved
+    plan against the model and every tensor's shape, dtype and values. Used by `kroncompress inspect`.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            problems.append(f"{folder / name} is missing")
+    if (folder / WEIGHTS_NAME).is_file():
+        try:
+            check_safetensors(folder / WEIGHTS_NAME)
+        except (ValueError, OSError) as exc:
+            problems.append(str(exc))
+    if problems or not load:
+        return problems
+    try:
+        load_compressed(folder)
+    except (ValueError, OSError) as exc:
+        problems.append(" ".join(str(exc).split()))
+    return problems
 
 
 # -- dense export ----------------------------------------------------------------------------------
