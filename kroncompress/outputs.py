@@ -72,14 +72,14 @@ def check_output_path(output: str | os.PathLike, sources: Iterable[str | os.Path
         raise OutputError(f"{flag} is empty (an unset shell variable?); give a new folder path, e.g. runs/kn-gpt2")
     path = Path(text).expanduser()
     where = _resolved(path)
+    if where == Path.home().resolve() or where == Path(where.anchor):
+        what = "the home folder" if where == Path.home().resolve() else "the root folder"
+        raise OutputError(f"{flag} {text!r} is {what}; give a new folder, e.g. runs/kn-gpt2")
     cwd = Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
         what = "the current folder" if where == cwd else "a folder that contains the current folder"
         raise OutputError(f"{flag} {text!r} is {what}; kroncompress writes (and with overwrite replaces) the whole "
                           f"output folder: give a new folder, e.g. runs/kn-gpt2")
-    if where == Path.home().resolve() or where == Path(where.anchor):
-        what = "the home folder" if where == Path.home().resolve() else "the root folder"
-        raise OutputError(f"{flag} {text!r} is {what}; give a new folder, e.g. runs/kn-gpt2")
     for source in sources:
         if source is None or not str(source).strip():
             continue
@@ -267,3 +267,10 @@ def mark_output(path: str | os.PathLike, command: str) -> None:
     """Write the `.kroncompress` marker into a folder kroncompress just wrote (so a later `--overwrite` may
     replace it): needed where config.json has no kroncompress section, e.g. dense exports."""
     (Path(path) / MARKER).write_text(json.dumps({"written_by": f"kroncompress {command}"}) + "\n", encoding="utf-8")
+
+
+def match_file_mode(path: str | os.PathLike, like: str | os.PathLike) -> None:
+    """Give `path` the permission bits of `like` (a file written the ordinary way, so under the umask).
+    safetensors writes its files 0600 whatever the umask; the rest of a saved folder is 0644 under the
+    usual umask 022."""
+    os.chmod(path, os.stat(like).st_mode & 0o777)
