@@ -297,6 +297,117 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(case, env, tmp_path, m
     assert not (cwd / "out").exists(), "the refused run created its output folder"
 
 
+# -- what a good run leaves, and how it ends when interrupted ---------------------------------------
+
+def invoke(*argv):
+    from click.testing import CliRunner
+
+    from kroncompress.cli.main import cli
+
+    return CliRunner(env={"COLUMNS": "200"}).invoke(cli, [str(a) for a in argv])
+
+
+def test_a_folder_of_text_reads_as_its_files(env, tmp_path, quiet_env):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT)
+    (corpus / "b.txt").write_text(TEXT.upper())
+    (corpus / ".hidden.txt").write_text("not read")
+    folder = invoke("eval", env["tiny"], "--data", corpus, "--block-size", 32, "--json")
+    glob = invoke("eval", env["tiny"], "--data", f"{corpus}/*.txt", "--block-size", 32, "--json")
+    assert folder.exit_code == 0 and glob.exit_code == 0, folder.output + glob.output
+    assert json.loads(folder.stdout) == json.loads(glob.stdout)
+
+
+def test_a_finished_run_cleans_its_leftovers_matches_file_modes_and_unlocks(env, tmp_path, quiet_env):
+    out = tmp_path / "out"
+    ours, other, odd = tmp_path / ".out.tmp-0123abcd", tmp_path / ".other.tmp-0123abcd", tmp_path / ".out.tmp-keepme"
+    for folder in (ours, other, odd):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    result = invoke("compress", env["tiny"], "--recipe", "kn-gpt2", "--output", out, "--no-distill", "--data", env["text"])
+    assert result.exit_code == 0, result.output
+    assert not ours.exists() and other.exists() and odd.exists()  # only this output's own leftovers go
+    assert not (tmp_path / ".out.lock").exists()
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir() if path.is_file()}
+    assert len(set(modes.values())) == 1, modes  # safetensors alone used to be 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["model.safetensors"] == 0o666 & ~umask
+
+
+def test_an_interrupted_rename_gets_the_previous_folder_back(tmp_path):
+    from kroncompress.outputs import clean_leftovers
+
+    backup = tmp_path / ".run.old-89abcdef"
+    backup.mkdir()
+    (backup / "config.json").write_text("{}")
+    clean_leftovers(tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").is_file() and not backup.exists()
+    stale = tmp_path / ".run.old-00000000"
+    stale.mkdir()
+    clean_leftovers(tmp_path / "run")  # the folder is there: the backup is stale
+    assert not stale.exists() and (tmp_path / "run" / "config.json").is_file()
+
+
+def test_a_second_claim_of_the_same_output_fails_at_once(tmp_path):
+    from kroncompress.outputs import OutputError, claim_output
+
+    with claim_output(tmp_path / "out", style="cli"):
+        start = time.perf_counter()
+        with pytest.raises(OutputError, match=f"in use by another kroncompress run \\(pid {os.getpid()}\\)"):
+            with claim_output(tmp_path / "out", style="cli"):
+                pass
+        assert time.perf_counter() - start < 1
+    with claim_output(tmp_path / "out", style="api"):  # released
+        pass
+
+
+def test_ctrl_c_is_one_line_and_exit_130(env, tmp_path, quiet_env, monkeypatch):
+    import kroncompress.pipeline
+
+    def interrupted(*args, **kwargs):
+        (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kroncompress.pipeline, "run_pipeline", interrupted)
+    result = invoke("compress", env["tiny"], "--recipe", "kn-gpt2", "--output", tmp_path / "out")
+    assert result.exit_code == 130, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], result.stderr
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_save_every_reaches_the_recipe_the_trainer_reads(env, tmp_path, quiet_env, monkeypatch):
+    import kroncompress.pipeline
+
+    seen = {}
+    monkeypatch.setattr(kroncompress.pipeline, "run_pipeline", lambda model, recipe, *a, **k: seen.setdefault("recipe", recipe) and {})
+    invoke("compress", env["tiny"], "--recipe", "kn-gpt2", "--output", tmp_path / "out", "--save-every", 3)
+    assert seen["recipe"].distill.train.save_every == 3
+
+
+def test_a_recipe_may_still_use_a_few_aliases(tmp_path):
+    from kroncompress.recipe import load_recipe
+
+    path = tmp_path / "alias.yaml"
+    path.write_text("version: 1\nname: alias\ncompress:\n"
+                    "  - {targets: [transformer.h.1.mlp.c_fc], strategy: kronecker, options: &kn {ratio: 2}}\n"
+                    "  - {targets: [transformer.h.1.mlp.c_proj], strategy: kronecker, options: *kn}\n")
+    recipe = load_recipe(path)
+    assert recipe.compress[0].options == recipe.compress[1].options == {"ratio": 2}
+
+
+def test_api_messages_name_the_api_argument(tmp_path):
+    import kroncompress as kc
+    from conftest import build_tiny
+
+    kc.save_compressed(build_tiny("gpt2"), tmp_path / "out")
+    with pytest.raises(ValueError) as error:
+        kc.save_compressed(build_tiny("gpt2"), tmp_path / "out")
+    assert "overwrite=True" in str(error.value) and "--overwrite" not in str(error.value)
+
+
 # -- main: print the table for an executable --------------------------------------------------------
 
 def _first_line(stderr: str) -> str:
