@@ -90,7 +90,7 @@ class _Cli(click.Group):
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
-            UserError(exc.format_message() + where).show()
+            UserError(exc.format_message().rstrip(".") + where).show()
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             exc.show()

@@ -378,6 +378,36 @@ def test_ctrl_c_is_one_line_and_exit_130(env, tmp_path, quiet_env, monkeypatch):
     assert not (tmp_path / ".out.lock").exists()
 
 
+def test_sigint_during_distillation_exits_130_and_names_resume(env, tmp_path):
+    import signal
+
+    out, recipe = tmp_path / "out", tmp_path / "tiny-distill.yaml"
+    recipe.write_text("version: 1\nname: tiny-distill\ncompress:\n  - targets: [transformer.h.1.mlp.c_fc]\n"
+                      "    strategy: kronecker\n    options: {b_shape: [1, 2]}\n"
+                      "distill: {teacher: original, train: {batch_size: 2, grad_accum: 1}}\n")
+    command = [sys.executable, "-m", "kroncompress.cli.main", "compress", env["tiny"], "--recipe", str(recipe), "--output",
+               str(out), "--data", env["text"], "--max-steps", "100000", "--save-every", "1"]
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "KRONCOMPRESS_CACHE": str(tmp_path / "cache")}
+    environ.pop("KRONCOMPRESS_DEBUG", None)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted") and "--resume" in last, stderr
+    assert not (tmp_path / ".out.lock").exists()
+
+
 def test_save_every_reaches_the_recipe_the_trainer_reads(env, tmp_path, quiet_env, monkeypatch):
     import kroncompress.pipeline
 
