@@ -130,10 +130,13 @@ def empty_folder(work: Path, env: dict) -> dict:
 
 
 def alias_bomb(work: Path, env: dict) -> dict:
+    # 443 bytes; under a strategy option, whose message quoted the value whole (a 580 MB line, MemoryError)
     lines = ["version: 1", "name: bomb", 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for previous, name in zip("abcdefgh", "bcdefghi"):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
-    (work / "bomb.yaml").write_text("\n".join(lines + ["compress: *i"]) + "\n")
+    anchors = "[" + ", ".join(line.split(": ", 1)[1] for line in lines[2:]) + "]"
+    (work / "bomb.yaml").write_text("version: 1\nname: bomb\ncompress:\n  - targets: [transformer.h.0.mlp.c_fc]\n"
+                                    "    strategy: kronecker\n    options: {ratio: " + anchors + "}\n")
     return {}
 
 
