@@ -1,8 +1,10 @@
 """The `kroncompress` command line: parses with click, calls the library, renders with rich.
 
-Nothing here computes what the Python API can't; every command is a few library calls. User errors
-(a missing path, an invalid recipe, an existing output folder) print one `error: ...` line to stderr and
-exit with code 2. Set KRONCOMPRESS_DEBUG=1 to see the traceback instead.
+Nothing here computes what the Python API can't; every command is a few library calls. Every anticipated
+failure (a bad flag value, a missing path, an invalid recipe, an unusable output folder, unreadable text)
+prints one `error: ...` line to stderr and exits with code 2; Ctrl-C prints one line and exits with 130.
+Anything else is a bug and shows its traceback. Checks that need no model run before it loads. Set
+KRONCOMPRESS_DEBUG=1 to see the traceback of a user error too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ import click
 from kroncompress.cli import render
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
+MESSAGE_LIMIT = 1000  # characters of an error line; longer library messages are cut
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+
+
+def _one_line(message: str) -> str:
+    text = " ".join(str(message)[: 4 * MESSAGE_LIMIT].split())  # one line, whatever the library's message looks like
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
 
 
 class UserError(click.ClickException):
@@ -30,25 +39,66 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, whatever the library's message looks like
+        super().__init__(_one_line(message))
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.message}", file=file or sys.stderr)
 
 
+class Interrupted(UserError):
+    """Ctrl-C: one line on stderr, exit code 130."""
+
+    exit_code = INTERRUPTED
+
+
 def user_errors(func: Callable) -> Callable:
-    """Turn the library's ValueErrors (and friends) into one-line `error: ...` exits with code 2."""
+    """Turn the library's ValueErrors (and friends) into one-line `error: ...` exits with code 2, and
+    Ctrl-C into one line and exit code 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if os.environ.get("KRONCOMPRESS_DEBUG"):
+                raise
+            raise Interrupted(_interrupted_message(func.__name__, kwargs)) from None
         except USER_ERRORS as exc:
             if os.environ.get("KRONCOMPRESS_DEBUG"):
                 raise
             raise UserError(str(exc) or type(exc).__name__) from exc
 
     return wrapper
+
+
+def _interrupted_message(command: str, kwargs: dict) -> str:
+    output = kwargs.get("output")
+    if command == "compress" and output is not None and (Path(output) / "checkpoints").is_dir():
+        return (f"interrupted (Ctrl-C); {str(output)!r} keeps the last checkpoint: run the same command with "
+                "--resume to continue")
+    return "interrupted (Ctrl-C); nothing was saved" if command in ("compress", "export") else "interrupted (Ctrl-C)"
+
+
+class _Cli(click.Group):
+    """click.Group whose usage errors (a bad flag value, a missing option) are one `error:` line with exit
+    code 2, like every other user error, and whose Ctrl-C outside a command exits with 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+            UserError(exc.format_message().rstrip(".") + where).show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:  # Ctrl-C while click itself was reading or parsing
+            Interrupted("interrupted (Ctrl-C)").show()
+            sys.exit(INTERRUPTED)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def _example(*lines: str) -> str:
@@ -63,12 +113,59 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    """Fail fast, before any slow work, when OUTPUT already exists and --overwrite was not given."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {str(output)!r} exists and is a file; pass a folder path")
-    if output.exists() and not overwrite:
-        raise UserError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it, or choose another --output")
+def _is_main_process() -> bool:
+    """Under torchrun every rank runs the command; only rank 0 writes (and locks) the output."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _claim_output(output: Path, *, overwrite: bool, resume: bool = False, sources=()):
+    """The output folder checked (path, contents, writable) and locked for the run, before any slow work."""
+    from kroncompress.outputs import claim_output
+
+    return claim_output(output, overwrite=overwrite, resume=resume, sources=[s for s in sources if s], style="cli",
+                        lock=_is_main_process())
+
+
+def _check_device(device: str | None) -> None:
+    """--device names a device this PyTorch can use, checked before the model loads."""
+    if device is None:
+        return
+    import torch
+
+    known = "cpu, cuda, cuda:N" + (", mps" if torch.backends.mps.is_available() else "")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {device!r} is not a device; use one of {known}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device {device!r}: {why}; use --device cpu, or leave --device out")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"--device {device!r}: there {'is' if count == 1 else 'are'} only {count} CUDA "
+                            f"device{'s' if count != 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device!r}: MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise UserError(f"--device {device!r}: kroncompress runs on {known}")
+
+
+def _check_data(value: str | None, flag: str) -> list[str]:
+    """Local text named by --data / --calibration-data exists and is UTF-8, checked before the model loads.
+    Returns the local files (inputs the output folder must not hold)."""
+    if value is None:
+        return []
+    from kroncompress.distill.data import check_text_files, resolve_files, text_spec
+
+    try:
+        spec = text_spec(value)
+        files = [str(f) for f in resolve_files(spec.files)] if spec.kind == "files" else []
+        check_text_files(files)
+    except ValueError as exc:
+        raise UserError(f"{flag} {value!r}: {exc}") from None
+    return files
 
 
 def _print_json(data: Any) -> None:
@@ -91,7 +188,7 @@ def _load(model: str, *, meta_ok: bool, dtype: str | None = None, device: str | 
     return load_model(model, meta_ok=meta_ok, dtype=dtype, device=device)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              epilog=_example("kroncompress plan ./gpt2 --recipe kn-gpt2",
                              "kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2"))
 @click.version_option(_package_version(), "--version", prog_name="kroncompress")
@@ -137,7 +234,8 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
     "kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2 --resume"))
 @click.argument("model", default="shakespeare-gpt2")
 @click.option("--recipe", "-r", required=True, help="Bundled recipe name (see `kroncompress recipes`) or a YAML path.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder to write the compressed model to.")
+@click.option("--output", "-o", required=True, type=click.Path(),  # str: an empty value is refused, not read as "."
+              help="Folder to write the compressed model to.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
 @click.option("--data", default=None,
               help="Override the recipe's text: a packaged corpus (shakespeare), a file/glob, or a hub dataset NAME[:CONFIG].")
@@ -147,11 +245,15 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
 @click.option("--dtype", default=None, help="Load the model in this dtype (float32, bfloat16, float16, auto).")
 @click.option("--device", default=None, help="Run on this device (cpu, cuda, cuda:1, ...).")
 @click.option("--calibration-data", default=None, help="Text for data-aware init (e.g. shakespeare, 'notes/*.txt'); overrides the recipe's calibration.data.")
-@click.option("--calibration-tokens", type=int, default=None, help="Calibration tokens (default: the recipe's, else 16384).")
+@click.option("--calibration-tokens", type=click.IntRange(min=1), default=None,
+              help="Calibration tokens (default: the recipe's, else 16384).")
+@click.option("--save-every", type=click.IntRange(min=1), default=None,
+              help="Checkpoint the distillation every N optimizer steps (the recipe's distill.train.save_every, default 500).")
 @user_errors
-def compress(model: str, recipe: str, output: Path, overwrite: bool, data: str | None, max_steps: int | None,
+def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | None, max_steps: int | None,
              resume: bool, no_distill: bool, dtype: str | None, device: str | None,
-             calibration_data: str | None = None, calibration_tokens: int | None = None) -> None:
+             calibration_data: str | None = None, calibration_tokens: int | None = None,
+             save_every: int | None = None) -> None:
     """Run every stage RECIPE has on MODEL (decompose, distill, evaluate) and save the result to OUTPUT.
 
     MODEL defaults to the small GPT-2 packaged with kroncompress (shakespeare-gpt2), so the whole
@@ -159,27 +261,43 @@ def compress(model: str, recipe: str, output: Path, overwrite: bool, data: str |
     save_pretrained, or the hub id `gpt2` on a machine with network access.
 
     OUTPUT is an HF-style folder (config.json, model.safetensors, recipe.yaml, report.json, README.md,
-    perplexity.png) that `kroncompress inspect` summarises and kc.load_compressed() reloads.
+    perplexity.png) that `kroncompress inspect` summarises and kc.load_compressed() reloads. It must be a
+    new folder, an unfinished run (--resume) or a folder kroncompress wrote (--overwrite); it is locked
+    while the run lasts.
     """
     from kroncompress.pipeline import run_pipeline
     from kroncompress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {str(output)!r} exists and is a file; pass a folder path")
-    _quiet_transformers()
-    out, err = render.console(), render.console(stderr=True)
-    bars = render.LazyProgress(err)
-    report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume, overwrite=overwrite,
-                          device=device, dtype=dtype, calibration_data=calibration_data, distill=not no_distill,
-                          calibration_tokens=calibration_tokens,
-                          compress_progress=bars.callback("compressing"),
-                          calibration_progress=bars.callback("calibrating"))
-    bars.stop()
+    parsed = _with_save_every(load_recipe(recipe), save_every, no_distill)
+    _check_device(device)
+    inputs = [model, recipe] + _check_data(data, "--data") + _check_data(calibration_data, "--calibration-data")
+    with _claim_output(output, overwrite=overwrite, resume=resume, sources=inputs) as output:
+        _quiet_transformers()
+        out, err = render.console(), render.console(stderr=True)
+        bars = render.LazyProgress(err)
+        try:
+            report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume,
+                                  overwrite=overwrite, device=device, dtype=dtype, calibration_data=calibration_data,
+                                  distill=not no_distill, calibration_tokens=calibration_tokens,
+                                  compress_progress=bars.callback("compressing"),
+                                  calibration_progress=bars.callback("calibrating"))
+        finally:
+            bars.stop()
     compression = report["compression"]
     out.print(render.module_table("compressed modules", compression.get("modules", []), with_error=True))
     out.print(render.summary_table(report))
     out.print(f"[green]saved[/green] {output}" + (f"  (plot: {report['plot']})" if report.get("plot") else ""))
+
+
+def _with_save_every(parsed, save_every: int | None, no_distill: bool):
+    """The recipe with --save-every written into distill.train.save_every (which the trainer reads)."""
+    if save_every is None:
+        return parsed
+    if no_distill or parsed.distill is None:
+        why = "--no-distill skips distillation" if no_distill else f"recipe {parsed.name!r} has no distill stage"
+        raise UserError(f"--save-every {save_every}: {why}, so there is nothing to checkpoint; drop --save-every")
+    train = dataclasses.replace(parsed.distill.train, save_every=save_every)
+    return dataclasses.replace(parsed, distill=dataclasses.replace(parsed.distill, train=train))
 
 
 def _save(save: Callable, model, output: Path, **kwargs) -> None:
@@ -289,10 +407,11 @@ def inspect(directory: Path, as_json: bool) -> None:
 @cli.command(epilog=_example("kroncompress export runs/kn-gpt2 --dense --output runs/kn-gpt2-dense"))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--dense", is_flag=True, help="Multiply the factors back into plain weights (the only export format so far).")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for the exported model.")
+@click.option("--output", "-o", required=True, type=click.Path(),  # str: an empty value is refused, not read as "."
+              help="Folder for the exported model.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
 @user_errors
-def export(directory: Path, dense: bool, output: Path, overwrite: bool) -> None:
+def export(directory: Path, dense: bool, output: str, overwrite: bool) -> None:
     """Export a compressed folder as a plain Hugging Face model (loads without kroncompress).
 
     With --dense, AutoModelForCausalLM.from_pretrained(OUTPUT) loads the result; it has the original
@@ -302,11 +421,14 @@ def export(directory: Path, dense: bool, output: Path, overwrite: bool) -> None:
 
     if not dense:
         raise UserError("export needs a format: pass --dense (a plain HF model with the factors multiplied back)")
+    from kroncompress.outputs import mark_output
+
     if not (directory / "config.json").is_file():
         raise UserError(f"{str(directory)!r} is not a compressed model folder (no config.json); pass a folder written by `kroncompress compress`")
-    _check_output(output, overwrite)
-    _quiet_transformers()
-    _save(export_dense, directory, output, overwrite=overwrite)
+    with _claim_output(output, overwrite=overwrite, sources=[directory]) as output:
+        _quiet_transformers()
+        _save(export_dense, directory, output, overwrite=overwrite)
+        mark_output(output, "export")  # so a later --overwrite may replace it
     render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
 
 
@@ -316,10 +438,10 @@ def export(directory: Path, dense: bool, output: Path, overwrite: bool) -> None:
 @click.option("--data", "-d", required=True,
               help="A packaged corpus (shakespeare), a file path or glob, or a hub dataset NAME[:CONFIG].")
 @click.option("--split", default=None, help="Split to score (default: the source's own, else 'test').")
-@click.option("--block-size", type=int, default=None, help="Window length in tokens (default 1024).")
-@click.option("--stride", type=int, default=None, help="Tokens the window advances by (default block size / 2).")
-@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass.")
+@click.option("--block-size", type=click.IntRange(min=2), default=None, help="Window length in tokens (default 1024).")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens the window advances by (default block size / 2).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score at most this many tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (perplexity with its protocol).")
 @user_errors
@@ -331,6 +453,10 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
     from kroncompress.evaluate import evaluate_perplexity
     from kroncompress.models import require_tokenizer
 
+    _check_device(device)
+    _check_data(data, "--data")
+    if stride is not None and block_size is not None and stride > block_size:
+        raise UserError(f"--stride {stride} is larger than --block-size {block_size}; tokens would be skipped")
     loaded, info = _load(model, meta_ok=False, device=device)
     tokenizer = require_tokenizer(info, loaded)  # the folder's, the run's, or GPT-2's when the vocabulary is GPT-2's
     result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,

@@ -116,6 +116,10 @@ def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_to
         raise ValueError(f"perplexity: block_size must be >= 2, got {block_size}")
     if not 1 <= stride <= block_size:
         raise ValueError(f"perplexity: stride must be in [1, block_size={block_size}], got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"perplexity: max_tokens must be >= 2 (one token and its context), got {max_tokens}")
     limit = max_positions(model)
     if limit is not None and block_size > limit:
         raise ValueError(f"perplexity: block_size {block_size} exceeds the model's {limit} positions "
@@ -159,6 +163,10 @@ def _score_windows(model, sequence: torch.Tensor, spans, device) -> tuple[float,
     return nll, count
 
 
+def _first_given(*values):
+    return next(value for value in values if value is not None)
+
+
 def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None, block_size: int | None = None,
                         stride: int | None = None, max_tokens: int | None = None, batch_size: int = 1,
                         device: str | torch.device | None = None, cache_dir=None) -> PerplexityResult:
@@ -172,8 +180,9 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
 
     values = parse_data_arg(spec) if isinstance(spec, str) else spec
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
-    block_size = int(block_size or get("block_size") or 1024)
-    stride = int(stride or get("stride") or max(1, block_size // 2))
+    # an explicit 0 is refused by `perplexity`, not read as "default"
+    block_size = int(_first_given(block_size, get("block_size"), 1024))
+    stride = int(_first_given(stride, get("stride"), max(1, block_size // 2)))
     max_tokens = max_tokens if max_tokens is not None else get("max_tokens")
     split = split or get("split") or "test"
     ids = token_stream(text_spec(values), tokenizer, split, max_tokens=max_tokens, cache_dir=cache_dir)

@@ -28,6 +28,7 @@ from torch import nn
 
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
+from kroncompress.outputs import match_file_mode
 from kroncompress.strategies import LayerPlan, get_strategy
 from kroncompress.surgery import CONFIG_KEY, _set_submodule, count_params, set_tie_word_embeddings, tied_replacement
 
@@ -126,7 +127,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
 
     target = Path(directory)
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True (CLI: --overwrite) or pick another folder")
+        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
     if not hasattr(model, "config"):
         raise ValueError(f"save_compressed expects a transformers model with a config, got {type(model).__name__}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
         _write_weights(model, tmp / WEIGHTS_NAME)
+        match_file_mode(tmp / WEIGHTS_NAME, tmp / CONFIG_NAME)  # safetensors writes 0600 whatever the umask
         if recipe is None and section.get("recipe"):
             recipe = Recipe.from_dict(section["recipe"], source="config.json kroncompress.recipe")
         recipe_dict = recipe.to_dict() if recipe is not None else None
@@ -535,12 +537,14 @@ def export_dense(source: str | os.PathLike, output: str | os.PathLike, overwrite
     """
     source, target = Path(source), Path(output)
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True (CLI: --overwrite) or pick another folder")
+        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
     model = to_dense(load_compressed(source))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(tmp)
+        for weights in tmp.glob("*.safetensors"):
+            match_file_mode(weights, tmp / CONFIG_NAME)
         for item in source.iterdir():
             if item.is_file() and item.name not in FOLDER_FILES and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)

@@ -191,15 +191,15 @@ def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
     finished = (target / "config.json").is_file()
     if finished and not overwrite:
         raise OutputExistsError(f"output folder {target} already holds a finished run; pass overwrite=True "
-                                "(CLI: --overwrite) to replace it, or pick another folder")
+                                "to replace it, or pick another folder")
     if finished or resume or overwrite or not any(target.iterdir()):
         return
     if (target / CHECKPOINTS).is_dir():
         raise OutputExistsError(f"output folder {target} holds an unfinished run ({CHECKPOINTS}/); pass resume=True "
-                                "(CLI: --resume) to continue it, overwrite=True (CLI: --overwrite) to start again, "
+                                "to continue it, overwrite=True to start again, "
                                 "or pick another folder")
     raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
-                            "(CLI: --overwrite) to replace it, or pick another folder")
+                            "to replace it, or pick another folder")
 
 
 def _load(model_name_or_path, device: torch.device, dtype):

@@ -38,6 +38,23 @@ class RecipeError(ValueError):
     """An invalid recipe: the message names the source, the YAML path, what is wrong and the fix."""
 
 
+REPR_LIMIT = 200  # characters of a value quoted in an error message
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; anything near this is not one
+MAX_YAML_NODES = 10_000  # values after expanding YAML aliases (the bundled recipes have a few hundred)
+
+
+def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
+    """repr(value) cut to about `limit` characters, without building the whole repr of a huge value."""
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = shortener.maxlong = limit
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 8
+    shortener.maxlevel = 3
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _error(source: str, path: str, problem: str, fix: str | None = None) -> RecipeError:
     where = f"{source}: {path}: " if path else f"{source}: "
     return RecipeError(where + problem + (f"; {fix}" if fix else ""))
@@ -308,7 +325,7 @@ class _Node:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 fix = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
-                raise self.error(f"unknown key {key!r}", fix, key=str(key))
+                raise self.error(f"unknown key {short_repr(key)}", fix, key=key[:REPR_LIMIT] if isinstance(key, str) else short_repr(key))
         for key in required:
             if self.value.get(key) is None:
                 raise self.error(f"missing required key {key!r}", f"add `{key}:` here ({', '.join(allowed)})")
@@ -325,7 +342,7 @@ class _Node:
             wanted = "a number" if float in kinds else " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
             raise node.error(f"expected {wanted}, got {_describe(value)}", f"write {key} as {wanted}")
         if check is not None and not check.holds(value):
-            raise node.error(f"must be {check.requirement}, got {value!r}", f"set {key} to {check.requirement}" if check.requirement.startswith("one of")
+            raise node.error(f"must be {check.requirement}, got {short_repr(value)}", f"set {key} to {check.requirement}" if check.requirement.startswith("one of")
                              else f"set {key} to a value {check.requirement}")
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -353,7 +370,7 @@ class _Node:
 def _describe(value: Any) -> str:
     kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
-    return f"{kind} ({value!r})" if not isinstance(value, (list, dict)) else kind
+    return f"{kind} ({short_repr(value)})" if not isinstance(value, (list, dict)) else kind
 
 
 @dataclass(frozen=True)
@@ -617,10 +634,58 @@ def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool
 _RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _expanded_nodes(root: yaml.Node, source: str) -> int:
+    """How many values the YAML graph stands for once its aliases are expanded, stopping past
+    MAX_YAML_NODES (an alias bomb expands exponentially); RecipeError for a recursive alias."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _error(source, f"line {node.start_mark.line + 1}", "a YAML alias refers to a value that contains it",
+                         "write the value out instead of the recursive alias")
+        open_nodes.add(key)
+        total = 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else [])
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """yaml.load with _RecipeLoader, refusing oversized text and alias-heavy documents before building them."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise _error(source, "", f"is {len(text):,} characters long, not a recipe (at most {MAX_RECIPE_BYTES:,})",
+                     "give a recipe YAML file")
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, source) > MAX_YAML_NODES:
+            raise _error(source, "", f"its YAML aliases (*name) expand to more than {MAX_YAML_NODES:,} values",
+                         "a recipe needs no such nesting: write the values out, or use fewer aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Recipe:
     """Parse and validate recipe YAML text; syntax errors name the source and line."""
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = _load_yaml(text, source)
+    except RecursionError:
+        raise _error(source, "", "the YAML is nested too deeply", "a recipe is a few levels of mappings and lists") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "YAML"
@@ -658,6 +723,19 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file; RecipeError naming the file when it is oversized or not UTF-8."""
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise _error(str(path), "", f"is {size:,} bytes, not a recipe (at most {MAX_RECIPE_BYTES:,})", "give a recipe YAML file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _error(str(path), f"byte {exc.start}", f"is not UTF-8 text (byte 0x{data[exc.start]:02x})",
+                     "save the recipe as UTF-8") from None
+
+
 def load_recipe(name_or_path: "str | Path | Mapping | Recipe") -> Recipe:
     """A validated Recipe from a bundled name (`kn-gpt2` or `kn-gpt2.yaml`), a path to a YAML file, or a
     dict shaped like the YAML (e.g. `load_recipe("kn-gpt2").to_dict()` after edits).
@@ -671,7 +749,7 @@ def load_recipe(name_or_path: "str | Path | Mapping | Recipe") -> Recipe:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_file():
-        return parse_yaml(path.read_text(encoding="utf-8"), source=str(path))
+        return parse_yaml(read_recipe_text(path), source=str(path))
     bundled = _bundled_files()
     bare = text[:-5] if text.endswith(".yaml") else text[:-4] if text.endswith(".yml") else text
     if isinstance(name_or_path, str) and "/" not in text and bare in bundled:

@@ -207,14 +207,14 @@ BAD_INPUTS = [
     ("missing-model-path", lambda t, m, c: ["plan", t / "no" / "such" / "model", "--recipe", "kn-gpt2"], "does not exist"),
     ("unknown-recipe", lambda t, m, c: ["plan", m, "--recipe", "kn-gtp2"], "did you mean 'kn-gpt2'"),
     ("invalid-recipe", lambda t, m, c: ["plan", m, "--recipe", _bad_recipe(t)], "optoins"),
-    ("output-exists", lambda t, m, c: ["compress", m, "--recipe", "kn-gpt2", "--output", _existing_output(t)], "--overwrite"),
+    ("output-exists", lambda t, m, c: ["compress", m, "--recipe", "kn-gpt2", "--output", _existing_output(t)], "did not write"),
     ("compress-config-only", lambda t, m, c: ["compress", c, "--recipe", "kn-gpt2", "--output", t / "o"], "only config.json"),
     ("hub-unreachable", lambda t, m, c: ["plan", "kroncompress-tests/no-such-model", "--recipe", "kn-gpt2"], "hub"),
     ("folder-without-config", lambda t, m, c: ["plan", t, "--recipe", "kn-gpt2"], "no config.json"),
     ("inspect-plain-model", lambda t, m, c: ["inspect", m], "not a compressed"),
     ("inspect-missing", lambda t, m, c: ["inspect", t / "nothing"], "does not exist"),
     ("export-without-format", lambda t, m, c: ["export", m, "--output", t / "o"], "--dense"),
-    ("export-output-exists", lambda t, m, c: ["export", m, "--dense", "--output", _existing_output(t)], "--overwrite"),
+    ("export-output-exists", lambda t, m, c: ["export", m, "--dense", "--output", _existing_output(t)], "did not write"),
 ]
 
 

@@ -154,8 +154,23 @@ def parse_data_arg(text: str) -> dict:
 
 # -- documents -----------------------------------------------------------------------------------
 
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+_CHECK_CHUNK = 1 << 20
+
+
+def _folder_files(folder: str) -> list[Path]:
+    """The text (.txt/.text/.md) and JSON-lines (.jsonl/.json) files directly inside a folder, sorted."""
+    files = sorted(Path(folder).iterdir())
+    kept = [f for f in files if f.is_file() and not f.name.startswith(".") and f.suffix in TEXT_SUFFIXES + JSON_SUFFIXES]
+    if not kept:
+        raise ValueError(f"files: folder {folder!r} holds no {'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)} file; give the "
+                         f"files themselves, or a glob such as '{folder.rstrip('/')}/**/*.txt' for its subfolders")
+    return kept
+
+
 def resolve_files(patterns: Iterable[str]) -> list[Path]:
-    """The files matched by paths/globs (`**` recursive, `~` expanded), in order, each once.
+    """The files matched by paths/globs (`**` recursive, `~` expanded), in order, each once. A folder
+    stands for the .txt/.text/.md and .jsonl/.json files directly inside it.
 
     ValueError naming the pattern when one matches nothing.
     """
@@ -164,11 +179,50 @@ def resolve_files(patterns: Iterable[str]) -> list[Path]:
         expanded = os.path.expanduser(str(pattern))
         matches = sorted(glob.glob(expanded, recursive=True))
         files = [Path(m) for m in matches if os.path.isfile(m)]
+        if not files and os.path.isdir(expanded):
+            files = _folder_files(expanded)
         if not files:
             raise ValueError(f"files: {pattern!r} matches no file (relative to {os.getcwd()}); "
                              "check the path or quote the glob so the shell does not expand it")
         found.extend(f for f in files if f not in found)
     return found
+
+
+def check_text_files(files: Iterable[str | os.PathLike]) -> None:
+    """ValueError naming the file and the byte offset when a file is not UTF-8 text: a NUL byte (binary,
+    or UTF-16) or an invalid UTF-8 sequence (e.g. Latin-1). Text is never guessed or silently mangled;
+    convert such files first, e.g. `iconv -f latin1 -t utf-8 old.txt > new.txt`."""
+    import codecs
+
+    for file in files:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset = 0
+        with open(file, "rb") as handle:
+            while True:
+                chunk = handle.read(_CHECK_CHUNK)
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise ValueError(f"files: {str(file)!r} is binary, not UTF-8 text (a NUL byte at offset {offset + nul}; "
+                                     "UTF-16 text has them too); give UTF-8 .txt or .jsonl files")
+                pending = len(decoder.getstate()[0])  # bytes of a sequence cut by the previous chunk
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    raise ValueError(
+                        f"files: {str(file)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{offset - pending + exc.start}); convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` "
+                        "for Latin-1 text") from None
+                if not chunk:
+                    break
+                offset += len(chunk)
+
+
+def check_spec_files(spec: Any) -> None:
+    """For a spec reading local files: each pattern matches a file and every file is UTF-8 text (ValueError
+    naming the file otherwise). Cheap enough to run before a model loads; other specs pass."""
+    s = text_spec(spec)
+    if s.kind == "files":
+        check_text_files(resolve_files(s.files))
 
 
 def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> Iterable[str]:
@@ -195,6 +249,7 @@ def _load_files(s: TextSpec, cache_dir: str | os.PathLike | None):
     import datasets
 
     files = [str(f) for f in resolve_files(s.files)]
+    check_text_files(files)
     kinds = {f.endswith(JSON_SUFFIXES) for f in files}
     if len(kinds) > 1:
         raise ValueError(f"files: {', '.join(s.files)} mixes .jsonl/.json with text files; give one kind per spec")
