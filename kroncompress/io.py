@@ -28,7 +28,7 @@ from torch import nn
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
 from kroncompress.strategies import LayerPlan, get_strategy
-from kroncompress.surgery import CONFIG_KEY, _set_submodule, count_params, set_tie_word_embeddings, tied_replacement
+from kroncompress.surgery import CONFIG_KEY, _set_submodule, count_params, install, set_tie_word_embeddings
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -266,10 +266,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
             new = strategy.build(layer_plan, None, dtype=dtype)
             if "padding_idx" in entry:
                 new.padding_idx = entry["padding_idx"]
-            _set_submodule(model, name, new)
-            for tie in entry.get("tied", []):
-                tied_old = model.get_submodule(tie["name"])
-                _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(tied_old, "bias", None)))
+            install(model, name, new, entry.get("tied", []))
     _tie_groups(model, section.get("shared_parameters", []))
     _load_weights_strict(model, folder / WEIGHTS_NAME)
     model.eval()

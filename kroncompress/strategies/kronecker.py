@@ -26,6 +26,7 @@ def _check_shape(name: str, value) -> None:
 
 
 INITS = ("auto", "nkp", "als")
+DATA_AWARE_INITS = ("auto", "als")  # the inits that use calibration statistics when they are given
 
 
 @dataclass
@@ -73,6 +74,7 @@ class KroneckerConfig(StrategyConfig):
 class KroneckerStrategy(Strategy):
     Config = KroneckerConfig
     kinds = ("linear", "conv1d", "embedding")
+    uses_calibration = True
 
     def _choose_shape(self, shape, weight, stats=None):
         cfg = self.config
@@ -118,10 +120,13 @@ class KroneckerStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=flops, note=f"shape chosen by {how}",
         )
 
+    def wants_statistics(self, kind: str) -> bool:
+        """init als or auto, on a linear/conv1d module."""
+        return self.config.init in DATA_AWARE_INITS and kind in ("linear", "conv1d")
+
     def init_for(self, kind: str, stats) -> str:
         """The init that runs: "als" when asked (or auto) and statistics exist for a linear layer, else "nkp"."""
-        wants_data = self.config.init in ("auto", "als")
-        return "als" if wants_data and stats is not None and kind != "embedding" else "nkp"
+        return "als" if self.wants_statistics(kind) and stats is not None else "nkp"
 
     def decompose(self, weight, plan, stats=None):
         """Factors {"a": (r, m1, n1), "b": (r, m2, n2)}; with `stats` (the damped n x n input second

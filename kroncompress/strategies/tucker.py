@@ -119,7 +119,7 @@ class TuckerConfig(StrategyConfig):
 class TuckerStrategy(Strategy):
     Config = TuckerConfig
 
-    def plan(self, shape, kind="linear", weight=None, bias=True):
+    def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
         self.check_kind(kind)
         cfg = self.config
         out_shape, in_shape = resolve_tensorization(self.name, cfg, shape)
@@ -139,7 +139,7 @@ class TuckerStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=tucker_matmul_flops(out_shape, in_shape, ranks), note=note,
         )
 
-    def decompose(self, weight, plan):
+    def decompose(self, weight, plan, stats=None):
         spec, cfg = plan.spec, self.config
         core, factors = tucker_decompose(weight, spec["out_shape"], spec["in_shape"], spec["ranks"],
                                          n_iter_max=cfg.n_iter_max, tol=cfg.tol, random_state=cfg.random_state)
