@@ -114,7 +114,8 @@ class Rule:
     config: Any = field(default=None, compare=False)
 
     def __post_init__(self):
-        if self.config is None or any(o.config is None for o in self.overrides):
+        pending = lambda item: item.config is None or not item.options  # noqa: E731 (built in Python)
+        if pending(self) or any(pending(o) for o in self.overrides):
             _configure_rule(self)
 
     def matches(self, module_name: str, module: Any = None, aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
@@ -158,17 +159,17 @@ def _configure_rule(rule: Rule) -> None:
     try:
         if rule.config is None:
             rule.config = strategy_cls.parse_options(dict(rule.options))
-        else:
+        elif not rule.options:
             if not isinstance(rule.config, strategy_cls.Config):
                 raise RecipeError(f"{where}.config: strategy {rule.strategy!r} takes a {strategy_cls.Config.__name__}, "
                                   f"got {type(rule.config).__name__}")
-            rule.options = {**strategy_cls.options_of(rule.config), **(rule.options or {})}
-        for j, override in enumerate(rule.overrides):
+            rule.options = strategy_cls.options_of(rule.config)
+        for override in rule.overrides:
             if override.config is None:
                 override.config = strategy_cls.parse_options({**rule.options, **override.options})
-            else:  # a whole Config: write out every rule option it replaces, so the YAML merge gives the same
+            elif not override.options:  # a whole Config: write out every rule option it replaces too
                 kept = {k: getattr(override.config, k) for k in rule.options}
-                override.options = {**kept, **strategy_cls.options_of(override.config), **override.options}
+                override.options = {**kept, **strategy_cls.options_of(override.config)}
     except OptionError as exc:
         raise RecipeError(f"{where}.options" + (f".{exc.field}" if exc.field else "") + f": {exc.problem}") from None
 

@@ -291,7 +291,8 @@ def _plan_layer(strategy: Strategy, module: nn.Module, kind: str, stats=None) ->
     usable = None if _is_meta(weight) else weight.detach()
     stats = _module_stats(strategy, kind, stats) if usable is not None else None
     try:
-        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, stats=stats)
+        extra = {"stats": stats} if strategy.uses_calibration else {}  # the declared contract, see strategies.base
+        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
     except OptionError:
         raise
     except ValueError as exc:  # a strategy's own check without a field: point at the rule's options

@@ -7,8 +7,9 @@ The contract, all of it declared here (the surgery inspects nothing else):
 
 - `name`, `Config` (a StrategyConfig dataclass), `kinds` (module kinds it compresses);
 - `plan(shape, kind, weight=None, bias=True, stats=None)` and `decompose(weight, plan, stats=None)`:
-  `stats` is the layer's damped input second moment, passed only to strategies whose
-  `uses_calibration` is True (and then only for the kinds `wants_statistics` accepts);
+  `stats` is the layer's damped input second moment, passed (as the keyword `stats=`) only to strategies
+  whose `uses_calibration` is True, so a strategy without calibration may leave the parameter out, and
+  one that declares it but misspells the parameter fails loudly instead of silently running weight-only;
 - `wants_statistics(kind)`: whether the configured init would use statistics for a module of that kind
   (which modules the calibration pass hooks); `init_for(kind, stats)`: the name of the init that runs;
 - `build(plan, factors=None, bias=None, device=None, dtype=None)`.
@@ -161,7 +162,8 @@ class Strategy:
         kind = "embedding" if isinstance(module, nn.Embedding) else dense_weight_of(module)[1]
         weight, bias = weight_and_bias(module, kind)
         stats = stats if self.uses_calibration and self.wants_statistics(kind) else None
-        plan = self.plan(tuple(weight.shape), kind, weight=weight.detach(), bias=bias is not None, stats=stats)
+        extra = {"stats": stats} if self.uses_calibration else {}
+        plan = self.plan(tuple(weight.shape), kind, weight=weight.detach(), bias=bias is not None, **extra)
         replaced = replacement(self, module, plan, stats)
         return replaced.module, plan, replaced.error
 
@@ -221,7 +223,8 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
     work = weight if weight.dtype in (torch.float32, torch.float64) else weight.to(torch.float32)
     work_bias = None if bias is None else bias.detach().to(work.dtype)
     with torch.no_grad():
-        new = strategy.build(plan, strategy.decompose(work, plan, stats=stats), work_bias)
+        extra = {"stats": stats} if strategy.uses_calibration else {}
+        new = strategy.build(plan, strategy.decompose(work, plan, **extra), work_bias)
         if kind == "embedding" and module.padding_idx is not None:
             new.padding_idx = module.padding_idx
         new.to(device=weight.device, dtype=weight.dtype)
