@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -238,6 +239,11 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
             output_error = relative_output_error(reference, approx, stats)
     new.train(module.training)
     return Replacement(new, error, output_error, strategy.init_for(kind, stats))
+
+
+def is_ratio(value: Any) -> bool:
+    """A compression ratio: a finite number > 1 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 1
 
 
 def check_ratio_met(strategy: str, ratio: float, shape: tuple[int, int], factor_params: int, reach: str) -> None:

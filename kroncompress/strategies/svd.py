@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kroncompress.layers.lowrank import LowRankLinear
 from kroncompress.linalg.svd import truncated_svd
 from kroncompress.linalg.whitening import whitened_svd
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
+from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
@@ -33,8 +33,8 @@ class SVDConfig(StrategyConfig):
             raise config_error("svd", "rank", "give either rank (e.g. 64) or ratio (e.g. 2), exactly one of them")
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise config_error("svd", "rank", f"must be a positive int, got {self.rank!r}")
-        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or self.ratio <= 1):
-            raise config_error("svd", "ratio", f"must be a number > 1 (2 halves the parameters), got {self.ratio!r}")
+        if self.ratio is not None and not is_ratio(self.ratio):
+            raise config_error("svd", "ratio", f"must be a finite number > 1 (2 halves the parameters), got {self.ratio!r}")
 
 
 @register_strategy("svd")
