@@ -10,7 +10,7 @@ from kroncompress.layers import (
 )
 from kroncompress.linalg import kron_matmul, kron_sum, kronecker_shapes, nearest_kronecker, truncated_svd
 from kroncompress.strategies import (
-    LayerPlan, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
+    LayerPlan, OptionError, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
 )
 from kroncompress.recipe import (
     DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
-    "LowRankLinear", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy", "kron_matmul", "kron_sum",
+    "LowRankLinear", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy", "kron_matmul", "kron_sum",
     "kronecker_shapes", "list_strategies", "nearest_kronecker", "register_strategy", "truncated_svd",
     "DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe",
     "match_pattern",
