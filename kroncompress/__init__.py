@@ -20,8 +20,8 @@ _EXPORTS: dict[str, str] = {
                      "LowRankLinear", "TTLinear", "TuckerLinear"), "kroncompress.layers"),
     **dict.fromkeys(("kron_matmul", "kron_sum", "kronecker_shapes", "nearest_kronecker", "truncated_svd"),
                     "kroncompress.linalg"),
-    **dict.fromkeys(("LayerPlan", "Strategy", "StrategyConfig", "get_strategy", "list_strategies",
-                     "register_strategy"), "kroncompress.strategies"),
+    **dict.fromkeys(("LayerPlan", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy",
+                     "list_strategies", "register_strategy"), "kroncompress.strategies"),
     **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes",
                      "load_recipe", "match_pattern"), "kroncompress.recipe"),
     "aliases_for": "kroncompress.aliases",
@@ -39,7 +39,7 @@ _SUBPACKAGES = ("distill",)
 
 __all__ = [
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
-    "LowRankLinear", "Strategy", "StrategyConfig", "get_strategy", "kron_matmul", "kron_sum",
+    "LowRankLinear", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy", "kron_matmul", "kron_sum",
     "kronecker_shapes", "list_strategies", "nearest_kronecker", "register_strategy", "truncated_svd",
     "DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe",
     "match_pattern",
@@ -86,6 +86,6 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
         DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
     )
     from kroncompress.strategies import (
-        LayerPlan, Strategy, StrategyConfig, get_strategy, list_strategies, register_strategy,
+        LayerPlan, OptionError, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
     )
     from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan

@@ -222,27 +222,21 @@ def collect_statistics(model: nn.Module, blocks: torch.Tensor, module_names: Ite
 
 
 def calibration_targets(model: nn.Module, recipe: Any) -> list[str]:
-    """Names of the recipe's target modules that take calibration statistics (linear/conv1d modules
-    compressed by a strategy with a data-aware init that the rule does not switch off)."""
-    from kroncompress.surgery import plan
+    """Names of the target modules that take calibration statistics: the rows of a CompressionPlan (or of
+    the plan of a recipe) whose strategy declares it would use them (`Strategy.wants_statistics`)."""
+    from kroncompress.surgery import CompressionPlan, plan
 
-    names = []
-    for row in plan(model, recipe).rows:
-        if row.structural or row.plan.kind not in ("linear", "conv1d"):
-            continue
-        if getattr(row.config, "init", None) in _DATA_AWARE_INITS:
-            names.append(row.name)
-    return names
+    planned = recipe if isinstance(recipe, CompressionPlan) else plan(model, recipe)
+    return [row.name for row in planned.rows
+            if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind)]
 
 
-_DATA_AWARE_INITS = ("auto", "als", "whitened")
-
-
-def calibrate(model: nn.Module, recipe: Any, tokenizer, *, data: Any = None, tokens: int | None = None,
+def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, tokens: int | None = None,
               block_size: int | None = None, damping: float | None = None, batch_size: int = 8,
               device: str | torch.device | None = None, progress: Callable[[int, int], None] | None = None,
               cache_dir=None) -> CalibrationStats:
-    """Input statistics for the data-aware targets of `recipe`, from the recipe's `calibration` section.
+    """Input statistics for the data-aware targets of `plan` (a CompressionPlan from `kc.plan`, or a
+    recipe, which is planned here), from the recipe's `calibration` section.
 
     Arguments given here override the section (`data`: a spec as for distillation data, e.g.
     "shakespeare" or {"files": [...]}; `tokens`: how many tokens; `block_size`: tokens per forward
@@ -251,10 +245,12 @@ def calibrate(model: nn.Module, recipe: Any, tokenizer, *, data: Any = None, tok
     """
     from kroncompress.distill.data import pack_blocks, text_spec, token_stream
     from kroncompress.evaluate import max_positions
-    from kroncompress.recipe import CalibrationConfig, load_recipe
+    from kroncompress.recipe import CalibrationConfig
+    from kroncompress.surgery import CompressionPlan
+    from kroncompress.surgery import plan as plan_model
 
-    recipe = load_recipe(recipe)
-    section = recipe.calibration or CalibrationConfig()
+    planned = plan if isinstance(plan, CompressionPlan) else plan_model(model, plan)
+    section = (planned.source.calibration if planned.source is not None else None) or CalibrationConfig()
     spec = data if data is not None else section.data
     tokens = int(tokens or section.tokens)
     block_size = int(block_size or section.block_size)
@@ -268,18 +264,21 @@ def calibrate(model: nn.Module, recipe: Any, tokenizer, *, data: Any = None, tok
     if len(blocks) == 0:
         raise ValueError(f"calibration: {s.describe()} gave {ids.numel()} tokens, fewer than one block of {block_size}; "
                          "add text or lower calibration.block_size")
-    names = calibration_targets(model, recipe)
+    names = calibration_targets(model, planned)
     return collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
                               progress=progress)
 
 
-def calibrate_for_cli(model: nn.Module, recipe: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,
+def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,
                       console=None) -> CalibrationStats | None:
     """What `kroncompress compress` runs: calibrate when the recipe has a `calibration` section or
-    `--calibration-data` is given (None otherwise), with a rich progress bar on `console`."""
-    from kroncompress.recipe import load_recipe
+    `--calibration-data` is given (None otherwise), with a rich progress bar on `console`. `plan`: a
+    CompressionPlan (or a recipe, planned here)."""
+    from kroncompress.surgery import CompressionPlan
+    from kroncompress.surgery import plan as plan_model
 
-    recipe = load_recipe(recipe)
+    plan = plan if isinstance(plan, CompressionPlan) else plan_model(model, plan)
+    recipe = plan.source
     if recipe.calibration is None and data is None:
         if tokens is not None:
             raise ValueError("--calibration-tokens needs calibration data: add --calibration-data (e.g. shakespeare) "
@@ -289,14 +288,14 @@ def calibrate_for_cli(model: nn.Module, recipe: Any, tokenizer, *, data: str | N
         raise ValueError("calibration needs the model's tokenizer, but none was found next to the model; "
                          "save the tokenizer with the model or drop --calibration-data")
     if console is None:
-        return calibrate(model, recipe, tokenizer, data=data, tokens=tokens)
+        return calibrate(model, plan, tokenizer, data=data, tokens=tokens)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("", total=None)
-        stats = calibrate(model, recipe, tokenizer, data=data, tokens=tokens,
+        stats = calibrate(model, plan, tokenizer, data=data, tokens=tokens,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"[bold]calibration[/bold] {len(stats.inputs)} distinct inputs, "
                   f"{stats.memory_bytes / 2**20:.1f} MiB of statistics")

@@ -30,7 +30,7 @@ from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
 from kroncompress.outputs import match_file_mode
 from kroncompress.strategies import LayerPlan, get_strategy
-from kroncompress.surgery import CONFIG_KEY, _set_submodule, count_params, set_tie_word_embeddings, tied_replacement
+from kroncompress.surgery import CONFIG_KEY, _set_submodule, count_params, install, set_tie_word_embeddings
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -439,14 +439,10 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
             new = _rebuild_module(model, name, entry, folder, dtype)
             if "padding_idx" in entry:
                 new.padding_idx = entry["padding_idx"]
-            _set_submodule(model, name, new)
-            for tie in entry.get("tied", []):
-                try:
-                    tied_old = model.get_submodule(tie["name"])
-                    replacement = tied_replacement(new, tie["as"], getattr(tied_old, "bias", None))
-                except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                    raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
-                _set_submodule(model, tie["name"], replacement)
+            try:
+                install(model, name, new, entry.get("tied", []))
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
     _tie_groups(model, section.get("shared_parameters", []) or [], folder)
     _load_weights_strict(model, folder / WEIGHTS_NAME)
     model.eval()

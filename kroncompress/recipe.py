@@ -105,33 +105,90 @@ def match_any(patterns: Iterable[str], name: str, module: Any = None,
 
 @dataclass
 class Override:
-    """Per-rule options for the modules of a rule that also match `targets` (first match wins)."""
+    """Per-rule options for the modules of a rule that also match `targets` (first match wins).
+
+    `options` are merged over the rule's; `config` is the merged options parsed by the rule's strategy
+    (set when the rule is built). In Python, give `config` (a whole Config object) instead of options."""
 
     targets: list[str]
-    options: dict
+    options: dict = field(default_factory=dict)
+    config: Any = field(default=None, compare=False)
 
 
 @dataclass
 class Rule:
-    """One `compress` entry: modules matching `targets` are compressed by `strategy` with `options`."""
+    """One `compress` entry: modules matching `targets` are compressed by `strategy` with `options`.
+
+    `config` is the strategy's Config object built from `options` once, when the rule is made. In Python
+    a rule can be written with the Config instead of options:
+    `Rule(targets=["re:.*mlp.*"], strategy="kronecker", config=KroneckerConfig(b_shape=[1, 2]))`."""
 
     targets: list[str]
     strategy: str
-    options: dict
+    options: dict = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)
     index: int = 0
+    config: Any = field(default=None, compare=False)
+
+    def __post_init__(self):
+        pending = lambda item: item.config is None or not item.options  # noqa: E731 (built in Python)
+        if pending(self) or any(pending(o) for o in self.overrides):
+            _configure_rule(self)
 
     def matches(self, module_name: str, module: Any = None, aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
         """Whether this rule's targets select the module."""
         return match_any(self.targets, module_name, module, aliases)
 
+    def _override_for(self, module_name: str, module: Any, aliases) -> "Override | None":
+        return next((o for o in self.overrides if match_any(o.targets, module_name, module, aliases)), None)
+
     def options_for(self, module_name: str, module: Any = None,
                     aliases: Mapping[str, Iterable[str]] | None = None) -> dict:
         """The rule's options merged with the first override whose targets match the module."""
-        for override in self.overrides:
-            if match_any(override.targets, module_name, module, aliases):
-                return {**self.options, **override.options}
-        return dict(self.options)
+        override = self._override_for(module_name, module, aliases)
+        return {**self.options, **override.options} if override is not None else dict(self.options)
+
+    def config_for(self, module_name: str, module: Any = None, aliases: Mapping[str, Iterable[str]] | None = None):
+        """The parsed Config for the module: the first matching override's, else the rule's."""
+        override = self._override_for(module_name, module, aliases)
+        return override.config if override is not None else self.config
+
+    def option_path(self, module_name: str, module: Any, aliases, field_name: str | None) -> str:
+        """The recipe path of an option of this rule as it applies to the module (e.g.
+        `compress[1].options.ratio`, or the override's when the override sets that option)."""
+        override = self._override_for(module_name, module, aliases)
+        base = f"compress[{self.index}]"
+        if override is not None and (field_name is None or field_name in override.options):
+            base += f".overrides[{self.overrides.index(override)}]"
+        return f"{base}.options" + (f".{field_name}" if field_name else "")
+
+
+def _configure_rule(rule: Rule) -> None:
+    """Parse a rule written in Python: its Config from options (or options from its Config), and each
+    override's merged Config; errors name the rule's recipe path."""
+    from kroncompress.strategies import OptionError, get_strategy
+
+    where = f"<python>: compress[{rule.index}]"
+    try:
+        strategy_cls = get_strategy(rule.strategy)
+    except ValueError as exc:
+        raise RecipeError(f"{where}.strategy: {exc}") from None
+    try:
+        if rule.config is None:
+            rule.config = strategy_cls.parse_options(dict(rule.options))
+        elif not rule.options:
+            if not isinstance(rule.config, strategy_cls.Config):
+                raise RecipeError(f"{where}.config: strategy {rule.strategy!r} takes a {strategy_cls.Config.__name__}, "
+                                  f"got {type(rule.config).__name__}")
+            rule.options = strategy_cls.options_of(rule.config)
+        for override in rule.overrides:
+            if override.config is None:
+                override.config = strategy_cls.parse_options({**rule.options, **override.options})
+            elif not override.options:  # a whole Config: write out every rule option it replaces too
+                kept = {k: getattr(override.config, k) for k in rule.options}
+                override.options = {**kept, **strategy_cls.options_of(override.config)}
+    except OptionError as exc:
+        raise RecipeError(f"{where}.options" + (f".{exc.field}" if exc.field else "") + f": {exc.problem}") from None
 
 
 @dataclass
@@ -237,15 +294,22 @@ class CalibrationConfig:
 class Recipe:
     """A validated recipe. Build it with `load_recipe` or `Recipe.from_dict`."""
 
-    version: int
-    name: str
-    description: str
-    compress: list[Rule]
+    version: int = RECIPE_VERSION
+    name: str = "custom"
+    description: str = ""
+    compress: list[Rule] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     distill: DistillConfig | None = None
     evaluate: EvaluateConfig | None = None
     calibration: CalibrationConfig | None = None
-    source: str = field(default="<dict>", compare=False)
+    source: str = field(default="<python>", compare=False)
+
+    def __post_init__(self):
+        if not self.compress:
+            raise _error(self.source, "compress", "is empty", "add a rule, e.g. Rule(targets=[...], strategy=\"kronecker\", "
+                         "config=KroneckerConfig(ratio=2))")
+        for i, rule in enumerate(self.compress):
+            rule.index = i
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "Recipe":
@@ -405,19 +469,16 @@ def _check_targets(node: _Node, key: str, required: bool) -> list[str]:
     return patterns
 
 
-_OPTION_ERROR = re.compile(r"^strategy '[^']*', option '([^']+)': (.*)$", re.S)
-
-
 def _check_options(strategy_cls, options: dict, node: _Node, override_options: dict | None = None,
-                   override_node: _Node | None = None) -> None:
-    """Parse options (merged with an override's) with the strategy; re-raise errors at their YAML path."""
+                   override_node: _Node | None = None):
+    """The strategy's Config for options (merged with an override's); errors re-raised at their YAML path."""
+    from kroncompress.strategies import OptionError
+
     merged = {**options, **(override_options or {})}
     try:
-        strategy_cls.parse_options(dict(merged))
-    except (ValueError, TypeError) as exc:
-        message = str(exc)
-        found = _OPTION_ERROR.match(message)
-        field_name, problem = (found.group(1), found.group(2)) if found else (None, message)
+        return strategy_cls.parse_options(dict(merged))
+    except OptionError as exc:
+        field_name, problem = exc.field, exc.problem
         fix = None if ";" in problem else f"see the options of strategy {strategy_cls.name!r} (`kroncompress strategies`)"
         if override_node is None or field_name in (override_options or {}):
             owner = override_node or node
@@ -449,7 +510,7 @@ def _parse_rule(node: _Node, index: int) -> Rule:
     except ValueError as exc:
         raise node.child("strategy").error(str(exc), "pick one of the registered strategies") from None
     options, options_node = _parse_options(node)
-    _check_options(strategy_cls, options, options_node)
+    config = _check_options(strategy_cls, options, options_node)
 
     overrides = []
     if node.value.get("overrides") is not None:
@@ -459,9 +520,10 @@ def _parse_rule(node: _Node, index: int) -> Rule:
         for j in range(len(list_node.value)):
             item = list_node.child(j).mapping(["targets", "options"], required=["targets", "options"])
             override_options, override_node = _parse_options(item)
-            _check_options(strategy_cls, options, options_node, override_options, override_node)
-            overrides.append(Override(targets=_check_targets(item, "targets", required=True), options=override_options))
-    return Rule(targets=targets, strategy=strategy, options=options, overrides=overrides, index=index)
+            merged = _check_options(strategy_cls, options, options_node, override_options, override_node)
+            overrides.append(Override(targets=_check_targets(item, "targets", required=True), options=override_options,
+                                      config=merged))
+    return Rule(targets=targets, strategy=strategy, options=options, overrides=overrides, index=index, config=config)
 
 
 def _parse_losses(node: _Node) -> LossWeights:

@@ -1,7 +1,11 @@
 """Model surgery: match a recipe's targets to modules, plan each one, and swap in the compressed modules.
 
     plan = kc.plan(model, recipe)        # dry run: shapes and parameter counts, works on the meta device
-    report = kc.compress(model, recipe)  # decompose and swap in place; per-module rows and totals
+    report = kc.compress(model, plan)    # decompose and swap in place; per-module rows and totals
+    report = kc.compress(model, recipe)  # the same in one call (plans, then compresses that plan)
+
+With calibration the order is plan -> calibrate(plan) -> compress(model, plan, calibration=stats): the
+plan says which modules need statistics, and compress uses that very plan.
 
 Targets are matched against the full dotted names of the model's modules (see `kroncompress.recipe`).
 Compressible modules are nn.Linear, GPT-2's Conv1D and nn.Embedding (exact classes, or subclasses that
@@ -15,11 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import inspect
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -27,13 +28,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from kroncompress.aliases import aliases_for
-from kroncompress.layers.base import dense_weight_of
 from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
-from kroncompress.strategies import LayerPlan, Strategy, get_strategy
+from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
+from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
+    CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
+    _record_plan, _renumber, set_tie_word_embeddings,
+)
+from kroncompress.strategies.base import replacement, weight_and_bias
 
-CONFIG_KEY = "kroncompress"  # the section of model.config (and config.json) holding the saved plan
-FORMAT_VERSION = 1
 
 
 # -- what a module is ------------------------------------------------------------------------------
@@ -56,14 +59,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _weight_and_bias(module: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight in out x in orientation, or vocab x dim for an embedding; bias or None)."""
-    if kind == "embedding":
-        return module.weight, None
-    weight, _ = dense_weight_of(module)
-    return weight, getattr(module, "bias", None)
-
-
 def _is_meta(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "meta"
 
@@ -71,6 +66,16 @@ def _is_meta(tensor: torch.Tensor) -> bool:
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def install(model: nn.Module, name: str, new: nn.Module, tied: list[dict[str, Any]] = ()) -> None:
+    """Put `new` in place of the module `name`, and give every module that shared its weight (`tied`:
+    {"name", "as": "head" | "alias"}) its tied replacement. The one routine that swaps modules, used by
+    compress and load_compressed."""
+    _set_submodule(model, name, new)
+    for tie in tied:
+        old = model.get_submodule(tie["name"])
+        _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
 
 
 def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
@@ -86,82 +91,6 @@ def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
 
 
 # -- the plan --------------------------------------------------------------------------------------
-
-@dataclass
-class PlanRow:
-    """One module's plan: which rule and strategy, with which options, and the strategy's LayerPlan."""
-
-    name: str
-    strategy: str
-    options: dict[str, Any]
-    plan: LayerPlan
-    rule: int
-    tied: list[dict[str, Any]] = field(default_factory=list)  # modules sharing this weight: {"name", "as"}
-    note: str = ""
-    config: Any = field(default=None, repr=False)  # the parsed strategy config
-
-    @property
-    def structural(self) -> bool:
-        return bool(getattr(get_strategy(self.strategy), "structural", False))
-
-    def to_dict(self) -> dict[str, Any]:
-        plan = self.plan
-        notes = "; ".join(n for n in (plan.note, self.note) if n)
-        return {
-            "name": self.name, "strategy": self.strategy, "rule": self.rule, "kind": plan.kind,
-            "shape": list(plan.shape), "spec": _jsonable(plan.spec), "options": _jsonable(self.options),
-            "params_before": plan.params_before, "params_after": plan.params_after,
-            "flops_before": plan.flops_before, "flops_after": plan.flops_after,
-            "tied": [dict(t) for t in self.tied], "note": notes,
-        }
-
-
-@dataclass
-class CompressionPlan:
-    """What `compress` would do: one row per target module, and the whole model's parameter counts."""
-
-    rows: list[PlanRow]
-    params_before: int
-    params_after: int
-    recipe: str = ""
-    model_type: str = ""
-    skipped: list[str] = field(default_factory=list)  # targets inside blocks that layerdrop removes
-
-    @property
-    def ratio(self) -> float:
-        return self.params_before / max(self.params_after, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: totals and a `modules` list of rows."""
-        return {
-            "recipe": self.recipe, "model_type": self.model_type,
-            "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
-            "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
-        }
-
-    def module_plans(self) -> dict[str, dict[str, Any]]:
-        """{module name: {"strategy", "options", "plan", "tied"}} for the factorized modules: what
-        `load_compressed` needs to rebuild them (JSON-able; stored in config.json by compress)."""
-        return {
-            row.name: {"strategy": row.strategy, "options": _jsonable(row.options), "plan": _jsonable(row.plan.to_dict()),
-                       "tied": [dict(t) for t in row.tied]}
-            for row in self.rows if not row.structural
-        }
-
-    def summary_by_strategy(self) -> dict[str, dict[str, int]]:
-        """{strategy: {"modules", "params_before", "params_after"}} over the rows."""
-        out: dict[str, dict[str, int]] = {}
-        for row in self.rows:
-            entry = out.setdefault(row.strategy, {"modules": 0, "params_before": 0, "params_after": 0})
-            entry["modules"] += 1
-            entry["params_before"] += row.plan.params_before
-            entry["params_after"] += row.plan.params_after
-        return out
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
-
 
 def _closest(text: str, names: list[str]) -> str:
     close = difflib.get_close_matches(text, names, n=3, cutoff=0.0)
@@ -210,12 +139,13 @@ def _match_rule(rule, modules: list[tuple[str, nn.Module]], recipe: Recipe, alia
     return [(n, m, kind) for n, (m, kind) in selected.items()]
 
 
-def _takes_stats(method) -> bool:
-    return "stats" in inspect.signature(method).parameters
-
-
 def _stats_for(calibration, name: str):
     return calibration.matrix(name) if calibration is not None and name in calibration else None
+
+
+def as_recipe(recipe: "Recipe | str | Any") -> Recipe:
+    """A Recipe passes through; a name, path or dict is loaded (the one place the public API loads one)."""
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
 def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> CompressionPlan:
@@ -226,9 +156,10 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     strategies that choose shapes from the weights (kronecker with `ratio`) use them, as `compress` will;
     with `calibration` (`kroncompress.calibration.CalibrationStats`) they rank shapes by output error.
     Raises RecipeError for a target that matches no module (naming the 3 closest module names), only
-    ignored modules, or only modules the strategy cannot compress.
+    ignored modules, or only modules the strategy cannot compress, and for options a module's shape
+    cannot satisfy (naming the module and the recipe field, e.g. compress[1].options.ratio).
     """
-    recipe = load_recipe(recipe)
+    recipe = as_recipe(recipe)
     aliases = aliases_for(model)
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     modules = [(n, m) for n, m in model.named_modules() if n]
@@ -236,41 +167,57 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     rows: dict[str, PlanRow] = {}
     for rule in recipe.compress:
         strategy_cls = get_strategy(rule.strategy)
-        configs: dict[str, Any] = {}
+        strategies: dict[int, Strategy] = {}  # one instance per parsed config (the rule's, each override's)
         for name, module, kind in _match_rule(rule, modules, recipe, aliases, strategy_cls, model_type):
             if name in rows:
                 if rows[name].rule != rule.index:
                     rows[name].note = _join(rows[name].note, f"also matched by compress[{rule.index}] (first rule wins)")
                 continue
-            options = rule.options_for(name, module, aliases)
-            key = json.dumps(options, sort_keys=True, default=str)
-            if key not in configs:
-                configs[key] = strategy_cls.parse_options(dict(options))
-            strategy = strategy_cls(config=configs[key])
-            row = _plan_module(model, name, module, kind, strategy, sharers, _stats_for(calibration, name))
-            row.options, row.rule = dict(options), rule.index
+            config = rule.config_for(name, module, aliases)
+            strategy = strategies.setdefault(id(config), strategy_cls(config=config))
+            try:
+                row = _plan_module(model, name, module, kind, strategy, sharers, _stats_for(calibration, name))
+            except OptionError as exc:
+                raise RecipeError(f"{recipe.source}: {rule.option_path(name, module, aliases, exc.field)}: module {name}: "
+                                  f"{exc.problem}") from None
+            row.options, row.rule = rule.options_for(name, module, aliases), rule.index
             rows[name] = row
     ordered = list(rows.values())
     ordered, skipped = _drop_rows_inside_dropped_blocks(ordered)
     before = count_params(model)
     after = before - sum(r.plan.params_before - r.plan.params_after for r in ordered)
     return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
-                           model_type=model_type, skipped=skipped)
+                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None)
 
 
 def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=None) -> PlanRow:
-    if kind == "layers":
-        layer_params = [sum(p.numel() for p in block.parameters()) for block in module]
-        layer_plan = strategy.plan_layers(layer_params)
-        return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config)
-    weight, bias = _weight_and_bias(module, kind)
+def _module_stats(strategy: Strategy, kind: str, stats):
+    """The statistics a strategy receives for a module: only when it declares it uses them for that kind."""
+    return stats if stats is not None and strategy.uses_calibration and strategy.wants_statistics(kind) else None
+
+
+def _plan_layer(strategy: Strategy, module: nn.Module, kind: str, stats=None) -> LayerPlan:
+    if isinstance(strategy, StructuralStrategy):
+        return strategy.plan_layers([sum(p.numel() for p in block.parameters()) for block in module])
+    weight, bias = weight_and_bias(module, kind)
     usable = None if _is_meta(weight) else weight.detach()
-    extra = {"stats": stats} if stats is not None and usable is not None and _takes_stats(strategy.plan) else {}
-    layer_plan = strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
+    stats = _module_stats(strategy, kind, stats) if usable is not None else None
+    try:
+        extra = {"stats": stats} if strategy.uses_calibration else {}  # the declared contract, see strategies.base
+        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
+    except OptionError:
+        raise
+    except ValueError as exc:  # a strategy's own check without a field: point at the rule's options
+        raise OptionError(strategy.name, None, str(exc)) from None
+
+
+def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=None) -> PlanRow:
+    layer_plan = _plan_layer(strategy, module, kind, stats)
+    if isinstance(strategy, StructuralStrategy):
+        return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config, impl=strategy)
     tied, note = [], ""
     others = [n for n in sharers.get(id(module.weight), []) if n != name]
     for other in others:
@@ -285,7 +232,7 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
                 f"{name} shares its weight with {other} (tied weights); compressing it alone would untie them. "
                 f"Compress the embedding instead (the tied head follows it), or add {name!r} to ignore"
             )
-    return PlanRow(name, strategy.name, {}, layer_plan, 0, tied=tied, note=note, config=strategy.config)
+    return PlanRow(name, strategy.name, {}, layer_plan, 0, tied=tied, note=note, config=strategy.config, impl=strategy)
 
 
 def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow], list[str]]:
@@ -305,109 +252,72 @@ def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow]
 
 # -- compress --------------------------------------------------------------------------------------
 
-@dataclass
-class ReportRow:
-    """What happened to one module."""
-
-    name: str
-    strategy: str
-    kind: str
-    spec: dict[str, Any]
-    params_before: int
-    params_after: int
-    rel_error: float | None  # ||W - W^||_F / ||W||_F; None for structural strategies
-    seconds: float
-    note: str = ""
-    output_error: float | None = None  # sqrt(tr(D C D^T) / tr(W C W^T)) on calibration inputs, when given
-
-
-@dataclass
-class CompressionReport:
-    """The result of `compress`: one row per module and the whole model's parameter counts."""
-
-    rows: list[ReportRow]
-    params_before: int
-    params_after: int
-    seconds: float
-    recipe: str = ""
-
-    @property
-    def ratio(self) -> float:
-        return self.params_before / max(self.params_after, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: totals and a `modules` list of rows."""
-        return {
-            "recipe": self.recipe, "params_before": self.params_before, "params_after": self.params_after,
-            "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
-            "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
-        }
-
-
-def compress(model: nn.Module, recipe: Recipe | str,
+def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
              progress: Callable[[int, int, str], None] | None = None, calibration=None) -> CompressionReport:
-    """Compress `model` in place following `recipe`; returns a per-module report with totals.
+    """Compress `model` in place following a plan (from `kc.plan`) or a recipe; returns a per-module report.
 
     Each target is decomposed by its strategy and replaced by the strategy's drop-in module. With
     `calibration` (a `CalibrationStats` from `kc.calibrate`), strategies with a data-aware init (kronecker
     `init: als`, svd `init: whitened`, or `auto`) use each module's input second moment and the report
     gives each module's output error; without it they fall back to weight-only init with a warning;
     tied heads follow their embedding; structural strategies (layerdrop) run last. `progress`, if given,
-    is called as progress(done, total, module_name) after each module. The plan is stored in
-    `model.config.kroncompress` so `save_compressed` / `load_compressed` can rebuild the structure.
+    is called as progress(done, total, module_name) after each module.
+
+    A plan made without statistics and compressed with them has its data-aware rows' shapes re-chosen
+    with the statistics (what `kc.plan(model, recipe, calibration)` would give); every other row is
+    compressed exactly as planned. The plan is recorded in `model.config.kroncompress`, the section of
+    config.json that `load_compressed` rebuilds the structure from.
     """
-    recipe = load_recipe(recipe)
     start = time.perf_counter()
     if any(_is_meta(p) for p in model.parameters()):
         raise ValueError("compress needs the model's weights, but it lives on the meta device; load it with "
                          "from_pretrained (kc.plan works on meta models)")
+    if isinstance(recipe, CompressionPlan):
+        the_plan = _with_statistics(model, recipe, calibration) if calibration is not None and not recipe.calibrated else recipe
+    else:
+        the_plan = plan(model, recipe, calibration)
     before = count_params(model)
-    the_plan = plan(model, recipe, calibration)
+    entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
-    _warn_weight_only(factor_rows, calibration)
     structural_rows = [r for r in the_plan.rows if r.structural]
-    total = len(the_plan.rows)
-    report_rows, done, tied_heads = [], 0, []
-    for row in factor_rows:
+    _warn_weight_only(factor_rows, calibration)
+    total, report_rows = len(the_plan.rows), []
+    for row in factor_rows + structural_rows:
         t0 = time.perf_counter()
-        error, output_error, init = _swap_module(model, row, _stats_for(calibration, row.name))
-        tied_heads += [t for t in row.tied if t["as"] == "head"]
+        if row.structural:
+            row.strategy_impl.apply(model, row.name, row.plan)
+            errors, note = (None, None), row.plan.note
+        else:
+            done = _swap_module(model, row, _stats_for(calibration, row.name))
+            errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
         report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
-                                     row.plan.params_before, row.plan.params_after, error,
-                                     time.perf_counter() - t0, _join(row.plan.note, row.note, init), output_error))
-        done += 1
+                                     row.plan.params_before, row.plan.params_after, errors[0],
+                                     time.perf_counter() - t0, note, errors[1]))
         if progress is not None:
-            progress(done, total, row.name)
-    section = dict(getattr(model.config, CONFIG_KEY, None) or {}) if hasattr(model, "config") else {}
-    modules = dict(section.get("modules", {}))
-    for name, entry in the_plan.module_plans().items():
-        padding_idx = getattr(model.get_submodule(name), "padding_idx", None)
-        if padding_idx is not None:
-            entry["padding_idx"] = padding_idx
-        modules[name] = entry
-    structural = list(section.get("structural", []))
-    for row in structural_rows:
-        t0 = time.perf_counter()
-        get_strategy(row.strategy)(config=row.config).apply(model, row.name, row.plan)
-        modules = _renumber(modules, row.name, row.plan.spec["keep"])
-        structural.append({"name": row.name, "strategy": row.strategy, "spec": _jsonable(row.plan.spec)})
-        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
-                                     row.plan.params_before, row.plan.params_after, None,
-                                     time.perf_counter() - t0, row.plan.note))
-        done += 1
-        if progress is not None:
-            progress(done, total, row.name)
+            progress(len(report_rows), total, row.name)
     after = count_params(model)
     if hasattr(model, "config"):
-        _store_section(model, section, recipe, modules, structural, tied_heads, before, after)
-    return CompressionReport(report_rows, before, after, time.perf_counter() - start, recipe.name)
+        _record_plan(model, the_plan, entries, before, after)
+    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
+
+
+def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -> CompressionPlan:
+    """The plan with each data-aware row re-planned with its statistics (the shape search ranks by output error)."""
+    rows = []
+    for row in the_plan.rows:
+        stats = _stats_for(calibration, row.name)
+        if not row.structural and _module_stats(row.strategy_impl, row.plan.kind, stats) is not None:
+            module = model.get_submodule(row.name)
+            row = dataclasses.replace(row, plan=_plan_layer(row.strategy_impl, module, row.plan.kind, stats))
+        rows.append(row)
+    after = the_plan.params_before - sum(r.plan.params_before - r.plan.params_after for r in rows)
+    return dataclasses.replace(the_plan, rows=rows, params_after=after, calibrated=True)
 
 
 def _warn_weight_only(rows: list[PlanRow], calibration) -> None:
     """Warn once when rules ask for a data-aware init (or auto) but their modules have no statistics."""
     missing = [row.name for row in rows
-               if row.plan.kind in ("linear", "conv1d") and getattr(row.config, "init", None) in ("auto", "als", "whitened")
-               and _takes_stats(get_strategy(row.strategy).decompose) and _stats_for(calibration, row.name) is None]
+               if _module_stats(row.strategy_impl, row.plan.kind, True) is not None and _stats_for(calibration, row.name) is None]
     if not missing:
         return
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -419,40 +329,20 @@ def _warn_weight_only(rows: list[PlanRow], calibration) -> None:
         "init: nkp / svd to silence this (see docs/dataaware.md)", UserWarning, stacklevel=3)
 
 
-def _swap_module(model: nn.Module, row: PlanRow, stats: torch.Tensor | None = None) -> tuple[float, float | None, str]:
-    """Decompose, build and swap one module (and its tied sharers).
-
-    Returns (relative weight error, relative output error or None without stats, "init <name>" or "")."""
+def _swap_module(model: nn.Module, row: PlanRow, stats: torch.Tensor | None = None):
+    """Decompose, build and install one module (and its tied sharers); returns the base.Replacement."""
     module = model.get_submodule(row.name)
-    kind = row.plan.kind
-    strategy = get_strategy(row.strategy)(config=row.config)
-    weight, bias = _weight_and_bias(module, kind)
-    weight = weight.detach()
-    exact = weight.dtype in (torch.float32, torch.float64)
-    work = weight if exact else weight.to(torch.float32)
-    work_bias = None if bias is None else bias.detach().to(work.dtype)
-    takes_stats = stats is not None and _takes_stats(strategy.decompose)
-    init = f"init {strategy.init_for(kind, stats)}" if hasattr(strategy, "init_for") else ""
-    with torch.no_grad():
-        factors = strategy.decompose(work, row.plan, stats=stats) if takes_stats else strategy.decompose(work, row.plan)
-        new = strategy.build(row.plan, factors, work_bias)
-        if kind == "embedding" and module.padding_idx is not None:
-            new.padding_idx = module.padding_idx
-        new.to(device=weight.device, dtype=weight.dtype)
-        approx = new.dense_weight().to(torch.float32)
-        reference = weight.to(torch.float32)
-        error = float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
-        output_error = None
-        if takes_stats:
-            from kroncompress.linalg.whitening import output_error as relative_output_error
-
-            output_error = relative_output_error(reference, approx, stats)
-    new.train(module.training)
-    _set_submodule(model, row.name, new)
-    for tie in row.tied:
-        old = model.get_submodule(tie["name"])
-        _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
-    return error, output_error, init
+    kind = module_kind(module)
+    weight, _ = weight_and_bias(module, row.plan.kind) if kind == row.plan.kind else (None, None)
+    if weight is None or tuple(weight.shape) != tuple(row.plan.shape):
+        raise ValueError(f"compress: the plan's {row.name} is a {row.plan.kind} of shape {tuple(row.plan.shape)}, but "
+                         f"the model's is {type(module).__name__}"
+                         + (f" of shape {tuple(weight.shape)}" if weight is not None else "")
+                         + "; plan this model (kc.plan(model, recipe)) and compress it with that plan")
+    strategy = row.strategy_impl
+    done = replacement(strategy, module, row.plan, _module_stats(strategy, row.plan.kind, stats))
+    install(model, row.name, done.module, row.tied)
+    return done
 
 
 def tied_replacement(embedding: nn.Module, role: str, bias: nn.Parameter | None = None) -> nn.Module:
@@ -464,60 +354,3 @@ def tied_replacement(embedding: nn.Module, role: str, bias: nn.Parameter | None 
     head = KroneckerTiedHead(embedding)
     head.bias = bias  # the same Parameter: keeps ties such as BERT's decoder.bias == predictions.bias
     return head
-
-
-def _renumber(modules: dict[str, Any], layers_name: str, keep: list[int]) -> dict[str, Any]:
-    """Rename `<layers>.<old index>.*` entries to the kept block's new index."""
-    new_index = {old: new for new, old in enumerate(keep)}
-    prefix = f"{layers_name}."
-    out = {}
-    for name, entry in modules.items():
-        if name.startswith(prefix):
-            index, _, rest = name[len(prefix):].partition(".")
-            if index.isdigit():
-                if int(index) not in new_index:
-                    continue
-                name = f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
-                entry = {**entry, "tied": [{**t, "name": _renumber_name(t["name"], prefix, new_index)} for t in entry.get("tied", [])]}
-        out[name] = entry
-    return out
-
-
-def _renumber_name(name: str, prefix: str, new_index: dict[int, int]) -> str:
-    if not name.startswith(prefix):
-        return name
-    index, _, rest = name[len(prefix):].partition(".")
-    if not index.isdigit() or int(index) not in new_index:
-        return name
-    return f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
-
-
-def set_tie_word_embeddings(model: nn.Module, value: bool) -> None:
-    """Set tie_word_embeddings on the config (and its text config) and refresh transformers' tie mapping."""
-    configs = [model.config]
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    if text_config is not None and text_config is not model.config:
-        configs.append(text_config)
-    for config in configs:
-        if hasattr(config, "tie_word_embeddings"):
-            config.tie_word_embeddings = value
-    if hasattr(model, "get_expanded_tied_weights_keys") and hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
-
-
-def _store_section(model, section, recipe, modules, structural, tied_heads, before, after) -> None:
-    from kroncompress import __version__
-
-    tied_head = section.get("tied_head")
-    if tied_heads:
-        embedding_name = next(name for name, entry in modules.items() if entry.get("tied"))
-        tied_head = {"head": tied_heads[0]["name"], "embedding": embedding_name,
-                     "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", True))}
-        # transformers must neither re-tie (there is no dense weight) nor expect lm_head.weight in files
-        set_tie_word_embeddings(model, False)
-    section.update({
-        "format_version": FORMAT_VERSION, "kroncompress_version": __version__, "recipe": recipe.to_dict(),
-        "modules": modules, "structural": structural, "tied_head": tied_head,
-        "params_before": section.get("params_before", before), "params_after": after,
-    })
-    setattr(model.config, CONFIG_KEY, section)

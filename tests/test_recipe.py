@@ -306,3 +306,52 @@ MATCH = [
 @pytest.mark.parametrize("pattern, name, module, aliases, expected", MATCH, ids=[f"{m[0]}~{m[1]}" for m in MATCH])
 def test_match_pattern(pattern, name, module, aliases, expected):
     assert match_pattern(pattern, name, module, aliases) is expected
+
+
+# -- typed options: a rule holds its strategy's Config ----------------------------------------------
+
+def test_rules_hold_their_parsed_config_once():
+    from kroncompress.strategies.kronecker import KroneckerConfig
+
+    recipe = load_recipe("kn-gpt2")
+    assert recipe.compress[1].config == KroneckerConfig(b_shape=[1, 2])
+    assert recipe.compress[1].config_for("transformer.h.1.mlp.c_fc") is recipe.compress[1].config
+
+
+def test_recipes_can_be_built_in_python_from_config_objects():
+    from kroncompress.recipe import Override, Rule
+    from kroncompress.strategies.kronecker import KroneckerConfig
+    from kroncompress.strategies.svd import SVDConfig
+
+    recipe = Recipe(name="mine", compress=[
+        Rule(targets=["role:mlp"], strategy="kronecker", config=KroneckerConfig(ratio=2),
+             overrides=[Override(targets=["transformer.h.0.*"], config=KroneckerConfig(b_shape=[1, 4]))]),
+        Rule(targets=["role:attention"], strategy="svd", config=SVDConfig(rank=8)),
+    ])
+    assert [rule.index for rule in recipe.compress] == [0, 1]
+    assert recipe.compress[0].options == {"ratio": 2}
+    assert recipe.compress[0].config_for("transformer.h.0.mlp.c_fc") == KroneckerConfig(b_shape=[1, 4])
+    # the YAML written from it reads back to the same rules and configs (the override clears ratio)
+    again = parse_yaml(recipe.to_yaml())
+    assert again == recipe
+    assert again.compress[0].config_for("transformer.h.0.mlp.c_fc") == KroneckerConfig(b_shape=[1, 4])
+    assert again.compress[1].config == SVDConfig(rank=8)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: __import__("kroncompress").Rule(targets=["x"], strategy="svd", options={"rank": 0}),
+     r"compress\[0\]\.options\.rank: must be a positive int"),
+    (lambda: __import__("kroncompress").Rule(targets=["x"], strategy="nope"), r"compress\[0\]\.strategy: unknown strategy 'nope'"),
+    (lambda: Recipe(name="x", compress=[]), r"compress: is empty"),
+])
+def test_python_built_rules_are_validated_with_their_field(make, expected):
+    with pytest.raises(RecipeError, match=expected):
+        make()
+
+
+def test_option_errors_carry_their_field():
+    from kroncompress.strategies import OptionError
+
+    with pytest.raises(OptionError) as caught:
+        get_strategy("kronecker").parse_options({"ratio": 2, "sweeps": -1})
+    assert caught.value.field == "sweeps" and "int >= 0" in caught.value.problem

@@ -246,3 +246,79 @@ def test_non_2d_weight_is_refused(name, options, spec):
     plan = kc.LayerPlan(name, "linear", (4, 6), spec, params_before=24, params_after=0)
     with pytest.raises(ValueError, match=r"2-D.*\(4, 2, 3\)"):
         kc.get_strategy(name)(**options).decompose(torch.ones(4, 2, 3), plan)
+
+
+# -- a ratio is met or refused, never silently exceeded ----------------------------------------------
+
+RATIO_SHAPES = [(768, 3072), (1024, 1024)]
+RATIOS = [1.1, 1.3333, 2, 3, 4, 8]
+# The ratio-solved strategies: (name, extra options). kronecker with rank: auto adds terms to meet any ratio.
+RATIO_STRATEGIES = [("svd", {}), ("kronecker", {"rank": "auto"}), ("tucker", {}), ("cp", {}), ("tt", {})]
+
+
+@pytest.mark.parametrize("shape", RATIO_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("name, extra", RATIO_STRATEGIES, ids=lambda v: v if isinstance(v, str) else "")
+def test_a_ratio_is_met_within_the_strategies_grid(name, extra, ratio, shape):
+    from kroncompress.strategies.base import RATIO_BAND
+
+    planned = kc.get_strategy(name)(ratio=ratio, **extra).plan(shape, "linear", bias=False)
+    budget = shape[0] * shape[1] / ratio
+    # below: never more than the band the refusal allows; above: at most the Kronecker shape search's 1%
+    # feasibility tolerance (kronecker_shapes), the tensor and SVD solvers stay within the budget
+    assert budget * (1 - RATIO_BAND) <= planned.params_after <= budget * 1.01 + 1, planned.note
+
+
+@pytest.mark.parametrize("ratio, shape, met", [
+    (1.1, (768, 3072), False), (1.3333, (768, 3072), False), (1.3333, (768, 768), False),
+    (2, (768, 3072), True), (4, (768, 3072), True), (3, (1024, 1024), False), (4, (1024, 1024), True),
+])
+def test_kronecker_with_one_term_refuses_a_ratio_it_cannot_meet(ratio, shape, met):
+    from kroncompress.strategies import OptionError
+
+    strategy = kc.get_strategy("kronecker")(ratio=ratio)  # rank 1, the default
+    if met:
+        planned = strategy.plan(shape, "linear", bias=False)
+        assert planned.params_after >= shape[0] * shape[1] / ratio * 0.95
+        return
+    with pytest.raises(OptionError, match="rank: auto") as caught:
+        strategy.plan(shape, "linear", bias=False)
+    assert caught.value.field == "ratio" and "cannot be met" in caught.value.problem
+
+
+def test_layerdrop_has_no_ratio_to_exceed():
+    import dataclasses
+
+    assert "ratio" not in {f.name for f in dataclasses.fields(kc.get_strategy("layerdrop").Config)}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), True, "2"])
+@pytest.mark.parametrize("name", ["svd", "kronecker", "tucker", "cp", "tt"])
+def test_a_ratio_must_be_a_finite_number(name, value):
+    from kroncompress.recipe import Recipe, RecipeError
+
+    with pytest.raises(RecipeError, match=r"compress\[0\]\.options\.ratio: (must be a finite number|expected)"):
+        Recipe.from_dict({"version": 1, "name": "x", "compress": [
+            {"targets": ["role:mlp"], "strategy": name, "options": {"ratio": value}}]})
+
+
+@pytest.mark.parametrize("name, options, field", [
+    ("svd", {"ratio": 1e9}, "ratio"), ("kronecker", {"ratio": 1e9}, "ratio"), ("tucker", {"ratio": 1e9}, "ratio"),
+    ("cp", {"ratio": 1e9}, "ratio"), ("tt", {"ratio": 1e9}, "ratio"), ("kronecker", {"b_shape": [3, 2]}, "b_shape"),
+    ("kronecker", {"a_shape": [5, None]}, "a_shape"), ("tucker", {"ratio": 2, "out_shape": [7, 9]}, "out_shape"),
+])
+def test_options_a_module_cannot_satisfy_name_the_module_and_the_recipe_field(name, options, field):
+    from conftest import build_tiny
+    from kroncompress.recipe import Recipe, RecipeError
+
+    recipe = Recipe.from_dict({"version": 1, "name": "x", "compress": [
+        {"targets": ["transformer.h.0.mlp.c_fc"], "strategy": "svd", "options": {"rank": 2}},
+        {"targets": ["role:mlp"], "strategy": name, "options": options}]})
+    with pytest.raises(RecipeError, match=rf"compress\[1\]\.options\.{field}: module transformer\.h\.\d\.mlp\.c_"):
+        kc.plan(build_tiny("gpt2", device="meta"), recipe)
+
+
+@pytest.mark.parametrize("value", [None, 3, ["svd"]])
+def test_get_strategy_of_a_non_name_lists_the_strategies(value):
+    with pytest.raises(ValueError, match="must be a string.*known: cp, kronecker"):
+        kc.get_strategy(value)

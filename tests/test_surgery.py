@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -260,3 +261,45 @@ def test_layerdrop_with_factorized_blocks_renumbers_the_saved_plan():
     assert sorted(saved) == sorted(f"transformer.h.{i}.mlp.{n}" for i in range(3) for n in ("c_fc", "c_proj"))
     for name in saved:
         assert isinstance(model.get_submodule(name), FactorizedLinear)
+
+
+# The kroncompress section of config.json as format_version 1 writes it (frozen here, so a change to how
+# rules hold their options cannot silently stop load_compressed from reading folders saved before it).
+SAVED_SECTION_V1 = {
+    "attn_implementation": "eager", "format_version": 1, "kroncompress_version": "0.1.0",
+    "modules": {
+        "transformer.h.1.mlp.c_fc": {
+            "options": {"rank": 4}, "strategy": "svd", "tied": [],
+            "plan": {"flops_after": 2560, "flops_before": 32768, "kind": "conv1d", "note": "", "params_after": 1536,
+                     "params_before": 16640, "shape": [256, 64], "spec": {"rank": 4}, "strategy": "svd"}},
+        "transformer.wte": {
+            "options": {"b_shape": [1, 2]}, "strategy": "kronecker", "tied": [{"as": "head", "name": "lm_head"}],
+            "plan": {"flops_after": 128, "flops_before": 64, "kind": "embedding", "note": "shape chosen by explicit",
+                     "params_after": 4098, "params_before": 8192, "shape": [128, 64],
+                     "spec": {"a_shape": [128, 32], "b_shape": [1, 2], "rank": 1}, "strategy": "kronecker"}},
+    },
+    "params_after": 93186, "params_before": 112384, "shared_parameters": [], "structural": [],
+    "tied_head": {"embedding": "transformer.wte", "head": "lm_head", "tie_word_embeddings": True},
+    "recipe": {"compress": [{"options": {"b_shape": [1, 2]}, "strategy": "kronecker", "targets": ["transformer.wte"]},
+                            {"options": {"rank": 4}, "strategy": "svd", "targets": ["transformer.h.1.mlp.c_fc"]}],
+               "description": "", "ignore": ["lm_head"], "name": "t", "version": 1},
+}
+
+
+def test_load_reads_the_saved_plan_format_v1(tmp_path):
+    model = build_tiny("gpt2")
+    recipe = Recipe.from_dict(SAVED_SECTION_V1["recipe"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kc.compress(model, recipe)
+    kc.save_compressed(model, tmp_path / "out")
+    config_file = tmp_path / "out" / "config.json"
+    config = json.loads(config_file.read_text())
+    written = {k: v for k, v in config["kroncompress"].items() if k != "kroncompress_version"}
+    assert written == {k: v for k, v in SAVED_SECTION_V1.items() if k != "kroncompress_version"}  # the frozen format
+    config["kroncompress"] = SAVED_SECTION_V1
+    config_file.write_text(json.dumps(config))
+    loaded = kc.load_compressed(tmp_path / "out")
+    inputs = build_inputs("gpt2")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)

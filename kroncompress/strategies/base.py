@@ -2,12 +2,27 @@
 
 plan() needs only a shape (so a model on the meta device can be planned); decompose() is pure math on
 a weight; build() turns factors (or nothing, when loading a saved model) into a drop-in module.
+
+The contract, all of it declared here (the surgery inspects nothing else):
+
+- `name`, `Config` (a StrategyConfig dataclass), `kinds` (module kinds it compresses);
+- `plan(shape, kind, weight=None, bias=True, stats=None)` and `decompose(weight, plan, stats=None)`:
+  `stats` is the layer's damped input second moment, passed (as the keyword `stats=`) only to strategies
+  whose `uses_calibration` is True, so a strategy without calibration may leave the parameter out, and
+  one that declares it but misspells the parameter fails loudly instead of silently running weight-only;
+- `wants_statistics(kind)`: whether the configured init would use statistics for a module of that kind
+  (which modules the calibration pass hooks); `init_for(kind, stats)`: the name of the init that runs;
+- `build(plan, factors=None, bias=None, device=None, dtype=None)`.
+
+Structural strategies (which remove whole blocks instead of factorising weights) derive from
+`StructuralStrategy` and implement `plan_layers` and `apply` instead of decompose/build.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,14 +64,29 @@ class StrategyConfig:
     """Base of every strategy's options; subclasses add fields and validate them in __post_init__."""
 
 
-def config_error(strategy: str, field_name: str, problem: str) -> ValueError:
-    return ValueError(f"strategy {strategy!r}, option {field_name!r}: {problem}")
+class OptionError(ValueError):
+    """An invalid strategy option; `field` names the option, so a recipe can point at its YAML path."""
+
+    def __init__(self, strategy: str, field: str | None, problem: str):
+        self.strategy, self.field, self.problem = strategy, field, problem
+        super().__init__(f"strategy {strategy!r}, option {field!r}: {problem}" if field else f"strategy {strategy!r}: {problem}")
+
+
+def config_error(strategy: str, field_name: str | None, problem: str) -> OptionError:
+    return OptionError(strategy, field_name, problem)
+
+
+# The relative shortfall below a ratio's parameter budget that still counts as meeting it: the Kronecker
+# shape search keeps candidates within this band of the best one (linalg.shapes.kronecker_shapes).
+RATIO_BAND = 0.05
 
 
 class Strategy:
     name: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    # True when plan()/decompose() can use calibration statistics (`stats`); see wants_statistics().
+    uses_calibration: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any):
         if config is not None and options:
@@ -71,17 +101,48 @@ class Strategy:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(known)}"
                 raise config_error(cls.name, key, f"unknown option; {hint}")
-        return cls.Config(**options)
+        try:
+            return cls.Config(**options)
+        except OptionError:
+            raise
+        except (TypeError, ValueError) as exc:  # a Config that raises plain errors: no field to point at
+            raise config_error(cls.name, None, str(exc)) from None
+
+    @classmethod
+    def options_of(cls, config: StrategyConfig) -> dict[str, Any]:
+        """The options that differ from the Config's defaults (what a recipe would write)."""
+        out = {}
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if value != default:
+                out[f.name] = value
+        return out
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    # -- calibration -------------------------------------------------------------------------------
+    def wants_statistics(self, kind: str) -> bool:
+        """Whether decompose (and plan) would use input statistics for a module of `kind` with this config;
+        the calibration pass collects them for exactly these modules. Default: `uses_calibration`, for
+        linear and conv1d modules (an embedding's input is a token id)."""
+        return self.uses_calibration and kind in ("linear", "conv1d")
+
+    def init_for(self, kind: str, stats: torch.Tensor | None) -> str:
+        """The name of the initialisation that runs for a module of `kind` given `stats` ("" when the
+        strategy has a single one); reported per module."""
+        return ""
+
     # -- the three steps ---------------------------------------------------------------------------
-    def plan(self, shape: tuple[int, int], kind: str = "linear", weight: torch.Tensor | None = None, bias: bool = True) -> LayerPlan:
+    def plan(self, shape: tuple[int, int], kind: str = "linear", weight: torch.Tensor | None = None, bias: bool = True,
+             stats: torch.Tensor | None = None) -> LayerPlan:
         """Structure and costs for an (out x in) weight, or a (vocab x dim) embedding table."""
         raise NotImplementedError
 
-    def decompose(self, weight: torch.Tensor, plan: LayerPlan) -> dict[str, torch.Tensor]:
+    def decompose(self, weight: torch.Tensor, plan: LayerPlan, stats: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Factors for `weight` following `plan`; `stats` as for plan (None: weight-only)."""
         raise NotImplementedError
 
     def build(self, plan: LayerPlan, factors: dict[str, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
@@ -94,26 +155,106 @@ class Strategy:
         if kind not in self.kinds:
             raise ValueError(f"strategy {self.name!r} cannot compress a {kind} module; it supports {', '.join(self.kinds)}")
 
-    def compress_module(self, module: nn.Module) -> tuple[nn.Module, LayerPlan, float]:
+    def compress_module(self, module: nn.Module, stats: torch.Tensor | None = None) -> tuple[nn.Module, LayerPlan, float]:
         """Plan, decompose and build a replacement for an nn.Linear, Conv1D or nn.Embedding.
 
         Returns (new module, plan, relative Frobenius reconstruction error ||W - W^|| / ||W||).
         """
-        if isinstance(module, nn.Embedding):
-            weight, kind, bias = module.weight, "embedding", None
-        else:
-            weight, kind = dense_weight_of(module)
-            bias = getattr(module, "bias", None)
-        weight = weight.detach()
-        plan = self.plan(tuple(weight.shape), kind, weight=weight, bias=bias is not None)
-        factors = self.decompose(weight, plan)
-        new = self.build(plan, factors, bias.detach() if bias is not None else None)
+        kind = "embedding" if isinstance(module, nn.Embedding) else dense_weight_of(module)[1]
+        weight, bias = weight_and_bias(module, kind)
+        stats = stats if self.uses_calibration and self.wants_statistics(kind) else None
+        extra = {"stats": stats} if self.uses_calibration else {}
+        plan = self.plan(tuple(weight.shape), kind, weight=weight.detach(), bias=bias is not None, **extra)
+        replaced = replacement(self, module, plan, stats)
+        return replaced.module, plan, replaced.error
+
+
+class StructuralStrategy(Strategy):
+    """A strategy that changes the model's structure (e.g. drops whole blocks) instead of factorising a
+    weight. It targets an nn.ModuleList of blocks; the surgery calls `plan_layers` then `apply`."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("layers",)
+
+    def plan_layers(self, layer_params: list[int]) -> LayerPlan:
+        """Plan for a ModuleList whose blocks hold `layer_params[i]` parameters each."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, layers_name: str, plan: LayerPlan) -> None:
+        """Change `model.<layers_name>` in place following `plan` (and update the model's config)."""
+        raise NotImplementedError
+
+    def plan(self, shape, kind="layers", weight=None, bias=True, stats=None) -> LayerPlan:
+        """shape = (number of blocks, parameters per block), for uniform stacks."""
+        self.check_kind(kind)
+        num_layers, per_layer = shape
+        return self.plan_layers([per_layer] * num_layers)
+
+    def decompose(self, weight, plan, stats=None):
+        raise TypeError(f"{self.name} is structural (it changes whole blocks); apply it with kc.compress(model, recipe)")
+
+    def build(self, plan, factors=None, bias=None, device=None, dtype=None):
+        raise TypeError(f"{self.name} is structural (it changes whole blocks); apply it with kc.compress(model, recipe)")
+
+
+def weight_and_bias(module: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight in out x in orientation, or vocab x dim for an embedding; bias or None)."""
+    if kind == "embedding":
+        return module.weight, None
+    weight, _ = dense_weight_of(module)
+    return weight, getattr(module, "bias", None)
+
+
+@dataclass
+class Replacement:
+    """A built drop-in module and how well it reproduces the original."""
+
+    module: nn.Module
+    error: float  # ||W - W^||_F / ||W||_F
+    output_error: float | None  # sqrt(tr(D C D^T) / tr(W C W^T)) with the statistics, when given
+    init: str  # the init that ran ("" for single-init strategies)
+
+
+def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: torch.Tensor | None = None) -> Replacement:
+    """Decompose `module`'s weight following `plan` and build the drop-in module (the one routine used by
+    compress_module and kc.compress). Half-precision weights are decomposed in float32; the result has
+    the original's device, dtype, padding_idx and train/eval mode."""
+    kind = plan.kind
+    weight, bias = weight_and_bias(module, kind)
+    weight = weight.detach()
+    work = weight if weight.dtype in (torch.float32, torch.float64) else weight.to(torch.float32)
+    work_bias = None if bias is None else bias.detach().to(work.dtype)
+    with torch.no_grad():
+        extra = {"stats": stats} if strategy.uses_calibration else {}
+        new = strategy.build(plan, strategy.decompose(work, plan, **extra), work_bias)
         if kind == "embedding" and module.padding_idx is not None:
             new.padding_idx = module.padding_idx
-        with torch.no_grad():
-            approx = new.dense_weight().to(torch.float32)
-            error = (approx - weight.to(torch.float32)).norm() / weight.to(torch.float32).norm().clamp_min(1e-30)
-        return new, plan, float(error)
+        new.to(device=weight.device, dtype=weight.dtype)
+        approx = new.dense_weight().to(torch.float32)
+        reference = weight.to(torch.float32)
+        error = float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
+        output_error = None
+        if stats is not None:
+            from kroncompress.linalg.whitening import output_error as relative_output_error
+
+            output_error = relative_output_error(reference, approx, stats)
+    new.train(module.training)
+    return Replacement(new, error, output_error, strategy.init_for(kind, stats))
+
+
+def is_ratio(value: Any) -> bool:
+    """A compression ratio: a finite number > 1 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 1
+
+
+def check_ratio_met(strategy: str, ratio: float, shape: tuple[int, int], factor_params: int, reach: str) -> None:
+    """Refuse a plan whose factors fall more than RATIO_BAND below the budget m n / ratio: the ratio would
+    be silently exceeded. `reach` tells what the strategy can reach instead (ends the message)."""
+    budget = shape[0] * shape[1] / ratio
+    if factor_params < budget * (1 - RATIO_BAND):
+        achieved = shape[0] * shape[1] / max(factor_params, 1)
+        raise config_error(strategy, "ratio", f"{ratio:g} cannot be met for a {shape[0]} x {shape[1]} weight: the "
+                           f"closest plan keeps {factor_params:,} of the {budget:,.0f} parameters the ratio allows "
+                           f"(ratio {achieved:.3g}); {reach}")
 
 
 def linear_params(shape: tuple[int, int], kind: str, bias: bool) -> int:

@@ -44,7 +44,7 @@ class CPConfig(StrategyConfig):
 class CPStrategy(Strategy):
     Config = CPConfig
 
-    def plan(self, shape, kind="linear", weight=None, bias=True):
+    def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
         self.check_kind(kind)
         cfg = self.config
         out_shape, in_shape = resolve_tensorization(self.name, cfg, shape)
@@ -62,7 +62,7 @@ class CPStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=cp_matmul_flops(out_shape, in_shape, rank), note=note,
         )
 
-    def decompose(self, weight, plan):
+    def decompose(self, weight, plan, stats=None):
         spec, cfg = plan.spec, self.config
         factors = cp_decompose(weight, spec["out_shape"], spec["in_shape"], spec["rank"],
                                n_iter_max=cfg.n_iter_max, tol=cfg.tol, random_state=cfg.random_state)

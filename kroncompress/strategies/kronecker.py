@@ -10,9 +10,9 @@ import torch
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
 from kroncompress.linalg.als import kronecker_als
 from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
-from kroncompress.linalg.shapes import is_degenerate, kronecker_shapes
+from kroncompress.linalg.shapes import divisors, is_degenerate, kronecker_shapes
 from kroncompress.strategies.base import (
-    LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params,
+    LayerPlan, Strategy, StrategyConfig, check_ratio_met, config_error, dense_flops, is_ratio, linear_params,
 )
 from kroncompress.strategies.registry import register_strategy
 
@@ -26,6 +26,7 @@ def _check_shape(name: str, value) -> None:
 
 
 INITS = ("auto", "nkp", "als")
+DATA_AWARE_INITS = ("auto", "als")  # the inits that use calibration statistics when they are given
 
 
 @dataclass
@@ -61,8 +62,8 @@ class KroneckerConfig(StrategyConfig):
                 "kronecker", "ratio",
                 "give either ratio (e.g. 2) or a_shape/b_shape (e.g. b_shape: [1, 2]), exactly one of them",
             )
-        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or self.ratio <= 1):
-            raise config_error("kronecker", "ratio", f"must be a number > 1 (2 halves the parameters), got {self.ratio!r}")
+        if self.ratio is not None and not is_ratio(self.ratio):
+            raise config_error("kronecker", "ratio", f"must be a finite number > 1 (2 halves the parameters), got {self.ratio!r}")
         if self.rank != "auto" and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise config_error("kronecker", "rank", f"must be a positive int or 'auto', got {self.rank!r}")
         if explicit and self.rank == "auto":
@@ -73,12 +74,17 @@ class KroneckerConfig(StrategyConfig):
 class KroneckerStrategy(Strategy):
     Config = KroneckerConfig
     kinds = ("linear", "conv1d", "embedding")
+    uses_calibration = True
 
     def _choose_shape(self, shape, weight, stats=None):
         cfg = self.config
         m, n = shape
         if cfg.ratio is None:
-            a_shape, b_shape = _infer_shapes(m, n, cfg.a_shape, cfg.b_shape)
+            try:
+                a_shape, b_shape = _infer_shapes(m, n, cfg.a_shape, cfg.b_shape)
+            except ValueError as exc:
+                field_name = "b_shape" if cfg.b_shape is not None else "a_shape"
+                raise config_error("kronecker", field_name, str(exc).removeprefix("nearest_kronecker: ")) from None
             if is_degenerate(a_shape, b_shape) and not cfg.allow_degenerate:
                 raise config_error(
                     "kronecker", "b_shape",
@@ -90,6 +96,7 @@ class KroneckerStrategy(Strategy):
                 raise config_error("kronecker", "rank", f"{cfg.rank} exceeds min(m1*n1, m2*n2) = {max_rank} for A {a_shape} (x) B {b_shape}")
             return a_shape, b_shape, cfg.rank, "explicit"
         use_stats = weight is not None and stats is not None and cfg.init != "nkp"
+        self._check_reachable(m, n)
         candidates = kronecker_shapes(
             m, n, ratio=cfg.ratio, rank=cfg.rank, weight=weight, allow_degenerate=cfg.allow_degenerate,
             stats=stats if use_stats else None, shortlist=cfg.shortlist, sweeps=min(cfg.sweeps, 2),
@@ -102,6 +109,28 @@ class KroneckerStrategy(Strategy):
         else:
             how = f"energy kept {best.score:.4f}"
         return best.a_shape, best.b_shape, best.rank, how
+
+    def _check_reachable(self, m: int, n: int) -> None:
+        """Refuse a ratio the Kronecker shapes of an m x n weight cannot meet (with this rank), saying what
+        they reach, instead of silently compressing more: one term holds at most about half a matrix."""
+        cfg = self.config
+        try:
+            closest = kronecker_shapes(m, n, ratio=cfg.ratio, rank=cfg.rank, weight=None,
+                                       allow_degenerate=cfg.allow_degenerate)[0]
+        except ValueError:
+            closest = None
+        if closest is None:
+            smallest = min((m1 * n1 + (m // m1) * (n // n1), m1, n1) for m1 in divisors(m) for n1 in divisors(n)
+                           if cfg.allow_degenerate or not is_degenerate((m1, n1), (m // m1, n // n1)))
+            raise config_error("kronecker", "ratio", f"{cfg.ratio:g} is too high for a {m} x {n} weight: the smallest "
+                               f"Kronecker factors need {smallest[0]:,} parameters (ratio {m * n / smallest[0]:.4g}); "
+                               "lower the ratio")
+        if cfg.rank == "auto":
+            reach = "no Kronecker shape comes closer; pick a ratio they reach, or use strategy svd"
+        else:
+            reach = (f"with rank {cfg.rank} no shape comes closer (one Kronecker term holds at most about half a "
+                     "matrix); set rank: auto for as many terms as the ratio allows")
+        check_ratio_met("kronecker", cfg.ratio, (m, n), closest.params, reach)
 
     def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
         """As Strategy.plan; `stats` (the input second moment) makes a ratio search rank by output error."""
@@ -118,10 +147,13 @@ class KroneckerStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=flops, note=f"shape chosen by {how}",
         )
 
+    def wants_statistics(self, kind: str) -> bool:
+        """init als or auto, on a linear/conv1d module."""
+        return self.config.init in DATA_AWARE_INITS and kind in ("linear", "conv1d")
+
     def init_for(self, kind: str, stats) -> str:
         """The init that runs: "als" when asked (or auto) and statistics exist for a linear layer, else "nkp"."""
-        wants_data = self.config.init in ("auto", "als")
-        return "als" if wants_data and stats is not None and kind != "embedding" else "nkp"
+        return "als" if self.wants_statistics(kind) and stats is not None else "nkp"
 
     def decompose(self, weight, plan, stats=None):
         """Factors {"a": (r, m1, n1), "b": (r, m2, n2)}; with `stats` (the damped n x n input second

@@ -1,8 +1,8 @@
 """`layerdrop`: keep some transformer blocks and drop the rest (DistilGPT2-style), a structural strategy.
 
 It targets the ModuleList of blocks (`transformer.h`, `model.layers`, `role:layers`) rather than a weight
-matrix: there is nothing to decompose. The surgery calls `plan_layers` and `apply`; the result is the same
-architecture with fewer layers (config layer count and per-layer indices updated), so it saves with plain
+matrix: there is nothing to decompose. It is a `StructuralStrategy`: the surgery calls `plan_layers` and
+`apply`; the result is the same architecture with fewer layers (config layer count and per-layer indices updated), so it saves with plain
 `save_pretrained` and reloads with `from_pretrained`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error
+from kroncompress.strategies.base import LayerPlan, StrategyConfig, StructuralStrategy, config_error
 from kroncompress.strategies.registry import register_strategy
 
 # Config attributes that hold the number of blocks (GPT-2 maps num_hidden_layers to n_layer itself).
@@ -49,12 +49,10 @@ class LayerDropConfig(StrategyConfig):
 
 
 @register_strategy("layerdrop")
-class LayerDropStrategy(Strategy):
+class LayerDropStrategy(StructuralStrategy):
     """Structural: keeps the chosen blocks of a ModuleList; `decompose`/`build` do not apply."""
 
     Config = LayerDropConfig
-    kinds = ("layers",)
-    structural = True
 
     def kept_indices(self, num_layers: int) -> list[int]:
         """The indices kept out of `num_layers` blocks (validated against the count)."""
@@ -74,18 +72,6 @@ class LayerDropStrategy(Strategy):
             params_before=sum(layer_params), params_after=sum(layer_params[i] for i in keep),
             note=f"keeps {len(keep)} of {len(layer_params)} blocks",
         )
-
-    def plan(self, shape, kind="layers", weight=None, bias=True) -> LayerPlan:
-        """shape = (number of blocks, parameters per block), for uniform stacks."""
-        self.check_kind(kind)
-        num_layers, per_layer = shape
-        return self.plan_layers([per_layer] * num_layers)
-
-    def decompose(self, weight, plan):
-        raise TypeError("layerdrop is structural (it drops whole blocks); apply it with kc.compress(model, recipe)")
-
-    def build(self, plan, factors=None, bias=None, device=None, dtype=None):
-        raise TypeError("layerdrop is structural (it drops whole blocks); apply it with kc.compress(model, recipe)")
 
     def apply(self, model: nn.Module, layers_name: str, plan: LayerPlan) -> None:
         """Drop the blocks of `model.<layers_name>` not in `plan.spec["keep"]`, in place, and update the config."""

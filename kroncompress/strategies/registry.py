@@ -49,6 +49,10 @@ def _load_entry_points() -> None:
 
 
 def get_strategy(name: str) -> type[Strategy]:
+    """The registered strategy class called `name` (built-ins, decorated classes, entry points)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a strategy name must be a string, got {type(name).__name__} ({str(name)[:40]!r}); "
+                         f"known: {', '.join(list_strategies())}")
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from kroncompress.layers.lowrank import LowRankLinear
 from kroncompress.linalg.svd import truncated_svd
 from kroncompress.linalg.whitening import whitened_svd
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
+from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
 INITS = ("auto", "svd", "whitened")
+DATA_AWARE_INITS = ("auto", "whitened")  # the inits that use calibration statistics when they are given
 
 
 @dataclass
@@ -32,13 +33,14 @@ class SVDConfig(StrategyConfig):
             raise config_error("svd", "rank", "give either rank (e.g. 64) or ratio (e.g. 2), exactly one of them")
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise config_error("svd", "rank", f"must be a positive int, got {self.rank!r}")
-        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or self.ratio <= 1):
-            raise config_error("svd", "ratio", f"must be a number > 1 (2 halves the parameters), got {self.ratio!r}")
+        if self.ratio is not None and not is_ratio(self.ratio):
+            raise config_error("svd", "ratio", f"must be a finite number > 1 (2 halves the parameters), got {self.ratio!r}")
 
 
 @register_strategy("svd")
 class SVDStrategy(Strategy):
     Config = SVDConfig
+    uses_calibration = True
 
     def rank_for(self, shape) -> int:
         m, n = shape
@@ -48,7 +50,7 @@ class SVDStrategy(Strategy):
             raise config_error("svd", field, f"gives rank {rank} for a {m} x {n} weight; the rank must be in 1..{min(m, n)}")
         return rank
 
-    def plan(self, shape, kind="linear", weight=None, bias=True):
+    def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
         self.check_kind(kind)
         m, n = shape
         rank = self.rank_for(shape)
@@ -58,10 +60,13 @@ class SVDStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=2 * rank * (m + n),
         )
 
+    def wants_statistics(self, kind: str) -> bool:
+        """init whitened or auto (third-party subclasses may bring a Config without `init`: auto)."""
+        return getattr(self.config, "init", "auto") in DATA_AWARE_INITS and kind in ("linear", "conv1d")
+
     def init_for(self, kind: str, stats) -> str:
         """The init that runs: "whitened" when asked (or auto) and statistics exist, else "svd"."""
-        init = getattr(self.config, "init", "auto")  # third-party subclasses may bring their own Config
-        return "whitened" if init in ("auto", "whitened") and stats is not None else "svd"
+        return "whitened" if self.wants_statistics(kind) and stats is not None else "svd"
 
     def decompose(self, weight, plan, stats=None):
         """Factors {"u": m x k, "v": k x n}; with `stats` (the damped n x n input second moment) and init

@@ -39,7 +39,7 @@ class TTConfig(StrategyConfig):
 class TTStrategy(Strategy):
     Config = TTConfig
 
-    def plan(self, shape, kind="linear", weight=None, bias=True):
+    def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
         self.check_kind(kind)
         cfg = self.config
         out_shape, in_shape = resolve_tensorization(self.name, cfg, shape)
@@ -59,7 +59,7 @@ class TTStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=tt_matmul_flops(out_shape, in_shape, ranks), note=note,
         )
 
-    def decompose(self, weight, plan):
+    def decompose(self, weight, plan, stats=None):
         spec = plan.spec
         cores = tt_decompose(weight, spec["out_shape"], spec["in_shape"], spec["ranks"])
         return {f"core_{k}": c for k, c in enumerate(cores)}

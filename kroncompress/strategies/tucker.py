@@ -20,7 +20,7 @@ from kroncompress.layers.tucker import TuckerLinear
 from kroncompress.linalg.tensorized import (
     balanced_factors, solve_ranks, tucker_ranks_problem, tucker_decompose, tucker_matmul_flops, tucker_max_ranks, tucker_params,
 )
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
+from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
@@ -32,8 +32,8 @@ def check_tensor_options(strategy: str, cfg, rank_field: str, min_order: int = 1
     """Validate ratio / out_shape / in_shape / order and that exactly one of `rank_field` or ratio is given."""
     if (getattr(cfg, rank_field) is None) == (cfg.ratio is None):
         raise config_error(strategy, rank_field, f"give either {rank_field} or ratio (e.g. 2), exactly one of them")
-    if cfg.ratio is not None and (not isinstance(cfg.ratio, (int, float)) or isinstance(cfg.ratio, bool) or cfg.ratio <= 1):
-        raise config_error(strategy, "ratio", f"must be a number > 1 (2 halves the parameters), got {cfg.ratio!r}")
+    if cfg.ratio is not None and not is_ratio(cfg.ratio):
+        raise config_error(strategy, "ratio", f"must be a finite number > 1 (2 halves the parameters), got {cfg.ratio!r}")
     if not _is_int(cfg.order) or cfg.order < min_order:
         raise config_error(strategy, "order", f"must be an int >= {min_order} (factors per side), got {cfg.order!r}")
     for name in ("out_shape", "in_shape"):
@@ -119,7 +119,7 @@ class TuckerConfig(StrategyConfig):
 class TuckerStrategy(Strategy):
     Config = TuckerConfig
 
-    def plan(self, shape, kind="linear", weight=None, bias=True):
+    def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
         self.check_kind(kind)
         cfg = self.config
         out_shape, in_shape = resolve_tensorization(self.name, cfg, shape)
@@ -139,7 +139,7 @@ class TuckerStrategy(Strategy):
             flops_before=dense_flops(shape, kind), flops_after=tucker_matmul_flops(out_shape, in_shape, ranks), note=note,
         )
 
-    def decompose(self, weight, plan):
+    def decompose(self, weight, plan, stats=None):
         spec, cfg = plan.spec, self.config
         core, factors = tucker_decompose(weight, spec["out_shape"], spec["in_shape"], spec["ranks"],
                                          n_iter_max=cfg.n_iter_max, tol=cfg.tol, random_state=cfg.random_state)

@@ -1,0 +1,178 @@
+"""The text a `kroncompress compress` run reads: the distillation blocks, the perplexity protocol every
+stage is scored under, and the calibration text (see kroncompress.pipeline for the whole run).
+
+Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
+and no `data` override is given; otherwise the held-out validation text of the distillation data,
+scored with the recipe's block size and stride (a block size beyond the model's positions is clipped to
+them, the stride keeping its ratio to the block).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("kroncompress.pipeline")
+
+FALLBACK_VALIDATION_FRACTION = 0.05  # held out when the data has no validation split of its own
+MAX_VALIDATION_BLOCKS = 256  # validation is a fixed sample of the held-out blocks: evaluating stays cheap
+# The held-out split and the validation sample do not follow the training seed: runs that differ only in
+# their seed are scored on the same text.
+EVALUATION_SEED = 0
+# Keys that describe the text itself: a `data` override replaces all of them (a recipe's validation_fraction
+# suits its own corpus; the override's own validation split, e.g. Shakespeare's held-out plays, is used instead).
+_SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction")
+
+
+def _distill_config(recipe, data: Any, max_steps: int | None):
+    """The recipe's DistillConfig with the data override and step cap applied (None: no distillation)."""
+    config = recipe.distill
+    if config is None:
+        return None
+    config = copy.deepcopy(config)
+    if data is not None:
+        config.data = _merged_data(config.data, data)
+    if max_steps is not None:
+        config.train = dataclasses.replace(config.train, max_steps=max_steps)
+    return config
+
+
+def _merged_data(base, data: Any):
+    """A DataConfig: `base`'s settings (block size, ...) with the text of the `data` override; the
+    override replaces every key that describes the text (_SOURCE_KEYS)."""
+    from kroncompress.recipe import DataConfig
+
+    override = _data_override(data) if data is not None else {}
+    kept = {k: v for k, v in dataclasses.asdict(base).items() if k not in _SOURCE_KEYS} if base is not None else {}
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    values = {**kept, **{k: v for k, v in override.items() if k in known}}
+    if isinstance(values.get("files"), (str, os.PathLike)):
+        values["files"] = [str(values["files"])]
+    return DataConfig(**values)
+
+
+def _calibration_data(recipe, explicit: Any, data: Any) -> Any:
+    """Calibration text: given explicitly, else the recipe's calibration.data when it names a source, else
+    the run's own text (the `data` override, then the recipe's distillation data)."""
+    if explicit is not None:
+        return explicit
+    section = recipe.calibration.data if recipe.calibration is not None else None
+    if section is not None and (section.dataset or section.files or section.source):
+        return None  # calibrate() reads the section itself
+    if data is not None:
+        return data
+    distill_data = recipe.distill.data if recipe.distill is not None else None
+    if distill_data is not None and (distill_data.dataset or distill_data.files or distill_data.source):
+        return distill_data
+    return None
+
+
+def _data_override(data: Any) -> dict[str, Any]:
+    from kroncompress.distill.data import parse_data_arg
+
+    if isinstance(data, (str, os.PathLike)):
+        return parse_data_arg(str(data))
+    if isinstance(data, dict):
+        return dict(data)
+    if dataclasses.is_dataclass(data):
+        return dataclasses.asdict(data)
+    raise ValueError(f"data: expected a corpus name, file path/glob, dataset name, dict or DataConfig, got {type(data).__name__}")
+
+
+def _positions(model) -> int | None:
+    from kroncompress.evaluate import max_positions
+
+    return max_positions(model)
+
+
+def _clip(size: int, limit: int | None) -> int:
+    if limit is not None and size > limit:
+        logger.info("block size %d exceeds the model's %d positions: using %d", size, limit, limit)
+        return limit
+    return size
+
+
+class _DistillData:
+    """The distillation text as (train, validation) token blocks, built once (validation: the data's own
+    split, else 5% held out, then a fixed sample of at most MAX_VALIDATION_BLOCKS)."""
+
+    def __init__(self, distill_config, data, tokenizer, cache_dir, limit: int | None):
+        self.config, self.data, self.tokenizer, self.cache_dir, self.limit = distill_config, data, tokenizer, cache_dir, limit
+        self._blocks = None
+
+    @property
+    def block_size(self) -> int:
+        return _clip(self.config.data.block_size, self.limit) if self.config is not None else 1024
+
+    @property
+    def available(self) -> bool:
+        return self.config is not None or self.data is not None
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._blocks is None:
+            from kroncompress.distill.data import build_datasets, split_blocks
+
+            if self.tokenizer is None:
+                raise ValueError("the model has no tokenizer; distillation and perplexity need one: save it next to the "
+                                 "model (tokenizer.save_pretrained(folder))")
+            data = self.config.data if self.config is not None else _merged_data(None, self.data)
+            train, validation = build_datasets(data, self.tokenizer, block_size=self.block_size,
+                                               cache_dir=self.cache_dir, seed=EVALUATION_SEED)
+            if len(validation) == 0:
+                train, validation = split_blocks(train, FALLBACK_VALIDATION_FRACTION, EVALUATION_SEED)
+            if len(validation) > MAX_VALIDATION_BLOCKS:
+                keep = torch.randperm(len(validation), generator=torch.Generator().manual_seed(EVALUATION_SEED))
+                validation = validation[keep[:MAX_VALIDATION_BLOCKS].sort().values]
+            self._blocks = (train, validation)
+        return self._blocks
+
+
+class _Scorer:
+    """Perplexity under one protocol for every stage: the recipe's `evaluate.perplexity` when there is no
+    data override, else the validation blocks of the distillation data."""
+
+    def __init__(self, recipe, data, distill_data: _DistillData, tokenizer, cache_dir, limit: int | None):
+        spec = recipe.evaluate.perplexity if recipe.evaluate is not None else None
+        self.spec = spec if data is None else None
+        self.distill_data, self.tokenizer, self.cache_dir = distill_data, tokenizer, cache_dir
+        self.block_size = _clip(spec.block_size if spec is not None else distill_data.block_size, limit)
+        # a clipped block keeps the protocol's stride / block ratio (1024/512 on a 64-position model: 64/32)
+        ratio = spec.stride / spec.block_size if spec is not None else 0.5
+        self.stride = max(1, min(self.block_size, round(self.block_size * ratio)))
+        self.max_tokens = spec.max_tokens if spec is not None else None
+
+    def __call__(self, model, stage: str) -> dict[str, Any] | None:
+        from kroncompress.evaluate import evaluate_perplexity, perplexity
+
+        start = time.perf_counter()
+        if self.tokenizer is None and self.distill_data.config is None:
+            logger.warning("the model has no tokenizer: %s perplexity not measured", stage)
+            return None
+        if self.spec is not None:
+            result = evaluate_perplexity(model, self.tokenizer, self.spec, block_size=self.block_size, stride=self.stride,
+                                         max_tokens=self.max_tokens, cache_dir=self.cache_dir)
+            text = _describe_spec(self.spec)
+        elif self.distill_data.available:
+            ids = self.distill_data.blocks()[1].reshape(-1)
+            result = perplexity(model, ids, block_size=self.block_size, stride=self.stride)
+            text = "validation part of the distillation data"
+        else:
+            logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)
+            return None
+        out = {**result.to_dict(), "data": text, "seconds": round(time.perf_counter() - start, 3)}
+        logger.info("%s: %s", stage, result)
+        return out
+
+
+def _describe_spec(spec) -> str:
+    if spec.dataset:
+        return f"{spec.dataset}" + (f":{spec.config}" if spec.config else "") + f" [{spec.split}]"
+    if spec.files:
+        return ", ".join(spec.files)
+    return f"{spec.source or 'default corpus'} [{spec.split}]"

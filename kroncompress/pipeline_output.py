@@ -1,0 +1,70 @@
+"""What a `kroncompress compress` run writes once it is done: the compressed folder (through
+save_compressed, with the run's metrics on its model card), the run's results in report.json, and
+perplexity.png (see kroncompress.pipeline for the whole run)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("kroncompress.pipeline")
+
+
+def _save(model, target: Path, recipe, compression, tokenizer, report: dict[str, Any]) -> None:
+    from kroncompress.io import save_compressed
+
+    metrics = {}
+    for stage, value in report["perplexity"].items():
+        if value:
+            metrics[f"perplexity {stage}"] = round(value["perplexity"], 4)
+    first = next((v for v in report["perplexity"].values() if v), None)
+    if first:
+        metrics["perplexity protocol"] = f"block {first['block_size']}, stride {first['stride']}, {first['tokens']:,} tokens, {first['data']}"
+    if report.get("speed", {}).get("ratio"):
+        metrics["forward speed vs original"] = f"{report['speed']['ratio']:.2f}x ({report['speed']['protocol']})"
+    if report["distill"]:
+        metrics["distill steps"] = report["distill"]["steps"]
+        metrics["distill seconds"] = report["distill"]["seconds"]
+    save_compressed(model, target, recipe=recipe, report=compression, metrics=metrics, tokenizer=tokenizer,
+                    overwrite=True)  # _check_output already refused what must not be replaced
+
+
+def _write_report(target: Path, report: dict[str, Any]) -> None:
+    """Add the pipeline's results to the report.json that save_compressed wrote."""
+    path = target / "report.json"
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    saved.update({k: report[k] for k in ("model", "perplexity", "distill", "timings", "speed", "calibration", "plot")})
+    path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _plot(path: Path, distill_summary: dict | None, perplexity: dict[str, Any]) -> str | None:
+    """perplexity.png: validation perplexity over the distillation steps, the teacher's as a line."""
+    history = (distill_summary or {}).get("eval_history") or []
+    if not history:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return None
+    steps = [point["step"] for point in history]
+    values = [point["perplexity"] for point in history]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(steps, values, marker="o", label="student (validation)")
+    teacher = distill_summary.get("teacher_validation_perplexity")
+    if teacher:
+        axes.axhline(teacher, color="tab:gray", linestyle="--", label=f"teacher ({teacher:.3g})")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("perplexity")
+    axes.set_yscale("log")
+    axes.set_title(f"distillation: validation perplexity (blocks of {distill_summary.get('block_size')})")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path.name
