@@ -225,7 +225,7 @@ def _distill_stage(run: _Run) -> None:
     settings = run.settings
     with run.stage("distill"):
         run.distill_summary = _distill(run.model, run.teacher, run.distill_config, run.data, settings.output_dir,
-                                       resume=settings.resume, overwrite=settings.overwrite,
+                                       recipe=settings.recipe, resume=settings.resume, overwrite=settings.overwrite,
                                        progress=settings.progress, main=settings.main)
 
 
@@ -331,7 +331,7 @@ def _eval_every(config, train_blocks: int) -> int:
     return max(1, steps // EVALS_PER_RUN)
 
 
-def _distill(model, teacher, config, data: _DistillData, target: Path, *, resume: bool, overwrite: bool,
+def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe, resume: bool, overwrite: bool,
              progress: bool | None, main: bool) -> dict[str, Any]:
     from kroncompress.distill.checkpoints import fingerprint
     from kroncompress.distill.trainer import distill
@@ -344,9 +344,11 @@ def _distill(model, teacher, config, data: _DistillData, target: Path, *, resume
     checkpoints = target / CHECKPOINTS
     if main and overwrite and not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)
-    recipe = evaluator.recipe  # resume checks it is the same recipe (and the engine the rest of the settings)
+    # resume checks the recipe's compression part here; the engine checks the distillation settings itself,
+    # leaving out those that may change between sessions (save_every, eval_every, ...)
+    layout = {k: v for k, v in recipe.to_dict().items() if k not in ("distill", "evaluate", "description")}
     result = distill(model, teacher, config, train, validation, output_dir=checkpoints, resume=resume,
-                     progress=progress, run_settings={"recipe": f"{recipe.name} ({fingerprint(recipe.to_dict())})"})
+                     progress=progress, run_settings={"recipe": f"{recipe.name} ({fingerprint(layout)})"})
     summary = result.to_dict()
     summary["block_size"] = int(train.shape[1])
     summary["train_blocks"], summary["validation_blocks"] = int(train.shape[0]), int(validation.shape[0])
