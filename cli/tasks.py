@@ -134,7 +134,7 @@ def compress_task(model: str, recipe: str, task, data, text_column, text_pair_co
     """Compress MODEL (fine-tuned on the task) with RECIPE, distil it on the task, score it, save it.
 
     Scores of the teacher, the compressed and the distilled model go to OUTPUT/report.json, with
-    score.png (the score over the distillation steps). The task defaults to OUTPUT's recipe `task:`
+    score.png (the score over the distillation steps). The task defaults to RECIPE's `task:`
     section, else to the task.json that `kroncompress finetune` saved next to MODEL.
     """
     from kroncompress.cli import render
@@ -142,9 +142,6 @@ def compress_task(model: str, recipe: str, task, data, text_column, text_pair_co
 
     found = _spec(task, text_column, text_pair_column, label_column, labels, metrics, regression, max_length)
     spec, task_data = found if found is not None else (None, None)
-    saved = Path(model) / "task.json"
-    if spec is None and saved.is_file():
-        spec = json.loads(saved.read_text(encoding="utf-8"))
     report = run_task_pipeline(model, recipe, output, task=spec, data=data if data is not None else task_data,
                                max_steps=max_steps, distill=not no_distill, calibration_tokens=calibration_tokens,
                                eval_every=eval_every, overwrite=overwrite, max_examples=max_examples)

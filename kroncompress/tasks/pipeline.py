@@ -95,8 +95,8 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     """Compress a fine-tuned model with `recipe`, distil it on the task and save it in `output_dir`.
 
     `model`: a folder of a model fine-tuned on the task (e.g. by `finetune`), or a *ForSequenceClassification
-    module with `tokenizer`. `task` / `data`: as for `load_task`, defaulting to the recipe's `task` section
-    (and its `data`). Data-aware initialisation runs when the recipe has a `calibration` section, on the
+    module with `tokenizer`. `task` / `data`: as for `load_task`; the task defaults to the recipe's `task`
+    section, else the task.json `finetune` saved next to the model; the data to the section's `data`. Data-aware initialisation runs when the recipe has a `calibration` section, on the
     task's own training text (`calibration_tokens` or the section's `tokens`). `max_steps` caps the
     distillation steps; `distill=False` stops after compressing. Returns the report (also in report.json).
     """
@@ -106,7 +106,15 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     parsed, section = load_task_recipe(recipe)
     spec_values = dict(section)
     section_data = spec_values.pop("data", None)
-    spec = task_spec(spec_values or None) if task is None else task_spec(task)
+    if task is not None:
+        spec = task_spec(task)
+    elif spec_values:
+        spec = task_spec(spec_values)
+    elif not isinstance(model, torch.nn.Module) and (Path(os.fspath(model)) / TASK_FILE).is_file():
+        spec = task_spec(json.loads((Path(os.fspath(model)) / TASK_FILE).read_text(encoding="utf-8")))
+    else:
+        raise ValueError("name the task: pass task= (a GLUE name or task fields), give the recipe a task: section, "
+                         f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")
     target = Path(output_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True (CLI: --overwrite) or pick another folder")
