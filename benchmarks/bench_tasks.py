@@ -1,0 +1,216 @@
+"""Downstream-task benchmark: a real encoder (all-MiniLM-L6-v2) and the demo GPT-2 as a decoder, fine-tuned
+on real labelled text, then compressed to one parameter budget and distilled for one step budget.
+
+Needs the cache of `scripts/fetch_real_data.py` (MiniLM, SpamAssassin, Shakespeare genres); runs offline.
+
+    python scripts/fetch_real_data.py
+    python benchmarks/bench_tasks.py --output benchmarks/results/tasks.md \\
+        [--train-examples 800] [--eval-examples 300] [--max-length 64] [--finetune-steps 150] [--distill-steps 100] [--seeds 0 1]
+
+Cells (model x task): MiniLM on spam (ham / spam, F1 + accuracy), MiniLM on genres (comedy / history /
+tragedy, accuracy) and shakespeare-gpt2 on genres. Each cell fine-tunes the teacher once (seed 0), then
+for every seed runs `kroncompress.tasks.run_task_pipeline` with three recipes at the same budget (the
+transformer blocks' matrices halved):
+
+- `kron-task`: Kronecker factors with data-aware init (calibrated on the task's text) + ILKD;
+- `svd-task`: whitened truncated SVD at ratio 2 + ILKD;
+- `layerdrop-task`: every other block kept + KD (soft labels, gold labels, hidden states of kept blocks).
+
+The report gives each score (mean and min-max over seeds), the share of the teacher's score, parameters
+(whole model and the transformer blocks), wall times, and the verdict on the paper's claim that the
+Kronecker student keeps >= 99% of the teacher's score and beats layer dropping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECIPES = ("kron-task", "svd-task", "layerdrop-task")
+LABELS = {"kron-task": "Kronecker, data-aware init + ILKD", "svd-task": "whitened SVD + ILKD",
+          "layerdrop-task": "layer dropping (every other block) + KD"}
+CELLS = (("minilm", "spam"), ("minilm", "genres"), ("shakespeare-gpt2", "genres"))
+TASKS = {
+    "spam": {"name": "spam", "text": "text", "label": "label", "labels": ["ham", "spam"], "metrics": ["f1", "accuracy"]},
+    "genres": {"name": "genres", "text": "text", "label": "label", "labels": ["comedy", "history", "tragedy"],
+               "metrics": ["accuracy"]},
+}
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("KRONCOMPRESS_CACHE") or Path.home() / ".cache" / "kroncompress") / "real"
+
+
+def _subset(rows: list[dict], count: int | None, seed: int = 0) -> list[dict]:
+    """`count` rows spread evenly over the file (the files are grouped by label), deterministic."""
+    if count is None or count >= len(rows):
+        return rows
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(rows), generator=generator)[:count].sort().values.tolist()
+    return [rows[i] for i in keep]
+
+
+def load_rows(cache: Path, task: str, train_examples: int | None, eval_examples: int | None) -> dict[str, list[dict]]:
+    folder = cache / task
+    if not (folder / "validation.jsonl").is_file():
+        raise SystemExit(f"{folder} is missing: run `python scripts/fetch_real_data.py` first")
+    read = lambda name: [json.loads(line) for line in (folder / f"{name}.jsonl").open(encoding="utf-8") if line.strip()]  # noqa: E731
+    return {"train": _subset(read("train"), train_examples), "validation": _subset(read("validation"), eval_examples)}
+
+
+def block_params(model) -> int:
+    """Parameters of the transformer blocks (the ModuleList the `layers` role names)."""
+    from kroncompress.aliases import aliases_for
+
+    for pattern in aliases_for(model).get("layers", []):
+        try:
+            return sum(p.numel() for p in model.get_submodule(pattern).parameters())
+        except AttributeError:
+            continue
+    return 0
+
+
+def run_cell(model_name: str, task: str, args, work: Path, log) -> dict[str, Any]:
+    from kroncompress import tasks
+    from kroncompress.recipe import load_recipe
+
+    source = str(args.cache / "minilm") if model_name == "minilm" else model_name
+    spec = dict(TASKS[task], max_length=args.max_length)
+    rows = load_rows(args.cache, task, args.train_examples, args.eval_examples)
+    data = tasks.load_task(spec, rows)
+    start = time.perf_counter()
+    teacher = tasks.finetune(source, spec, data, work / f"{model_name}-{task}-teacher", lr=args.finetune_lr,
+                             max_steps=args.finetune_steps, batch_size=args.batch_size, seed=0, overwrite=True,
+                             eval_every=max(1, args.finetune_steps // 4))
+    cell = {"model": model_name, "task": task, "teacher": teacher.scores, "finetune_seconds": round(time.perf_counter() - start, 1),
+            "examples": {k: len(v) for k, v in data.splits.items()}, "params": sum(p.numel() for p in teacher.model.parameters()),
+            "block_params": block_params(teacher.model), "runs": []}
+    log(f"{model_name}/{task}: teacher {teacher.scores['score']:.4f} ({cell['finetune_seconds']} s)")
+    for recipe_name in RECIPES:
+        for seed in args.seeds:
+            recipe = load_recipe(recipe_name).to_dict()
+            recipe["distill"]["train"].update(lr=args.distill_lr, batch_size=args.batch_size, seed=seed, max_steps=args.distill_steps)
+            if "calibration" in recipe:
+                recipe["calibration"]["tokens"] = args.calibration_tokens
+            start = time.perf_counter()
+            report = tasks.run_task_pipeline(teacher.output_dir, recipe, work / f"{model_name}-{task}-{recipe_name}-{seed}",
+                                             task=spec, data=data, overwrite=True,
+                                             eval_every=max(1, args.distill_steps // 4))
+            student = __import__("kroncompress").load_compressed(work / f"{model_name}-{task}-{recipe_name}-{seed}")
+            run = {"recipe": recipe_name, "seed": seed, "scores": report["scores"], "params": report["params_after"],
+                   "block_params": block_params(student), "seconds": round(time.perf_counter() - start, 1),
+                   "timings": report["timings"], "history": report["distill"]["history"]}
+            cell["runs"].append(run)
+            log(f"  {recipe_name} seed {seed}: compressed {report['scores']['compressed']['score']:.4f} -> distilled "
+                f"{report['scores']['distilled']['score']:.4f} ({run['seconds']} s)")
+    return cell
+
+
+def _range(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} [{100 * min(values):.2f}, {100 * max(values):.2f}]"
+
+
+def render(cells: list[dict], args, seconds: float) -> str:
+    lines = ["# Downstream tasks: Kronecker vs whitened SVD vs layer dropping at one budget", "",
+             f"Generated by `python benchmarks/bench_tasks.py {' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min "
+             f"on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s); load average at start {os.getloadavg()[0]:.1f}.", "",
+             f"**Scale**: {args.train_examples or 'all'} training and {args.eval_examples or 'all'} validation examples per "
+             f"task, inputs truncated to {args.max_length} tokens; teacher fine-tuned {args.finetune_steps} steps "
+             f"(lr {args.finetune_lr}), each student distilled {args.distill_steps} steps (lr {args.distill_lr}), batch "
+             f"{args.batch_size}, seeds {', '.join(map(str, args.seeds))}; data-aware init from {args.calibration_tokens} "
+             "task tokens. Scores are x100: the task's metric (spam: mean of F1 and accuracy; genres: accuracy) on "
+             "the validation split; brackets give the min-max over seeds.", ""]
+    verdicts = []
+    for cell in cells:
+        teacher = cell["teacher"]["score"]
+        lines += [f"## {cell['model']} on {cell['task']}", "",
+                  f"Teacher: score **{100 * teacher:.2f}** ({', '.join(f'{k} {100 * v:.2f}' for k, v in cell['teacher']['validation'].items() if k != 'score')}), "
+                  f"{cell['params']:,} parameters ({cell['block_params']:,} in the transformer blocks), fine-tuned in "
+                  f"{cell['finetune_seconds']} s; {cell['examples']['train']} train / {cell['examples']['validation']} validation examples.", "",
+                  "| student | params (blocks) | compressed | distilled | % of teacher | wall s per run |",
+                  "|---|---|---:|---:|---:|---:|"]
+        means = {}
+        for recipe in RECIPES:
+            runs = [r for r in cell["runs"] if r["recipe"] == recipe]
+            if not runs:
+                continue
+            compressed = [r["scores"]["compressed"]["score"] for r in runs]
+            distilled = [r["scores"]["distilled"]["score"] for r in runs]
+            means[recipe] = statistics.fmean(distilled)
+            lines.append(f"| {LABELS[recipe]} | {runs[0]['params']:,} ({runs[0]['block_params']:,}) | {_range(compressed)} | "
+                         f"{_range(distilled)} | {100 * means[recipe] / teacher:.1f}% | {statistics.fmean(r['seconds'] for r in runs):.0f} |")
+        if "kron-task" in means:
+            keeps = means["kron-task"] >= 0.99 * teacher
+            beats = means["kron-task"] > means.get("layerdrop-task", float("inf"))
+            verdicts.append(f"- {cell['model']} on {cell['task']}: Kronecker keeps {100 * means['kron-task'] / teacher:.1f}% of the "
+                            f"teacher ({'>=' if keeps else '<'} 99%) and {'beats' if beats else 'does not beat'} layer dropping "
+                            f"({100 * means['kron-task']:.2f} vs {100 * means.get('layerdrop-task', float('nan')):.2f}).")
+        lines.append("")
+    lines += ["## Verdict on the paper's claim", "",
+              "The claim: the Kronecker student keeps >= 99% of the teacher's score and beats layer dropping.", "", *verdicts, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=default_cache())
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/tasks.md"))
+    parser.add_argument("--cells", nargs="+", default=[f"{m}/{t}" for m, t in CELLS], help="MODEL/TASK pairs to run.")
+    parser.add_argument("--train-examples", type=int, default=800)
+    parser.add_argument("--eval-examples", type=int, default=300)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
+    parser.add_argument("--work", type=Path, default=None, help="Folder for the models (default: a temporary folder).")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    cells = []
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
+        for entry in args.cells:
+            model_name, task = entry.split("/")
+            cells.append(run_cell(model_name, task, args, work, log))
+            write(cells, args, time.perf_counter() - start)  # after every cell: an interrupted run keeps what it measured
+    log(f"wrote {args.output} and {args.output.with_suffix('.json')}")
+    return 0
+
+
+def write(cells: list[dict], args, seconds: float) -> None:
+    """The markdown report and the raw cells (JSON), each through a temporary file renamed into place."""
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((args.output, render(cells, args, seconds)),
+                       (args.output.with_suffix(".json"), json.dumps(cells, indent=2, default=str) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

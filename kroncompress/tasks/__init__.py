@@ -1,0 +1,23 @@
+"""Downstream tasks (GLUE-style): fine-tune a teacher, compress it, distil it on the task, score it.
+
+    from kroncompress import tasks
+    teacher = tasks.finetune("path/to/bert", "sst2", "glue/sst2", output_dir="runs/bert-sst2")
+    report = tasks.run_task_pipeline("runs/bert-sst2", "kron-task", "runs/kron-sst2", task="sst2", data="glue/sst2")
+    report["scores"]["distilled"]["score"]
+
+Submodules: `data` (task spec, GLUE presets, loading and checking labelled data), `metrics` (GLUE's
+metrics via scikit-learn / scipy), `modeling` (classification heads, padding, scoring), `training`
+(fine-tuning and task distillation on a transformers Trainer), `pipeline` (the whole run).
+"""
+
+from kroncompress.tasks.data import GLUE_TASKS, TaskData, TaskSpec, TaskSplit, load_task, task_spec
+from kroncompress.tasks.metrics import METRICS, compute_metrics
+from kroncompress.tasks.modeling import evaluate_task, load_task_model, predict
+from kroncompress.tasks.training import FinetuneResult, default_task_distill, distill_task, finetune
+from kroncompress.tasks.pipeline import load_task_recipe, run_task_pipeline
+
+__all__ = [
+    "GLUE_TASKS", "TaskData", "TaskSpec", "TaskSplit", "load_task", "task_spec", "METRICS", "compute_metrics",
+    "evaluate_task", "load_task_model", "predict", "FinetuneResult", "default_task_distill", "distill_task", "finetune",
+    "load_task_recipe", "run_task_pipeline",
+]

@@ -1,0 +1,221 @@
+"""The task pipeline: fine-tuned teacher -> score -> calibrate on the task's text -> compress -> score ->
+distil on the task -> score -> save.
+
+    report = run_task_pipeline("runs/bert-sst2", "kron-task", "runs/kron-sst2", task="sst2", data="glue/sst2")
+    report["scores"]   # {"teacher": {...}, "compressed": {...}, "distilled": {...}}, each with "score"
+
+A task recipe is an ordinary recipe (compress / ignore / calibration / distill) plus a `task:` section:
+the TaskSpec fields (`glue: sst2`, or `text`, `text_pair`, `label`, `labels`, `kind`, `metrics`, ...)
+and optionally `data:`. The section is read here, from the raw YAML; the rest is validated by
+`kc.load_recipe` as usual. Arguments given to `run_task_pipeline` win over the section.
+
+The output folder is a `save_compressed` folder (reloads with `kc.load_compressed`) whose report.json also
+holds `task`, `scores`, `distill` (steps, loss terms, the score history) and `timings`, plus task.json (the
+spec, labels included) and score.png (the score over the distillation steps, the teacher's as a line).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from kroncompress.tasks.data import TaskData, load_task, task_spec
+from kroncompress.tasks.modeling import encode, evaluate_task, load_task_model
+from kroncompress.tasks.training import TASK_FILE, distill_task
+
+PLOT_NAME = "score.png"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading 5e-5 as a float, as the recipe loader does (YAML 1.1 wants 5.0e-5)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_task_recipe(recipe: Any) -> tuple[Any, dict[str, Any]]:
+    """(Recipe, task section as a dict) from a bundled name, a YAML path, a mapping or a Recipe.
+
+    The `task:` key is taken out before the recipe is validated, so `kc.load_recipe` never sees it.
+    """
+    from kroncompress.recipe import Recipe, load_recipe
+
+    if isinstance(recipe, Recipe):
+        return recipe, {}
+    if isinstance(recipe, Mapping):
+        raw = dict(recipe)
+        section = raw.pop("task", None) or {}
+        return Recipe.from_dict(raw, source="<dict>"), _section(section, "<dict>")
+    text = os.fspath(recipe)
+    path = Path(text).expanduser()
+    if path.is_file():
+        source, content = str(path), path.read_text(encoding="utf-8")
+    else:
+        # a bundled recipe: bundled recipes carry no task section (the bundled-recipe checks refuse it)
+        return load_recipe(recipe), {}
+    try:
+        raw = yaml.load(content, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError:
+        return load_recipe(recipe), {}  # the recipe loader reports the syntax error with its line
+    if not isinstance(raw, dict) or "task" not in raw:
+        return load_recipe(recipe), {}
+    section = raw.pop("task")
+    return Recipe.from_dict(raw, source=source), _section(section, source)
+
+
+def _section(section: Any, source: str) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if isinstance(section, str):
+        return {"glue": section}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{source}: task: expected a mapping of task fields (glue, text, text_pair, label, labels, kind, "
+                         f"metrics, data, ...), got {type(section).__name__}")
+    try:
+        task_spec(dict(section))  # validate now, before any model is loaded
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    return dict(section)
+
+
+def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *, task: Any = None, data: Any = None,
+                      tokenizer: Any = None, max_steps: int | None = None, distill: bool = True,
+                      calibration_tokens: int | None = None, eval_every: int | None = None, overwrite: bool = False,
+                      device: str | torch.device | None = None, max_examples: int | None = None) -> dict[str, Any]:
+    """Compress a fine-tuned model with `recipe`, distil it on the task and save it in `output_dir`.
+
+    `model`: a folder of a model fine-tuned on the task (e.g. by `finetune`), or a *ForSequenceClassification
+    module with `tokenizer`. `task` / `data`: as for `load_task`; the task defaults to the recipe's `task`
+    section, else the task.json `finetune` saved next to the model; the data to the section's `data`. Data-aware initialisation runs when the recipe has a `calibration` section, on the
+    task's own training text (`calibration_tokens` or the section's `tokens`). `max_steps` caps the
+    distillation steps; `distill=False` stops after compressing. Returns the report (also in report.json).
+    """
+    from kroncompress.io import OutputExistsError, save_compressed
+    from kroncompress.surgery import compress
+
+    parsed, section = load_task_recipe(recipe)
+    spec_values = dict(section)
+    section_data = spec_values.pop("data", None)
+    if task is not None:
+        spec = task_spec(task)
+    elif spec_values:
+        spec = task_spec(spec_values)
+    elif not isinstance(model, torch.nn.Module) and (Path(os.fspath(model)) / TASK_FILE).is_file():
+        spec = task_spec(json.loads((Path(os.fspath(model)) / TASK_FILE).read_text(encoding="utf-8")))
+    else:
+        raise ValueError("name the task: pass task= (a GLUE name or task fields), give the recipe a task: section, "
+                         f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")
+    target = Path(output_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True (CLI: --overwrite) or pick another folder")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    task_data = load_task(spec, data if data is not None else section_data, max_examples=max_examples)
+    teacher, tokenizer = load_task_model(model, task_data, tokenizer=tokenizer, require_head=True)
+    if device is not None:
+        teacher.to(device)
+    lap("load")
+    scores: dict[str, Any] = {"teacher": evaluate_task(teacher, tokenizer, task_data)}
+    lap("evaluate_teacher")
+    student = copy.deepcopy(teacher)
+    stats = None
+    if parsed.calibration is not None:
+        stats = calibrate_on_task(student, parsed, tokenizer, task_data, tokens=calibration_tokens)
+        lap("calibrate")
+    compression = compress(student, parsed, calibration=stats)
+    del stats
+    lap("compress")
+    scores["compressed"] = evaluate_task(student, tokenizer, task_data)
+    lap("evaluate_compressed")
+    summary = None
+    if distill:
+        summary = distill_task(student, teacher, tokenizer, task_data, parsed.distill, max_steps=max_steps,
+                               eval_every=eval_every, scratch_near=target)
+        lap("distill")
+        scores["distilled"] = evaluate_task(student, tokenizer, task_data)
+        lap("evaluate_distilled")
+    report = {
+        "model": os.fspath(model) if not isinstance(model, torch.nn.Module) else type(model).__name__,
+        "recipe": parsed.name, "task": task_data.spec.to_dict(), "data": task_data.source,
+        "examples": {name: len(split) for name, split in task_data.splits.items()},
+        "params_before": compression.params_before, "params_after": compression.params_after,
+        "scores": scores, "distill": summary, "timings": timings,
+    }
+    metrics = {f"{task_data.spec.name} score {stage}": round(value["score"], 4) for stage, value in scores.items()}
+    metrics["task metrics"] = ", ".join(task_data.spec.metrics) + f" on {', '.join(task_data.spec.eval_splits)}"
+    save_compressed(student, target, recipe=parsed, report=compression, metrics=metrics, tokenizer=tokenizer,
+                    overwrite=True)
+    (target / TASK_FILE).write_text(json.dumps(task_data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+    report["plot"] = plot_scores(target / PLOT_NAME, summary, scores, task_data.spec.name)
+    path = target / "report.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.update({k: v for k, v in report.items() if k not in ("params_before", "params_after")})
+    path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
+    report["compression"] = compression.to_dict()
+    return report
+
+
+def calibrate_on_task(model: torch.nn.Module, recipe: Any, tokenizer: Any, data: TaskData, *,
+                      tokens: int | None = None):
+    """Input statistics of the recipe's data-aware targets from the task's own training examples (each
+    example one sequence, as the model will see it), up to `tokens` tokens (default: the recipe's
+    `calibration.tokens`)."""
+    from kroncompress.calibration import calibration_targets, collect_statistics
+
+    section = recipe.calibration
+    budget = int(tokens or section.tokens)
+    encoded = encode(data.train, tokenizer, data.spec.max_length)
+    blocks, total = [], 0
+    for item in encoded:
+        if total >= budget:
+            break
+        ids = torch.tensor(item["input_ids"], dtype=torch.long)
+        blocks.append(ids)
+        total += ids.numel()
+    names = calibration_targets(model, recipe)
+    if not names:
+        return None
+    return collect_statistics(model, blocks, names, damping=section.damping)
+
+
+def plot_scores(path: Path, summary: dict | None, scores: dict[str, Any], task_name: str) -> str | None:
+    """score.png: the student's score over the distillation steps, the teacher's as a dashed line."""
+    history = (summary or {}).get("history") or []
+    if not history:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([p["step"] for p in history], [p["score"] for p in history], marker="o", label="student")
+    teacher = scores["teacher"]["score"]
+    axes.axhline(teacher, color="tab:gray", linestyle="--", label=f"teacher ({teacher:.3f})")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("score")
+    axes.set_title(f"distillation on {task_name}: score on the evaluation split")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path.name

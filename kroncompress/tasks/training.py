@@ -1,0 +1,343 @@
+"""Training on a task: fine-tuning (the teacher) and distillation (the compressed student), both with a
+transformers `Trainer`.
+
+    result = finetune("path/to/bert", "sst2", "glue/sst2", output_dir="runs/bert-sst2")
+    history = distill_task(student, teacher, tokenizer, data, config)   # config: a recipe's DistillConfig
+
+Distillation on a task weighs, as the recipe's `distill.losses` say:
+
+- `ce`: the student's own task loss on the gold labels (cross entropy; MSE for a regression);
+- `logits_kl`: KL between the teacher's and the student's class distributions at temperature T, times
+  T^2 (`kroncompress.distill.losses.logits_kl`); for a regression, the MSE to the teacher's prediction;
+- `hidden_mse`, `attention_kl`, `embedding_mse`: the intermediate terms of `DistillationLoss`, over the
+  non-padding tokens, through the layer map (a layer-dropped student learns from the blocks it kept).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kroncompress.tasks.data import TaskData, load_task, task_spec
+from kroncompress.tasks.modeling import collator, encode, evaluate_task, is_decoder, load_task_model
+
+EVALS_PER_RUN = 10  # score points on the distillation plot when no eval_every is given
+MAX_TRAINING_EVAL_EXAMPLES = 512  # the periodic scores during training use the first examples of the split
+
+
+def _training_arguments(output_dir, *, lr: float, batch_size: int, epochs: float, max_steps: int | None, seed: int,
+                        warmup_ratio: float, weight_decay: float, max_grad_norm: float | None, schedule: str = "linear",
+                        grad_accum: int = 1, bf16: bool = False, log_every: int = 10):
+    from transformers import TrainingArguments
+
+    gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or 0.0, optim="adamw_torch",
+        lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule],
+        warmup_steps=float(warmup_ratio) if warmup_ratio else 0, num_train_epochs=epochs,
+        max_steps=max_steps if max_steps is not None else -1, seed=seed, data_seed=seed,
+        eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=log_every,
+        logging_first_step=True, disable_tqdm=True, report_to="none", remove_unused_columns=False,
+        dataloader_num_workers=0, dataloader_pin_memory=gpu, use_cpu=not gpu and not torch.backends.mps.is_available(),
+        bf16=bool(bf16 and gpu and torch.cuda.is_bf16_supported()),
+    )
+
+
+class _ScoreCallback:
+    """Scores the model on the evaluation split at step 0, every `every` steps and at the end."""
+
+    def __new__(cls, *args, **kwargs):
+        from transformers import TrainerCallback
+
+        class ScoreCallback(TrainerCallback):
+            def __init__(self, score: Callable[[nn.Module], float], every: int):
+                self.score, self.every, self.history, self.model = score, every, [], None
+
+            def _record(self, state, model):
+                if not self.history or self.history[-1]["step"] != state.global_step:
+                    self.history.append({"step": int(state.global_step), "score": float(self.score(model))})
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                self.model = model
+                self._record(state, model)
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+                    self._record(state, model or self.model)
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                self._record(state, model or self.model)
+
+        return ScoreCallback(*args, **kwargs)
+
+
+def _steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(examples / batch_size) // grad_accum)
+
+
+def _eval_every(eval_every: int | None, max_steps: int | None, epochs: float, examples: int, batch_size: int, grad_accum: int) -> int:
+    if eval_every:
+        return eval_every
+    steps = max_steps or max(1, math.ceil(_steps_per_epoch(examples, batch_size, grad_accum) * epochs))
+    return max(1, steps // EVALS_PER_RUN)
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """A fine-tuned model, its tokenizer and task data, its scores and the training record."""
+
+    model: nn.Module
+    tokenizer: Any
+    data: TaskData
+    scores: dict[str, Any]
+    steps: int
+    seconds: float
+    history: list[dict[str, float]]
+    output_dir: str | None = None
+
+
+def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathLike | None = None, *,
+             tokenizer: Any = None, epochs: float = 3.0, max_steps: int | None = None, lr: float = 5e-5,
+             batch_size: int = 16, seed: int = 0, warmup_ratio: float = 0.1, weight_decay: float = 0.01,
+             max_grad_norm: float | None = 1.0, eval_every: int | None = None, overwrite: bool = False,
+             max_examples: int | None = None) -> FinetuneResult:
+    """Fine-tune `model` (a folder, hub id, the demo name, or a *ForSequenceClassification module with
+    `tokenizer`) on the task: the teacher. A model without a classification head gets a new one.
+
+    `task` is a GLUE name, a mapping of TaskSpec fields or a TaskSpec; `data` anything `load_task` reads
+    (or a TaskData). With `output_dir`, the model and tokenizer are saved there (save_pretrained, written
+    to a temporary folder and renamed into place) with finetune.json holding the task and the scores.
+    """
+    from transformers import Trainer
+
+    from kroncompress.io import OutputExistsError
+
+    target = Path(output_dir) if output_dir is not None else None
+    if target is not None and target.exists() and any(target.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
+                                "(CLI: --overwrite) or pick another folder")
+    data = data if isinstance(data, TaskData) else load_task(task_spec(task), data, max_examples=max_examples)
+    torch.manual_seed(seed)  # the new head's initialisation
+    model, tokenizer = load_task_model(model, data, tokenizer=tokenizer)
+    train = encode(data.train, tokenizer, data.spec.max_length)
+    score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
+    callback = _ScoreCallback(score, _eval_every(eval_every, max_steps, epochs, len(train), batch_size, 1))
+    start = time.perf_counter()
+    with _scratch(target) as scratch:
+        args = _training_arguments(scratch, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed,
+                                   warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
+                          callbacks=[callback])
+        _quiet(trainer)
+        trainer.train()
+    model.eval()
+    seconds = time.perf_counter() - start
+    scores = evaluate_task(model, tokenizer, data)
+    result = FinetuneResult(model=model, tokenizer=tokenizer, data=data, scores=scores, steps=trainer.state.global_step,
+                            seconds=round(seconds, 3), history=callback.history)
+    if target is not None:
+        save_task_model(model, tokenizer, data, target, {"scores": scores, "steps": result.steps, "seconds": result.seconds,
+                                                         "history": result.history}, overwrite=overwrite)
+        result.output_dir = str(target)
+    return result
+
+
+def _quiet(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+class _scratch:
+    """A temporary folder for the Trainer's bookkeeping (nothing is checkpointed), removed afterwards."""
+
+    def __init__(self, near: Path | None):
+        self.near = near
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        parent = self.near.parent if self.near is not None else None
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=".kroncompress-train-", dir=parent)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+TASK_FILE = "task.json"
+
+
+def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Path, record: dict[str, Any],
+                    *, overwrite: bool = False) -> Path:
+    """save_pretrained of model and tokenizer plus task.json (the task spec) and finetune.json (`record`),
+    into a temporary folder renamed into place."""
+    import json
+    import shutil
+    import uuid
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TASK_FILE).write_text(json.dumps(data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / "finetune.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"output folder {target} already exists; pass overwrite=True")
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# -- distillation --------------------------------------------------------------------------------------
+
+def default_task_distill():
+    """The distillation a task recipe without a `distill` section gets: ILKD on the task (CE on the gold
+    labels, logit KD at T = 2, hidden MSE, attention KL, embedding MSE, all weight 1), 3 epochs, lr 5e-5."""
+    from kroncompress.recipe import DistillConfig, LogitsKL, LossWeights, TrainConfig
+
+    return DistillConfig(losses=LossWeights(ce=1.0, logits_kl=LogitsKL(weight=1.0, temperature=2.0), hidden_mse=1.0,
+                                            attention_kl=1.0, embedding_mse=1.0),
+                         train=TrainConfig(epochs=3.0, lr=5e-5, warmup_ratio=0.1, schedule="linear", batch_size=16))
+
+
+def _task_trainer_class():
+    from transformers import Trainer
+
+    class TaskDistillTrainer(Trainer):
+        """A Trainer whose loss is the task distillation loss against a frozen teacher; each term is
+        logged as `loss_<term>`."""
+
+        def __init__(self, *args, teacher: nn.Module, head_weights: dict[str, float], temperature: float,
+                     regression: bool, inner, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False
+            self.teacher, self.head_weights, self.temperature = teacher, head_weights, temperature
+            self.regression, self.inner = regression, inner
+            if teacher is not None:
+                teacher.to(self.args.device)
+            self._sums: dict[str, float] = {}
+            self._count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from kroncompress.distill.losses import logits_kl
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            mask = inputs.get("attention_mask")
+            extra = self.inner.model_kwargs() if self.inner is not None else {}
+            outputs = model(**inputs, **extra)
+            teacher_outputs = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_outputs = self.teacher(**inputs, **extra)
+            logits = outputs.logits.float()
+            terms: dict[str, torch.Tensor] = {}
+            if "ce" in self.head_weights:
+                terms["ce"] = (F.mse_loss(logits[:, 0], labels.float()) if self.regression
+                               else F.cross_entropy(logits, labels.long()))
+            if "logits_kl" in self.head_weights:
+                teacher_logits = teacher_outputs.logits.float()
+                terms["logits_kl"] = (F.mse_loss(logits, teacher_logits) if self.regression
+                                      else logits_kl(logits, teacher_logits, self.temperature))
+            total = sum(self.head_weights[name] * value for name, value in terms.items())
+            if self.inner is not None:
+                inner_total, inner_terms = self.inner(outputs, teacher_outputs, None, mask)
+                total = total + inner_total
+                terms.update(inner_terms)
+            bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach()))]
+            if bad:
+                raise FloatingPointError(f"task distillation: loss term(s) {', '.join(bad)} became non-finite at step "
+                                         f"{self.state.global_step + 1}; lower the learning rate or check the data")
+            for name, value in terms.items():
+                self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+            self._count += 1
+            return (total, outputs) if return_outputs else total
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._count:
+                for name, value in self._sums.items():
+                    logs[f"loss_{name}"] = round(value / self._count, 6)
+                self._sums, self._count = {}, 0
+            super().log(logs, start_time)
+
+    return TaskDistillTrainer
+
+
+def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: TaskData, config: Any = None, *,
+                 max_steps: int | None = None, eval_every: int | None = None, scratch_near: Path | None = None) -> dict[str, Any]:
+    """Train `student` in place on the task against the frozen `teacher` with `config` (a DistillConfig:
+    its `losses`, `layer_map` and `train` settings; its `data` is not used, the task brings its own).
+    Returns {"steps", "seconds", "losses" (logged terms per step), "history" ([{"step", "score"}] on the
+    first evaluation split, at step 0, every `eval_every` steps and at the end), "layer_map"}."""
+    from kroncompress.distill.losses import (
+        DistillationLoss, disable_attention_dropout, resolve_layer_map, use_eager_attention,
+    )
+    from kroncompress.recipe import LogitsKL, LossWeights
+
+    config = copy.deepcopy(config) if config is not None else default_task_distill()
+    weights, train = config.losses, config.train
+    head = {"ce": weights.ce, "logits_kl": weights.logits_kl.weight}
+    head = {name: float(w) for name, w in head.items() if w > 0}
+    inner_weights = LossWeights(ce=0.0, logits_kl=LogitsKL(weight=0.0), hidden_mse=weights.hidden_mse,
+                                attention_kl=weights.attention_kl, embedding_mse=weights.embedding_mse)
+    inner = DistillationLoss(inner_weights, causal=is_decoder(student))
+    if not inner.enabled:
+        inner = None
+    needs_teacher = "logits_kl" in head or inner is not None
+    layer_map = None
+    if needs_teacher:
+        teacher.eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        layer_map = resolve_layer_map(student, teacher, config.layer_map)
+        if inner is not None:
+            inner.layer_map = layer_map
+            if inner.needs_attentions:
+                use_eager_attention(student)
+                use_eager_attention(teacher)
+                disable_attention_dropout(student)
+    train_set = encode(data.train, tokenizer, data.spec.max_length)
+    score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
+    callback = _ScoreCallback(score, _eval_every(eval_every or train.eval_every, max_steps or train.max_steps, train.epochs,
+                                                 len(train_set), train.batch_size, train.grad_accum))
+    start = time.perf_counter()
+    with _scratch(scratch_near) as scratch:
+        args = _training_arguments(scratch, lr=train.lr, batch_size=train.batch_size, epochs=train.epochs,
+                                   max_steps=max_steps or train.max_steps, seed=train.seed, warmup_ratio=train.warmup_ratio,
+                                   weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+                                   schedule=train.schedule, grad_accum=train.grad_accum, bf16=train.bf16)
+        trainer = _task_trainer_class()(model=student, args=args, train_dataset=train_set, data_collator=collator(tokenizer),
+                                        callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
+                                        temperature=weights.logits_kl.temperature,
+                                        regression=data.spec.kind == "regression", inner=inner)
+        _quiet(trainer)
+        trainer.train()
+    student.eval()
+    losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
+              for e in trainer.state.log_history if any(k.startswith("loss_") for k in e)]
+    return {"steps": int(trainer.state.global_step), "seconds": round(time.perf_counter() - start, 3), "losses": losses,
+            "history": callback.history, "layer_map": layer_map, "terms": [*head, *(inner.enabled if inner else {})]}
