@@ -467,6 +467,12 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
         render.console().print(f"{model}: {result}")
 
 
+# the downstream-task commands (finetune, compress-task) live in their own module
+from kroncompress.cli.tasks import register as _register_task_commands  # noqa: E402
+
+_register_task_commands(cli)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`kroncompress ...`)."""
     cli.main(args=argv, prog_name="kroncompress")

@@ -90,7 +90,7 @@ def _scores_table(title: str, scores: dict[str, Any], metrics: list[str]):
                       "  kroncompress finetune ./minilm --data spam.jsonl --text-column text --label-column label --output runs/t")
 @click.argument("model")
 @_task_options
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for the fine-tuned model.")
+@click.option("--output", "-o", required=True, help="Folder for the fine-tuned model.")
 @click.option("--epochs", type=float, default=3.0, show_default=True, help="Training epochs.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap the optimizer steps.")
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
@@ -108,8 +108,9 @@ def finetune(model: str, task, data, text_column, text_pair_column, label_column
     if found is None:
         raise click.UsageError("name the task: --task (a GLUE name or a task file) or its columns (--text-column, --label-column ...)")
     spec, task_data = found
-    result = run(model, spec, data if data is not None else task_data, output, epochs=epochs, max_steps=max_steps, lr=lr,
-                 batch_size=batch_size, seed=seed, overwrite=overwrite, max_examples=max_examples)
+    with _claimed(output, overwrite, [model, data]) as output:
+        result = run(model, spec, data if data is not None else task_data, output, epochs=epochs, max_steps=max_steps,
+                     lr=lr, batch_size=batch_size, seed=seed, overwrite=overwrite, max_examples=max_examples)
     out = render.console()
     out.print(_scores_table(f"{result.data.spec.name}: fine-tuned, {result.steps} steps, {result.seconds:.1f} s",
                             {"fine-tuned": result.scores}, result.data.spec.metrics))
@@ -121,7 +122,7 @@ def finetune(model: str, task, data, text_column, text_pair_column, label_column
 @click.argument("model")
 @click.option("--recipe", "-r", required=True, help="Bundled recipe (kron-task, svd-task, layerdrop-task) or a YAML path (may hold a task: section).")
 @_task_options
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for the compressed model.")
+@click.option("--output", "-o", required=True, help="Folder for the compressed model.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap the distillation steps.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Score the student every N steps (the plot's points).")
 @click.option("--no-distill", is_flag=True, help="Compress and score only.")
@@ -142,14 +143,22 @@ def compress_task(model: str, recipe: str, task, data, text_column, text_pair_co
 
     found = _spec(task, text_column, text_pair_column, label_column, labels, metrics, regression, max_length)
     spec, task_data = found if found is not None else (None, None)
-    report = run_task_pipeline(model, recipe, output, task=spec, data=data if data is not None else task_data,
-                               max_steps=max_steps, distill=not no_distill, calibration_tokens=calibration_tokens,
-                               eval_every=eval_every, overwrite=overwrite, max_examples=max_examples)
+    with _claimed(output, overwrite, [model, recipe, data]) as output:
+        report = run_task_pipeline(model, recipe, output, task=spec, data=data if data is not None else task_data,
+                                   max_steps=max_steps, distill=not no_distill, calibration_tokens=calibration_tokens,
+                                   eval_every=eval_every, overwrite=overwrite, max_examples=max_examples)
     out = render.console()
     before, after = report["params_before"], report["params_after"]
     out.print(_scores_table(f"{report['task']['name']} with {report['recipe']}: {before:,} -> {after:,} parameters",
                             report["scores"], report["task"]["metrics"]))
     out.print(f"[green]saved[/green] {output}" + (f"  (plot: {report['plot']})" if report.get("plot") else ""))
+
+
+def _claimed(output: str, overwrite: bool, sources: list):
+    """The output folder checked (path, contents, writable) and locked for the run, as `compress` does."""
+    from kroncompress.outputs import claim_output
+
+    return claim_output(output, overwrite=overwrite, sources=[s for s in sources if s], style="cli")
 
 
 COMMANDS = (finetune, compress_task)

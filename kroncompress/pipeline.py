@@ -176,6 +176,7 @@ def _load_stage(run: _Run) -> None:
     settings = run.settings
     with run.stage("load"):
         run.model, run.tokenizer = _load(settings.model, settings.device, settings.dtype)
+    _check_language_model(run.model, settings.model)
     with run.stage("plan"):
         run.plan = plan(run.model, settings.recipe)
     run.distill_config = _distill_config(settings.recipe, settings.data, settings.max_steps) if settings.distill else None
@@ -308,6 +309,14 @@ def _load(model_name_or_path, device: torch.device, dtype):
     model, info = load_model(model_name_or_path, meta_ok=False, dtype=dtype)
     model.to(device)
     return model, info.tokenizer
+
+
+def _check_language_model(model: torch.nn.Module, source) -> None:
+    """The pipeline scores perplexity and distils next-token predictions: it needs a language-model head."""
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{source}: {type(model).__name__} has no language-model head, so it has no perplexity to "
+                         "score; compress a classifier on its task with `kroncompress compress-task` "
+                         "(kc.tasks.run_task_pipeline), or use kc.compress on the model directly")
 
 
 def _teacher(model: torch.nn.Module, teacher: str, device: torch.device) -> torch.nn.Module:

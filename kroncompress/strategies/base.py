@@ -23,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
 from kroncompress.linalg.als import kronecker_als

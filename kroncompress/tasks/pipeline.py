@@ -19,13 +19,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 
 from kroncompress.tasks.data import TaskData, load_task, task_spec
 from kroncompress.tasks.modeling import encode, evaluate_task, load_task_model
@@ -34,43 +32,12 @@ from kroncompress.tasks.training import TASK_FILE, distill_task
 PLOT_NAME = "score.png"
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader reading 5e-5 as a float, as the recipe loader does (YAML 1.1 wants 5.0e-5)."""
-
-
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
-
-
 def load_task_recipe(recipe: Any) -> tuple[Any, dict[str, Any]]:
-    """(Recipe, task section as a dict) from a bundled name, a YAML path, a mapping or a Recipe.
+    """(Recipe, its task section as a dict, checked) from a bundled name, a YAML path, a mapping or a Recipe."""
+    from kroncompress.recipe import load_recipe
 
-    The `task:` key is taken out before the recipe is validated, so `kc.load_recipe` never sees it.
-    """
-    from kroncompress.recipe import Recipe, load_recipe
-
-    if isinstance(recipe, Recipe):
-        return recipe, {}
-    if isinstance(recipe, Mapping):
-        raw = dict(recipe)
-        section = raw.pop("task", None) or {}
-        return Recipe.from_dict(raw, source="<dict>"), _section(section, "<dict>")
-    text = os.fspath(recipe)
-    path = Path(text).expanduser()
-    if path.is_file():
-        source, content = str(path), path.read_text(encoding="utf-8")
-    else:
-        # a bundled recipe: bundled recipes carry no task section (the bundled-recipe checks refuse it)
-        return load_recipe(recipe), {}
-    try:
-        raw = yaml.load(content, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError:
-        return load_recipe(recipe), {}  # the recipe loader reports the syntax error with its line
-    if not isinstance(raw, dict) or "task" not in raw:
-        return load_recipe(recipe), {}
-    section = raw.pop("task")
-    return Recipe.from_dict(raw, source=source), _section(section, source)
+    parsed = load_recipe(recipe)
+    return parsed, _section(parsed.task, parsed.source)
 
 
 def _section(section: Any, source: str) -> dict[str, Any]:
@@ -101,7 +68,7 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     distillation steps; `distill=False` stops after compressing. Returns the report (also in report.json).
     """
     from kroncompress.io import OutputExistsError, save_compressed
-    from kroncompress.surgery import compress
+    from kroncompress.surgery import compress, plan
 
     parsed, section = load_task_recipe(recipe)
     spec_values = dict(section)
@@ -117,7 +84,7 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
                          f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")
     target = Path(output_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True (CLI: --overwrite) or pick another folder")
+        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -132,14 +99,17 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     if device is not None:
         teacher.to(device)
     lap("load")
+    planned = plan(teacher, parsed)  # a recipe error that needs the model surfaces here, before any scoring
+    lap("plan")
     scores: dict[str, Any] = {"teacher": evaluate_task(teacher, tokenizer, task_data)}
     lap("evaluate_teacher")
     student = copy.deepcopy(teacher)
     stats = None
     if parsed.calibration is not None:
-        stats = calibrate_on_task(student, parsed, tokenizer, task_data, tokens=calibration_tokens)
+        stats = calibrate_on_task(student, planned, tokenizer, task_data, tokens=calibration_tokens,
+                                  section=parsed.calibration)
         lap("calibrate")
-    compression = compress(student, parsed, calibration=stats)
+    compression = compress(student, planned, calibration=stats)
     del stats
     lap("compress")
     scores["compressed"] = evaluate_task(student, tokenizer, task_data)
@@ -173,13 +143,13 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
 
 
 def calibrate_on_task(model: torch.nn.Module, recipe: Any, tokenizer: Any, data: TaskData, *,
-                      tokens: int | None = None):
-    """Input statistics of the recipe's data-aware targets from the task's own training examples (each
-    example one sequence, as the model will see it), up to `tokens` tokens (default: the recipe's
-    `calibration.tokens`)."""
+                      tokens: int | None = None, section: Any = None):
+    """Input statistics of the data-aware targets of `recipe` (a recipe, or its CompressionPlan from
+    `kc.plan`, then with the recipe's calibration `section`) from the task's own training examples (each
+    example one sequence, as the model will see it), up to `tokens` tokens (default: `calibration.tokens`)."""
     from kroncompress.calibration import calibration_targets, collect_statistics
 
-    section = recipe.calibration
+    section = section if section is not None else recipe.calibration
     budget = int(tokens or section.tokens)
     encoded = encode(data.train, tokenizer, data.spec.max_length)
     blocks, total = [], 0
