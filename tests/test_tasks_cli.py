@@ -58,7 +58,7 @@ def test_finetune_then_compress_task(cli, files):
     assert set(report["scores"]) == {"teacher", "compressed", "distilled"}
     assert report["task"]["metrics"] == ["accuracy", "matthews"] and "distilled" in result.output
     again = runner.invoke(cli, ["compress-task", str(teacher), "--recipe", "kron-task", "--data", str(data), "--output", str(out)])
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already holds a finished run" in again.output
 
 
 def test_bad_column_is_one_error_line_naming_it(cli, files):

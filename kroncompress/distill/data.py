@@ -264,14 +264,17 @@ def _load_hub(s: TextSpec, split: str):
 
     from kroncompress import hub
 
-    hub.require_dataset(s.dataset)  # offline: one line at once instead of ~30 s of retries
+    fix = (f"use local text with `files: [path/or/*.txt]` (CLI: --data 'notes/*.txt') or a packaged corpus with "
+           f"`source: <{'|'.join(list_corpora())}>`")
+    if not hub.online() and not hub.dataset_cached(s.dataset):  # one line at once instead of ~30 s of retries
+        raise ValueError(f"dataset {s.describe(split)}: the hub is unreachable (offline) and the dataset is not in "
+                         f"the local cache; {fix}")
     try:
         dataset = datasets.load_dataset(s.dataset, s.config, split=split, streaming=s.streaming)
     except Exception as error:  # the hub raises many types (ConnectionError, FileNotFoundError, ...)
         raise ValueError(
             f"dataset {s.describe(split)}: could not be loaded ({type(error).__name__}: {error}). This machine may be "
-            f"offline (no dataset hub): use local text with `files: [path/or/*.txt]` or a packaged corpus with "
-            f"`source: <{'|'.join(list_corpora())}>`") from error
+            f"offline (no dataset hub): {fix}") from error
     if s.fraction >= 1:
         return dataset
     if not s.streaming:
