@@ -28,17 +28,13 @@ from torch import nn
 
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
-from kroncompress.outputs import match_file_mode
+from kroncompress.outputs import OutputExistsError, match_file_mode  # noqa: F401  (OutputExistsError: re-exported)
 from kroncompress.strategies import LayerPlan, get_strategy
 from kroncompress.surgery import CONFIG_KEY, _set_submodule, count_params, install, set_tie_word_embeddings
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "recipe.yaml", "report.json", "README.md")
-
-
-class OutputExistsError(FileExistsError, ValueError):
-    """The output folder exists and overwrite was not asked for."""
 
 
 # -- save ------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class OutputError(ValueError):
     """A refused output folder: the message is one line naming the folder and the fix."""
 
 
+class OutputExistsError(FileExistsError, OutputError):
+    """The output folder exists and must not be written as asked (finished, unfinished or not ours)."""
+
+
 _FLAGS = {
     "cli": {"overwrite": "--overwrite", "resume": "--resume", "output": "--output"},
     "api": {"overwrite": "overwrite=True", "resume": "resume=True", "output": "output_dir"},
@@ -134,20 +138,20 @@ def check_output_state(path: Path, *, overwrite: bool = False, resume: bool = Fa
     ours = written_by_kroncompress(path)
     if not ours:
         flags = f" ({over} and {again} only touch kroncompress's own folders)"
-        raise OutputError(f"output folder {text!r} already exists and holds files kroncompress did not write (no "
+        raise OutputExistsError(f"output folder {text!r} already exists and holds files kroncompress did not write (no "
                           f"config.json with a {CONFIG_KEY!r} section, no {MARKER} marker, no {CHECKPOINTS}/ of a run)"
                           f"{flags if overwrite or resume else ''}: give a new folder, or empty it yourself")
     if overwrite:
         return
     if (path / "config.json").is_file():
-        raise OutputError(f"output folder {text!r} already holds a finished run; pass {over} to replace it, "
+        raise OutputExistsError(f"output folder {text!r} already holds a finished run; pass {over} to replace it, "
                           "or give a new folder")
     if resume:
         return
     if (path / CHECKPOINTS).is_dir():
-        raise OutputError(f"output folder {text!r} holds an unfinished run ({CHECKPOINTS}/); pass {again} to "
+        raise OutputExistsError(f"output folder {text!r} holds an unfinished run ({CHECKPOINTS}/); pass {again} to "
                           f"continue it, {over} to start again, or give a new folder")
-    raise OutputError(f"output folder {text!r} already exists; pass {over} to replace it, or give a new folder")
+    raise OutputExistsError(f"output folder {text!r} already exists; pass {over} to replace it, or give a new folder")
 
 
 # -- 3. writable and locked ----------------------------------------------------------------------

@@ -285,22 +285,9 @@ def _default_device() -> torch.device:
 
 
 def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
-    from kroncompress.io import OutputExistsError
+    from kroncompress.outputs import check_output_state
 
-    if not target.exists():
-        return
-    finished = (target / "config.json").is_file()
-    if finished and not overwrite:
-        raise OutputExistsError(f"output folder {target} already holds a finished run; pass overwrite=True "
-                                "to replace it, or pick another folder")
-    if finished or resume or overwrite or not any(target.iterdir()):
-        return
-    if (target / CHECKPOINTS).is_dir():
-        raise OutputExistsError(f"output folder {target} holds an unfinished run ({CHECKPOINTS}/); pass resume=True "
-                                "to continue it, overwrite=True to start again, "
-                                "or pick another folder")
-    raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
-                            "to replace it, or pick another folder")
+    check_output_state(target, overwrite=overwrite, resume=resume)
 
 
 def _load(model_name_or_path, device: torch.device, dtype):

@@ -67,7 +67,8 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     task's own training text (`calibration_tokens` or the section's `tokens`). `max_steps` caps the
     distillation steps; `distill=False` stops after compressing. Returns the report (also in report.json).
     """
-    from kroncompress.io import OutputExistsError, save_compressed
+    from kroncompress.io import save_compressed
+    from kroncompress.outputs import check_output_state
     from kroncompress.surgery import compress, plan
 
     parsed, section = load_task_recipe(recipe)
@@ -83,8 +84,7 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
         raise ValueError("name the task: pass task= (a GLUE name or task fields), give the recipe a task: section, "
                          f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")
     target = Path(output_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
+    check_output_state(target, overwrite=overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
