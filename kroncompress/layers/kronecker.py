@@ -51,7 +51,7 @@ class KroneckerLinear(FactorizedLinear):
     @classmethod
     def from_factors(cls, A, B, bias=None, layout: str = "linear") -> "KroneckerLinear":
         A, B = _stacked(A, B)
-        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], bias is not None, layout, A.device, A.dtype)
+        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], bias is not None, layout, "meta", A.dtype).to_empty(device=A.device)
         with torch.no_grad():
             layer.a.copy_(A)
             layer.b.copy_(B)
@@ -97,7 +97,7 @@ class KroneckerEmbedding(nn.Module):
     @classmethod
     def from_factors(cls, A, B, padding_idx=None) -> "KroneckerEmbedding":
         A, B = _stacked(A, B)
-        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], padding_idx, A.device, A.dtype)
+        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], padding_idx, "meta", A.dtype).to_empty(device=A.device)
         with torch.no_grad():
             layer.a.copy_(A)
             layer.b.copy_(B)

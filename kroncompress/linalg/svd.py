@@ -12,11 +12,35 @@ path (a NaN or inf in the matrix makes its Gram non-finite) and one pass on the 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 GRAM_LIMIT = 4096  # largest short side for which the Gram eigensolve is used
 _CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
 _GRAM_CHUNK_ELEMENTS = 1 << 22  # the Gram's chunks: 32 MiB in float64, few parallel regions (see _gram)
+
+
+@contextlib.contextmanager
+def lapack_threads(tensor: torch.Tensor | None = None):
+    """Run LAPACK factorisations (eigh, svd, qr) on one CPU thread, restoring the thread count after.
+
+    LAPACK's eigensolvers and SVDs are chains of thousands of small OpenMP parallel regions; when other
+    processes compete for the cores, every region waits for a descheduled thread. On 2 shared cores at
+    load 8 a 768 x 768 float64 eigh took 0.39-0.47 s on one thread and 1.1-4.8 s on two (idle, two
+    threads gain little at these sizes). This was what made `svd-gpt2` take minutes on a busy machine.
+    The setting is process-wide while it lasts: other threads of the process run single-threaded too.
+    No effect for CUDA tensors.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or (tensor is not None and tensor.device.type != "cpu"):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gram(R: torch.Tensor) -> torch.Tensor:
@@ -63,7 +87,8 @@ def _scaled_triplets_from_gram(R: torch.Tensor, rank: int, name: str):
     G = _gram(R)
     if not bool(torch.isfinite(G).all()):
         raise non_finite_error(name, R)
-    evals, evecs = torch.linalg.eigh(G)  # ascending
+    with lapack_threads(G):
+        evals, evecs = torch.linalg.eigh(G)  # ascending
     S = evals.flip(0)[:rank].clamp_min(0).sqrt()
     V = evecs.flip(1)[:, :rank]
     root = S.sqrt()
@@ -86,13 +111,19 @@ def _triplets_randomized(R: torch.Tensor, rank: int, tol: float = 1e-6, max_iter
     generator = torch.Generator(device=R.device).manual_seed(0)
     q = min(rank + 10, min(R.shape))
     Q = torch.randn(R.shape[1], q, device=R.device, dtype=R.dtype, generator=generator)
-    Q, _ = torch.linalg.qr(R @ Q)
+
+    def orthonormal(M):
+        with lapack_threads(M):
+            return torch.linalg.qr(M)[0]
+
+    Q = orthonormal(R @ Q)
     previous = None
     for _ in range(max_iter):
-        Z, _ = torch.linalg.qr(R.T @ Q)
-        Q, _ = torch.linalg.qr(R @ Z)
+        Z = orthonormal(R.T @ Q)
+        Q = orthonormal(R @ Z)
         small = Q.T @ R
-        Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
+        with lapack_threads(small):
+            Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
         top = S[:rank]
         if previous is not None and torch.allclose(top, previous, rtol=tol, atol=0):
             break
@@ -144,7 +175,8 @@ def truncated_svd(W: torch.Tensor, rank: int):
     if compute_dtype == torch.float64 and min(m, n) <= GRAM_LIMIT:
         if not bool(torch.isfinite(Wc).all()):
             raise non_finite_error("truncated_svd", Wc)
-        U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+        with lapack_threads(Wc):
+            U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
         root = S[:rank].sqrt()
         left, right = U[:, :rank] * root, Vh[:rank].T * root
     else:

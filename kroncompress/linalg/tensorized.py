@@ -221,7 +221,9 @@ def tt_decompose(weight: torch.Tensor, out_shape, in_shape, ranks) -> list[torch
     from tensorly.decomposition import tensor_train_matrix
 
     T = _work_tensor(weight, out_shape, in_shape)
-    with _tensorly_pytorch():
+    from kroncompress.linalg.svd import lapack_threads
+
+    with _tensorly_pytorch(), lapack_threads(T):  # a chain of LAPACK SVDs: one thread (see lapack_threads)
         cores = tensor_train_matrix(T, rank=[1, *ranks, 1])
     return _cast(list(cores), weight)
 
