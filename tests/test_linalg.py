@@ -338,3 +338,15 @@ def test_numpy_ints_are_accepted_as_shapes(b_shape):
 
     A, B = kc.nearest_kronecker(random_matrix(12, 20), b_shape=tuple(np.int64(v) for v in b_shape))
     assert tuple(B.shape) == b_shape
+
+
+@pytest.mark.parametrize("rank,a_shape,b_shape", [(1, (6, 4), (1, 3)), (3, (6, 4), (1, 3)), (2, (6, 4), (2, 3)), (2, (1, 4), (6, 3))])
+def test_kron_matmul_fuses_the_bias(rank, a_shape, b_shape):
+    """The bias path (addmm for (1 x k) factors, an add otherwise) equals x W^T + b."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(rank, *a_shape, generator=g, dtype=torch.float64)
+    B = torch.randn(rank, *b_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 5, a_shape[1] * b_shape[1], generator=g, dtype=torch.float64)
+    bias = torch.randn(a_shape[0] * b_shape[0], generator=g, dtype=torch.float64)
+    expected = x @ kc.kron_sum(A, B).T + bias
+    torch.testing.assert_close(kc.kron_matmul(x, A, B, bias), expected, rtol=1e-12, atol=1e-12)

@@ -66,6 +66,11 @@ class KroneckerLinear(FactorizedLinear):
             raise ValueError(f"KroneckerLinear.forward_mode must be one of {self.FORWARD_MODES}, got {self.forward_mode!r}")
         return kron_matmul(x, self.a, self.b)
 
+    def forward(self, x):
+        if self.forward_mode == "factored":  # the bias rides on the last GEMM (see kron_matmul)
+            return kron_matmul(x, self.a, self.b, self.bias)
+        return super().forward(x)
+
     def dense_weight(self):
         return kron_sum(self.a, self.b)
 
@@ -157,8 +162,7 @@ class KroneckerTiedHead(nn.Module):
         return self.embedding[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tied_to.project(hidden)
-        return logits + self.bias if self.bias is not None else logits
+        return kron_matmul(hidden, self.tied_to.a, self.tied_to.b, self.bias)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:

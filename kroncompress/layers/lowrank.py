@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kroncompress.layers.base import FactorizedLinear
 
@@ -33,7 +34,10 @@ class LowRankLinear(FactorizedLinear):
         return layer
 
     def weight_matmul(self, x):
-        return (x @ self.v.T) @ self.u.T
+        return F.linear(F.linear(x, self.v), self.u)
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.v), self.u, self.bias)  # the bias fused into the second GEMM
 
     def dense_weight(self):
         return self.u @ self.v

@@ -141,11 +141,13 @@ def _residual(R: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     return total.sqrt().item()
 
 
-def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T with W = sum_i A_i (x) B_i (out x in), without building W.
+def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W = sum_i A_i (x) B_i (out x in), without building W.
 
     x: (..., n1 n2); A: (r, m1, n1); B: (r, m2, n2). The r terms are contracted as two batched GEMMs
-    over the stacked factors; the order (B first or A first) is chosen by FLOPs.
+    over the stacked factors; the order (B first or A first) is chosen by FLOPs. When m2 = 1 (the
+    (1 x k) factors of KnGPT2) the second GEMM writes the output directly and takes the bias as addmm's
+    addend: no permute copy and no separate pass for the bias.
     """
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
@@ -157,8 +159,14 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     if cost_b_first <= cost_a_first:
         # T[N, n1, (r, m2)] = X @ B^T, then contract (r, n1) against A.
         T = X.reshape(N * n1, n2) @ B.permute(2, 0, 1).reshape(n2, r * m2)
+        A_mat = A.permute(0, 2, 1).reshape(r * n1, m1)
+        if m2 == 1:
+            T = T.reshape(N, n1, r)
+            T = T.reshape(N, n1) if r == 1 else T.transpose(1, 2).reshape(N, r * n1)
+            Y = torch.addmm(bias, T, A_mat) if bias is not None else T @ A_mat  # (N, m1) = the output
+            return Y.reshape(*lead, m1)
         T = T.reshape(N, n1, r, m2).permute(0, 3, 2, 1).reshape(N * m2, r * n1)
-        Y = T @ A.permute(0, 2, 1).reshape(r * n1, m1)  # (N m2, m1)
+        Y = T @ A_mat  # (N m2, m1)
         Y = Y.reshape(N, m2, m1).transpose(1, 2)
     else:
         # T[N, n2, (r, m1)] = X^T @ A^T, then contract (r, n2) against B.
@@ -166,7 +174,8 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
         T = T.reshape(N, n2, r, m1).permute(0, 3, 2, 1).reshape(N * m1, r * n2)
         Y = T @ B.permute(0, 2, 1).reshape(r * n2, m2)  # (N m1, m2)
         Y = Y.reshape(N, m1, m2)
-    return Y.reshape(*lead, m1 * m2)
+    Y = Y.reshape(*lead, m1 * m2)
+    return Y + bias if bias is not None else Y
 
 
 def kron_matmul_flops(a_shape: Shape, b_shape: Shape, rank: int = 1) -> int:

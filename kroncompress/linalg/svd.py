@@ -13,6 +13,7 @@ path (a NaN or inf in the matrix makes its Gram non-finite) and one pass on the 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -21,8 +22,16 @@ _CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in c
 _GRAM_CHUNK_ELEMENTS = 1 << 22  # the Gram's chunks: 32 MiB in float64, few parallel regions (see _gram)
 
 
+def machine_busy() -> bool:
+    """True when the 1-minute load average is at least the number of cores (other processes compete)."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
+
+
 @contextlib.contextmanager
-def lapack_threads(tensor: torch.Tensor | None = None):
+def lapack_threads(tensor: torch.Tensor | None = None, only_when_busy: bool = False):
     """Run LAPACK factorisations (eigh, svd, qr) on one CPU thread, restoring the thread count after.
 
     LAPACK's eigensolvers and SVDs are chains of thousands of small OpenMP parallel regions; when other
@@ -30,10 +39,12 @@ def lapack_threads(tensor: torch.Tensor | None = None):
     load 8 a 768 x 768 float64 eigh took 0.39-0.47 s on one thread and 1.1-4.8 s on two (idle, two
     threads gain little at these sizes). This was what made `svd-gpt2` take minutes on a busy machine.
     The setting is process-wide while it lasts: other threads of the process run single-threaded too.
-    No effect for CUDA tensors.
+    No effect for CUDA tensors. only_when_busy=True: one thread only while `machine_busy()` (for
+    memory-bound streaming passes, where two threads help on idle cores: the GPT-2-small (1 x 2) layout
+    took 0.45 s on two threads and 0.9 s on one at load 2, but 4.7 s on two and 1.2 s on one at load 5).
     """
     threads = torch.get_num_threads()
-    if threads == 1 or (tensor is not None and tensor.device.type != "cpu"):
+    if threads == 1 or (tensor is not None and tensor.device.type != "cpu") or (only_when_busy and not machine_busy()):
         yield
         return
     torch.set_num_threads(1)
@@ -84,6 +95,11 @@ def non_finite_error(name: str, W: torch.Tensor) -> ValueError:
 def _scaled_triplets_from_gram(R: torch.Tensor, rank: int, name: str):
     """(U S^(1/2), S, V S^(1/2)) of the leading triplets: sqrt(sigma) folded into the long side in the
     same pass that forms it (R V S^(-1/2)), so the tall factor is written once."""
+    with lapack_threads(R, only_when_busy=True):
+        return _scaled_triplets_from_gram_impl(R, rank, name)
+
+
+def _scaled_triplets_from_gram_impl(R: torch.Tensor, rank: int, name: str):
     G = _gram(R)
     if not bool(torch.isfinite(G).all()):
         raise non_finite_error(name, R)
