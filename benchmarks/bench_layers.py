@@ -539,8 +539,8 @@ def build_report(args, machine, decomposition, forward_runs, multi_term, plot_na
         f"![forward time vs ratio]({plot_name})",
         "",
     ]
-    if args.quick and forward_runs:
-        lines += ["Quick mode: 8 x 128 tokens, ratios 4-16, one timed call per cell; multi-term r = 8 only "
+    if (args.quick or getattr(args, "short_forward", False)) and forward_runs:
+        lines += ["Short forward sections (--quick / --short-forward): 8 x 128 tokens, ratios 4-16; multi-term r = 8 only "
                   "(the full run adds ratio 2, 8 x 512 tokens and r = 32).", ""]
     for batch, seq, dense_s, rows in forward_runs:
         lines += forward_section(batch, seq, dense_s, rows)
@@ -559,6 +559,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe-rounds", type=int, default=None, help="rounds of the per-recipe table (default 1; 0 skips it)")
     parser.add_argument("--recipes", nargs="+", default=None, help="recipes of the per-recipe table (default: every bundled one)")
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip sections 2 and 3 (layer forward times)")
+    parser.add_argument("--short-forward", action="store_true", help="sections 2 and 3 as in --quick (8 x 128 tokens, ratios 4-16, r = 8) with the full decomposition")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.threads:
@@ -579,13 +580,14 @@ def main(argv=None) -> int:
         recipes = bench_recipes(args.recipes, rounds=recipe_rounds)
     forward_runs, multi_term = [], None
     if args.forward:
-        for batch, seq in ((8, 128),) if args.quick else ((8, 128), (8, 512)):
+        short = args.quick or args.short_forward
+        for batch, seq in ((8, 128),) if short else ((8, 128), (8, 512)):
             print(f"forward {batch} x {seq} ...", flush=True)
-            ratios = RATIOS[1:] if args.quick else RATIOS  # ratio 2's balanced layer (rank 369) takes seconds a call
+            ratios = RATIOS[1:] if short else RATIOS  # ratio 2's balanced layer (rank 369) takes seconds a call
             forward_runs.append((batch, seq, *bench_forward(batch, seq, ratios=ratios, min_run_time=min_run_time)))
         print("multi-term sums ...", flush=True)
-        seq = 128 if args.quick else 512
-        cases = MULTI_TERM_CASES[:2] if args.quick else MULTI_TERM_CASES
+        seq = 128 if short else 512
+        cases = MULTI_TERM_CASES[:2] if short else MULTI_TERM_CASES
         multi_term = (8, seq, *bench_multi_term(8, seq, cases=cases, min_run_time=min_run_time))
 
     plot_path = args.output.with_suffix(".png")
