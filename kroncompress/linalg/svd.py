@@ -169,6 +169,28 @@ def top_singular_triplets(R: torch.Tensor, rank: int, *, scaled: bool = False, n
     return U, S, V
 
 
+def top_singular_values(R: torch.Tensor, rank: int, name: str = "top_singular_values") -> tuple[torch.Tensor, float]:
+    """(the leading `rank` singular values of R in float64, ||R||_F^2) without forming any singular vector.
+
+    Short side <= GRAM_LIMIT: one streamed pass for the float64 Gram, whose eigenvalues (eigvalsh, no
+    eigenvectors) are the squared singular values and whose trace is ||R||_F^2. Otherwise the randomized
+    path. This is what the factor-shape search needs to rank candidates.
+    """
+    p, q = R.shape
+    if min(p, q) <= GRAM_LIMIT:
+        with lapack_threads(R, only_when_busy=True):
+            G = _gram(R if q <= p else R.T)
+            if not bool(torch.isfinite(G).all()):
+                raise non_finite_error(name, R)
+            with lapack_threads(G):
+                evals = torch.linalg.eigvalsh(G)
+        return evals.flip(0)[:rank].clamp_min(0).sqrt(), float(G.diagonal().sum().item())
+    if not bool(torch.isfinite(R).all()):
+        raise non_finite_error(name, R)
+    _, S, _ = _triplets_randomized(R, rank)
+    return S.to(torch.float64), float(R.double().pow(2).sum().item())
+
+
 def truncated_svd(W: torch.Tensor, rank: int):
     """Best rank-`rank` factors (U, V) with W ~ U @ V, sqrt(sigma) on each side; U: m x k, V: k x n.
 
