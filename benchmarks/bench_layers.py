@@ -559,6 +559,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe-rounds", type=int, default=None, help="rounds of the per-recipe table (default 1; 0 skips it)")
     parser.add_argument("--recipes", nargs="+", default=None, help="recipes of the per-recipe table (default: every bundled one)")
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip sections 2 and 3 (layer forward times)")
+    parser.add_argument("--no-fits", dest="fits", action="store_false", help="skip the multi-term fit table")
     parser.add_argument("--short-forward", action="store_true", help="sections 2 and 3 as in --quick (8 x 128 tokens, ratios 4-16, r = 8) with the full decomposition")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -571,8 +572,10 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     decomposition = bench_decomposition(blocks=2 if args.quick else 12, repeats=repeats)
     print(f"  ours {decomposition.ours_s:.2f} s, naive {decomposition.naive_s:.2f} s", flush=True)
-    print("multi-term fits ...", flush=True)
-    fits = bench_multi_term_fit(fits=MULTI_TERM_FITS[:2] if args.quick else MULTI_TERM_FITS, repeats=1 if args.quick else 2)
+    fits = None
+    if args.fits:
+        print("multi-term fits ...", flush=True)
+        fits = bench_multi_term_fit(fits=MULTI_TERM_FITS[:2] if args.quick else MULTI_TERM_FITS, repeats=1 if args.quick else 2)
     recipe_rounds = args.recipe_rounds if args.recipe_rounds is not None else (0 if args.quick else 1)
     recipes = None
     if recipe_rounds:
