@@ -101,6 +101,47 @@ def measure(variants: list[tuple[str, nn.Module]], device: torch.device, rounds:
     return rows
 
 
+def measure_compiled(variants: list[tuple[str, nn.Module]], args) -> list[dict]:
+    """Forward tokens/s before and after torch.compile (inductor, CPU), interleaved rounds, plus compile time
+    and the largest logit difference. Generation is not compiled (HF generate's growing KV cache recompiles)."""
+    results = []
+    compiled_models = []
+    for name, model in variants:
+        torch._dynamo.reset()
+        fast = torch.compile(model)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        with torch.no_grad():
+            diff = (fast(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+        compile_s = time.perf_counter() - start
+        print(f"compiled {name} in {compile_s:.0f} s (max logit difference {diff:.1e})", flush=True)
+        compiled_models.append((name, model, fast, compile_s, diff))
+    eager = {name: [] for name, *_ in compiled_models}
+    after = {name: [] for name, *_ in compiled_models}
+    for _ in range(args.rounds):
+        for name, model, fast, _, _ in compiled_models:
+            eager[name].append(throughput(model, batch_size=args.batch, seq_len=args.seq_len, repeats=args.forward_repeats, warmup=1))
+            after[name].append(throughput(fast, batch_size=args.batch, seq_len=args.seq_len, repeats=args.forward_repeats, warmup=1))
+    for name, _, _, compile_s, diff in compiled_models:
+        results.append({"variant": name, "eager": statistics.median(eager[name]), "compiled": statistics.median(after[name]),
+                        "compile_s": compile_s, "diff": diff})
+    return results
+
+
+def compiled_table(rows: list[dict], args) -> list[str]:
+    base = rows[0]["eager"]
+    lines = ["### torch.compile (inductor, CPU), the small model", "",
+             f"Forward tokens/s ({args.batch} x {args.seq_len}), eager vs `torch.compile(model)`, interleaved rounds; "
+             "speed-ups relative to the eager original. Generation is not compiled (HF generate's growing KV cache "
+             "recompiles).", "",
+             "| variant | eager tokens/s | compiled tokens/s | compiled / eager | compiled / eager original | compile s | max logit diff |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['eager']:,.0f} | {row['compiled']:,.0f} | {row['compiled'] / row['eager']:.2f}x | "
+                     f"{row['compiled'] / base:.2f}x | {row['compile_s']:.0f} | {row['diff']:.1e} |")
+    return lines + [""]
+
+
 def _spread(values: list[float]) -> float:
     """(max - min) / median: how much the rounds disagree."""
     return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
@@ -161,6 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-gpt2-small", dest="gpt2_small", action="store_false", help="skip the 124M-shaped model")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's choice)")
+    parser.add_argument("--compile", nargs="*", default=None, metavar="VARIANT",
+                        help="also time torch.compile (inductor) forward of these variants of the small model "
+                             "(no names: original and kn-gpt2); compiling takes minutes on 2 CPU cores")
+    parser.add_argument("--recipes", nargs="+", default=None, help="variants of the small model (default: every bundled recipe)")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
@@ -175,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
     models = []
     original = kc.load_model(args.model, meta_ok=False, load_tokenizer=False)[0].eval()
     layers = num_layers_of(args.model)
-    models.append((f"`{args.model}` ({layers} blocks)", build_variants(args.model, original, DEMO_RECIPES, layers)))
+    models.append((f"`{args.model}` ({layers} blocks)", build_variants(args.model, original, tuple(args.recipes or DEMO_RECIPES), layers)))
     if args.gpt2_small:
         models.append(("GPT-2-small shapes (12 blocks, random weights)", build_variants("gpt2-small", gpt2_small(), GPT2_SMALL_RECIPES, 12)))
     sections = []
@@ -186,6 +231,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
                            args.forward_repeats)
             sections.append((f"{title}, {device} ({device_name})", rows))
             print(f"measured {title} on {device}", flush=True)
+    compiled = []
+    if args.compile is not None:
+        wanted = args.compile or ["original", "kn-gpt2"]
+        compiled = measure_compiled([(n, m) for n, m in models[0][1] if n in wanted], args)
     output = Path(args.output)
     lines = ["# Speed: compressed models vs the original", "",
              f"Generated by `python benchmarks/bench_speed.py {' '.join(args.argv)}` on {platform.processor() or platform.machine()}, "
@@ -199,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
              "weight matrices and the LM head only.", ""]
     for title, rows in sections:
         lines += table(title, rows, args.batch, args.seq_len, args.new_tokens)
+    if compiled:
+        lines += compiled_table(compiled, args)
     lines += [f"![speed-ups]({output.with_suffix('.png').name})", ""]
     write_atomic(output, "\n".join(lines))
     plot(output.with_suffix(".png"), sections)

@@ -169,3 +169,31 @@ def test_kronecker_linear_rejects_an_unknown_forward_mode():
     layer.forward_mode = "fast"
     with pytest.raises(ValueError, match="forward_mode"):
         layer(torch.randn(1, 4))
+
+
+# --- torch.compile: every factorized layer traces as one graph (no graph breaks) ---------------------
+def _compile_cases():
+    torch.manual_seed(0)
+    return {
+        "kronecker (1 x 2)": kc.KroneckerLinear((12, 4), (1, 2), rank=1),
+        "kronecker r=3": kc.KroneckerLinear((4, 2), (3, 4), rank=3),
+        "lowrank": kc.LowRankLinear(8, 12, rank=3),
+        "tucker": kc.TuckerLinear((3, 4), (2, 4), (2, 2, 2, 2)),
+        "cp": kc.CPLinear((3, 4), (2, 4), rank=3),
+        "tt": kc.TTLinear((3, 4), (2, 4), (2,)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_compile_cases()))
+def test_layers_compile_without_graph_breaks(name):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C++ build
+    (the inductor backend works too, benchmarks/bench_speed.py --compile, but takes minutes on 2 CPU cores)."""
+    torch._dynamo.reset()
+    layer = _compile_cases()[name]
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    expected = layer(x)
+    got = compiled(x)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())

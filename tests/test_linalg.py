@@ -253,3 +253,100 @@ def test_bad_input_names_the_problem(call, fragments):
         call()
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} missing from: {info.value}"
+
+
+# --- issue 14 item 13: dtypes, non-finite values and malformed shapes ---------------------------------
+def with_entry(value, dtype=torch.float32):
+    W = random_matrix(12, 20, dtype)
+    W[3, 7] = value
+    return W
+
+
+BAD_INPUT_TABLE = [
+    # case, call, words the ValueError must contain
+    ("complex W", lambda: kc.nearest_kronecker(torch.ones(4, 4, dtype=torch.complex64), b_shape=(1, 2)),
+     ["complex", "real", "W.imag"]),
+    ("NaN entry", lambda: kc.nearest_kronecker(with_entry(float("nan")), b_shape=(1, 2)),
+     ["nearest_kronecker", "1 NaN", "0 infinite", "of 240"]),
+    ("inf entry", lambda: kc.nearest_kronecker(with_entry(float("inf")), b_shape=(1, 2)),
+     ["nearest_kronecker", "0 NaN", "1 infinite"]),
+    ("-inf, float64", lambda: kc.nearest_kronecker(with_entry(float("-inf"), torch.float64), (4, 4)),
+     ["1 infinite"]),
+    ("NaN, randomized path", lambda: _randomized(lambda: kc.nearest_kronecker(with_entry(float("nan")), (4, 4))),
+     ["1 NaN"]),
+    ("NaN, truncated_svd", lambda: kc.truncated_svd(with_entry(float("nan")), 2), ["truncated_svd", "1 NaN"]),
+    ("NaN, truncated_svd float64", lambda: kc.truncated_svd(with_entry(float("nan"), torch.float64), 2),
+     ["truncated_svd", "1 NaN"]),
+    ("b_shape=(3,)", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape=(3,)),
+     ["b_shape", "pair", "(3,)"]),
+    ("a_shape=(1, 2, 3)", lambda: kc.nearest_kronecker(random_matrix(12, 20), a_shape=(1, 2, 3)),
+     ["a_shape", "pair"]),
+    ("b_shape=2", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape=2), ["b_shape", "pair", "2"]),
+    ("b_shape='12'", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape="12"), ["b_shape", "pair"]),
+    ("b_shape float", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape=(1, 2.0)),
+     ["b_shape", "positive ints"]),
+    ("b_shape zero", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape=(0, 2)),
+     ["b_shape", "positive ints"]),
+    ("b_shape negative", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape=(-1, 2)),
+     ["b_shape", "positive ints"]),
+    ("b_shape bool", lambda: kc.nearest_kronecker(random_matrix(12, 20), b_shape=(True, 2)),
+     ["b_shape", "positive ints"]),
+    ("rank=True", lambda: kc.nearest_kronecker(random_matrix(12, 20), (4, 4), rank=True), ["rank=True"]),
+    ("truncated_svd complex", lambda: kc.truncated_svd(torch.ones(4, 4, dtype=torch.complex64), 1), ["complex"]),
+]
+
+
+def _randomized(call):
+    original = svd_module.GRAM_LIMIT
+    svd_module.GRAM_LIMIT = 1
+    try:
+        return call()
+    finally:
+        svd_module.GRAM_LIMIT = original
+
+
+@pytest.mark.parametrize("case,call,fragments", BAD_INPUT_TABLE, ids=[row[0] for row in BAD_INPUT_TABLE])
+def test_bad_input_table(case, call, fragments):
+    with pytest.raises(ValueError) as info:
+        call()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{case}: {fragment!r} missing from: {info.value}"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_weights_are_fitted_in_float(dtype):
+    """Exact for an integer Kronecker product: the factors come back in the default float dtype, not truncated."""
+    A = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    B = torch.tensor([[1, 1]])
+    W = torch.kron(A, B).to(dtype)
+    fa, fb, residual = kc.nearest_kronecker(W, b_shape=(1, 2), return_residual=True)
+    assert fa.dtype == torch.get_default_dtype() and fb.dtype == torch.get_default_dtype()
+    assert residual < 1e-5 * W.float().norm().item()
+    torch.testing.assert_close(kc.kron_sum(fa, fb), W.to(fa.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_integer_weights_truncated_svd_in_float():
+    W = torch.arange(12).reshape(3, 4)
+    U, V = kc.truncated_svd(W, 2)  # W has rank 2
+    assert U.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(U @ V, W.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("b_shape", [(1, 2), (2, 1), (2, 2)])
+def test_numpy_ints_are_accepted_as_shapes(b_shape):
+    import numpy as np
+
+    A, B = kc.nearest_kronecker(random_matrix(12, 20), b_shape=tuple(np.int64(v) for v in b_shape))
+    assert tuple(B.shape) == b_shape
+
+
+@pytest.mark.parametrize("rank,a_shape,b_shape", [(1, (6, 4), (1, 3)), (3, (6, 4), (1, 3)), (2, (6, 4), (2, 3)), (2, (1, 4), (6, 3))])
+def test_kron_matmul_fuses_the_bias(rank, a_shape, b_shape):
+    """The bias path (addmm for (1 x k) factors, an add otherwise) equals x W^T + b."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(rank, *a_shape, generator=g, dtype=torch.float64)
+    B = torch.randn(rank, *b_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 5, a_shape[1] * b_shape[1], generator=g, dtype=torch.float64)
+    bias = torch.randn(a_shape[0] * b_shape[0], generator=g, dtype=torch.float64)
+    expected = x @ kc.kron_sum(A, B).T + bias
+    torch.testing.assert_close(kc.kron_matmul(x, A, B, bias), expected, rtol=1e-12, atol=1e-12)

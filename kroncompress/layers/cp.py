@@ -43,7 +43,7 @@ class CPLinear(FactorizedLinear):
                              f"{[tuple(f.shape) for f in factors]} for d={d}")
         first = factors[0]
         layer = cls([f.shape[0] for f in factors[:d]], [f.shape[0] for f in factors[d:]], first.shape[1],
-                    bias is not None, layout, first.device, first.dtype)
+                    bias is not None, layout, "meta", first.dtype).to_empty(device=first.device)
         with torch.no_grad():
             for param, factor in zip(layer.factors, factors):
                 param.copy_(factor)

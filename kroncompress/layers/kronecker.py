@@ -50,7 +50,7 @@ class KroneckerLinear(FactorizedLinear):
     @classmethod
     def from_factors(cls, A, B, bias=None, layout: str = "linear") -> "KroneckerLinear":
         A, B = _stacked(A, B)
-        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], bias is not None, layout, A.device, A.dtype)
+        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], bias is not None, layout, "meta", A.dtype).to_empty(device=A.device)
         with torch.no_grad():
             layer.a.copy_(A)
             layer.b.copy_(B)
@@ -64,6 +64,11 @@ class KroneckerLinear(FactorizedLinear):
         if self.forward_mode != "factored":
             raise ValueError(f"KroneckerLinear.forward_mode must be one of {self.FORWARD_MODES}, got {self.forward_mode!r}")
         return kron_matmul(x, self.a, self.b)
+
+    def forward(self, x):
+        if self.forward_mode == "factored":  # the bias rides on the last GEMM (see kron_matmul)
+            return kron_matmul(x, self.a, self.b, self.bias)
+        return super().forward(x)
 
     def dense_weight(self):
         return kron_sum(self.a, self.b)
@@ -96,7 +101,7 @@ class KroneckerEmbedding(nn.Module):
     @classmethod
     def from_factors(cls, A, B, padding_idx=None) -> "KroneckerEmbedding":
         A, B = _stacked(A, B)
-        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], padding_idx, A.device, A.dtype)
+        layer = cls(tuple(A.shape[1:]), tuple(B.shape[1:]), A.shape[0], padding_idx, "meta", A.dtype).to_empty(device=A.device)
         with torch.no_grad():
             layer.a.copy_(A)
             layer.b.copy_(B)
@@ -156,8 +161,7 @@ class KroneckerTiedHead(nn.Module):
         return self.embedding[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tied_to.project(hidden)
-        return logits + self.bias if self.bias is not None else logits
+        return kron_matmul(hidden, self.tied_to.a, self.tied_to.b, self.bias)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:

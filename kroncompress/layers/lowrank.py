@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kroncompress.layers.base import FactorizedLinear
 
@@ -24,7 +25,7 @@ class LowRankLinear(FactorizedLinear):
     def from_factors(cls, U, V, bias=None, layout: str = "linear") -> "LowRankLinear":
         if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0]:
             raise ValueError(f"LowRankLinear factors must be U (out, k) and V (k, in); got {tuple(U.shape)} and {tuple(V.shape)}")
-        layer = cls(V.shape[1], U.shape[0], U.shape[1], bias is not None, layout, U.device, U.dtype)
+        layer = cls(V.shape[1], U.shape[0], U.shape[1], bias is not None, layout, "meta", U.dtype).to_empty(device=U.device)
         with torch.no_grad():
             layer.u.copy_(U)
             layer.v.copy_(V)
@@ -33,7 +34,10 @@ class LowRankLinear(FactorizedLinear):
         return layer
 
     def weight_matmul(self, x):
-        return (x @ self.v.T) @ self.u.T
+        return F.linear(F.linear(x, self.v), self.u)
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.v), self.u, self.bias)  # the bias fused into the second GEMM
 
     def dense_weight(self):
         return self.u @ self.v

@@ -46,7 +46,7 @@ class TTLinear(FactorizedLinear):
                              f"got {[tuple(c.shape) for c in cores]}")
         first = cores[0]
         layer = cls([c.shape[1] for c in cores], [c.shape[2] for c in cores], [c.shape[3] for c in cores[:-1]],
-                    bias is not None, layout, first.device, first.dtype)
+                    bias is not None, layout, "meta", first.dtype).to_empty(device=first.device)
         with torch.no_grad():
             for param, core in zip(layer.cores, cores):
                 param.copy_(core)

@@ -47,7 +47,7 @@ class TuckerLinear(FactorizedLinear):
                              f"got core {tuple(core.shape)} and factors {[tuple(f.shape) for f in factors]}")
         out_shape = tuple(out_shape or [f.shape[0] for f in factors[:d]])
         in_shape = tuple(in_shape or [f.shape[0] for f in factors[d:]])
-        layer = cls(out_shape, in_shape, core.shape, bias is not None, layout, core.device, core.dtype)
+        layer = cls(out_shape, in_shape, core.shape, bias is not None, layout, "meta", core.dtype).to_empty(device=core.device)
         with torch.no_grad():
             layer.core.copy_(core)
             for param, factor in zip(layer.factors, factors):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
+from kroncompress.linalg.svd import lapack_threads
 from kroncompress.linalg.whitening import output_error
 
 Shape = tuple[int, int]
@@ -69,7 +70,8 @@ def _check(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shape) -> 
 
 def _sqrt_and_inverse(M: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     M = (M + M.T) / 2
-    evals, evecs = torch.linalg.eigh(M)
+    with lapack_threads(M):
+        evals, evecs = torch.linalg.eigh(M)
     evals = evals.clamp_min(max(evals.max().item(), 1e-300) * floor)
     root = evals.sqrt()
     return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T

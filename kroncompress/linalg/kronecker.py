@@ -16,14 +16,30 @@ from kroncompress.linalg.svd import _CHUNK_ELEMENTS, top_singular_triplets
 Shape = tuple[int, int]
 
 
+def _shape_pair(name: str, shape):
+    """A factor shape as a 2-list of positive ints or None; ValueError naming it otherwise."""
+    if shape is None:
+        return [None, None]
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+        raise ValueError(f"nearest_kronecker: {name} must be a pair (rows, columns) such as (1, 2), got {shape!r}")
+    pair = []
+    for entry in shape:
+        if entry is None:
+            pair.append(None)
+            continue
+        if isinstance(entry, bool) or not hasattr(entry, "__index__") or entry.__index__() < 1:
+            raise ValueError(f"nearest_kronecker: {name} entries must be positive ints or None, got {shape!r}")
+        pair.append(entry.__index__())
+    return pair
+
+
 def _infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
     if a_shape is None and b_shape is None:
         raise ValueError(
             f"nearest_kronecker: give a_shape or b_shape for a {m} x {n} matrix "
             "(the other is inferred), e.g. b_shape=(1, 2)"
         )
-    a_shape = list(a_shape) if a_shape is not None else [None, None]
-    b_shape = list(b_shape) if b_shape is not None else [None, None]
+    a_shape, b_shape = _shape_pair("a_shape", a_shape), _shape_pair("b_shape", b_shape)
     for axis, (total, label) in enumerate(((m, "rows"), (n, "columns"))):
         a, b = a_shape[axis], b_shape[axis]
         if a is None and b is None:
@@ -70,29 +86,42 @@ def nearest_kronecker(
     dtype and device. sqrt(sigma_i) goes on each factor. With return_residual=True, also returns
     ||W - sum A_i (x) B_i||_F (a float) for the factors in compute precision (float32, or float64 for
     float64 input); by Eckart-Young on R(W) it equals sqrt(sum of sigma_i^2 for i > rank).
+
+    Integer and bool W are factorised in float32 and the factors come back in torch's default float
+    dtype (a sum of Kronecker products of an integer matrix is not integer in general). Complex W, NaN
+    or inf entries, and shapes that are not pairs of positive ints raise ValueError naming the problem.
+
+    Cost for the tall, thin rearrangements of (1 x k)-type factors: one streamed pass over W for the
+    small float64 Gram matrix, an eigensolve of that q x q matrix, and one pass that writes A directly
+    (sqrt(sigma) folded in); no copy of W when R(W) is a view of it ((1 x k) factors, contiguous W).
     """
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
         raise ValueError(f"nearest_kronecker: W must be a 2-D tensor, got shape {shape}; reshape it to (out, in)")
+    if W.is_complex():
+        raise ValueError(f"nearest_kronecker: W is complex ({W.dtype}); only real matrices are supported "
+                         "(fit W.real and W.imag separately if that is what you mean)")
     m, n = W.shape
     a_shape, b_shape = _infer_shapes(m, n, a_shape, b_shape)
     max_rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
-    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise ValueError(
             f"nearest_kronecker: rank={rank} is out of range for A {a_shape} (x) B {b_shape}; "
             f"use 1 <= rank <= {max_rank} (= min(m1*n1, m2*n2))"
         )
+    out_dtype = W.dtype if W.is_floating_point() else torch.get_default_dtype()
     compute_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     R = kron_rearrange(W.to(compute_dtype), a_shape, b_shape)
-    U, S, V = top_singular_triplets(R, rank)
-    root = S.clamp_min(0).sqrt()
-    A = (U * root).T.reshape(rank, *a_shape).to(W.dtype)
-    B = (V * root).T.reshape(rank, *b_shape).to(W.dtype)
+    left, S, right = top_singular_triplets(R, rank, scaled=True, name="nearest_kronecker")
+    A = left.T.reshape(rank, *a_shape).to(out_dtype)
+    B = right.T.reshape(rank, *b_shape).to(out_dtype)
     if rank == 1:
         A, B = A[0], B[0]
     if not return_residual:
         return A, B
-    return A, B, _residual(R, U, S, V)
+    root = S.clamp_min(0).sqrt()
+    safe = torch.where(root > 0, root, torch.ones_like(root))
+    return A, B, _residual(R, left / safe, S, right / safe)
 
 
 def _residual(R: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> float:
@@ -112,11 +141,13 @@ def _residual(R: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     return total.sqrt().item()
 
 
-def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T with W = sum_i A_i (x) B_i (out x in), without building W.
+def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W = sum_i A_i (x) B_i (out x in), without building W.
 
     x: (..., n1 n2); A: (r, m1, n1); B: (r, m2, n2). The r terms are contracted as two batched GEMMs
-    over the stacked factors; the order (B first or A first) is chosen by FLOPs.
+    over the stacked factors; the order (B first or A first) is chosen by FLOPs. When m2 = 1 (the
+    (1 x k) factors of KnGPT2) the second GEMM writes the output directly and takes the bias as addmm's
+    addend: no permute copy and no separate pass for the bias.
     """
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
@@ -128,8 +159,14 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     if cost_b_first <= cost_a_first:
         # T[N, n1, (r, m2)] = X @ B^T, then contract (r, n1) against A.
         T = X.reshape(N * n1, n2) @ B.permute(2, 0, 1).reshape(n2, r * m2)
+        A_mat = A.permute(0, 2, 1).reshape(r * n1, m1)
+        if m2 == 1:
+            T = T.reshape(N, n1, r)
+            T = T.reshape(N, n1) if r == 1 else T.transpose(1, 2).reshape(N, r * n1)
+            Y = torch.addmm(bias, T, A_mat) if bias is not None else T @ A_mat  # (N, m1) = the output
+            return Y.reshape(*lead, m1)
         T = T.reshape(N, n1, r, m2).permute(0, 3, 2, 1).reshape(N * m2, r * n1)
-        Y = T @ A.permute(0, 2, 1).reshape(r * n1, m1)  # (N m2, m1)
+        Y = T @ A_mat  # (N m2, m1)
         Y = Y.reshape(N, m2, m1).transpose(1, 2)
     else:
         # T[N, n2, (r, m1)] = X^T @ A^T, then contract (r, n2) against B.
@@ -137,7 +174,8 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
         T = T.reshape(N, n2, r, m1).permute(0, 3, 2, 1).reshape(N * m1, r * n2)
         Y = T @ B.permute(0, 2, 1).reshape(r * n2, m2)  # (N m1, m2)
         Y = Y.reshape(N, m1, m2)
-    return Y.reshape(*lead, m1 * m2)
+    Y = Y.reshape(*lead, m1 * m2)
+    return Y + bias if bias is not None else Y
 
 
 def kron_matmul_flops(a_shape: Shape, b_shape: Shape, rank: int = 1) -> int:

@@ -2,24 +2,56 @@
 
 The rearranged matrices of a Kronecker fit are usually very tall and thin (a 1 x 2 factor gives two
 columns), where a full SVD wastes seconds. When the short side is small we eigensolve its Gram matrix
-in float64 (exact to float tolerance for the leading triplets); otherwise we run a randomized
+in float64 (exact to float tolerance for the leading triplets): one streamed pass over the matrix for
+the Gram, a small eigensolve, and one pass for the long singular vectors. Otherwise we run a randomized
 subspace iteration until the leading singular values stop moving.
+
+Non-finite input (NaN or inf) is refused with a ValueError that names it; the check is free on the Gram
+path (a NaN or inf in the matrix makes its Gram non-finite) and one pass on the randomized path.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 GRAM_LIMIT = 4096  # largest short side for which the Gram eigensolve is used
 _CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
-_GRAM_CHUNK_ELEMENTS = 1 << 20  # the Gram's chunks: 8 MiB in float64, cache-sized yet few parallel regions
+_GRAM_CHUNK_ELEMENTS = 1 << 22  # the Gram's chunks: 32 MiB in float64, few parallel regions (see _gram)
+
+
+@contextlib.contextmanager
+def lapack_threads(tensor: torch.Tensor | None = None):
+    """Run LAPACK factorisations (eigh, svd, qr) on one CPU thread, restoring the thread count after.
+
+    LAPACK's eigensolvers and SVDs are chains of thousands of small OpenMP parallel regions; when other
+    processes compete for the cores, every region waits for a descheduled thread. On 2 shared cores at
+    load 8 a 768 x 768 float64 eigh took 0.39-0.47 s on one thread and 1.1-4.8 s on two (idle, two
+    threads gain little at these sizes). This was what made `svd-gpt2` take minutes on a busy machine.
+    The setting is process-wide while it lasts: other threads of the process run single-threaded too.
+    No effect for CUDA tensors. Memory-bound streaming passes keep every thread: the thread count never
+    depends on the machine's load, so a decomposition gives the same factors whatever else is running
+    (two threads: the GPT-2-small (1 x 2) layout took 0.45 s at load 2, but 4.7 s at load 5).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or (tensor is not None and tensor.device.type != "cpu"):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gram(R: torch.Tensor) -> torch.Tensor:
     """R^T R in float64, streamed over row chunks so a huge tall R is never copied whole to float64.
 
-    The chunks are small enough that their float64 copy stays in cache (one reused buffer): for the very
-    tall, thin matrices of a (1 x 2)-type fit this is several times faster than big chunks.
+    One reused float64 buffer of about _GRAM_CHUNK_ELEMENTS. Cache-sized chunks (1 << 20) are a little
+    faster on idle cores, but every chunk is two OpenMP parallel regions, and when other processes
+    compete for the cores each region waits for a descheduled thread: on 2 shared cores at load 5 the
+    GPT-2-small (1 x 2) layout took 7.0 s with 1 << 20 and 4.0 s with 1 << 22 (3.1 s with 1 << 24).
     """
     p, q = R.shape
     if R.dtype == torch.float64:
@@ -38,17 +70,47 @@ def _gram(R: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def _triplets_from_gram(R: torch.Tensor, rank: int):
+def non_finite_error(name: str, W: torch.Tensor) -> ValueError:
+    """The ValueError for a matrix whose entries (or their squares) are not finite, counting what is wrong."""
+    nan = int(torch.isnan(W).sum().item()) if W.is_floating_point() else 0
+    inf = int(torch.isinf(W).sum().item()) if W.is_floating_point() else 0
+    if nan or inf:
+        what = f"{nan} NaN and {inf} infinite entries (of {W.numel()})"
+        advice = "the weights are corrupt or diverged; re-load or repair them before factorising"
+    else:
+        what = f"entries too large to square in float64 (max |W| = {W.abs().max().item():.3g})"
+        advice = "rescale W before factorising"
+    return ValueError(f"{name}: W has {what}; {advice}")
+
+
+def _scaled_triplets_from_gram(R: torch.Tensor, rank: int, name: str):
+    """(U S^(1/2), S, V S^(1/2)) of the leading triplets: sqrt(sigma) folded into the long side in the
+    same pass that forms it (R V S^(-1/2)), so the tall factor is written once."""
+    with contextlib.nullcontext():
+        return _scaled_triplets_from_gram_impl(R, rank, name)
+
+
+def _scaled_triplets_from_gram_impl(R: torch.Tensor, rank: int, name: str):
     G = _gram(R)
-    evals, evecs = torch.linalg.eigh(G)  # ascending
-    evals = evals.flip(0)[:rank].clamp_min(0)
+    if not bool(torch.isfinite(G).all()):
+        raise non_finite_error(name, R)
+    with lapack_threads(G):
+        evals, evecs = torch.linalg.eigh(G)  # ascending
+    S = evals.flip(0)[:rank].clamp_min(0).sqrt()
     V = evecs.flip(1)[:, :rank]
-    S = evals.sqrt()
-    V, S = V.to(R.dtype), S.to(R.dtype)
-    # U in R's own precision: V and S are already accurate, and a float64 copy of a huge R costs more
-    # than the whole Gram.
-    U = R @ (V / torch.where(S > 0, S, torch.ones_like(S)))  # scale the small V, not the tall U
-    return U, S, V
+    root = S.sqrt()
+    inv_root = torch.where(S > 0, 1.0 / torch.where(S > 0, root, torch.ones_like(root)), torch.zeros_like(root))
+    # The long side in R's own precision: V and S are already accurate, and a float64 copy of a huge R
+    # costs more than the whole Gram. Scaling the small V, not the tall product.
+    left = R @ (V * inv_root).to(R.dtype)
+    return left, S.to(R.dtype), (V * root).to(R.dtype)
+
+
+def _triplets_from_gram(R: torch.Tensor, rank: int, name: str = "top_singular_triplets"):
+    left, S, right = _scaled_triplets_from_gram(R, rank, name)
+    root = S.sqrt()
+    safe = torch.where(root > 0, root, torch.ones_like(root))
+    return left / safe, S, right / safe
 
 
 def _triplets_randomized(R: torch.Tensor, rank: int, tol: float = 1e-6, max_iter: int = 30):
@@ -56,13 +118,19 @@ def _triplets_randomized(R: torch.Tensor, rank: int, tol: float = 1e-6, max_iter
     generator = torch.Generator(device=R.device).manual_seed(0)
     q = min(rank + 10, min(R.shape))
     Q = torch.randn(R.shape[1], q, device=R.device, dtype=R.dtype, generator=generator)
-    Q, _ = torch.linalg.qr(R @ Q)
+
+    def orthonormal(M):
+        with lapack_threads(M):
+            return torch.linalg.qr(M)[0]
+
+    Q = orthonormal(R @ Q)
     previous = None
     for _ in range(max_iter):
-        Z, _ = torch.linalg.qr(R.T @ Q)
-        Q, _ = torch.linalg.qr(R @ Z)
+        Z = orthonormal(R.T @ Q)
+        Q = orthonormal(R @ Z)
         small = Q.T @ R
-        Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
+        with lapack_threads(small):
+            Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
         top = S[:rank]
         if previous is not None and torch.allclose(top, previous, rtol=tol, atol=0):
             break
@@ -70,30 +138,76 @@ def _triplets_randomized(R: torch.Tensor, rank: int, tol: float = 1e-6, max_iter
     return (Q @ Us)[:, :rank], S[:rank], Vh[:rank].T
 
 
-def top_singular_triplets(R: torch.Tensor, rank: int):
-    """(U, S, V) with U: p x r, S: r, V: q x r, the leading singular triplets of R (p x q)."""
+def top_singular_triplets(R: torch.Tensor, rank: int, *, scaled: bool = False, name: str = "top_singular_triplets"):
+    """(U, S, V) with U: p x r, S: r, V: q x r, the leading singular triplets of R (p x q).
+
+    scaled=True returns (U S^(1/2), S, V S^(1/2)) instead, without an extra pass over the long side.
+    A NaN or inf in R raises ValueError naming `name`.
+    """
     p, q = R.shape
     if min(p, q) <= GRAM_LIMIT:
+        pick = _scaled_triplets_from_gram if scaled else _triplets_from_gram
         if q <= p:
-            return _triplets_from_gram(R, rank)
-        V, S, U = _triplets_from_gram(R.T, rank)
+            return pick(R, rank, name)
+        V, S, U = pick(R.T, rank, name)
         return U, S, V
-    return _triplets_randomized(R, rank)
+    if not bool(torch.isfinite(R).all()):
+        raise non_finite_error(name, R)
+    U, S, V = _triplets_randomized(R, rank)
+    if scaled:
+        root = S.clamp_min(0).sqrt()
+        U, V = U * root, V * root
+    return U, S, V
+
+
+def top_singular_values(R: torch.Tensor, rank: int, name: str = "top_singular_values") -> tuple[torch.Tensor, float]:
+    """(the leading `rank` singular values of R in float64, ||R||_F^2) without forming any singular vector.
+
+    Short side <= GRAM_LIMIT: one streamed pass for the float64 Gram, whose eigenvalues (eigvalsh, no
+    eigenvectors) are the squared singular values and whose trace is ||R||_F^2. Otherwise the randomized
+    path. This is what the factor-shape search needs to rank candidates.
+    """
+    p, q = R.shape
+    if min(p, q) <= GRAM_LIMIT:
+        with contextlib.nullcontext():
+            G = _gram(R if q <= p else R.T)
+            if not bool(torch.isfinite(G).all()):
+                raise non_finite_error(name, R)
+            with lapack_threads(G):
+                evals = torch.linalg.eigvalsh(G)
+        return evals.flip(0)[:rank].clamp_min(0).sqrt(), float(G.diagonal().sum().item())
+    if not bool(torch.isfinite(R).all()):
+        raise non_finite_error(name, R)
+    _, S, _ = _triplets_randomized(R, rank)
+    return S.to(torch.float64), float(R.double().pow(2).sum().item())
 
 
 def truncated_svd(W: torch.Tensor, rank: int):
-    """Best rank-`rank` factors (U, V) with W ~ U @ V, sqrt(sigma) on each side; U: m x k, V: k x n."""
-    if W.dim() != 2:
-        raise ValueError(f"truncated_svd: W must be 2-D, got shape {tuple(W.shape)}")
+    """Best rank-`rank` factors (U, V) with W ~ U @ V, sqrt(sigma) on each side; U: m x k, V: k x n.
+
+    float64 W: LAPACK's SVD. Other dtypes, short side <= GRAM_LIMIT: the Gram of the short side in float64
+    and its eigensolve (one pass for the Gram, one for the long factor), exact to well below float32
+    tolerance and several times faster than LAPACK's gesdd, which also degrades badly when other
+    processes compete for the cores. Larger: a randomized subspace iteration.
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"truncated_svd: W must be 2-D, got shape {shape}")
     m, n = W.shape
-    if not 1 <= rank <= min(m, n):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(f"truncated_svd: rank={rank} is out of range for a {m} x {n} matrix; use 1..{min(m, n)}")
+    if W.is_complex():
+        raise ValueError("truncated_svd: W is complex; only real weights are supported")
+    out_dtype = W.dtype if W.is_floating_point() else torch.get_default_dtype()
     compute_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wc = W.to(compute_dtype)
-    if min(m, n) <= GRAM_LIMIT:
-        U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
-        U, S, V = U[:, :rank], S[:rank], Vh[:rank].T
+    if compute_dtype == torch.float64 and min(m, n) <= GRAM_LIMIT:
+        if not bool(torch.isfinite(Wc).all()):
+            raise non_finite_error("truncated_svd", Wc)
+        with lapack_threads(Wc):
+            U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+        root = S[:rank].sqrt()
+        left, right = U[:, :rank] * root, Vh[:rank].T * root
     else:
-        U, S, V = _triplets_randomized(Wc, rank)
-    root = S.sqrt()
-    return (U * root).to(W.dtype), (V * root).T.contiguous().to(W.dtype)
+        left, _, right = top_singular_triplets(Wc, rank, scaled=True, name="truncated_svd")
+    return left.to(out_dtype), right.T.contiguous().to(out_dtype)

@@ -182,9 +182,12 @@ def tucker_decompose(weight: torch.Tensor, out_shape, in_shape, ranks, n_iter_ma
     import tensorly as tl
     from tensorly.tenalg import multi_mode_dot
 
+    from kroncompress.linalg.svd import lapack_threads
+
     T = _work_tensor(weight, out_shape, in_shape)
     modes = list(range(T.dim()))
-    with _tensorly_pytorch():
+    # many small mode products and eigensolves: one thread while other processes compete (see lapack_threads)
+    with _tensorly_pytorch(), lapack_threads(T):
         factors = [_gram_svd(tl.unfold(T, k), r)[0] for k, r in zip(modes, ranks)]
         previous = None
         for _ in range(n_iter_max):
@@ -206,8 +209,10 @@ def cp_decompose(weight: torch.Tensor, out_shape, in_shape, rank: int, n_iter_ma
     mode's size); the CP weights are folded into the first factor."""
     from tensorly.decomposition import parafac
 
+    from kroncompress.linalg.svd import lapack_threads
+
     T = _work_tensor(weight, out_shape, in_shape)
-    with _tensorly_pytorch(), warnings.catch_warnings():
+    with _tensorly_pytorch(), warnings.catch_warnings(), lapack_threads(T):
         warnings.filterwarnings("ignore", message=".*n_eigenvecs.*")  # rank > mode size: expected, padded randomly
         weights, factors = parafac(T, rank, n_iter_max=n_iter_max, init="svd", tol=tol, random_state=random_state,
                                    normalize_factors=False, svd=_gram_svd)
@@ -221,7 +226,9 @@ def tt_decompose(weight: torch.Tensor, out_shape, in_shape, ranks) -> list[torch
     from tensorly.decomposition import tensor_train_matrix
 
     T = _work_tensor(weight, out_shape, in_shape)
-    with _tensorly_pytorch():
+    from kroncompress.linalg.svd import lapack_threads
+
+    with _tensorly_pytorch(), lapack_threads(T):  # a chain of LAPACK SVDs: one thread (see lapack_threads)
         cores = tensor_train_matrix(T, rank=[1, *ranks, 1])
     return _cast(list(cores), weight)
 
@@ -342,7 +349,6 @@ def tt_sweep_right_to_left(out_shape, in_shape, ranks) -> bool:
 def tt_matmul(x: torch.Tensor, cores: Sequence[torch.Tensor], right_to_left: bool) -> torch.Tensor:
     """x (B, n) -> x W^T for the TT-matrix W, sweeping the cores in the given direction."""
     B = x.shape[0]
-    out_shape = [c.shape[1] for c in cores]
     in_shape = [c.shape[2] for c in cores]
     d = len(cores)
     if right_to_left:

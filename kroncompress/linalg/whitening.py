@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from kroncompress.linalg.svd import lapack_threads
+
 DEFAULT_DAMPING = 0.01
 
 
@@ -79,7 +81,8 @@ def whitened_svd(W: torch.Tensor, C: torch.Tensor, rank: int, damping: float = 0
     C = C.to(device=W.device, dtype=torch.float64)
     L = cholesky_factor(damp(C, damping) if damping else C)
     WL = W.to(torch.float64) @ L
-    U, S, Vh = torch.linalg.svd(WL, full_matrices=False)
+    with lapack_threads(WL):
+        U, S, Vh = torch.linalg.svd(WL, full_matrices=False)
     root = S[:rank].sqrt()
     left = U[:, :rank] * root
     # V = diag(sqrt s) Vh_k L^-1: solve X L = diag(sqrt s) Vh_k for X.
