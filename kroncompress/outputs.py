@@ -40,6 +40,10 @@ _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")  # io.save_compressed / export_dense
 
 
+# files the distillation engine keeps beside its checkpoint-N folders (checkpoints.SETTINGS_NAME, trainer.RESULT_NAME)
+RUN_FILES = ("run_settings.json", "distill_result.json")
+
+
 class OutputError(ValueError):
     """A refused output folder: the message is one line naming the folder and the fix."""
 
@@ -123,7 +127,8 @@ def written_by_kroncompress(folder: str | os.PathLike) -> bool:
             return True
     checkpoints = folder / CHECKPOINTS
     if entries == {CHECKPOINTS} and checkpoints.is_dir() and not checkpoints.is_symlink():
-        return all(_CHECKPOINT.match(entry.name) and entry.is_dir() for entry in checkpoints.iterdir())
+        return all((_CHECKPOINT.match(entry.name) and entry.is_dir()) or (entry.name in RUN_FILES and entry.is_file())
+                   for entry in checkpoints.iterdir())
     return False
 
 

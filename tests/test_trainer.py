@@ -425,3 +425,12 @@ def test_cli_resume_with_another_max_steps_exits_2_naming_it(tiny_gpt2_folder, t
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert lines[-1].startswith("error: cannot resume") and named in lines[-1], result.output
+
+
+def test_an_unfinished_run_with_its_settings_record_counts_as_ours():
+    from kroncompress.distill.checkpoints import SETTINGS_NAME
+    from kroncompress.distill.trainer import RESULT_NAME
+    from kroncompress.outputs import RUN_FILES
+
+    # else --resume would refuse every run the engine started, as a folder kroncompress did not write
+    assert {SETTINGS_NAME, RESULT_NAME} <= set(RUN_FILES)
