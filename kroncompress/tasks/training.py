@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kroncompress.tasks.data import TaskData, load_task, task_spec
@@ -224,69 +223,6 @@ def default_task_distill():
                          train=TrainConfig(epochs=3.0, lr=5e-5, warmup_ratio=0.1, schedule="linear", batch_size=16))
 
 
-def _task_trainer_class():
-    from transformers import Trainer
-
-    class TaskDistillTrainer(Trainer):
-        """A Trainer whose loss is the task distillation loss against a frozen teacher; each term is
-        logged as `loss_<term>`."""
-
-        def __init__(self, *args, teacher: nn.Module, head_weights: dict[str, float], temperature: float,
-                     regression: bool, inner, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.model_accepts_loss_kwargs = False
-            self.teacher, self.head_weights, self.temperature = teacher, head_weights, temperature
-            self.regression, self.inner = regression, inner
-            if teacher is not None:
-                teacher.to(self.args.device)
-            self._sums: dict[str, float] = {}
-            self._count = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from kroncompress.distill.losses import logits_kl
-
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            mask = inputs.get("attention_mask")
-            extra = self.inner.model_kwargs() if self.inner is not None else {}
-            outputs = model(**inputs, **extra)
-            teacher_outputs = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_outputs = self.teacher(**inputs, **extra)
-            logits = outputs.logits.float()
-            terms: dict[str, torch.Tensor] = {}
-            if "ce" in self.head_weights:
-                terms["ce"] = (F.mse_loss(logits[:, 0], labels.float()) if self.regression
-                               else F.cross_entropy(logits, labels.long()))
-            if "logits_kl" in self.head_weights:
-                teacher_logits = teacher_outputs.logits.float()
-                terms["logits_kl"] = (F.mse_loss(logits, teacher_logits) if self.regression
-                                      else logits_kl(logits, teacher_logits, self.temperature))
-            total = sum(self.head_weights[name] * value for name, value in terms.items())
-            if self.inner is not None:
-                inner_total, inner_terms = self.inner(outputs, teacher_outputs, None, mask)
-                total = total + inner_total
-                terms.update(inner_terms)
-            bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach()))]
-            if bad:
-                raise FloatingPointError(f"task distillation: loss term(s) {', '.join(bad)} became non-finite at step "
-                                         f"{self.state.global_step + 1}; lower the learning rate or check the data")
-            for name, value in terms.items():
-                self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
-            self._count += 1
-            return (total, outputs) if return_outputs else total
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._count:
-                for name, value in self._sums.items():
-                    logs[f"loss_{name}"] = round(value / self._count, 6)
-                self._sums, self._count = {}, 0
-            super().log(logs, start_time)
-
-    return TaskDistillTrainer
-
-
 def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: TaskData, config: Any = None, *,
                  max_steps: int | None = None, eval_every: int | None = None, scratch_near: Path | None = None) -> dict[str, Any]:
     """Train `student` in place on the task against the frozen `teacher` with `config` (a DistillConfig:
@@ -297,6 +233,7 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
         DistillationLoss, disable_attention_dropout, resolve_layer_map, use_eager_attention,
     )
     from kroncompress.recipe import LogitsKL, LossWeights
+    from kroncompress.tasks.trainer import TaskDistillTrainer
 
     config = copy.deepcopy(config) if config is not None else default_task_distill()
     weights, train = config.losses, config.train
@@ -330,7 +267,7 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
                                    max_steps=max_steps or train.max_steps, seed=train.seed, warmup_ratio=train.warmup_ratio,
                                    weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
                                    schedule=train.schedule, grad_accum=train.grad_accum, bf16=train.bf16)
-        trainer = _task_trainer_class()(model=student, args=args, train_dataset=train_set, data_collator=collator(tokenizer),
+        trainer = TaskDistillTrainer(model=student, args=args, train_dataset=train_set, data_collator=collator(tokenizer),
                                         callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
                                         temperature=weights.logits_kl.temperature,
                                         regression=data.spec.kind == "regression", inner=inner)
