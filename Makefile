@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Offline: compress the packaged Shakespeare GPT-2 with kn-gpt2, 30 ILKD steps, table + runs/demo/perplexity.png
+# Offline: compress the packaged Shakespeare GPT-2 with kn-gpt2, 40 ILKD steps, table + runs/demo/perplexity.png
 demo: $(STAMP)
 	$(BIN)/kroncompress compress shakespeare-gpt2 --recipe kn-gpt2 --output runs/demo --overwrite --data shakespeare --max-steps 40
 
