@@ -53,6 +53,46 @@ __all__ = [
 ]
 
 
+def _register_with_transformers() -> None:
+    """Make `AutoModel*.from_pretrained(folder)` load compressed folders after a bare `import kroncompress`,
+    without importing transformers here: register at once if transformers is already loaded, else right
+    after its first import (a one-shot import hook). `import kroncompress.hf` registers explicitly."""
+    import sys
+
+    if "transformers" in sys.modules:
+        importlib.import_module("kroncompress.hf")
+        return
+
+    from importlib.abc import MetaPathFinder
+    from importlib.util import find_spec
+
+    class _AfterTransformers(MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = find_spec(fullname)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                try:
+                    importlib.import_module("kroncompress.hf")
+                except Exception:  # noqa: BLE001  never break `import transformers`; kc.* paths register again
+                    pass
+
+            spec.loader.exec_module = exec_then_register
+            return spec
+
+    if not any(type(f).__name__ == "_AfterTransformers" for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTransformers())
+
+
+_register_with_transformers()
+
+
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
         return importlib.import_module(f"{__name__}.{name}")
