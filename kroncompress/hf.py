@@ -141,11 +141,17 @@ def register() -> None:
         register_quantizer(QUANT_METHOD)(KronCompressQuantizer)
 
 
-def mark_config(config_path: str | os.PathLike) -> None:
+def mark_config(config_path: str | os.PathLike, model: Any = None) -> None:
     """Make a written config.json of a compressed model a kroncompress checkpoint: the `quantization_config`
-    entry that routes from_pretrained here, and the marker that makes plain transformers refuse it."""
+    entry that routes from_pretrained here, and the marker that makes plain transformers refuse it. With
+    `model`, the `kroncompress` section is also written as kc.save_compressed writes it."""
     path = Path(config_path)
     data = json.loads(path.read_text(encoding="utf-8"))
+    if model is not None:
+        from kroncompress.io import saved_section
+        from kroncompress.plans import CONFIG_KEY
+
+        data[CONFIG_KEY] = saved_section(model)
     data["quantization_config"] = KronCompressConfig().to_dict()
     data["transformers_weights"] = REFUSAL
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -167,7 +173,7 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
     config_file = Path(save_directory) / "config.json"
     if is_factorized(self.config) and config_file.is_file():
-        mark_config(config_file)
+        mark_config(config_file, self)
 
 
 _save_pretrained.__name__ = "save_pretrained"

@@ -68,6 +68,17 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def saved_section(model: nn.Module) -> dict[str, Any]:
+    """The `kroncompress` config section as a folder stores it: the recorded plan plus what only the model
+    object knows (tied parameter groups, attention implementation, parameter count)."""
+    section = copy.deepcopy(getattr(model.config, CONFIG_KEY, None) or {})
+    if section:
+        section["shared_parameters"] = _shared_groups(model)
+        section["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        section["params_after"] = count_params(model)
+    return section
+
+
 def _write_weights(model: nn.Module, path: Path) -> None:
     save_file(_unique_state(model), str(path), metadata={"format": "pt"})
 
@@ -137,11 +148,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     try:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
-        section = copy.deepcopy(getattr(config, CONFIG_KEY, None) or {})
+        section = saved_section(model)
         if section:
-            section["shared_parameters"] = _shared_groups(model)
-            section["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-            section["params_after"] = count_params(model)
             setattr(config, CONFIG_KEY, section)
         config.save_pretrained(tmp)
         if hf.is_factorized(config):

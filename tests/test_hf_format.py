@@ -1,0 +1,150 @@
+"""Compressed folders are Hugging Face checkpoints: `AutoModelFor*.from_pretrained` loads them (kroncompress
+imported) with the logits of `kc.load_compressed` and of the model that was saved, `save_pretrained` of a
+compressed model writes a folder that reloads the same way, and plain transformers refuses them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import kroncompress as kc
+from kroncompress import hf
+from kroncompress.layers.base import FactorizedLinear
+from kroncompress.recipe import Recipe
+
+from conftest import build_inputs, build_tiny, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe_of(*rules) -> Recipe:
+    compress = [{"targets": list(t), "strategy": s, "options": dict(o)} for t, s, o in rules]
+    return Recipe.from_dict({"version": 1, "name": "test", "compress": compress})
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def options(strategy: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(kc.get_strategy(strategy).Config)}
+    return {"ratio": 2, **({"n_iter_max": 3} if "n_iter_max" in fields else {})}  # iterations: speed only
+
+
+# (arch, case, rules): every factorizing strategy on GPT-2 (Conv1D) and Llama (nn.Linear), the tied
+# embedding head, and layer dropping with factorized blocks
+CASES = [(arch, s, [(["role:attn.o"] + (["role:mlp"] if s in ("kronecker", "svd") else []), s, options(s))])
+         for arch in ("gpt2", "llama") for s in ("kronecker", "svd", "tucker", "cp", "tt")]
+CASES += [("gpt2", "tied-embedding", [(["transformer.wte"], "kronecker", {"b_shape": [1, 2]})]),
+          ("llama", "layerdrop", [(["model.layers"], "layerdrop", {"keep": [1]}), (["role:mlp"], "svd", {"rank": 8})])]
+
+
+def compressed(arch: str, rules) -> torch.nn.Module:
+    model = build_tiny(arch, num_hidden_layers=3) if arch == "llama" else build_tiny(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight-only initialisation
+        kc.compress(model, recipe_of(*rules))
+    return model
+
+
+@pytest.mark.parametrize("arch, case, rules", CASES, ids=[f"{a}-{c}" for a, c, _ in CASES])
+def test_from_pretrained_gives_the_logits_of_load_compressed(tmp_path, arch, case, rules):
+    model, inputs = compressed(arch, rules), build_inputs(arch)
+    expected = logits(model, inputs)
+    folder = kc.save_compressed(model, tmp_path / "out")
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert type(loaded) is type(model) and not loaded.training
+    assert {n: type(m) for n, m in loaded.named_modules()} == {n: type(m) for n, m in model.named_modules()}
+    assert torch.equal(logits(loaded, inputs), expected)
+    assert torch.equal(logits(kc.load_compressed(folder), inputs), expected)
+
+    # save_pretrained of the reloaded model (and of the in-memory compressed one) reloads the same way
+    for source, name in ((loaded, "resaved"), (model, "saved")):
+        source.save_pretrained(tmp_path / name)
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert torch.equal(logits(again, inputs), expected), name
+        assert torch.equal(logits(kc.load_compressed(tmp_path / name), inputs), expected), name
+
+
+def test_a_folder_without_factorized_modules_is_a_plain_checkpoint(tmp_path):
+    model = compressed("llama", [(["model.layers"], "layerdrop", {"keep": [0, 2]})])
+    folder = kc.save_compressed(model, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and "transformers_weights" not in config
+
+
+def test_other_auto_classes_load_their_compressed_models(tmp_path):
+    inputs = build_inputs("llama")
+    for auto, model in ((transformers.AutoModel, transformers.LlamaModel(tiny_config("llama"))),
+                        (transformers.AutoModelForSequenceClassification,
+                         transformers.LlamaForSequenceClassification(tiny_config("llama", num_labels=3)))):
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kc.compress(model, recipe_of((["re:.*mlp\\..*"], "svd", {"rank": 8})))
+        folder = kc.save_compressed(model, tmp_path / auto.__name__)
+        loaded = auto.from_pretrained(folder)
+        assert type(loaded) is type(model)
+        assert isinstance(loaded.get_submodule(next(iter(model.config.kroncompress["modules"]))), FactorizedLinear)
+        with torch.no_grad():
+            got, want = loaded(**inputs), model(**inputs)
+        key = "last_hidden_state" if auto is transformers.AutoModel else "logits"
+        assert torch.equal(got[key], want[key]), auto.__name__
+
+
+def test_from_pretrained_refuses_a_file_missing_a_factor(tmp_path):
+    folder = kc.save_compressed(compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), tmp_path / "out")
+    weights = load_file(folder / "model.safetensors")
+    del weights["transformer.h.0.mlp.c_fc.u"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks transformer\.h\.0\.mlp\.c_fc\.u"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def _run(code: str, folder: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=folder.parent)
+
+
+def test_plain_transformers_refuses_a_compressed_folder(tmp_path):
+    model = compressed("gpt2", [(["transformer.wte"], "kronecker", {"b_shape": [1, 2]})])
+    kc.save_compressed(model, tmp_path / "saved")
+    model.save_pretrained(tmp_path / "save_pretrained")
+    # kroncompress hidden: importing it fails, as where it is not installed
+    plain = ("import sys\nsys.modules['kroncompress'] = None\nimport transformers\n"
+             "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\nprint('loaded')")
+    for name in ("saved", "save_pretrained"):
+        done = _run(plain, tmp_path / name)
+        assert done.returncode != 0 and "loaded" not in done.stdout, name
+        assert hf.REFUSAL in done.stderr and "pip install kroncompress" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_bare_import_kroncompress_registers_the_format(tmp_path):
+    folder = kc.save_compressed(compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), tmp_path / "out")
+    code = ("import sys\nimport kroncompress\nassert 'transformers' not in sys.modules\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "print(type(model.transformer.h[0].mlp.c_fc).__name__)")
+    done = _run(code, folder)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "LowRankLinear"
+
+
+def test_to_dense_drops_the_checkpoint_marks(tmp_path):
+    model = kc.to_dense(compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]))
+    assert getattr(model.config, "quantization_config", None) is None and "save_pretrained" not in model.__dict__
+    model.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
