@@ -148,3 +148,26 @@ def test_to_dense_drops_the_checkpoint_marks(tmp_path):
     assert getattr(model.config, "quantization_config", None) is None and "save_pretrained" not in model.__dict__
     model.save_pretrained(tmp_path / "dense")
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+
+
+def test_distillation_leaves_the_cache_and_attention_implementation_as_they_were(tmp_path):
+    from kroncompress.distill.trainer import distill
+    from kroncompress.recipe import DistillConfig, TrainConfig
+
+    teacher = build_tiny("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    teacher.set_attn_implementation("sdpa")
+    student = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})])
+    student.set_attn_implementation("sdpa")
+    assert student.config.use_cache is True
+    config = DistillConfig(train=TrainConfig(batch_size=2, lr=1e-3, warmup_ratio=0.0, max_steps=1, seed=0))
+    assert config.losses.attention_kl > 0  # needs attention maps: training switches both models to eager
+    data = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    distill(student, teacher, config, data, output_dir=tmp_path / "run", progress=False)
+
+    for model in (student, teacher):
+        assert model.config.use_cache is True and model.config._attn_implementation == "sdpa"
+    folder = kc.save_compressed(student, tmp_path / "out")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["use_cache"] is True and saved["kroncompress"]["attn_implementation"] == "sdpa"
+    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(folder), kc.load_compressed(folder)):
+        assert loaded.config.use_cache is True and loaded.config._attn_implementation == "sdpa"
