@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -80,24 +81,30 @@ class KronCompressQuantizer(HfQuantizer):
         section = getattr(model.config, CONFIG_KEY, None) or {}
         modules = _check_section(section, folder)
         dtype = next(model.parameters()).dtype
+        ancestors: set[int] = set()
         for name, entry in modules.items():
             new = _rebuild_module(model, name, entry, folder, dtype)
             if "padding_idx" in entry:
                 new.padding_idx = entry["padding_idx"]
             install(model, name, new, entry.get("tied", []))
-            # transformers' _init_weights of a block may reach into a replaced child (GPT-2's block re-inits
-            # c_proj.weight): the block and its parents are loaded from the file, so skip their init
-            # (every tensor is checked to come from the file after loading)
             parts = name.split(".")
-            for depth in range(len(parts)):
-                model.get_submodule(".".join(parts[:depth]))._is_hf_initialized = True
-        _tie_groups(model, section.get("shared_parameters", []) or [], folder)
+            ancestors.update(id(model.get_submodule(".".join(parts[:depth]))) for depth in range(len(parts)))
+        _guard_init_weights(model, ancestors)
+        shared = section.get("shared_parameters", []) or []
+        _tie_groups(model, shared, folder)
+        # a shared tensor is stored once: its other names are re-tied after loading, not "missing"
+        stored = _stored_keys(self._checkpoint_files)
+        aliases = [f"^{re.escape(n)}$" for names in shared for n in names if stored and n not in stored]
+        if aliases:
+            model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []), *aliases]
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from kroncompress.io import _tie_groups
         from kroncompress.surgery import CONFIG_KEY
 
+        for module in model.modules():
+            module.__dict__.pop("_init_weights", None)  # the guard of _process_model_before_weight_loading
         section = getattr(model.config, CONFIG_KEY, None) or {}
         _tie_groups(model, section.get("shared_parameters", []) or [], Path(str(model.config.name_or_path)))
         self._check_all_weights_loaded(model)
@@ -108,15 +115,9 @@ class KronCompressQuantizer(HfQuantizer):
 
     def _check_all_weights_loaded(self, model) -> None:
         """Every tensor of the rebuilt model came from the file (transformers would leave a missing one random)."""
-        from safetensors import safe_open
-
-        if not self._checkpoint_files:
+        stored = _stored_keys(self._checkpoint_files)
+        if not stored:
             return
-        stored: set[str] = set()
-        for path in self._checkpoint_files:
-            if str(path).endswith(".safetensors"):
-                with safe_open(str(path), framework="pt") as handle:
-                    stored.update(handle.keys())
         groups: dict[int, list[str]] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
             groups.setdefault(id(tensor), []).append(name)
@@ -132,6 +133,40 @@ class KronCompressQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _stored_keys(files: list[str]) -> set[str]:
+    """Names of the tensors in the safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for path in files:
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as handle:
+                stored.update(handle.keys())
+    return stored
+
+
+def _guard_init_weights(model, ancestors: set[int]) -> None:
+    """transformers initialises the modules whose tensors were not all in the file, through each model's
+    `_init_weights`; for a block holding a factorized module that may reach into a weight that no longer
+    exists (GPT-2's re-inits `c_proj.weight`). For those blocks (`ancestors`, by id) an AttributeError ends
+    their init early: whatever it was initialising comes from the file, which is checked after loading."""
+    from transformers import PreTrainedModel
+
+    for owner in model.modules():
+        if not isinstance(owner, PreTrainedModel):
+            continue
+        original = owner._init_weights
+
+        def guarded(module, _original=original):
+            try:
+                _original(module)
+            except AttributeError:
+                if id(module) not in ancestors:
+                    raise
+
+        owner.__dict__["_init_weights"] = guarded
 
 
 def register() -> None:

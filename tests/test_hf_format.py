@@ -78,6 +78,22 @@ def test_from_pretrained_gives_the_logits_of_load_compressed(tmp_path, arch, cas
         assert torch.equal(logits(kc.load_compressed(tmp_path / name), inputs), expected), name
 
 
+ARCH_CASES = [("bert", transformers.AutoModelForMaskedLM, ["bert.embeddings.word_embeddings", "role:mlp"]),  # tied decoder
+              ("opt", transformers.AutoModelForCausalLM, ["role:embedding", "role:mlp"]),
+              ("gpt_neox", transformers.AutoModelForCausalLM, ["role:mlp"]),
+              ("vit", transformers.AutoModelForImageClassification, ["role:mlp"])]
+
+
+@pytest.mark.parametrize("arch, auto, targets", ARCH_CASES, ids=[a for a, _, _ in ARCH_CASES])
+def test_other_architectures_load_through_their_auto_class(tmp_path, arch, auto, targets, caplog):
+    model, inputs = compressed(arch, [(targets, "kronecker", {"ratio": 2})]), build_inputs(arch)
+    folder = kc.save_compressed(model, tmp_path / "out")
+    loaded = auto.from_pretrained(folder)
+    assert type(loaded) is type(model)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert "MISSING" not in caplog.text  # a tied tensor stored once is not reported as newly initialised
+
+
 def test_a_folder_without_factorized_modules_is_a_plain_checkpoint(tmp_path):
     model = compressed("llama", [(["model.layers"], "layerdrop", {"keep": [0, 2]})])
     folder = kc.save_compressed(model, tmp_path / "out")
