@@ -187,3 +187,33 @@ def test_distillation_leaves_the_cache_and_attention_implementation_as_they_were
     assert saved["use_cache"] is True and saved["kroncompress"]["attn_implementation"] == "sdpa"
     for loaded in (transformers.AutoModelForCausalLM.from_pretrained(folder), kc.load_compressed(folder)):
         assert loaded.config.use_cache is True and loaded.config._attn_implementation == "sdpa"
+
+
+def test_push_to_hub_uploads_a_marked_folder(tmp_path, monkeypatch):
+    """push_to_hub saves through the model's save_pretrained: the uploaded folder is a kroncompress checkpoint
+    (the hub itself replaced by a local copy, offline)."""
+    import shutil
+    import types
+
+    import transformers.utils.hub as hub
+
+    uploaded = tmp_path / "uploaded"
+    repo = types.SimpleNamespace(create_repo=lambda repo_id, **_: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(hub, "hf_api", lambda: repo)
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *_, **__: types.SimpleNamespace(save=lambda path: None))
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files",
+                        lambda self, folder, *_, **__: shutil.copytree(folder, uploaded))
+    model, inputs = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), build_inputs("gpt2")
+    model.push_to_hub("someone/tiny-compressed")
+    config = json.loads((uploaded / "config.json").read_text())
+    assert config["transformers_weights"] == hf.REFUSAL and config["quantization_config"]["quant_method"] == "kroncompress"
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(uploaded), inputs), logits(model, inputs))
+
+
+def test_a_reloaded_model_generates_as_the_saved_one_with_the_cache(tmp_path):
+    model = compressed("gpt2", [(["transformer.wte"], "kronecker", {"b_shape": [1, 2]}), (["role:mlp"], "svd", {"rank": 8})])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(kc.save_compressed(model, tmp_path / "out"))
+    prompt = build_inputs("gpt2", batch=1, length=4)["input_ids"]
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert loaded.config.use_cache is True and loaded.generation_config.use_cache is not False
+    assert torch.equal(loaded.generate(prompt, **settings), model.generate(prompt, **settings))
