@@ -217,3 +217,15 @@ def test_a_reloaded_model_generates_as_the_saved_one_with_the_cache(tmp_path):
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert loaded.config.use_cache is True and loaded.generation_config.use_cache is not False
     assert torch.equal(loaded.generate(prompt, **settings), model.generate(prompt, **settings))
+
+
+def test_a_folder_saved_before_the_format_loads_and_converts(tmp_path):
+    model, inputs = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), build_inputs("gpt2")
+    old = kc.save_compressed(model, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    del config["quantization_config"], config["transformers_weights"]  # as written before this format
+    (old / "config.json").write_text(json.dumps(config))
+    reloaded = kc.load_compressed(old)
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    new = kc.save_compressed(reloaded, tmp_path / "new")
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(new), inputs), logits(model, inputs))
