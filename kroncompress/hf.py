@@ -127,6 +127,12 @@ class KronCompressQuantizer(HfQuantizer):
             raise ValueError(f"{model.config.name_or_path}: the weights file lacks {shown}, which the compressed model "
                              "rebuilt from config.json needs; the folder is damaged or was written by another version")
 
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: the factors multiplied back into dense modules (kc.to_dense)."""
+        from kroncompress.io import to_dense
+
+        return to_dense(model)
+
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
 

@@ -166,6 +166,19 @@ def test_to_dense_drops_the_checkpoint_marks(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
 
 
+def test_dequantize_of_a_loaded_model_gives_the_dense_model(tmp_path):
+    model, inputs = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), build_inputs("gpt2")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(kc.save_compressed(model, tmp_path / "out"))
+    dense = loaded.dequantize()
+    assert type(dense.transformer.h[0].mlp.c_fc) is transformers.pytorch_utils.Conv1D
+    assert getattr(dense.config, "quantization_config", None) is None
+    dense.save_pretrained(tmp_path / "dense")  # a plain checkpoint: loads without kroncompress
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    # dense weights are the factors multiplied out (float32 rounding, other summation order): the bound of
+    # the to_dense check in docs/recipes.md and tests/test_io.py
+    torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), rtol=0, atol=1e-5)
+
+
 def test_distillation_leaves_the_cache_and_attention_implementation_as_they_were(tmp_path):
     from kroncompress.distill.trainer import distill
     from kroncompress.recipe import DistillConfig, TrainConfig
