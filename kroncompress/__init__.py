@@ -53,13 +53,17 @@ __all__ = [
 ]
 
 
+_REGISTRY_MODULE = "transformers.quantizers.auto"  # where from_pretrained looks formats up
+
+
 def _register_with_transformers() -> None:
     """Make `AutoModel*.from_pretrained(folder)` load compressed folders after a bare `import kroncompress`,
-    without importing transformers here: register at once if transformers is already loaded, else right
-    after its first import (a one-shot import hook). `import kroncompress.hf` registers explicitly."""
+    without importing transformers here: register at once if transformers' quantizer registry is loaded,
+    else right after it is (a one-shot import hook; `from_pretrained` loads it, a tokenizer-only use of
+    transformers does not). `import kroncompress.hf` registers explicitly."""
     import sys
 
-    if "transformers" in sys.modules:
+    if _REGISTRY_MODULE in sys.modules:
         importlib.import_module("kroncompress.hf")
         return
 
@@ -68,7 +72,7 @@ def _register_with_transformers() -> None:
 
     class _AfterTransformers(MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
-            if fullname != "transformers":
+            if fullname != _REGISTRY_MODULE:
                 return None
             sys.meta_path.remove(self)
             spec = find_spec(fullname)

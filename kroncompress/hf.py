@@ -22,7 +22,8 @@ transformers' own `config.save_pretrained` drops `transformers_weights`, so `kc.
 `save_pretrained` of every compressed model (see `mark`) write it back into config.json.
 
 Registration happens when kroncompress.io / kroncompress.surgery load (kc.compress, kc.load_compressed, ...),
-on `import kroncompress.hf`, and, after a bare `import kroncompress`, as soon as transformers is imported.
+on `import kroncompress.hf`, and, after a bare `import kroncompress`, as soon as transformers loads its
+quantizer registry (`from_pretrained` does; a tokenizer-only use of transformers does not pay for it).
 """
 
 from __future__ import annotations
