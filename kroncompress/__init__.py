@@ -5,6 +5,7 @@
 
 Every name below is imported on first use (PEP 562), so `import kroncompress` and `kroncompress --help`
 load neither torch nor transformers; `kc.X`, `from kroncompress import X` and `dir(kc)` work as usual.
+Importing it also makes transformers' `from_pretrained` load compressed folders (see kroncompress.hf).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     kc.save_compressed(model, "out/", recipe=recipe, report=report)
     model = kc.load_compressed("out/")            # same logits, bit for bit; nothing re-decomposed
+    model = AutoModelForCausalLM.from_pretrained("out/")  # the same, kroncompress imported (kroncompress.hf)
     dense = kc.to_dense(model)                    # plain transformers model (save_pretrained/from_pretrained)
     kc.io.verify_folder("out/")                   # [] or one line per problem (truncated weights, bad plan, ...)
     kc.export_dense("out/", "out-dense/")
