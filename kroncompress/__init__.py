@@ -5,6 +5,7 @@
 
 Every name below is imported on first use (PEP 562), so `import kroncompress` and `kroncompress --help`
 load neither torch nor transformers; `kc.X`, `from kroncompress import X` and `dir(kc)` work as usual.
+Importing it also makes transformers' `from_pretrained` load compressed folders (see kroncompress.hf).
 """
 
 from __future__ import annotations
@@ -51,6 +52,50 @@ __all__ = [
     "CalibrationStats", "calibrate", "collect_statistics",
     "load_model",
 ]
+
+
+_REGISTRY_MODULE = "transformers.quantizers.auto"  # where from_pretrained looks formats up
+
+
+def _register_with_transformers() -> None:
+    """Make `AutoModel*.from_pretrained(folder)` load compressed folders after a bare `import kroncompress`,
+    without importing transformers here: register at once if transformers' quantizer registry is loaded,
+    else right after it is (a one-shot import hook; `from_pretrained` loads it, a tokenizer-only use of
+    transformers does not). `import kroncompress.hf` registers explicitly."""
+    import sys
+
+    if _REGISTRY_MODULE in sys.modules:
+        importlib.import_module("kroncompress.hf")
+        return
+
+    from importlib.abc import MetaPathFinder
+    from importlib.util import find_spec
+
+    class _AfterTransformers(MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != _REGISTRY_MODULE:
+                return None
+            sys.meta_path.remove(self)
+            spec = find_spec(fullname)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                try:
+                    importlib.import_module("kroncompress.hf")
+                except Exception:  # noqa: BLE001  never break `import transformers`; kc.* paths register again
+                    pass
+
+            spec.loader.exec_module = exec_then_register
+            return spec
+
+    if not any(type(f).__name__ == "_AfterTransformers" for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTransformers())
+
+
+_register_with_transformers()
 
 
 def __getattr__(name: str) -> Any:

@@ -174,14 +174,16 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
 
     Tokenises `split` (default: the spec's own split, else "test") with
     `tokenizer` (cached, see `kroncompress.distill.data.token_stream`) and runs `perplexity`. Arguments
-    given here override the spec's `block_size`, `stride` and `max_tokens`.
+    given here override the spec's `block_size`, `stride` and `max_tokens`. Given neither, the block size
+    is 1024 clipped to the model's positions (a tiny or short-context model is scored at its full length).
     """
     from kroncompress.distill.data import parse_data_arg, text_spec, token_stream
 
     values = parse_data_arg(spec) if isinstance(spec, str) else spec
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
     # an explicit 0 is refused by `perplexity`, not read as "default"
-    block_size = int(_first_given(block_size, get("block_size"), 1024))
+    limit = max_positions(model)
+    block_size = int(_first_given(block_size, get("block_size"), min(1024, limit) if limit else 1024))
     stride = int(_first_given(stride, get("stride"), max(1, block_size // 2)))
     max_tokens = max_tokens if max_tokens is not None else get("max_tokens")
     split = split or get("split") or "test"

@@ -2,6 +2,7 @@
 
     kc.save_compressed(model, "out/", recipe=recipe, report=report)
     model = kc.load_compressed("out/")            # same logits, bit for bit; nothing re-decomposed
+    model = AutoModelForCausalLM.from_pretrained("out/")  # the same, kroncompress imported (kroncompress.hf)
     dense = kc.to_dense(model)                    # plain transformers model (save_pretrained/from_pretrained)
     kc.io.verify_folder("out/")                   # [] or one line per problem (truncated weights, bad plan, ...)
     kc.export_dense("out/", "out-dense/")
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
 from kroncompress.outputs import OutputExistsError, match_file_mode  # noqa: F401  (OutputExistsError: re-exported)
@@ -67,6 +69,17 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def saved_section(model: nn.Module) -> dict[str, Any]:
+    """The `kroncompress` config section as a folder stores it: the recorded plan plus what only the model
+    object knows (tied parameter groups, attention implementation, parameter count)."""
+    section = copy.deepcopy(getattr(model.config, CONFIG_KEY, None) or {})
+    if section:
+        section["shared_parameters"] = _shared_groups(model)
+        section["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        section["params_after"] = count_params(model)
+    return section
+
+
 def _write_weights(model: nn.Module, path: Path) -> None:
     save_file(_unique_state(model), str(path), metadata={"format": "pt"})
 
@@ -103,9 +116,13 @@ def _model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | N
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "## Loading", "", "```python", "import kroncompress as kc", "", 'model = kc.load_compressed("path/to/this/folder")',
-              "```", ""]
-    if not section.get("modules"):
+    lines += ["", "## Loading", "", "```python", "import kroncompress  # pip install kroncompress; registers this format",
+              "from transformers import AutoModel", "",
+              'model = AutoModel.from_pretrained("path/to/this/folder")  # or the AutoModelFor* class of the architecture',
+              '# the same: model = kroncompress.load_compressed("path/to/this/folder")', "```", ""]
+    if section.get("modules"):
+        lines += ["Without `import kroncompress`, transformers refuses this folder instead of loading random weights.", ""]
+    else:
         lines[-1:-1] = ["", "No module is factorized: `transformers.AutoModel*.from_pretrained` loads this folder as is.", ""]
     return "\n".join(lines)
 
@@ -132,13 +149,12 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     try:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
-        section = copy.deepcopy(getattr(config, CONFIG_KEY, None) or {})
+        section = saved_section(model)
         if section:
-            section["shared_parameters"] = _shared_groups(model)
-            section["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-            section["params_after"] = count_params(model)
             setattr(config, CONFIG_KEY, section)
         config.save_pretrained(tmp)
+        if hf.is_factorized(config):
+            hf.mark_config(tmp / CONFIG_NAME)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
@@ -420,6 +436,8 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
         raise ValueError(f"{folder / CONFIG_NAME}: not a readable model config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                          "restore it or compress again") from None
     cls = _model_class(config, folder)
+    if getattr(config, "transformers_weights", None) == hf.REFUSAL:
+        delattr(config, "transformers_weights")  # the plain-transformers refusal marker (see kroncompress.hf)
     section = getattr(config, CONFIG_KEY, None) or {}
     modules = _check_section(section, folder)
     dtype = dtype or _file_dtype(folder / WEIGHTS_NAME)
@@ -441,6 +459,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
                 raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
     _tie_groups(model, section.get("shared_parameters", []) or [], folder)
     _load_weights_strict(model, folder / WEIGHTS_NAME)
+    hf.mark(model)
     model.eval()
     if device is not None:
         model.to(device)
@@ -519,6 +538,11 @@ def to_dense(model: nn.Module) -> nn.Module:
             set_tie_word_embeddings(model, bool(tied_head.get("tie_word_embeddings", True)))
         if hasattr(config, CONFIG_KEY):
             delattr(config, CONFIG_KEY)
+        quantization = getattr(config, "quantization_config", None)
+        if isinstance(quantization, hf.KronCompressConfig) or (
+                isinstance(quantization, dict) and quantization.get("quant_method") == hf.QUANT_METHOD):
+            delattr(config, "quantization_config")  # a plain model now: no kroncompress checkpoint
+    model.__dict__.pop("save_pretrained", None)
     return model
 
 

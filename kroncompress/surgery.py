@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
@@ -298,6 +299,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     after = count_params(model)
     if hasattr(model, "config"):
         _record_plan(model, the_plan, entries, before, after)
+        hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
 
 

@@ -313,6 +313,10 @@ def test_eval_prints_perplexity_with_its_protocol(tmp_path):
     table = run("eval", folder, "--data", text, "--block-size", 32, "--stride", 16)
     assert "block 32" in table.output and "stride 16" in table.output
 
+    defaults = run("eval", folder, "--data", text, "--json")  # 1024 clipped to the model's positions
+    assert defaults.exit_code == 0, defaults.output
+    assert json.loads(defaults.stdout)["block_size"] == model.config.n_positions
+
 
 def test_compress_runs_the_whole_pipeline_with_distillation(tmp_path):
     from kroncompress.tokenizers import byte_tokenizer

@@ -164,6 +164,12 @@ def test_evaluate_perplexity_reads_a_spec(tmp_path, monkeypatch):
     assert evaluate_perplexity(model, tokenizer, str(tmp_path / "eval.txt"), block_size=64, stride=64).block_size == 64
     assert evaluate_perplexity(model, tokenizer, {"files": [str(tmp_path / "eval.txt")], "max_tokens": 20},
                                block_size=16).tokens == 19
+    # no block size given: 1024 clipped to the model's 64 positions (stride half of it); explicit ones are checked
+    clipped = evaluate_perplexity(model, tokenizer, str(tmp_path / "eval.txt"))
+    assert (clipped.block_size, clipped.stride) == (64, 32)
+    assert clipped == perplexity(model, data.token_stream(str(tmp_path / "eval.txt"), tokenizer), block_size=64, stride=32)
+    with pytest.raises(ValueError, match="block_size 128 exceeds the model's 64 positions"):
+        evaluate_perplexity(model, tokenizer, str(tmp_path / "eval.txt"), block_size=128)
 
 
 @pytest.mark.parametrize("measure, kwargs", [

@@ -20,6 +20,8 @@ The hidden states and attention maps come from the models themselves (`output_hi
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -285,6 +287,26 @@ def check_same_vocabulary(student: nn.Module, teacher: nn.Module, student_tokeni
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise ValueError("the teacher's tokenizer differs from the student's; teacher and student must share one "
                              "tokenizer: distil from the model the student was compressed from")
+
+
+@contextlib.contextmanager
+def keep_inference_settings(*models: nn.Module | None):
+    """Give each model back its `use_cache` and attention implementation on exit: training switches them
+    (attention maps need eager attention, the Trainer turns the KV cache off), and a saved or returned model
+    should generate as fast as the original."""
+    saved = [(m, getattr(m.config, "use_cache", None), getattr(m.config, "_attn_implementation", None))
+             for m in models if m is not None and hasattr(m, "config")]
+    try:
+        yield
+    finally:
+        for model, use_cache, implementation in saved:
+            if use_cache is not None:
+                model.config.use_cache = use_cache
+            if implementation and getattr(model.config, "_attn_implementation", None) != implementation:
+                if hasattr(model, "set_attn_implementation"):
+                    model.set_attn_implementation(implementation)
+                else:
+                    model.config._attn_implementation = implementation
 
 
 def use_eager_attention(model: nn.Module) -> None:

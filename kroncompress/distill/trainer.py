@@ -29,7 +29,7 @@ from kroncompress.distill.checkpoints import (
 from kroncompress.distill.data import BlockDataset
 from kroncompress.distill.losses import (
     LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
-    use_eager_attention,
+    keep_inference_settings, use_eager_attention,
 )
 from kroncompress.recipe import DistillConfig
 
@@ -170,57 +170,58 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     from kroncompress.distill.hf_trainer import DistillTrainer, RichProgress
 
     start = time.perf_counter()
-    loss_fn = DistillationLoss(config.losses, causal=_is_causal(student))
-    if loss_fn.needs_teacher:
-        if teacher is None:
-            raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
-                             "pass the original model as teacher (or keep only ce)")
-        check_same_vocabulary(student, teacher)
-        if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
-            loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
-        _freeze(teacher)
-        if loss_fn.needs_attentions:
-            use_eager_attention(student)
-            use_eager_attention(teacher)
-            disable_attention_dropout(student)
-    else:
-        teacher = None
+    with keep_inference_settings(student, teacher):
+        loss_fn = DistillationLoss(config.losses, causal=_is_causal(student))
+        if loss_fn.needs_teacher:
+            if teacher is None:
+                raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
+                                 "pass the original model as teacher (or keep only ce)")
+            check_same_vocabulary(student, teacher)
+            if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
+                loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
+            _freeze(teacher)
+            if loss_fn.needs_attentions:
+                use_eager_attention(student)
+                use_eager_attention(teacher)
+                disable_attention_dropout(student)
+        else:
+            teacher = None
 
-    check_finite_weights(student, "student")
-    if teacher is not None:
-        check_finite_weights(teacher, "teacher")
-    output_dir = Path(output_dir)
-    existing = checkpoint_folders(output_dir)  # damaged ones too: the Trainer's rotation would count them
-    if existing and not resume:
-        raise ValueError(f"{output_dir} already holds checkpoints (newest: {existing[0].name}); pass resume=True "
-                         "(CLI: --resume) to continue that run, or use an empty output folder")
-    checkpoint = resume_point(output_dir) if resume else None
-    train_dataset, eval_dataset = as_dataset(train_data), as_dataset(eval_data)
-    if train_dataset is None or len(train_dataset) == 0:
-        raise ValueError("distill: the training data is empty; give at least one block of token ids")
-    has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
-    args = training_arguments(config, output_dir, max_steps=max_steps, has_eval=has_eval,
-                              log_every=log_every, eval_on_start=checkpoint is None)
-    settings = describe_run(config, args.max_steps, student, train_dataset, eval_dataset, run_settings)
-    if checkpoint:
-        verify_settings(output_dir, settings, checkpoint, student)
-    trainer = DistillTrainer(model=student, args=args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset if has_eval else None, teacher=teacher, loss_fn=loss_fn,
-                             callbacks=list(callbacks or []))
-    if checkpoint is None and trainer.args.should_save:
-        record_settings(output_dir, settings)
-    trainer.remove_callback(PrinterCallback)
-    if _show_progress(progress):
-        trainer.add_callback(RichProgress())
-    if checkpoint and _finished(checkpoint, args.max_steps):
-        # the Trainer would run one step past the end; a finished run only reloads its final weights
-        from transformers import TrainerState
+        check_finite_weights(student, "student")
+        if teacher is not None:
+            check_finite_weights(teacher, "teacher")
+        output_dir = Path(output_dir)
+        existing = checkpoint_folders(output_dir)  # damaged ones too: the Trainer's rotation would count them
+        if existing and not resume:
+            raise ValueError(f"{output_dir} already holds checkpoints (newest: {existing[0].name}); pass resume=True "
+                             "(CLI: --resume) to continue that run, or use an empty output folder")
+        checkpoint = resume_point(output_dir) if resume else None
+        train_dataset, eval_dataset = as_dataset(train_data), as_dataset(eval_data)
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError("distill: the training data is empty; give at least one block of token ids")
+        has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
+        args = training_arguments(config, output_dir, max_steps=max_steps, has_eval=has_eval,
+                                  log_every=log_every, eval_on_start=checkpoint is None)
+        settings = describe_run(config, args.max_steps, student, train_dataset, eval_dataset, run_settings)
+        if checkpoint:
+            verify_settings(output_dir, settings, checkpoint, student)
+        trainer = DistillTrainer(model=student, args=args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset if has_eval else None, teacher=teacher, loss_fn=loss_fn,
+                                 callbacks=list(callbacks or []))
+        if checkpoint is None and trainer.args.should_save:
+            record_settings(output_dir, settings)
+        trainer.remove_callback(PrinterCallback)
+        if _show_progress(progress):
+            trainer.add_callback(RichProgress())
+        if checkpoint and _finished(checkpoint, args.max_steps):
+            # the Trainer would run one step past the end; a finished run only reloads its final weights
+            from transformers import TrainerState
 
-        load_checkpoint_weights(student, checkpoint)
-        trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    student.eval()
+            load_checkpoint_weights(student, checkpoint)
+            trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        student.eval()
 
     result = _result(trainer, time.perf_counter() - start, checkpoint if resume else None, output_dir)
     if trainer.args.should_save:

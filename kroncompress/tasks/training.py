@@ -230,7 +230,7 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
     Returns {"steps", "seconds", "losses" (logged terms per step), "history" ([{"step", "score"}] on the
     first evaluation split, at step 0, every `eval_every` steps and at the end), "layer_map"}."""
     from kroncompress.distill.losses import (
-        DistillationLoss, disable_attention_dropout, resolve_layer_map, use_eager_attention,
+        DistillationLoss, disable_attention_dropout, keep_inference_settings, resolve_layer_map, use_eager_attention,
     )
     from kroncompress.recipe import LogitsKL, LossWeights
     from kroncompress.tasks.trainer import TaskDistillTrainer
@@ -245,35 +245,36 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
     if not inner.enabled:
         inner = None
     needs_teacher = "logits_kl" in head or inner is not None
-    layer_map = None
-    if needs_teacher:
-        teacher.eval()
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        layer_map = resolve_layer_map(student, teacher, config.layer_map)
-        if inner is not None:
-            inner.layer_map = layer_map
-            if inner.needs_attentions:
-                use_eager_attention(student)
-                use_eager_attention(teacher)
-                disable_attention_dropout(student)
-    train_set = encode(data.train, tokenizer, data.spec.max_length)
-    score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
-    callback = _ScoreCallback(score, _eval_every(eval_every or train.eval_every, max_steps or train.max_steps, train.epochs,
-                                                 len(train_set), train.batch_size, train.grad_accum))
-    start = time.perf_counter()
-    with _scratch(scratch_near) as scratch:
-        args = _training_arguments(scratch, lr=train.lr, batch_size=train.batch_size, epochs=train.epochs,
-                                   max_steps=max_steps or train.max_steps, seed=train.seed, warmup_ratio=train.warmup_ratio,
-                                   weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-                                   schedule=train.schedule, grad_accum=train.grad_accum, bf16=train.bf16)
-        trainer = TaskDistillTrainer(model=student, args=args, train_dataset=train_set, data_collator=collator(tokenizer),
-                                        callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
-                                        temperature=weights.logits_kl.temperature,
-                                        regression=data.spec.kind == "regression", inner=inner)
-        _quiet(trainer)
-        trainer.train()
-    student.eval()
+    with keep_inference_settings(student, teacher):
+        layer_map = None
+        if needs_teacher:
+            teacher.eval()
+            for param in teacher.parameters():
+                param.requires_grad_(False)
+            layer_map = resolve_layer_map(student, teacher, config.layer_map)
+            if inner is not None:
+                inner.layer_map = layer_map
+                if inner.needs_attentions:
+                    use_eager_attention(student)
+                    use_eager_attention(teacher)
+                    disable_attention_dropout(student)
+        train_set = encode(data.train, tokenizer, data.spec.max_length)
+        score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
+        callback = _ScoreCallback(score, _eval_every(eval_every or train.eval_every, max_steps or train.max_steps, train.epochs,
+                                                     len(train_set), train.batch_size, train.grad_accum))
+        start = time.perf_counter()
+        with _scratch(scratch_near) as scratch:
+            args = _training_arguments(scratch, lr=train.lr, batch_size=train.batch_size, epochs=train.epochs,
+                                       max_steps=max_steps or train.max_steps, seed=train.seed, warmup_ratio=train.warmup_ratio,
+                                       weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+                                       schedule=train.schedule, grad_accum=train.grad_accum, bf16=train.bf16)
+            trainer = TaskDistillTrainer(model=student, args=args, train_dataset=train_set, data_collator=collator(tokenizer),
+                                         callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
+                                         temperature=weights.logits_kl.temperature,
+                                         regression=data.spec.kind == "regression", inner=inner)
+            _quiet(trainer)
+            trainer.train()
+        student.eval()
     losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
               for e in trainer.state.log_history if any(k.startswith("loss_") for k in e)]
     return {"steps": int(trainer.state.global_step), "seconds": round(time.perf_counter() - start, 3), "losses": losses,
