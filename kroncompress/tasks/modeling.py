@@ -29,14 +29,11 @@ def is_classifier(model: nn.Module) -> bool:
 
 
 def is_decoder(model: nn.Module) -> bool:
-    """Decoder-only families (causal attention, last-token pooling); encoders are BERT-like."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    """Decoder-only families (causal attention, last-token pooling); encoders are BERT-like. The same
+    rule the distillation engine uses for its attention loss."""
+    from kroncompress.distill.trainer import _is_causal
 
-    config = model.config
-    model_type = getattr(config, "model_type", "")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        return False
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
+    return _is_causal(model)
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path | str:
