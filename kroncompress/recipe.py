@@ -224,6 +224,7 @@ class DataConfig:
     block_size: int = 1024
     streaming: bool = False
     validation_fraction: float = 0.0
+    column: str = "text"  # the text column of a dataset
 
 
 @dataclass

@@ -65,11 +65,27 @@ class DistillResult:
         return asdict(self)
 
 
-def as_dataset(data: Any) -> torch.utils.data.Dataset | None:
-    """A Dataset of dicts from a Dataset (returned as is), an (N, block) tensor of ids, or None."""
+def as_dataset(data: Any, *, tokenizer: Any = None, block_size: int = 1024,
+               model: nn.Module | None = None) -> torch.utils.data.Dataset | None:
+    """A Dataset of dicts from a torch Dataset (returned as is), an (N, block) tensor of ids, or None; or
+    from text or tokens in memory or a spec (a `datasets.Dataset` / `IterableDataset`, a list of strings,
+    1-D ids, a dict; see kroncompress.distill.data), read with `tokenizer` (default: the one saved with
+    `model`'s name_or_path) and packed into `block_size` blocks."""
     if data is None or isinstance(data, torch.utils.data.Dataset):
         return data
-    return BlockDataset(torch.as_tensor(data, dtype=torch.long))
+    if isinstance(data, torch.Tensor) and data.dim() == 2:
+        return BlockDataset(data.long())
+    if isinstance(data, (list, tuple)) and data and not isinstance(data[0], str):
+        return BlockDataset(torch.as_tensor(data, dtype=torch.long))  # nested lists of ids
+    from kroncompress.distill.data import model_tokenizer, pack_blocks, text_spec, token_stream
+
+    spec = text_spec(data)
+    size = spec.block_size if isinstance(data, dict) and "block_size" in data else block_size
+    tokens_only = isinstance(spec.inline, torch.Tensor) or (
+        spec.column not in (getattr(spec.inline, "column_names", None) or (spec.column,)))
+    if not tokens_only:
+        tokenizer = model_tokenizer(model, tokenizer, needed_for="distill on text")
+    return BlockDataset(pack_blocks(token_stream(spec, tokenizer), int(size)))
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -146,11 +162,13 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
             eval_data: Any = None, output_dir: str | os.PathLike = "distill-checkpoints", *,
             max_steps: int | None = None, resume: bool = False, progress: bool | None = True,
             log_every: int = 10, callbacks: list | None = None,
-            run_settings: dict[str, Any] | None = None) -> DistillResult:
+            run_settings: dict[str, Any] | None = None, tokenizer: Any = None) -> DistillResult:
     """Train `student` in place against the frozen `teacher` with `config`'s losses and settings.
 
     `train_data` / `eval_data`: a Dataset of {"input_ids", "labels"} dicts or an (N, block_size) tensor of
-    token ids. `output_dir` receives the checkpoints (`checkpoint-<step>`: weights, optimizer, scheduler,
+    token ids; or text or tokens as any data spec takes them (a `datasets.Dataset` / `IterableDataset`
+    with a "text" column, a list of strings, 1-D ids, a dict or spec string), tokenised with `tokenizer`
+    (default: the one saved with the student's name_or_path) into `config.data.block_size` blocks. `output_dir` receives the checkpoints (`checkpoint-<step>`: weights, optimizer, scheduler,
     RNG and trainer state, every `train.save_every` steps (default 500) and at the end) and
     distill_result.json; only the main process writes. `max_steps` overrides `train.max_steps`.
     `resume=True` continues from the newest intact checkpoint in `output_dir` (a fresh start if there is
@@ -196,7 +214,11 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
             raise ValueError(f"{output_dir} already holds checkpoints (newest: {existing[0].name}); pass resume=True "
                              "(CLI: --resume) to continue that run, or use an empty output folder")
         checkpoint = resume_point(output_dir) if resume else None
-        train_dataset, eval_dataset = as_dataset(train_data), as_dataset(eval_data)
+        size = config.data.block_size if config.data is not None else 1024
+        limit = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
+        size = min(size, limit) if limit else size
+        train_dataset, eval_dataset = (as_dataset(d, tokenizer=tokenizer, block_size=size, model=student)
+                                       for d in (train_data, eval_data))
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("distill: the training data is empty; give at least one block of token ids")
         has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
