@@ -67,6 +67,7 @@ class PipelineSettings:
     measure_speed: bool = True
     distill: bool = True
     tokenizer: Any = None
+    training_args: dict[str, Any] | None = None
 
     def __post_init__(self):
         from kroncompress.surgery import as_recipe
@@ -118,7 +119,8 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
                  compress_progress: Callable[[int, int, str], None] | None = None,
                  calibration_data: Any = None, calibration_tokens: int | None = None,
                  calibration_progress: Callable[[int, int], None] | None = None,
-                 measure_speed: bool = True, distill: bool = True, tokenizer: Any = None) -> dict[str, Any]:
+                 measure_speed: bool = True, distill: bool = True, tokenizer: Any = None,
+                 training_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage the recipe has on a model and save the result in `output_dir`; returns the report.
 
     `model_name_or_path` may also be a model object (an nn.Module / PreTrainedModel, compressed in place),
@@ -137,13 +139,16 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     given (`calibration_tokens` overrides the section's count). With `measure_speed`, forward throughput
     (tokens/s, 8 sequences) of the original and the final model is recorded under `speed`.
     `distill=False` skips the recipe's distillation stage (decompose, evaluate and save only).
+    `training_args` (e.g. `{"report_to": ["tensorboard"], "logging_steps": 5}`) are passed to the
+    distillation's TrainingArguments over the recipe's `distill.train.training_args`.
     The same run from a `PipelineSettings`: `run_stages(settings)`.
     """
     return run_stages(PipelineSettings(
         model_name_or_path, recipe, Path(output_dir), data=data, max_steps=max_steps, resume=resume,
         overwrite=overwrite, progress=progress, cache_dir=cache_dir, device=device, dtype=dtype,
         compress_progress=compress_progress, calibration_data=calibration_data, calibration_tokens=calibration_tokens,
-        calibration_progress=calibration_progress, measure_speed=measure_speed, distill=distill, tokenizer=tokenizer))
+        calibration_progress=calibration_progress, measure_speed=measure_speed, distill=distill, tokenizer=tokenizer,
+        training_args=training_args))
 
 
 def run_stages(settings: PipelineSettings) -> dict[str, Any]:
@@ -184,7 +189,8 @@ def _load_stage(run: _Run) -> None:
     _check_language_model(run.model, _source_name(settings.model))
     with run.stage("plan"):
         run.plan = plan(run.model, settings.recipe)
-    run.distill_config = _distill_config(settings.recipe, settings.data, settings.max_steps) if settings.distill else None
+    run.distill_config = (_distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
+                          if settings.distill else None)
     limit = _positions(run.model)
     run.data = _DistillData(run.distill_config, settings.data, run.tokenizer, settings.cache_dir, limit)
     run.score = _Scorer(settings.recipe, settings.data, run.data, run.tokenizer, settings.cache_dir, limit)

@@ -31,8 +31,9 @@ _SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "st
                 "column")
 
 
-def _distill_config(recipe, data: Any, max_steps: int | None):
-    """The recipe's DistillConfig with the data override and step cap applied (None: no distillation)."""
+def _distill_config(recipe, data: Any, max_steps: int | None, training_args: dict | None = None):
+    """The recipe's DistillConfig with the data override, step cap and TrainingArguments keywords applied
+    (None: no distillation)."""
     config = recipe.distill
     if config is None:
         return None
@@ -41,6 +42,11 @@ def _distill_config(recipe, data: Any, max_steps: int | None):
         config.data = _merged_data(config.data, data)
     if max_steps is not None:
         config.train = dataclasses.replace(config.train, max_steps=max_steps)
+    if training_args:
+        from kroncompress.distill.trainer import check_training_args
+
+        config.train = dataclasses.replace(
+            config.train, training_args={**config.train.training_args, **check_training_args(training_args)})
     return config
 
 
