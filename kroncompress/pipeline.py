@@ -253,7 +253,7 @@ def _save_stage(run: _Run) -> dict[str, Any]:
     if not settings.main:
         return report
     with run.stage("save"):
-        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report)
+        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report, card=_card(run))
     report["plot"] = _plot(settings.output_dir / PLOT_NAME, run.distill_summary, run.perplexity)
     _write_report(settings.output_dir, report)
     return report
@@ -319,6 +319,30 @@ def _load(model_name_or_path, device: torch.device, dtype, tokenizer=None):
     model, info = load_model(model_name_or_path, meta_ok=False, dtype=dtype)
     model.to(device)
     return model, tokenizer if tokenizer is not None else info.tokenizer
+
+
+def _card(run: _Run) -> dict[str, Any]:
+    """What the model card knows from the run: the source model and the hub datasets it distilled and
+    calibrated on."""
+    settings = run.settings
+    texts = [run.distill_config.data if run.distill_config is not None else None]
+    if settings.calibrates:
+        section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
+        texts.append(_calibration_data(settings.recipe, settings.calibration_data, settings.data) or section)
+    return {"base_model": _source_name(settings.model), "datasets": [d for d in map(_hub_dataset, texts) if d]}
+
+
+def _hub_dataset(spec) -> str | None:
+    """The hub dataset a data spec reads (None: local files, a packaged corpus, objects in memory)."""
+    if spec is None:
+        return None
+    from kroncompress.distill.data import text_spec
+
+    try:
+        s = text_spec(spec)
+    except ValueError:
+        return None
+    return s.dataset if s.kind == "dataset" else None
 
 
 def _source_name(model) -> str:
