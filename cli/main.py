@@ -234,6 +234,16 @@ def _report_to(value: str | None) -> dict | None:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("give integration names, e.g. tensorboard or wandb (or none)", param_hint="--report-to")
+    import difflib
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = [*sorted(INTEGRATION_TO_CALLBACK), "all", "none"]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise click.BadParameter(f"unknown integration {name!r}; {hint}", param_hint="--report-to")
     return {"report_to": names[0] if len(names) == 1 and names[0] in ("none", "all") else names}
 
 
@@ -284,6 +294,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
 
     parsed = _with_save_every(load_recipe(recipe), save_every, no_distill)
     _check_device(device)
+    training_args = _report_to(report_to)
     inputs = [model, recipe] + _check_data(data, "--data") + _check_data(calibration_data, "--calibration-data")
     with _claim_output(output, overwrite=overwrite, resume=resume, sources=inputs) as output:
         _quiet_transformers()
@@ -293,7 +304,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
             report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume,
                                   overwrite=overwrite, device=device, dtype=dtype, calibration_data=calibration_data,
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
-                                  training_args=_report_to(report_to),
+                                  training_args=training_args,
                                   compress_progress=bars.callback("compressing"),
                                   calibration_progress=bars.callback("calibrating"))
         finally:

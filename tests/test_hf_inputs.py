@@ -55,6 +55,8 @@ def test_a_dataset_without_the_text_column_names_the_columns():
         data.text_spec(ds)
     with pytest.raises(ValueError, match=r"no 'body' column"):
         data.text_spec({"dataset": ds, "column": "body"})
+    with pytest.raises(ValueError, match=r"DatasetDict holds several splits \(train\); give one, e.g. ds\['train'\]"):
+        data.text_spec(datasets.DatasetDict({"train": ds}))
 
 
 def _tiny_lm(tmp_path):

@@ -69,3 +69,10 @@ def test_cli_report_to_flag(tmp_path, monkeypatch, flag, expected):
     monkeypatch.setattr("kroncompress.pipeline.run_pipeline", fake)
     result = CliRunner().invoke(cli, ["compress", "--recipe", "kn-gpt2", "--output", str(tmp_path / "o"), *flag])
     assert "stop here" in result.output and seen["training_args"] == expected
+
+
+def test_cli_report_to_refuses_an_unknown_integration(tmp_path):
+    result = CliRunner().invoke(cli, ["compress", "--recipe", "kn-gpt2", "--output", str(tmp_path / "o"),
+                                      "--report-to", "tensorbord"])
+    assert result.exit_code == 2 and "did you mean 'tensorboard'" in result.output
+    assert not (tmp_path / "o").exists()

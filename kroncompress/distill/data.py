@@ -119,6 +119,9 @@ def _check_inline(data: Any, column: str) -> None:
                              f"{data.dtype} of shape {tuple(data.shape)}")
         return
     columns = getattr(data, "column_names", None)
+    if isinstance(columns, Mapping):  # a DatasetDict: {split: columns}
+        raise ValueError(f"data: a DatasetDict holds several splits ({', '.join(columns)}); give one, "
+                         f"e.g. ds[{next(iter(columns), 'train')!r}]")
     if columns is not None and column not in columns and "input_ids" not in columns:
         raise ValueError(f"data: the dataset has no {column!r} column (columns: {', '.join(columns)}); name the text "
                          f"column, e.g. {{'dataset': ds, 'column': {columns[0]!r}}}")
