@@ -103,3 +103,14 @@ def test_distill_takes_text_with_a_tokenizer():
     assert len(as_dataset(torch.arange(100), block_size=32)) == 3
     with pytest.raises(ValueError, match="needs a tokenizer"):
         as_dataset(TEXTS, model=_tiny_lm(None), block_size=32)
+
+
+def test_distill_trains_on_a_dataset_of_text(tmp_path):
+    from kroncompress.distill import distill
+    from kroncompress.recipe import DataConfig, DistillConfig, TrainConfig
+
+    student, teacher = _tiny_lm(None), _tiny_lm(None)
+    config = DistillConfig(data=DataConfig(block_size=32), train=TrainConfig(max_steps=2, batch_size=2))
+    result = distill(student, teacher, config, datasets.Dataset.from_dict({"text": TEXTS}), output_dir=tmp_path / "d",
+                     progress=False, tokenizer=byte_tokenizer(), training_args={"logging_steps": 1})
+    assert result.steps == 2 and result.tokens == 2 * 2 * 32
