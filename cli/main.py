@@ -227,6 +227,27 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
     out.print(render.totals_line(data))
 
 
+def _report_to(value: str | None) -> dict | None:
+    """`--report-to a,b` as TrainingArguments keywords (None: the recipe's, else "none")."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("give integration names, e.g. tensorboard or wandb (or none)", param_hint="--report-to")
+    import difflib
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = [*sorted(INTEGRATION_TO_CALLBACK), "all", "none"]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise click.BadParameter(f"unknown integration {name!r}; {hint}", param_hint="--report-to")
+    return {"report_to": names[0] if len(names) == 1 and names[0] in ("none", "all") else names}
+
+
+
 @cli.command(epilog=_example(
     "kroncompress compress --recipe kn-gpt2 --output runs/demo --data shakespeare --max-steps 200",
     "kroncompress compress ./gpt2 --recipe kn-gpt2 --output runs/kn-gpt2",
@@ -249,11 +270,14 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
               help="Calibration tokens (default: the recipe's, else 16384).")
 @click.option("--save-every", type=click.IntRange(min=1), default=None,
               help="Checkpoint the distillation every N optimizer steps (the recipe's distill.train.save_every, default 500).")
+@click.option("--report-to", default=None,
+              help="Send distillation logs to these integrations (comma-separated: tensorboard, wandb, ...; "
+                   "all; none, the default): TrainingArguments' report_to.")
 @user_errors
 def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | None, max_steps: int | None,
              resume: bool, no_distill: bool, dtype: str | None, device: str | None,
              calibration_data: str | None = None, calibration_tokens: int | None = None,
-             save_every: int | None = None) -> None:
+             save_every: int | None = None, report_to: str | None = None) -> None:
     """Run every stage RECIPE has on MODEL (decompose, distill, evaluate) and save the result to OUTPUT.
 
     MODEL defaults to the small GPT-2 packaged with kroncompress (shakespeare-gpt2), so the whole
@@ -270,6 +294,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
 
     parsed = _with_save_every(load_recipe(recipe), save_every, no_distill)
     _check_device(device)
+    training_args = _report_to(report_to)
     inputs = [model, recipe] + _check_data(data, "--data") + _check_data(calibration_data, "--calibration-data")
     with _claim_output(output, overwrite=overwrite, resume=resume, sources=inputs) as output:
         _quiet_transformers()
@@ -279,6 +304,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
             report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume,
                                   overwrite=overwrite, device=device, dtype=dtype, calibration_data=calibration_data,
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
+                                  training_args=training_args,
                                   compress_progress=bars.callback("compressing"),
                                   calibration_progress=bars.callback("calibrating"))
         finally:

@@ -84,13 +84,81 @@ def _write_weights(model: nn.Module, path: Path) -> None:
     save_file(_unique_state(model), str(path), metadata={"format": "pt"})
 
 
-def _model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | None, report: Any, metrics: dict | None) -> str:
+def _front_matter(model: nn.Module, section: dict[str, Any], recipe_dict: dict | None, metrics: dict | None,
+                  card: dict | None) -> str:
+    """The model card's YAML metadata (Hugging Face model card fields): library, tags (the strategies),
+    base model, licence, datasets and metrics; values not known are left out."""
+    import yaml
+
+    card = dict(card or {})
+    strategies = sorted({e["strategy"] for e in section.get("modules", {}).values()}
+                        | {e["strategy"] for e in section.get("structural", [])})
+    meta: dict[str, Any] = {"library_name": "kroncompress", "tags": ["kroncompress", "compressed", *strategies]}
+    base = card.get("base_model") or getattr(model.config, "_name_or_path", "") or None
+    if base:
+        meta["base_model"] = str(base)
+    licence = card.get("license") or (source_license(base) if base else None)
+    if licence:
+        meta["license"] = licence
+    if card.get("datasets"):
+        meta["datasets"] = list(dict.fromkeys(card["datasets"]))
+    metrics = metrics or {}
+    before = metrics.get("perplexity teacher")
+    after = metrics.get("perplexity distilled", metrics.get("perplexity compressed"))
+    if before is not None or after is not None or "perplexity" in metrics:
+        meta["metrics"] = ["perplexity"]
+    extra: dict[str, Any] = {"recipe": (recipe_dict or {}).get("name")}
+    if before is not None:
+        extra["perplexity_before"] = float(before)
+    if after is not None:
+        extra["perplexity_after"] = float(after)
+    meta["kroncompress"] = {k: v for k, v in extra.items() if v is not None}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def source_license(source: Any) -> str | None:
+    """The licence of a source model, from its README.md front matter (`license:`) or its config
+    (`license`), read from a local folder or the local hub cache; None when not found (never downloads)."""
+    import yaml
+
+    folder = Path(str(source)).expanduser()
+    readme, config = folder / "README.md", folder / CONFIG_NAME
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = [try_to_load_from_cache(str(source), name) for name in ("README.md", CONFIG_NAME)]
+        except Exception:  # not a valid repo id
+            return None
+        readme, config = (Path(c) if isinstance(c, str) else Path("/nonexistent") for c in cached)
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            head = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+            try:
+                meta = yaml.safe_load(head) or {}
+            except yaml.YAMLError:
+                meta = {}
+            if isinstance(meta, dict) and meta.get("license"):
+                return str(meta["license"])
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text(encoding="utf-8")).get("license")
+        except (ValueError, OSError):
+            value = None
+        if value:
+            return str(value)
+    return None
+
+
+def _model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | None, report: Any, metrics: dict | None,
+                card: dict | None = None) -> str:
     config = model.config
     before = section.get("params_before") or (report.params_before if report is not None else None)
     after = count_params(model)
     recipe_name = (recipe_dict or {}).get("name", "none")
     lines = [
-        "---", "library_name: transformers", "tags: [kroncompress, compressed]", "---", "",
+        _front_matter(model, section, recipe_dict, metrics, card),
         f"# {type(model).__name__} compressed with kroncompress", "",
         f"- architecture: `{type(model).__name__}` (model type `{getattr(config, 'model_type', '?')}`)",
         f"- recipe: `{recipe_name}`" + (f": {recipe_dict.get('description')}" if recipe_dict and recipe_dict.get("description") else ""),
@@ -128,13 +196,17 @@ def _model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | N
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any = None, report: Any = None,
-                    metrics: dict[str, Any] | None = None, tokenizer: Any = None, overwrite: bool = False) -> Path:
+                    metrics: dict[str, Any] | None = None, tokenizer: Any = None, overwrite: bool = False,
+                    card: dict[str, Any] | None = None) -> Path:
     """Write `model` to an HF-style folder, atomically: everything goes into a temporary folder next to
     `directory` that is renamed into place at the end, so a crash never leaves a half-written folder.
 
     `recipe` (a Recipe; default: the one recorded by `compress`) is written resolved as recipe.yaml,
     `report` (a CompressionReport) and `metrics` into report.json and the README.md model card,
     `tokenizer` with its own save_pretrained. An existing `directory` is replaced only with overwrite=True.
+    The model card's front matter says `library_name: kroncompress`, the strategies as tags, and from
+    `card` (else what the model knows): `base_model` (default: the config's name_or_path), `license`
+    (default: the base model's, from its README.md or config when found locally) and `datasets`.
     """
     from kroncompress.recipe import Recipe
 
@@ -170,7 +242,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
             "report": report.to_dict() if report is not None else None, "metrics": metrics or {},
         }
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_model_card(model, section, recipe_dict, report, metrics), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(model, section, recipe_dict, report, metrics, card), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _move_into_place(tmp, target, overwrite)

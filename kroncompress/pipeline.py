@@ -49,7 +49,7 @@ TRAINING_EVAL_BLOCKS = 64  # the periodic evaluations during distillation score 
 class PipelineSettings:
     """Everything a `kroncompress compress` run is told (the keyword arguments of `run_pipeline`)."""
 
-    model: str | os.PathLike
+    model: Any  # a name or path, or a model object (nn.Module / PreTrainedModel), compressed in place
     recipe: Any  # a Recipe (a name, path or dict is loaded once, in __post_init__)
     output_dir: Path
     data: Any = None
@@ -66,6 +66,8 @@ class PipelineSettings:
     calibration_progress: Callable[[int, int], None] | None = None
     measure_speed: bool = True
     distill: bool = True
+    tokenizer: Any = None
+    training_args: dict[str, Any] | None = None
 
     def __post_init__(self):
         from kroncompress.surgery import as_recipe
@@ -117,11 +119,16 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
                  compress_progress: Callable[[int, int, str], None] | None = None,
                  calibration_data: Any = None, calibration_tokens: int | None = None,
                  calibration_progress: Callable[[int, int], None] | None = None,
-                 measure_speed: bool = True, distill: bool = True) -> dict[str, Any]:
+                 measure_speed: bool = True, distill: bool = True, tokenizer: Any = None,
+                 training_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage the recipe has on a model and save the result in `output_dir`; returns the report.
 
+    `model_name_or_path` may also be a model object (an nn.Module / PreTrainedModel, compressed in place),
+    as llm-compressor's `oneshot(model, recipe, dataset)` takes it; its tokenizer is `tokenizer`, else the
+    one saved with its `name_or_path`.
     `data` overrides the recipe's distillation text: a packaged corpus name, a file path/glob, a hub
-    dataset name (`name` or `name:config`), a dict of data keys, or a DataConfig; it then also provides
+    dataset name (`name` or `name:config`), a dict of data keys, a DataConfig, a `datasets.Dataset` /
+    `IterableDataset` (column "text"), a list of strings or token ids (see kroncompress.distill.data); it then also provides
     the perplexity text (its validation part). `max_steps` caps the distillation steps. `resume=True`
     continues an interrupted run from `<output_dir>/checkpoints`; `overwrite=True` replaces a finished
     folder (or an unfinished run's checkpoints). Under torchrun / accelerate launch every process
@@ -132,13 +139,16 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     given (`calibration_tokens` overrides the section's count). With `measure_speed`, forward throughput
     (tokens/s, 8 sequences) of the original and the final model is recorded under `speed`.
     `distill=False` skips the recipe's distillation stage (decompose, evaluate and save only).
+    `training_args` (e.g. `{"report_to": ["tensorboard"], "logging_steps": 5}`) are passed to the
+    distillation's TrainingArguments over the recipe's `distill.train.training_args`.
     The same run from a `PipelineSettings`: `run_stages(settings)`.
     """
     return run_stages(PipelineSettings(
         model_name_or_path, recipe, Path(output_dir), data=data, max_steps=max_steps, resume=resume,
         overwrite=overwrite, progress=progress, cache_dir=cache_dir, device=device, dtype=dtype,
         compress_progress=compress_progress, calibration_data=calibration_data, calibration_tokens=calibration_tokens,
-        calibration_progress=calibration_progress, measure_speed=measure_speed, distill=distill))
+        calibration_progress=calibration_progress, measure_speed=measure_speed, distill=distill, tokenizer=tokenizer,
+        training_args=training_args))
 
 
 def run_stages(settings: PipelineSettings) -> dict[str, Any]:
@@ -175,11 +185,12 @@ def _load_stage(run: _Run) -> None:
 
     settings = run.settings
     with run.stage("load"):
-        run.model, run.tokenizer = _load(settings.model, settings.device, settings.dtype)
-    _check_language_model(run.model, settings.model)
+        run.model, run.tokenizer = _load(settings.model, settings.device, settings.dtype, settings.tokenizer)
+    _check_language_model(run.model, _source_name(settings.model))
     with run.stage("plan"):
         run.plan = plan(run.model, settings.recipe)
-    run.distill_config = _distill_config(settings.recipe, settings.data, settings.max_steps) if settings.distill else None
+    run.distill_config = (_distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
+                          if settings.distill else None)
     limit = _positions(run.model)
     run.data = _DistillData(run.distill_config, settings.data, run.tokenizer, settings.cache_dir, limit)
     run.score = _Scorer(settings.recipe, settings.data, run.data, run.tokenizer, settings.cache_dir, limit)
@@ -233,7 +244,7 @@ def _distill_stage(run: _Run) -> None:
 def _save_stage(run: _Run) -> dict[str, Any]:
     settings, compression = run.settings, run.compression
     report = {
-        "model": str(settings.model), "recipe": settings.recipe.name, "output_dir": str(settings.output_dir),
+        "model": _source_name(settings.model), "recipe": settings.recipe.name, "output_dir": str(settings.output_dir),
         "params_before": compression.params_before, "params_after": compression.params_after,
         "perplexity": run.perplexity, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
         "calibration": run.calibration,
@@ -242,7 +253,7 @@ def _save_stage(run: _Run) -> dict[str, Any]:
     if not settings.main:
         return report
     with run.stage("save"):
-        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report)
+        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report, card=_card(run))
     report["plot"] = _plot(settings.output_dir / PLOT_NAME, run.distill_summary, run.perplexity)
     _write_report(settings.output_dir, report)
     return report
@@ -290,12 +301,55 @@ def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
     check_output_state(target, overwrite=overwrite, resume=resume)
 
 
-def _load(model_name_or_path, device: torch.device, dtype):
+def _load(model_name_or_path, device: torch.device, dtype, tokenizer=None):
     from kroncompress.models import load_model
 
+    if isinstance(model_name_or_path, torch.nn.Module):
+        from kroncompress.distill.data import model_tokenizer
+
+        model = model_name_or_path
+        if dtype is not None and dtype != "auto":
+            from kroncompress.models import _parse_dtype
+
+            model.to(_parse_dtype(dtype))
+        model.to(device)
+        return model, model_tokenizer(model, tokenizer, needed_for="run_pipeline on a model object")
+    if not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model: expected a name, a path or an nn.Module, got {type(model_name_or_path).__name__}")
     model, info = load_model(model_name_or_path, meta_ok=False, dtype=dtype)
     model.to(device)
-    return model, info.tokenizer
+    return model, tokenizer if tokenizer is not None else info.tokenizer
+
+
+def _card(run: _Run) -> dict[str, Any]:
+    """What the model card knows from the run: the source model and the hub datasets it distilled and
+    calibrated on."""
+    settings = run.settings
+    texts = [run.distill_config.data if run.distill_config is not None else None]
+    if settings.calibrates:
+        section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
+        texts.append(_calibration_data(settings.recipe, settings.calibration_data, settings.data) or section)
+    return {"base_model": _source_name(settings.model), "datasets": [d for d in map(_hub_dataset, texts) if d]}
+
+
+def _hub_dataset(spec) -> str | None:
+    """The hub dataset a data spec reads (None: local files, a packaged corpus, objects in memory)."""
+    if spec is None:
+        return None
+    from kroncompress.distill.data import text_spec
+
+    try:
+        s = text_spec(spec)
+    except ValueError:
+        return None
+    return s.dataset if s.kind == "dataset" else None
+
+
+def _source_name(model) -> str:
+    """The model's id or path (a model object: its name_or_path, else its class)."""
+    if isinstance(model, torch.nn.Module):
+        return str(getattr(model, "name_or_path", "") or type(model).__name__)
+    return str(model)
 
 
 def _check_language_model(model: torch.nn.Module, source) -> None:
@@ -335,6 +389,12 @@ def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe
 
     train, validation = data.blocks()
     validation = validation[:TRAINING_EVAL_BLOCKS]
+    if config.data is not None and not isinstance(config.data.dataset, (str, type(None))):
+        from kroncompress.distill.data import text_spec
+
+        # in-memory data: the run records (and a resume compares) its blocks' hash, not the object
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, dataset=text_spec(config.data).describe()))
     config = copy.deepcopy(config)
     config.train = dataclasses.replace(config.train, eval_every=_eval_every(config, len(train)))
     checkpoints = target / CHECKPOINTS

@@ -27,11 +27,13 @@ MAX_VALIDATION_BLOCKS = 256  # validation is a fixed sample of the held-out bloc
 EVALUATION_SEED = 0
 # Keys that describe the text itself: a `data` override replaces all of them (a recipe's validation_fraction
 # suits its own corpus; the override's own validation split, e.g. Shakespeare's held-out plays, is used instead).
-_SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction")
+_SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction",
+                "column")
 
 
-def _distill_config(recipe, data: Any, max_steps: int | None):
-    """The recipe's DistillConfig with the data override and step cap applied (None: no distillation)."""
+def _distill_config(recipe, data: Any, max_steps: int | None, training_args: dict | None = None):
+    """The recipe's DistillConfig with the data override, step cap and TrainingArguments keywords applied
+    (None: no distillation)."""
     config = recipe.distill
     if config is None:
         return None
@@ -40,6 +42,11 @@ def _distill_config(recipe, data: Any, max_steps: int | None):
         config.data = _merged_data(config.data, data)
     if max_steps is not None:
         config.train = dataclasses.replace(config.train, max_steps=max_steps)
+    if training_args:
+        from kroncompress.distill.trainer import check_training_args
+
+        config.train = dataclasses.replace(
+            config.train, training_args={**config.train.training_args, **check_training_args(training_args)})
     return config
 
 
@@ -49,7 +56,8 @@ def _merged_data(base, data: Any):
     from kroncompress.recipe import DataConfig
 
     override = _data_override(data) if data is not None else {}
-    kept = {k: v for k, v in dataclasses.asdict(base).items() if k not in _SOURCE_KEYS} if base is not None else {}
+    kept = ({f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in _SOURCE_KEYS}
+            if base is not None else {})
     known = {f.name for f in dataclasses.fields(DataConfig)}
     values = {**kept, **{k: v for k, v in override.items() if k in known}}
     if isinstance(values.get("files"), (str, os.PathLike)):
@@ -74,15 +82,18 @@ def _calibration_data(recipe, explicit: Any, data: Any) -> Any:
 
 
 def _data_override(data: Any) -> dict[str, Any]:
-    from kroncompress.distill.data import parse_data_arg
+    from kroncompress.distill.data import in_memory, parse_data_arg
 
+    if in_memory(data):  # a datasets.Dataset, list of strings or token tensor (see kroncompress.distill.data)
+        return {"dataset": data}
     if isinstance(data, (str, os.PathLike)):
         return parse_data_arg(str(data))
     if isinstance(data, dict):
         return dict(data)
     if dataclasses.is_dataclass(data):
-        return dataclasses.asdict(data)
-    raise ValueError(f"data: expected a corpus name, file path/glob, dataset name, dict or DataConfig, got {type(data).__name__}")
+        return {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    raise ValueError(f"data: expected a corpus name, file path/glob, dataset name, dict, DataConfig, datasets.Dataset, "
+                     f"list of strings or token tensor, got {type(data).__name__}")
 
 
 def _positions(model) -> int | None:

@@ -224,6 +224,7 @@ class DataConfig:
     block_size: int = 1024
     streaming: bool = False
     validation_fraction: float = 0.0
+    column: str = "text"  # the text column of a dataset
 
 
 @dataclass
@@ -244,6 +245,14 @@ class TrainConfig:
     save_every: int | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
+    training_args: dict[str, Any] = field(default_factory=dict)  # passed to transformers' TrainingArguments
+
+
+def training_argument_names() -> list[str]:
+    """The keyword arguments transformers' TrainingArguments takes (`train.training_args` keys)."""
+    from transformers import TrainingArguments
+
+    return [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
 
 
 @dataclass
@@ -558,6 +567,7 @@ def _parse_data(node: _Node) -> DataConfig:
         source=node.get("source", (str,)), block_size=node.get("block_size", (int,), 1024, _at_least_one),
         streaming=node.get("streaming", (bool,), False),
         validation_fraction=node.get("validation_fraction", (int, float), 0.0, _unit_closed_open),
+        column=node.get("column", (str,), "text"),
     )
     _check_one_text_source(node, data)
     return data
@@ -591,7 +601,16 @@ def _parse_train(node: _Node) -> TrainConfig:
         save_every=node.get("save_every", (int,), None, _at_least_one),
         bf16=node.get("bf16", (bool,), d.bf16),
         gradient_checkpointing=node.get("gradient_checkpointing", (bool,), d.gradient_checkpointing),
+        training_args=_parse_training_args(node),
     )
+
+
+def _parse_training_args(node: _Node) -> dict[str, Any]:
+    """`train.training_args`: a mapping of TrainingArguments keyword arguments (unknown keys: did-you-mean)."""
+    if node.value.get("training_args") is None:
+        return {}
+    child = node.child("training_args").mapping(training_argument_names())
+    return dict(child.value)
 
 
 def _parse_distill(node: _Node) -> DistillConfig:

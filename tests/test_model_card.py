@@ -1,0 +1,87 @@
+"""The model card of a compressed folder (README.md): Hugging Face metadata for a kroncompress model:
+library_name, tags with the strategies, base_model, license (the source's), datasets, metrics, recipe."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+import yaml
+
+import kroncompress as kc
+from kroncompress import pipeline
+from kroncompress.recipe import Recipe
+from kroncompress.tokenizers import byte_tokenizer
+
+WORDS = "the of and to in is was for on that with as by at from his her an be it are this which".split()
+
+
+def front_matter(folder) -> dict:
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    head, _, body = text[4:].partition("\n---\n")
+    return yaml.safe_load(head), body
+
+
+def _recipe(**sections):
+    return Recipe.from_dict({"version": 1, "name": "card-test", "compress": [
+        {"targets": ["transformer.h.*.mlp.c_fc"], "strategy": "svd", "options": {"ratio": 2}},
+        {"targets": ["transformer.h.*.mlp.c_proj"], "strategy": "kronecker", "options": {"ratio": 2}}], **sections})
+
+
+@pytest.fixture
+def source(tmp_path):
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=257, n_positions=64,
+                                     bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# my model\n")
+    rng = random.Random(0)
+    (tmp_path / "notes.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(80)))
+    return tmp_path
+
+
+def test_pipeline_card_front_matter(source, tmp_path):
+    recipe = _recipe(distill={"data": {"block_size": 32}, "train": {"max_steps": 1, "batch_size": 2}})
+    report = kc.run_pipeline(source / "model", recipe, tmp_path / "out", data=str(source / "notes.txt"),
+                             progress=False, measure_speed=False)
+    meta, body = front_matter(tmp_path / "out")
+    assert meta["library_name"] == "kroncompress"
+    assert meta["tags"] == ["kroncompress", "compressed", "kronecker", "svd"]
+    assert meta["base_model"] == str(source / "model") and meta["license"] == "apache-2.0"
+    assert "datasets" not in meta  # local files are no hub dataset
+    assert meta["metrics"] == ["perplexity"]
+    assert meta["kroncompress"]["recipe"] == "card-test"
+    assert meta["kroncompress"]["perplexity_before"] == pytest.approx(report["perplexity"]["teacher"]["perplexity"], rel=1e-3)
+    assert meta["kroncompress"]["perplexity_after"] == pytest.approx(report["perplexity"]["distilled"]["perplexity"], rel=1e-3)
+    assert "import kroncompress" in body and "from_pretrained" in body
+
+
+def test_save_compressed_card_from_arguments_and_without_a_licence(source, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(source / "model")
+    (source / "model" / "README.md").unlink()
+    kc.compress(model, _recipe())
+    kc.save_compressed(model, tmp_path / "a", card={"datasets": ["wikitext", "wikitext"]})
+    meta, _ = front_matter(tmp_path / "a")
+    assert meta["base_model"] == str(source / "model") and "license" not in meta and "metrics" not in meta
+    assert meta["datasets"] == ["wikitext"]
+    kc.save_compressed(model, tmp_path / "b", card={"base_model": "openai-community/gpt2", "license": "mit"})
+    meta, _ = front_matter(tmp_path / "b")
+    assert meta["base_model"] == "openai-community/gpt2" and meta["license"] == "mit"
+
+
+def test_the_card_names_hub_datasets_of_distillation_and_calibration():
+    assert pipeline._hub_dataset("wikitext:wikitext-2-raw-v1") == "wikitext"
+    assert pipeline._hub_dataset({"dataset": "openwebtext"}) == "openwebtext"
+    assert pipeline._hub_dataset("shakespeare") is None and pipeline._hub_dataset(["some", "text"]) is None
+
+
+def test_card_of_a_run_lists_its_hub_datasets(tmp_path):
+    recipe = _recipe(distill={"data": {"source": "shakespeare"}}, calibration={"data": {"dataset": "c4"}})
+    settings = pipeline.PipelineSettings("org/model", recipe, tmp_path / "out", data="wikitext:wikitext-2-raw-v1")
+    run = pipeline._Run(settings)
+    run.distill_config = pipeline._distill_config(recipe, settings.data, None)
+    assert pipeline._card(run) == {"base_model": "org/model", "datasets": ["wikitext", "c4"]}
