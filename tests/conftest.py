@@ -95,3 +95,16 @@ def tiny_inputs():
 def tiny_config_of():
     """Factory: tiny_config_of(arch, **overrides) -> config (eager attention)."""
     return tiny_config
+
+
+def recipe_of(*rules, ignore=()):
+    """Recipe from (targets, strategy, options) triples."""
+    from kroncompress.recipe import Recipe
+
+    compress = [{"targets": list(t), "strategy": s, "options": dict(o)} for t, s, o in rules]
+    return Recipe.from_dict({"version": 1, "name": "test", "compress": compress, "ignore": list(ignore)})
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits

@@ -20,21 +20,12 @@ from safetensors.torch import load_file, save_file
 import kroncompress as kc
 from kroncompress import hf
 from kroncompress.layers.base import FactorizedLinear
-from kroncompress.recipe import Recipe
 
-from conftest import build_inputs, build_tiny, tiny_config
+from conftest import build_inputs, build_tiny, tiny_config, logits, recipe_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def recipe_of(*rules) -> Recipe:
-    compress = [{"targets": list(t), "strategy": s, "options": dict(o)} for t, s, o in rules]
-    return Recipe.from_dict({"version": 1, "name": "test", "compress": compress})
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def options(strategy: str) -> dict:

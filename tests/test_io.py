@@ -13,20 +13,11 @@ from transformers import AutoModelForCausalLM
 import kroncompress as kc
 import kroncompress.io as kio
 from kroncompress.layers import KroneckerTiedHead
-from kroncompress.recipe import Recipe
 from kroncompress.surgery import count_params
 
-from conftest import build_inputs, build_tiny
+from conftest import build_inputs, build_tiny, logits, recipe_of
 
 
-def recipe_of(*rules) -> Recipe:
-    compress = [{"targets": list(t), "strategy": s, "options": dict(o)} for t, s, o in rules]
-    return Recipe.from_dict({"version": 1, "name": "test", "compress": compress})
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def factor_strategies() -> list[str]:

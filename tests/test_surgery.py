@@ -15,21 +15,12 @@ from kroncompress.layers import FactorizedLinear, KroneckerEmbedding, KroneckerT
 from kroncompress.recipe import Recipe, RecipeError, match_pattern
 from kroncompress.surgery import count_params
 
-from conftest import ARCHITECTURES, build_inputs, build_tiny
+from conftest import ARCHITECTURES, build_inputs, build_tiny, logits, recipe_of
 
 EXACT_KRONECKER = ("kronecker", {"b_shape": [2, 2], "rank": 4})  # rank = min(m1 n1, m2 n2): exact
 FULL_RANK_SVD = ("svd", {"rank": 64})  # every tiny matrix has min(m, n) = 64
 
 
-def recipe_of(*rules, ignore=()) -> Recipe:
-    """Recipe from (targets, strategy, options) triples."""
-    compress = [{"targets": list(t), "strategy": s, "options": dict(o)} for t, s, o in rules]
-    return Recipe.from_dict({"version": 1, "name": "test", "compress": compress, "ignore": list(ignore)})
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 # -- near-lossless compression on every architecture --------------------------------------------
