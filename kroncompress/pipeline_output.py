@@ -45,6 +45,16 @@ def _plot(path: Path, distill_summary: dict | None, perplexity: dict[str, Any]) 
     history = (distill_summary or {}).get("eval_history") or []
     if not history:
         return None
+    return plot_history(path, [p["step"] for p in history], [p["perplexity"] for p in history],
+                        distill_summary.get("teacher_validation_perplexity"), label="student (validation)",
+                        ylabel="perplexity", log=True,
+                        title=f"distillation: validation perplexity (blocks of {distill_summary.get('block_size')})")
+
+
+def plot_history(path: Path, steps: list, values: list, teacher: float | None, *, label: str, ylabel: str,
+                 title: str, log: bool = False) -> str | None:
+    """A metric over the optimizer steps with the teacher's value as a dashed line, saved to `path`;
+    returns the file name, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -53,17 +63,15 @@ def _plot(path: Path, distill_summary: dict | None, perplexity: dict[str, Any]) 
     except ImportError:
         logger.info("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
         return None
-    steps = [point["step"] for point in history]
-    values = [point["perplexity"] for point in history]
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(steps, values, marker="o", label="student (validation)")
-    teacher = distill_summary.get("teacher_validation_perplexity")
+    axes.plot(steps, values, marker="o", label=label)
     if teacher:
         axes.axhline(teacher, color="tab:gray", linestyle="--", label=f"teacher ({teacher:.3g})")
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("perplexity")
-    axes.set_yscale("log")
-    axes.set_title(f"distillation: validation perplexity (blocks of {distill_summary.get('block_size')})")
+    axes.set_ylabel(ylabel)
+    if log:
+        axes.set_yscale("log")
+    axes.set_title(title)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -170,22 +170,8 @@ def plot_scores(path: Path, summary: dict | None, scores: dict[str, Any], task_n
     history = (summary or {}).get("history") or []
     if not history:
         return None
-    try:
-        import matplotlib
+    from kroncompress.pipeline_output import plot_history
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([p["step"] for p in history], [p["score"] for p in history], marker="o", label="student")
-    teacher = scores["teacher"]["score"]
-    axes.axhline(teacher, color="tab:gray", linestyle="--", label=f"teacher ({teacher:.3f})")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("score")
-    axes.set_title(f"distillation on {task_name}: score on the evaluation split")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path.name
+    return plot_history(path, [p["step"] for p in history], [p["score"] for p in history], scores["teacher"]["score"],
+                        label="student", ylabel="score",
+                        title=f"distillation on {task_name}: score on the evaluation split")
