@@ -234,6 +234,7 @@ def test_pipeline_end_to_end(tiny_gpt2_folder, tmp_path):
     model = kc.load_compressed(output)
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
     assert (output / "tokenizer.json").is_file() and (output / "recipe.yaml").is_file()
+    assert report["plot"] == "perplexity.png" and (output / "perplexity.png").stat().st_size > 0
 
     with pytest.raises(OutputExistsError, match="overwrite"):
         run_pipeline(folder, "kn-gpt2", output, data=str(text), max_steps=1, progress=False)
