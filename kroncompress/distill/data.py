@@ -300,9 +300,10 @@ def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLi
     if s.kind == "inline":
         if isinstance(s.inline, torch.Tensor):
             raise ValueError("data: token ids have no text; use token_stream")
-        if isinstance(s.inline, (list, tuple)):
-            return list(s.inline)[:_kept(len(s.inline), s.fraction)]
-        return _iter_column(s.inline, s.describe(), column=s.column)
+        inline = _inline_kept(s)
+        if isinstance(inline, (list, tuple)):
+            return list(inline)
+        return _iter_column(inline, s.describe(), column=s.column)
     if s.kind == "source":
         documents = [text for _, text in corpus_documents(s.source, split)]
         return documents[:_kept(len(documents), s.fraction)]
@@ -313,6 +314,22 @@ def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLi
 
 def _kept(count: int, fraction: float) -> int:
     return count if fraction >= 1 else max(1, int(count * fraction))
+
+
+def _inline_kept(s: TextSpec) -> Any:
+    """The first `fraction` of in-memory data: of the strings of a list, the rows of a Dataset or of a 2-D
+    tensor, the ids of a 1-D tensor. An IterableDataset has no length to take a fraction of."""
+    data = s.inline
+    if s.fraction >= 1:
+        return data
+    if isinstance(data, torch.Tensor):
+        return data[:_kept(data.shape[0], s.fraction)]
+    if isinstance(data, (list, tuple)):
+        return list(data)[:_kept(len(data), s.fraction)]
+    if hasattr(data, "select") and hasattr(data, "__len__"):
+        return data.select(range(_kept(len(data), s.fraction)))
+    raise ValueError(f"data: fraction {s.fraction} needs the size of the {s.describe()}, which it does not have; "
+                     f"set fraction: 1.0 and cap the text yourself (e.g. dataset.take(n)), or pass a Dataset or a list")
 
 
 def _load_files(s: TextSpec, cache_dir: str | os.PathLike | None):
@@ -533,12 +550,14 @@ def token_stream(spec: Any, tokenizer, split: str | None = None, *, max_tokens: 
     s = text_spec(spec)
     split = split or s.split
     if s.kind == "inline":
-        if isinstance(s.inline, torch.Tensor):
-            ids = s.inline.long().reshape(-1)
+        inline = _inline_kept(s)
+        if isinstance(inline, torch.Tensor):
+            ids = inline.long().reshape(-1)
             return ids[:max_tokens] if max_tokens is not None else ids
-        columns = getattr(s.inline, "column_names", None) or ()
+        columns = getattr(inline, "column_names", None) or ()
         if s.column not in columns and "input_ids" in columns:  # a tokenised dataset: its ids as they are
-            return torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long).reshape(-1) for row in s.inline])
+            ids = torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long).reshape(-1) for row in inline])
+            return ids[:max_tokens] if max_tokens is not None else ids
         return _stream_ids(load_text(s, split), tokenizer, s.separator, max_tokens)
     path = None
     if use_cache:
