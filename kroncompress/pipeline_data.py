@@ -3,8 +3,8 @@ stage is scored under, and the calibration text (see kroncompress.pipeline for t
 
 Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
 and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size and stride (a block size beyond the model's positions is clipped to
-them, the stride keeping its ratio to the block).
+scored with the recipe's block size, stride and `max_tokens` (a block size beyond the model's positions
+is clipped to them, the stride keeping its ratio to the block).
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ class _Scorer:
             text = _describe_spec(self.spec)
         elif self.distill_data.available:
             ids = self.distill_data.blocks()[1].reshape(-1)
+            ids = ids[:self.max_tokens] if self.max_tokens is not None else ids  # the recipe's cap holds here too
             result = perplexity(model, ids, block_size=self.block_size, stride=self.stride)
             text = "validation part of the distillation data"
         else:
