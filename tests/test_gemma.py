@@ -39,9 +39,25 @@ def test_roles_resolve_on_gemma3_text(role, count):
     assert len(kc.plan(model, recipe).rows) == count
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_scaled_embedding_keeps_its_scale_and_the_tied_head_does_not(softcap):
-    model, inputs = build_tiny("gemma3", final_logit_softcapping=softcap), build_inputs("gemma3")
+def _tiny_gemma(family: str, **overrides):
+    """gemma3 from conftest; Gemma 1 / 2 (their embeddings are *ScaledWordEmbedding too) with the same sizes."""
+    if family == "gemma3":
+        return build_tiny("gemma3", **overrides)
+    import transformers
+
+    config_class = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config}[family]
+    config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, head_dim=16, vocab_size=128, max_position_embeddings=64, **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family, softcap", [("gemma3", None), ("gemma3", 3.0), ("gemma2", 3.0), ("gemma", None)])
+def test_scaled_embedding_keeps_its_scale_and_the_tied_head_does_not(family, softcap):
+    overrides = {"final_logit_softcapping": softcap} if family != "gemma" else {}
+    model, inputs = _tiny_gemma(family, **overrides), build_inputs("gemma3")
+    assert type(model.model.embed_tokens).__name__.endswith("ScaledWordEmbedding")
     with torch.no_grad():
         reference = model(**inputs, output_hidden_states=True)
     scale = math.sqrt(model.config.hidden_size)
