@@ -153,3 +153,19 @@ def test_pipeline_on_tiny_gemma_with_calibration_ilkd_and_reload(recipe, tiny_ge
     inputs = {"input_ids": torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))}
     assert torch.isfinite(logits(reloaded, inputs)).all()
     assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+
+
+def test_multimodal_gemma3_roles_reach_its_language_model():
+    """Gemma3ForConditionalGeneration (model_type gemma3) keeps the decoder under model.language_model."""
+    import transformers
+
+    from conftest import tiny_config
+
+    config = transformers.Gemma3Config(text_config=tiny_config("gemma3").to_dict(), mm_tokens_per_image=4,
+                                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, image_size=28, patch_size=14))
+    with torch.device("meta"):
+        model = transformers.Gemma3ForConditionalGeneration(config)
+    planned = kc.plan(model, recipe_of((["role:attention", "role:mlp"], "kronecker", {"b_shape": [2, 2], "rank": 1})))
+    assert len(planned.rows) == 14
+    assert all(row.name.startswith("model.language_model.layers.") for row in planned.rows)  # not the vision tower
