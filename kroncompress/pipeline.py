@@ -251,7 +251,7 @@ def _distill_stage(run: _Run) -> None:
     with run.stage("distill"):
         run.distill_summary = _distill(run.model, run.teacher, run.distill_config, run.data, settings.output_dir,
                                        recipe=settings.recipe, resume=settings.resume, overwrite=settings.overwrite,
-                                       progress=settings.progress, main=settings.main)
+                                       progress=settings.progress, main=settings.main, max_tokens=run.score.max_tokens)
 
 
 def _save_stage(run: _Run) -> dict[str, Any]:
@@ -395,13 +395,15 @@ def _eval_every(config, train_blocks: int) -> int:
 
 
 def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe, resume: bool, overwrite: bool,
-             progress: bool | None, main: bool) -> dict[str, Any]:
+             progress: bool | None, main: bool, max_tokens: int | None = None) -> dict[str, Any]:
     from kroncompress.distill.checkpoints import fingerprint
     from kroncompress.distill.trainer import distill
     from kroncompress.evaluate import perplexity
 
     train, validation = data.blocks()
-    validation = validation[:TRAINING_EVAL_BLOCKS]
+    # the periodic evaluations score at most the recipe's evaluate.perplexity.max_tokens too (a whole block at least)
+    cap = TRAINING_EVAL_BLOCKS if max_tokens is None else min(TRAINING_EVAL_BLOCKS, max(1, max_tokens // validation.shape[1]))
+    validation = validation[:cap]
     if config.data is not None and not isinstance(config.data.dataset, (str, type(None))):
         from kroncompress.distill.data import text_spec
 

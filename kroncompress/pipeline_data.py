@@ -3,8 +3,8 @@ stage is scored under, and the calibration text (see kroncompress.pipeline for t
 
 Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
 and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size and stride (a block size beyond the model's positions is clipped to
-them, the stride keeping its ratio to the block).
+scored with the recipe's block size, stride and `max_tokens` (a block size beyond the model's positions
+is clipped to them, the stride keeping its ratio to the block).
 """
 
 from __future__ import annotations
