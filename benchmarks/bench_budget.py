@@ -47,8 +47,8 @@ HORIZON = 2560  # the step budget every run is recorded with (resumes must match
 # The recipes of issue 15, section 4 (each with its best init on the demo), plus whitened SVD at the MLP-only
 # layout (the kn-gpt2-mlp budget), which the quality benchmark found best zero-shot.
 RUNS = (Cell("kn-gpt2", "recipe", "data-aware", 0), Cell("kn-gpt2-mlp", "recipe", "data-aware", 0),
-        Cell("svd-gpt2", "recipe", "data-aware", 0), Cell("svd-gpt2", "mlp only", "data-aware", 0),
-        Cell("distilgpt2", "keep 4", "-", 0))
+        Cell("svd-gpt2", "mlp only", "data-aware", 0), Cell("distilgpt2", "keep 4", "-", 0),
+        Cell("svd-gpt2", "recipe", "data-aware", 0))
 LABELS = {"kn-gpt2|recipe": "kn-gpt2 (kronecker, embedding + odd blocks)",
           "kn-gpt2-mlp|recipe": "kn-gpt2-mlp (kronecker, every MLP)",
           "svd-gpt2|recipe": "svd-gpt2 (whitened SVD, embedding + odd blocks)",
@@ -119,8 +119,7 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     folder = Path(args.runs) / re.sub(r"[^A-Za-z0-9]+", "-", cell.key).strip("-")
     student_dir = folder / "student-0"
     common = {"recipe": cell.recipe, "layout": cell.layout, "init": cell.init, "seed": cell.seed, "run": cell.key,
-              "line": label(cell), "source": source_fingerprint(), "tokens_per_step": TRAIN["batch_size"] * 256,
-              "threads": args.threads, "jobs": args.jobs}
+              "line": label(cell), "source": source_fingerprint(), "threads": args.threads, "jobs": args.jobs}
     data_aware = cell.init == "data-aware"
     if point_key(cell, 0) not in done or not (student_dir / "config.json").is_file():
         start = time.perf_counter()
@@ -159,7 +158,9 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
         if result.steps != step:
             raise RuntimeError(f"{cell.key}: the run stopped at step {result.steps}, not {step}")
         scored = score(student, "distilled")
-        _record(cache, {**common, "key": point_key(cell, step), "step": step, "tokens": step * common["tokens_per_step"],
+        per_step = TRAIN["batch_size"] * int(train.shape[1])
+        _record(cache, {**common, "key": point_key(cell, step), "step": step, "tokens": step * per_step,
+                        "tokens_per_step": per_step,
                         "perplexity": scored["perplexity"], "params": params,
                         "protocol": {k: scored[k] for k in ("block_size", "stride", "tokens")},
                         "train_blocks": int(train.shape[0]), "seconds": round(time.perf_counter() - start, 1)})
@@ -219,7 +220,7 @@ def plot(path: Path, rows: list[dict], teacher: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(8, 5.2))
-    per_step = rows[0]["tokens_per_step"]
+    per_step = next(r["tokens_per_step"] for r in rows if r["step"] > 0)
     for i, (line, points) in enumerate(sorted(curves(rows).items())):
         steps = sorted(s for s in points if s > 0)
         x = [s * per_step for s in steps]
@@ -256,7 +257,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     teacher, protocol = first["teacher"], first["protocol"]
     lines_ = curves(rows)
     steps = sorted({r["step"] for r in rows if r["step"] > 0})
-    per_step = first["tokens_per_step"]
+    per_step = next((r["tokens_per_step"] for r in rows if r["step"] > 0), 0)
     sources = sorted({r["source"] for r in rows})
     out = [
         "# Distillation budget: perplexity against distillation tokens on the demo teacher", "",
@@ -270,7 +271,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         f"scored on the held-out text of `{args.data}` exactly as bench_quality does (block {protocol['block_size']}, "
         f"stride {protocol['stride']}, {protocol['tokens']:,} tokens).",
         f"- One run per (recipe, seed), evaluated at steps {', '.join(map(str, steps))}: {TRAIN['batch_size']} sequences x "
-        f"256 tokens = {per_step:,} tokens per step, no accumulation; AdamW lr {TRAIN['lr']}, linear warmup over "
+        f"{per_step // TRAIN['batch_size']} tokens = {per_step:,} tokens per step, no accumulation; AdamW lr {TRAIN['lr']}, linear warmup over "
         f"{WARMUP_STEPS} steps then constant (no decay phase: a final decay would lower every point), clip "
         f"{TRAIN['max_grad_norm']}, weight decay {TRAIN['weight_decay']}. A later point continues the same run from "
         "its checkpoint (optimizer, scheduler and RNG state), so each line is one run's trajectory.",
@@ -298,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", default="runs/bench_budget", help="checkpoints of every run (resumable)")
     parser.add_argument("--model", default="shakespeare-gpt2")
     parser.add_argument("--data", default="shakespeare")
-    parser.add_argument("--steps", type=int, nargs="+", default=[40, 160, 640], help="evaluated checkpoints")
+    parser.add_argument("--steps", type=int, nargs="+", default=[40, 160, 320, 640], help="evaluated checkpoints")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--until", type=int, default=None, help="stop every run at its last checkpoint <= this step")
     parser.add_argument("--only", default=None, help="regex: only the runs whose key (recipe|layout|init|seed) matches")

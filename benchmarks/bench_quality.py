@@ -309,7 +309,8 @@ def best_at_budget(main: list[dict]) -> str:
         return ""
     best = ranked[0]
     drop = [i for i, r in enumerate(ranked) if r["recipe"] == "distilgpt2"]
-    text = f"Lowest after distillation at this budget: {best['recipe']} ({best['init']}), {best['distilled_mean']:.2f}."
+    name = best["recipe"] if best["layout"] == "recipe" else f"{best['recipe']} ({best['layout']})"
+    text = f"Lowest after distillation at this budget: {name} ({best['init']}), {best['distilled_mean']:.2f}."
     if drop:
         text += f" Layer dropping ranks {drop[0] + 1} of {len(ranked)}."
     return text
@@ -399,7 +400,8 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         lines += ["", f"(e): {count} of the {len(rows)} runs were made by an earlier version of the sources "
                   f"({'; '.join(earlier)}) and kept (`--keep-earlier`); the others by the current sources "
                   f"({rows_source(rows)}). Where an earlier report gave only a two-seed range, its ends stand for the two "
-                  "runs (which seed gave which is unknown; the mean and range are exact)."]
+                  "runs (which seed gave which is unknown; a mean recomputed from the rounded ends may differ from the "
+                  "earlier report's by 0.01)."]
     lines += ["", "## The paper's claim in miniature", "", claim(main), "", best_at_budget(main), "",
               "## Perplexity vs parameters", "", f"![perplexity vs parameters]({Path(args.output).with_suffix('.png').name})", "",
               "| line | layout | parameters | % of teacher | zero-shot perplexity | perplexity after distillation |",
