@@ -351,7 +351,7 @@ def plot(path: Path, rows: list[dict], teacher: float, teacher_params: int) -> N
     os.replace(tmp, path)
 
 
-def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
+def report(rows: list[dict], args: argparse.Namespace, wall: float, missing: list[str] = ()) -> str:
     grouped = group_seeds(rows)
     first = rows[0]
     teacher, teacher_params, protocol = first["teacher"], first["teacher_params"], first["protocol"]
@@ -402,6 +402,9 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
                   f"({rows_source(rows)}). Where an earlier report gave only a two-seed range, its ends stand for the two "
                   "runs (which seed gave which is unknown; a mean recomputed from the rounded ends may differ from the "
                   "earlier report's by 0.01)."]
+    if missing:
+        lines += ["", f"Not in this report ({len(missing)} cells of the full grid, not run or not selected): "
+                  + ", ".join(f"`{key}`" for key in missing) + "."]
     lines += ["", "## The paper's claim in miniature", "", claim(main), "", best_at_budget(main), "",
               "## Perplexity vs parameters", "", f"![perplexity vs parameters]({Path(args.output).with_suffix('.png').name})", "",
               "| line | layout | parameters | % of teacher | zero-shot perplexity | perplexity after distillation |",
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         label = args.import_label or f"read back from {args.import_report}"
         print(f"imported {import_report(Path(args.import_report), cache, label)} cells of {args.import_report}", flush=True)
     num_layers = num_layers_of(args.model)
-    grid = cells(num_layers, args.seeds, args.curve, args.repeat)
+    grid = full = cells(num_layers, args.seeds, args.curve, args.repeat)
     if args.only:
         grid = [cell for cell in grid if re.search(args.only, cell.key)]
     if not grid:
@@ -479,7 +482,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = run_all(grid, cache, args.jobs, keep_earlier=args.keep_earlier, model=args.model, data=args.data, steps=args.steps,
                        calibration_tokens=args.calibration_tokens, num_layers=num_layers)
         wall = time.perf_counter() - start
-    write_atomic(output, report(rows, args, wall))
+    shown = {row["key"] for row in rows}
+    write_atomic(output, report(rows, args, wall, [cell.key for cell in full if cell.key not in shown]))
     plot(output.with_suffix(".png"), group_seeds(rows), rows[0]["teacher"], rows[0]["teacher_params"])
     print(output.read_text())
     return rows
