@@ -121,24 +121,16 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     common = {"recipe": cell.recipe, "layout": cell.layout, "init": cell.init, "seed": cell.seed, "run": cell.key,
               "line": label(cell), "source": source_fingerprint(), "threads": args.threads, "jobs": args.jobs}
     data_aware = cell.init == "data-aware"
+    compressed_at = 0.0  # seconds to compress (0: compressed by an earlier call)
     if point_key(cell, 0) not in done or not (student_dir / "config.json").is_file():
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = kc.run_pipeline(args.model, recipe, student_dir, data=args.data, distill=False, overwrite=True,
+            kc.run_pipeline(args.model, recipe, student_dir, data=args.data, distill=False, overwrite=True,
                                      measure_speed=False, progress=False,
                                      calibration_data=args.data if data_aware else None,
                                      calibration_tokens=args.calibration_tokens if data_aware else None)
-        ppl = report["perplexity"]
-        if point_key(cell, 0) not in done:
-            _record(cache, {**common, "key": point_key(cell, 0), "step": 0, "tokens": 0,
-                            "perplexity": ppl["compressed"]["perplexity"], "teacher": ppl["teacher"]["perplexity"],
-                            "params": report["params_after"], "teacher_params": report["params_before"],
-                            "protocol": {k: ppl["teacher"][k] for k in ("block_size", "stride", "tokens")},
-                            "seconds": round(time.perf_counter() - start, 1)})
-    todo = [s for s in todo if s > 0]
-    if not todo:
-        return
+        compressed_at = round(time.perf_counter() - start, 1)
     teacher, info = kc.load_model(args.model)
     tokenizer = info.tokenizer
     config = _distill_config(recipe, args.data, HORIZON)
@@ -148,6 +140,15 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     train, _ = data.blocks()
     student = kc.load_compressed(student_dir)
     params = sum(p.numel() for p in student.parameters())
+    if point_key(cell, 0) not in done:
+        # zero-shot and teacher under the same scorer as every later point (run_pipeline with distill=False
+        # scores another sample of the held-out text)
+        zero, ref = score(student, "compressed"), score(teacher, "teacher")
+        _record(cache, {**common, "key": point_key(cell, 0), "step": 0, "tokens": 0, "perplexity": zero["perplexity"],
+                        "teacher": ref["perplexity"], "params": params, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+                        "protocol": {k: zero[k] for k in ("block_size", "stride", "tokens")},
+                        "seconds": compressed_at})
+    todo = [s for s in todo if s > 0]
     for step in todo:
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -252,9 +253,12 @@ def _threads(rows: list[dict]) -> str:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
+    later = next((r for r in rows if r["step"] > 0), None)
+    protocol = later["protocol"] if later else next(r["protocol"] for r in rows if r["step"] == 0)
     zero = {r["run"]: r for r in rows if r["step"] == 0}
-    first = next(iter(zero.values()))
-    teacher, protocol = first["teacher"], first["protocol"]
+    same = [r for r in zero.values() if r["protocol"] == protocol]
+    first = (same or list(zero.values()))[0]
+    teacher = first["teacher"]
     lines_ = curves(rows)
     steps = sorted({r["step"] for r in rows if r["step"] > 0})
     per_step = next((r["tokens_per_step"] for r in rows if r["step"] > 0), 0)
@@ -267,7 +271,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         f"{_threads(rows)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{sum(r['seconds'] for r in rows) / 60:.0f} minutes of runs, sources {', '.join(sources)}.", "",
         "## Protocol", "",
-        f"- Teacher `{args.model}`, {first['teacher_params']:,} parameters, perplexity {teacher:.2f}; every point "
+        f"- Teacher `{args.model}`, {first['teacher_params']:,} parameters, perplexity {teacher:.2f}"
+        + ("" if same else f" (on {first['protocol']['tokens']:,} other held-out tokens, like the zero-shot column)")
+        + "; every distilled point "
         f"scored on the held-out text of `{args.data}` exactly as bench_quality does (block {protocol['block_size']}, "
         f"stride {protocol['stride']}, {protocol['tokens']:,} tokens).",
         f"- One run per (recipe, seed), evaluated at steps {', '.join(map(str, steps))}: {TRAIN['batch_size']} sequences x "
@@ -287,7 +293,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     for line in sorted(lines_, key=lambda name: statistics.fmean(lines_[name][max(lines_[name])])):
         row = next(r for r in rows if r["line"] == line and r["step"] == 0)
         cells = [(_fmt(lines_[line][s]) if s in lines_[line] else "") for s in steps]
-        out.append(f"| {line} | {row['params']:,} | {row['perplexity']:.2f} | " + " | ".join(cells) + " |")
+        zero_shot = (f"{row['perplexity']:.2f}" if row["protocol"] == protocol else
+                     f"({row['perplexity']:.2f} on {row['protocol']['tokens']:,} other tokens)")
+        out.append(f"| {line} | {row['params']:,} | {zero_shot} | " + " | ".join(cells) + " |")
     out += ["", "Cells: mean over seeds (range, seeds); a blank cell was not measured.", "", "## Do the lines cross?", ""]
     out += crossings(lines_) or ["No pair of lines has two measured steps in common."]
     return "\n".join(out) + "\n"
