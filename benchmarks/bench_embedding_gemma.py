@@ -41,6 +41,7 @@ from kroncompress.linalg.whitening import damp
 REAL = Path.home() / ".cache/kroncompress/real"
 STATS = Path.home() / ".cache/kroncompress/embedinit/gemma-stats.pt"
 INITS = ("teacher", "nkp", "als-freq", "als-freq+head")
+RUN_ORDER = ("statistics", "nkp", "als-freq+head", "teacher", "als-freq")  # the most telling cells first
 A_SHAPE, B_SHAPE = (262144, 320), (1, 2)
 
 
@@ -157,7 +158,7 @@ def main() -> None:
     rows = {}
     if cache.exists():
         rows = {r["cell"]: r for r in map(json.loads, cache.read_text().splitlines())}
-    todo = [c for c in ("statistics", *INITS) if c not in rows or (c == "statistics" and not STATS.exists())]
+    todo = [c for c in RUN_ORDER if c not in rows or (c == "statistics" and not STATS.exists())]
     print(f"to run: {todo}", flush=True)
     if todo[:args.max_cells]:
         model, tokenizer = load()
