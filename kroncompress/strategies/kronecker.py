@@ -11,7 +11,7 @@ from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
 from kroncompress.linalg.als import kronecker_als
 from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
 from kroncompress.linalg.shapes import divisors, is_degenerate, kronecker_shapes
-from kroncompress.linalg.weighted_kronecker import weighted_kronecker_als
+from kroncompress.linalg.weighted_kronecker import TokenStatistics, weighted_kronecker_als
 from kroncompress.strategies.base import (
     LayerPlan, Strategy, StrategyConfig, check_ratio_met, config_error, dense_flops, is_ratio, linear_params,
 )
@@ -159,7 +159,9 @@ class KroneckerStrategy(Strategy):
         "als-freq+head" for an embedding, with a tied head's term), else "nkp"."""
         if not (self.wants_statistics(kind) and stats is not None):
             return "nkp"
-        if kind == "embedding":
+        if kind == "embedding":  # only token statistics describe an embedding's input
+            if not isinstance(stats, TokenStatistics):
+                return "nkp"
             return "als-freq+head" if stats.head is not None else "als-freq"
         return "als"
 
