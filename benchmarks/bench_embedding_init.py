@@ -66,9 +66,13 @@ def run_cell(layout: str, init: str, seed: int, steps: int, tokens: int) -> dict
             "params": report["params_after"], "teacher_params": report["params_before"],
             "teacher": ppl["teacher"]["perplexity"], "zero_shot": ppl["compressed"]["perplexity"],
             "distilled": ppl["distilled"]["perplexity"], "steps": report["distill"]["steps"],
-            "wte_note": wte.get("note", ""), "wte_error": wte.get("error"), "wte_output_error": wte.get("output_error"),
+            "wte_note": wte.get("note", ""), "wte_error": wte.get("rel_error", wte.get("error")), "wte_output_error": wte.get("output_error"),
             "protocol": {k: ppl["teacher"][k] for k in ("block_size", "stride", "tokens")},
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def report(rows: list[dict], args) -> str:
@@ -87,7 +91,8 @@ def report(rows: list[dict], args) -> str:
         "Only the embedding's init differs: `nkp` = weight-only nearest Kronecker product; `als-freq+head` = "
         "frequency-weighted ALS with the tied head's output error (docs/dataaware.md, Embeddings). The block "
         "matrices of the kn-gpt2 layout use activation-aware ALS in both arms. wte werr = ||E - E^|| / ||E||; "
-        "wte ferr = the token-frequency-weighted relative row error on the calibration text.", "",
+        "wte ferr = the token-frequency-weighted relative row error on the calibration text (reported for the data-aware "
+        "arm only).", "",
         "| layout | embedding init | params | wte werr | wte ferr | zero-shot | after ILKD (mean) | seed range |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -99,7 +104,7 @@ def report(rows: list[dict], args) -> str:
             after = [r["distilled"] for r in group]
             spread = f"{min(after):.2f}-{max(after):.2f} ({len(after)} seeds)" if len(after) > 1 else ""
             g = group[0]
-            lines.append(f"| {layout} | {init} | {g['params']:,} | {g['wte_error']:.3f} | {g['wte_output_error']:.3f} | "
+            lines.append(f"| {layout} | {init} | {g['params']:,} | {_num(g['wte_error'])} | {_num(g['wte_output_error'])} | "
                          f"{g['zero_shot']:.2f} | {statistics.fmean(after):.2f} | {spread} |")
     lines += ["", f"Cells: {len(rows)}; mean seconds per cell {statistics.fmean(r['seconds'] for r in rows):.0f}.", ""]
     return "\n".join(lines)
