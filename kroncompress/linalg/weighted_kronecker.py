@@ -147,6 +147,9 @@ def _solve_rows(K: torch.Tensor, G: torch.Tensor | None, rhs: torch.Tensor) -> t
     step = max(1, _SYSTEM_ELEMENTS // (r * k) ** 2)
     for s in range(0, N, step):
         M = torch.einsum("nrs,jk->nrjsk", K[s:s + step], eye).reshape(-1, r * k, r * k) + G
+        # the same relative jitter as the head-free branch: a row whose terms are collinear is singular
+        jitter = 1e-13 * M.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
+        M = M + jitter[:, None, None] * torch.eye(r * k, dtype=M.dtype, device=M.device)
         out[s:s + step] = torch.linalg.solve(M, rhs[s:s + step].reshape(-1, r * k, 1)).reshape(-1, r, k)
     return out
 
