@@ -132,12 +132,24 @@ def _solve_spd(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(rhs, L)
 
 
+def _symmetric_system(P: torch.Tensor, view: torch.Tensor, k: int) -> torch.Tensor:
+    """The (r k x r k) normal matrix whose (r, s) block is P[r, s] @ view reshaped k x k. It is symmetric
+    (block (s, r) is block (r, s) transposed, C being symmetric), so only the r (r + 1) / 2 blocks with
+    r <= s are multiplied: the r^2 n^2 product that dominates a sweep with many terms, halved."""
+    r = P.shape[0]
+    rows, cols = torch.triu_indices(r, r, device=P.device)
+    blocks = (P[rows, cols] @ view).reshape(-1, k, k)
+    G = P.new_empty(r, r, k, k)
+    G[rows, cols] = blocks
+    G[cols, rows] = blocks.transpose(1, 2)
+    return G.permute(0, 2, 1, 3).reshape(r * k, r * k)
+
+
 def _a_system(B: torch.Tensor, V4: torch.Tensor, Ca: torch.Tensor):
     """(G, rhs) of the A-step: G (r n1 x r n1), rhs (r n1 x m1); Ca = C4 as [(a, b), (j, k)] (n2^2 x n1^2)."""
     r, m2, n2 = B.shape
     m1, _, n1, _ = V4.shape
-    P = torch.einsum("ria,sib->rsab", B, B).reshape(r * r, n2 * n2)
-    G = (P @ Ca).reshape(r, r, n1, n1).permute(0, 2, 1, 3).reshape(r * n1, r * n1)
+    G = _symmetric_system(torch.einsum("ria,sib->rsab", B, B).reshape(r, r, n2 * n2), Ca, n1)
     rhs = torch.einsum("sib,xikb->xsk", B, V4).reshape(m1, r * n1)
     return G, rhs.T
 
@@ -146,8 +158,7 @@ def _b_system(A: torch.Tensor, V4: torch.Tensor, Cb: torch.Tensor):
     """(H, rhs) of the B-step: H (r n2 x r n2), rhs (r n2 x m2); Cb = C4 as [(j, k), (a, b)] (n1^2 x n2^2)."""
     r, m1, n1 = A.shape
     _, m2, _, n2 = V4.shape
-    Q = torch.einsum("rxj,sxk->rsjk", A, A).reshape(r * r, n1 * n1)
-    H = (Q @ Cb).reshape(r, r, n2, n2).permute(0, 2, 1, 3).reshape(r * n2, r * n2)
+    H = _symmetric_system(torch.einsum("rxj,sxk->rsjk", A, A).reshape(r, r, n1 * n1), Cb, n2)
     rhs = torch.einsum("sxk,xikb->isb", A, V4).reshape(m2, r * n2)
     return H, rhs.T
 
