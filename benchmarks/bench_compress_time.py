@@ -114,7 +114,7 @@ def worker(cell: str, layers: str, stats_path: Path) -> dict:
         shapes[key] = shapes.get(key, 0) + 1
     return {"cell": cell, "layers": layers, "seconds": seconds, "matrices": len(rows),
             "params_before": sum(r.params_before for r in rows), "params_after": sum(r.params_after for r in rows),
-            "werr": sum(r.error for r in rows) / len(rows), "oerr": sum(r.output_error for r in rows) / len(rows),
+            "werr": sum(r.rel_error for r in rows) / len(rows), "oerr": sum(r.output_error for r in rows) / len(rows),
             "oerr_by_module": {r.name: r.output_error for r in rows}, "calibration_seconds": calibration_seconds,
             "shapes": shapes, "load": os.getloadavg()[0], "when": dt.datetime.now(dt.timezone.utc).isoformat()}
 
