@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kroncompress.linalg.als import _a_step, _b_step, kronecker_als, kronecker_whitening, whitened_nkp
+from kroncompress.linalg.als import (
+    KroneckerProblem, MomentCache, _a_step, _b_step, kronecker_als, kronecker_whitening, whitened_nkp,
+)
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
 from kroncompress.linalg.shapes import kronecker_shapes
 from kroncompress.linalg.weighted_kronecker import TokenStatistics
@@ -195,3 +197,54 @@ def test_shape_search_keeps_degenerate_shapes_out_unless_allowed():
     assert not any(s.degenerate for s in kronecker_shapes(8, 8, ratio=2, rank="auto", weight=W, stats=C))
     allowed = kronecker_shapes(8, 8, ratio=2, rank="auto", weight=W, stats=C, allow_degenerate=True)
     assert any(s.degenerate for s in allowed)
+
+
+# -- reuse: resumed fits, shared input statistics, plan -> decompose ------------------------------
+
+def test_a_resumed_fit_is_the_fresh_fit_with_as_many_sweeps():
+    W, C = torch.randn(12, 8, dtype=F64), correlated_moment(8, 4)
+    fresh = kronecker_als(W, C, (3, 4), (4, 2), 2, max_sweeps=6, tol=0.0)
+    short = kronecker_als(W, C, (3, 4), (4, 2), 2, max_sweeps=2, tol=0.0)
+    resumed = kronecker_als(W, C, (3, 4), (4, 2), 2, start=short, max_sweeps=6, tol=0.0)
+    assert resumed.sweeps == 6 and resumed.history == pytest.approx(fresh.history, rel=1e-12)
+    torch.testing.assert_close(kron_sum(resumed.a, resumed.b), kron_sum(fresh.a, fresh.b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank", SHAPES)
+def test_the_history_is_the_output_error_of_the_factors(a_shape, b_shape, rank):
+    # the history comes from the steps' normal equations, not from (W - W^) C; both must agree to rounding
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    W = torch.randn(m1 * m2, n1 * n2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    C = correlated_moment(n1 * n2, 6)
+    for sweeps in (1, 3):
+        result = kronecker_als(W, C, a_shape, b_shape, rank, max_sweeps=sweeps, tol=0.0)
+        exact = output_error(W, kron_sum(result.a, result.b), C)
+        # f = total - 2 x.rhs + x.Gx cancels to about eps * total: error eps / (2 oerr) in oerr
+        assert result.history[-1] == pytest.approx(exact, abs=1e3 * torch.finfo(F64).eps / max(exact, 1e-300))
+
+
+def test_weights_reading_one_input_share_its_whitenings():
+    C = correlated_moment(12, 3)
+    moments = MomentCache(C)
+    first = KroneckerProblem(torch.randn(6, 12, dtype=F64), moments)
+    second = KroneckerProblem(torch.randn(9, 12, dtype=F64), moments)
+    assert first.moments.whitening(3, 4) is second.moments.whitening(3, 4)
+    assert moments.whitening(3, 4).misfit == pytest.approx(kronecker_whitening(C, 3, 4).misfit, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_decompose_after_a_calibrated_plan_gives_the_fresh_als_factors(dtype):
+    W = torch.randn(16, 16, dtype=F64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    C = correlated_moment(16, 8)
+    strategy = get_strategy("kronecker")(ratio=2, rank="auto", init="als", sweeps=5)
+    plan = strategy.plan((16, 16), weight=W, stats=C.clone(), bias=False)
+    assert len(strategy._fits) == 1  # the winner's fit, finished in plan, awaits decompose
+    reused = strategy.decompose(W, plan, stats=C.clone())  # a new statistics tensor with the same content
+    assert not strategy._fits
+    spec = plan.spec
+    fresh = kronecker_als(W, C, spec["a_shape"], spec["b_shape"], spec["rank"], max_sweeps=5)
+    fresh_strategy = get_strategy("kronecker")(ratio=2, rank="auto", init="als", sweeps=5)
+    recomputed = fresh_strategy.decompose(W, plan, stats=C)  # nothing cached: computed from scratch
+    for factors in (reused, recomputed):
+        assert factors["a"].dtype == dtype
+        torch.testing.assert_close(kron_sum(factors["a"], factors["b"]), kron_sum(fresh.a, fresh.b))

@@ -30,6 +30,7 @@ class KroneckerShape:
     rank: int
     params: int
     score: float | None = field(default=None, compare=False)
+    fit: object = field(default=None, compare=False, repr=False)  # the shortlist's ALSResult, for resuming
 
     @property
     def degenerate(self) -> bool:
@@ -68,6 +69,7 @@ def kronecker_shapes(
     stats: torch.Tensor | None = None,
     shortlist: int = 3,
     sweeps: int = 2,
+    problem=None,
 ) -> list[KroneckerShape]:
     """Feasible factor shapes for an m x n matrix under `ratio` (m n / params) or a parameter `budget`.
 
@@ -77,7 +79,9 @@ def kronecker_shapes(
     of the largest feasible parameter count are kept: a 2x recipe never silently compresses 8x.
     Returns them best first: by `criterion(weight, shape)` (higher is better) when weight is given,
     otherwise by parameters used, then by the smaller B factor. With `weight` and `stats`, the score is
-    the output energy kept, 1 - oerr^2 (see the module docs; `shortlist`, `sweeps`: the ALS refinement).
+    the output energy kept, 1 - oerr^2 (see the module docs; `shortlist`, `sweeps`: the ALS refinement;
+    `problem`: a `KroneckerProblem` of weight and stats to reuse, e.g. one whose MomentCache is shared by
+    the weights that read the same input).
     """
     if (ratio is None) == (budget is None):
         raise ValueError("kronecker_shapes: give exactly one of ratio= (e.g. 2.0) or budget= (a parameter count)")
@@ -113,35 +117,37 @@ def kronecker_shapes(
     found.sort(key=lambda s: (-s.params, s.b_shape[0] * s.b_shape[1], s.b_shape[0]))
     found = found[:max_candidates]
     if weight is not None and stats is not None:
-        return rank_by_output_error(weight, stats, found, shortlist=shortlist, sweeps=sweeps)
+        return rank_by_output_error(weight, stats, found, shortlist=shortlist, sweeps=sweeps, problem=problem)
     if weight is not None and criterion is not None:
         scored = [KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, criterion(weight, s)) for s in found]
         found = sorted(scored, key=lambda s: -s.score)
     return found
 
 
-def rank_by_output_error(W: torch.Tensor, C: torch.Tensor, candidates: list[KroneckerShape], *,
-                         shortlist: int = 3, sweeps: int = 2) -> list[KroneckerShape]:
+def rank_by_output_error(W: torch.Tensor, C, candidates: list[KroneckerShape], *,
+                         shortlist: int = 3, sweeps: int = 2, problem=None) -> list[KroneckerShape]:
     """Candidates best first by output energy kept, 1 - oerr^2 (higher is better).
 
     All are scored by the whitened-NKP proxy; the `shortlist` best are re-scored by the true output error
-    after `sweeps` ALS sweeps and lead the list; the rest keep their proxy scores.
+    after `sweeps` ALS sweeps started from their proxy factors, and lead the list carrying their ALSResult
+    (`fit`, which decompose can resume); the rest keep their proxy scores. C: the second moment, or a
+    MomentCache of it; `problem`: a KroneckerProblem of W and C to reuse (V = W C, whitenings).
     """
-    from kroncompress.linalg.als import kronecker_als, kronecker_whitening, whitened_nkp
+    from kroncompress.linalg.als import KroneckerProblem, kronecker_als, whitened_nkp
 
-    W64, C64 = W.to(torch.float64), C.to(device=W.device, dtype=torch.float64)
-    whitenings: dict[int, object] = {}
-    proxied = []
+    problem = problem or KroneckerProblem(W, C)
+    proxied, starts = [], {}
     for s in candidates:
-        n1 = s.a_shape[1]
-        if n1 not in whitenings:
-            whitenings[n1] = kronecker_whitening(C64, n1, s.b_shape[1])
-        _, _, proxy = whitened_nkp(W64, C64, s.a_shape, s.b_shape, s.rank, whitening=whitenings[n1])
-        proxied.append(KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, 1 - proxy ** 2))
+        whitening = problem.moments.whitening(s.a_shape[1], s.b_shape[1])
+        A, B, proxy = whitened_nkp(problem.W, problem.C, s.a_shape, s.b_shape, s.rank, whitening=whitening)
+        shape = KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, 1 - proxy ** 2)
+        starts[shape] = (A, B)
+        proxied.append(shape)
     proxied.sort(key=lambda s: -s.score)
     refined = []
     for s in proxied[:max(shortlist, 0)]:
-        error = kronecker_als(W64, C64, s.a_shape, s.b_shape, s.rank, max_sweeps=sweeps).history[-1]
-        refined.append(KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, 1 - error ** 2))
+        fit = kronecker_als(problem.W, problem.C, s.a_shape, s.b_shape, s.rank, start=starts[s], max_sweeps=sweeps,
+                            problem=problem)
+        refined.append(KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, 1 - fit.history[-1] ** 2, fit))
     refined.sort(key=lambda s: -s.score)
     return refined + proxied[len(refined):]

@@ -4,11 +4,14 @@ ALS on the token-frequency-weighted row error plus, for a tied head, the head's 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
+import torch
+
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
-from kroncompress.linalg.als import kronecker_als
+from kroncompress.linalg.als import KroneckerProblem, MomentCache, content_key, kronecker_als
 from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
 from kroncompress.linalg.shapes import divisors, is_degenerate, kronecker_shapes
 from kroncompress.linalg.weighted_kronecker import TokenStatistics, weighted_kronecker_als
@@ -78,6 +81,31 @@ class KroneckerStrategy(Strategy):
     Config = KroneckerConfig
     kinds = ("linear", "conv1d", "embedding")
     uses_calibration = True
+    # What plan() computes with statistics and decompose() reuses (see _problem and _finished):
+    KEEP_MOMENTS = 2  # MomentCaches of the most recent distinct inputs (q/k/v, gate/up are adjacent)
+    KEEP_FIT_BYTES = 1 << 30  # finished ALS factors awaiting decompose, least recently planned dropped first
+
+    def _problem(self, weight, stats) -> KroneckerProblem:
+        """The KroneckerProblem of (weight, stats), whose MomentCache (whitenings, C's permuted views) is
+        shared with the other weights reading the same input: identified by content, since each call gets a
+        new statistics tensor."""
+        moments = self.__dict__.setdefault("_moments", OrderedDict())
+        key = content_key(stats)
+        cache = moments.pop(key, None) or MomentCache(stats.to(device=weight.device))
+        moments[key] = cache
+        while len(moments) > self.KEEP_MOMENTS:
+            moments.popitem(last=False)
+        return KroneckerProblem(weight, cache)
+
+    def _fit_key(self, weight, stats, spec) -> tuple:
+        return (content_key(weight.to(torch.float32)), content_key(stats), tuple(spec["a_shape"]), tuple(spec["b_shape"]),
+                spec["rank"], self.config.sweeps)
+
+    def _keep_fit(self, key, fit) -> None:
+        fits = self.__dict__.setdefault("_fits", OrderedDict())
+        fits[key] = fit
+        while sum(f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size() for f in fits.values()) > self.KEEP_FIT_BYTES:
+            fits.popitem(last=False)
 
     def _choose_shape(self, shape, weight, stats=None):
         cfg = self.config
@@ -100,11 +128,20 @@ class KroneckerStrategy(Strategy):
             return a_shape, b_shape, cfg.rank, "explicit"
         use_stats = weight is not None and stats is not None and cfg.init != "nkp"
         self._check_reachable(m, n)
+        problem = self._problem(weight, stats) if use_stats else None
         candidates = kronecker_shapes(
             m, n, ratio=cfg.ratio, rank=cfg.rank, weight=weight, allow_degenerate=cfg.allow_degenerate,
-            stats=stats if use_stats else None, shortlist=cfg.shortlist, sweeps=min(cfg.sweeps, 2),
+            stats=stats if use_stats else None, shortlist=cfg.shortlist, sweeps=min(cfg.sweeps, 2), problem=problem,
         )
         best = candidates[0]
+        if problem is not None and best.fit is not None:
+            # Finish the winner's ALS now, while V = W C and C's views are at hand: decompose resumes nothing
+            # and recomputes nothing (the same sweeps as a fresh run of `sweeps` sweeps, so the same factors).
+            fit = kronecker_als(weight, stats, best.a_shape, best.b_shape, best.rank, start=best.fit,
+                                max_sweeps=cfg.sweeps, problem=problem)
+            fit.a, fit.b = fit.a.to(weight.dtype), fit.b.to(weight.dtype)
+            spec = {"a_shape": best.a_shape, "b_shape": best.b_shape, "rank": best.rank}
+            self._keep_fit(self._fit_key(weight, stats, spec), fit)
         if best.score is None:
             how = "parameter budget (no weights)"
         elif use_stats:
@@ -175,9 +212,11 @@ class KroneckerStrategy(Strategy):
                                             max_sweeps=self.config.sweeps)
             return {"a": result.a, "b": result.b}
         if self.init_for(plan.kind, stats) == "als":
-            result = kronecker_als(weight, stats, spec["a_shape"], spec["b_shape"], spec["rank"],
-                                   max_sweeps=self.config.sweeps)
-            return {"a": result.a, "b": result.b}
+            result = self.__dict__.get("_fits", {}).pop(self._fit_key(weight, stats, spec), None)
+            if result is None:
+                result = kronecker_als(weight, stats, spec["a_shape"], spec["b_shape"], spec["rank"],
+                                       max_sweeps=self.config.sweeps, problem=self._problem(weight, stats))
+            return {"a": result.a.to(weight.dtype), "b": result.b.to(weight.dtype)}
         A, B = nearest_kronecker(weight, spec["a_shape"], spec["b_shape"], rank=spec["rank"])
         if spec["rank"] == 1:
             A, B = A.unsqueeze(0), B.unsqueeze(0)
