@@ -1,4 +1,4 @@
-"""`tucker`: Tucker decomposition of the tensorized weight (tensorly HOOI), the Tucker baseline.
+"""`tucker`: Tucker decomposition of the tensorized weight (HOOI on Gram eigensolves), the Tucker baseline.
 
 Also home of the option handling shared by the tensor strategies (`tucker`, `cp`, `tt`): an explicit or
 automatic tensorization (out = prod out_shape, in = prod in_shape) and ranks given explicitly or solved
