@@ -266,3 +266,15 @@ def test_speed_saved_table_is_measured_and_rewritten_in_place(speed, tiny_folder
     original = rows[0].split(" | ")
     assert all(r.split(" | ")[2:4] == original[2:4] for r in rows), rows
     assert original[2] == "True"
+
+
+def test_compiled_table_reports_both_paths_against_the_eager_original(speed):
+    from argparse import Namespace
+
+    row = {"forward eager": 100.0, "forward compiled": 150.0, "generate eager": 20.0, "generate compiled": 30.0,
+           "forward_compile_s": 60.0, "generate_compile_s": 90.0, "diff": 1e-6}
+    rows = [{"variant": "original", **row}, {"variant": "kn-gpt2", **row, "forward compiled": 200.0, "generate eager": 10.0}]
+    text = "\n".join(speed.compiled_table(rows, Namespace(batch=8, seq_len=128, new_tokens=32, rounds=3)))
+    assert "| original | 100 | 150 | 1.50x | 1.50x | 20.0 | 30.0 | 1.50x | 1.50x | 60 / 90 | 1.0e-06 |" in text
+    assert "| kn-gpt2 | 100 | 200 | 2.00x | 2.00x | 10.0 | 30.0 | 3.00x | 1.50x |" in text
+    assert ("CUDA was not measured" in text) != torch.cuda.is_available()

@@ -74,7 +74,9 @@ def test_distillation_step_breakdown(distill):
     for model in (teacher, student):
         use_eager_attention(model)
     times = distill.measure(teacher, student.train(), batch=2, seq_len=8, rounds=1)
-    assert {"plain CE step", "ILKD step", "loss term attention_kl (forward)"} <= set(times)
+    assert {"plain CE step", "ILKD step", "loss term attention_kl (forward)",
+            "loss term attention_kl (forward + backward to the student's outputs)"} <= set(times)
     args = Namespace(argv=[], model="tiny", recipe="kn-gpt2", batch=2, seq_len=8, rounds=1)
     text = distill.report(times, args, 1.0)
     assert "ILKD tokens/s / (plain step + teacher forward) tokens/s" in text
+    assert "ILKD - plain - teacher as run - loss terms (forward + backward)" in text

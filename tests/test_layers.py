@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -197,3 +199,28 @@ def test_layers_compile_without_graph_breaks(name):
     torch.testing.assert_close(got, expected)
     got.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+# --- torch.compile of a whole compressed model ------------------------------------------------------
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported on this platform")
+def test_compiled_compressed_model_gives_the_same_logits_and_generation(tiny_model, tiny_inputs):
+    """A compressed GPT-2 under torch.compile (aot_eager: dynamo's whole tracing, no C++ build; bench_speed.py
+    --compile times inductor) computes the eager logits, and generates the same tokens."""
+    from conftest import recipe_of
+
+    torch._dynamo.reset()
+    model = tiny_model("gpt2")
+    kc.compress(model, recipe_of((["re:.*\\.(attn|mlp)\\..*"], "kronecker", {"b_shape": [1, 2]})))
+    assert any(isinstance(m, kc.FactorizedLinear) for m in model.modules())
+    inputs = tiny_inputs("gpt2")
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="aot_eager")  # generate() calls it too
+    with torch.no_grad():
+        expected, got = model(**inputs).logits, compiled(**inputs).logits
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=4 * model.config.n_embd * torch.finfo(torch.float32).eps * scale)
+    prompt = inputs["input_ids"][:1, :4]
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(compiled.generate(prompt, **settings), model.generate(prompt, **settings))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames  # generation ran the compiled forward

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -135,6 +137,24 @@ def test_truncated_svd_is_optimal(m, n, rank, randomized, monkeypatch):
     assert U.shape == (m, rank) and V.shape == (rank, n)
     optimum = torch.linalg.svdvals(W)[rank:].pow(2).sum().sqrt().item()
     assert (W - U @ V).norm().item() == pytest.approx(optimum, rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.parametrize("decay", [0.0, 3.0])  # flat spectrum (near-ties at the cut), or 1 .. 1e-3
+@pytest.mark.parametrize("m,n,rank", [(600, 300, 75), (300, 700, 150)])
+def test_float32_truncated_svd_through_the_float32_eigensolve_is_optimal(m, n, rank, decay):
+    assert min(m, n) >= svd_module.SINGLE_EIGH_COLUMNS  # the float32 eigensolve path
+    generator = torch.Generator().manual_seed(3)
+    k = min(m, n)
+    left, _ = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64))
+    sigma = 10.0 ** (-decay * torch.arange(k, dtype=torch.float64) / k)
+    W = ((left * sigma) @ right.T).float()
+    U, V = kc.truncated_svd(W, rank)
+    assert U.dtype == V.dtype == torch.float32
+    optimum = torch.linalg.svdvals(W.double())[rank:].pow(2).sum().sqrt().item()
+    achieved = (W.double() - U.double() @ V.double()).norm().item()
+    # float32 factors: each entry rounded (eps/2), summed over the rank; the subspace error enters squared
+    assert abs(achieved - optimum) <= 4 * math.sqrt(rank) * torch.finfo(torch.float32).eps * W.double().norm().item()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -35,6 +35,23 @@ def test_identical_teacher_and_student_give_zero_distillation_terms(arch, tiny_m
     assert float(total) == pytest.approx(float(out.loss), abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("logits_weight", [0.0, 1.0])
+def test_teacher_forward_skips_the_head_only_when_no_term_reads_logits(arch, logits_weight, tiny_model, tiny_inputs):
+    model = tiny_model(arch)
+    ids = tiny_inputs(arch)["input_ids"]
+    loss_fn = DistillationLoss(LossWeights(logits_kl=LogitsKL(logits_weight)))
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    with torch.no_grad():
+        full = run(model, ids, labels=False)
+        head_calls.clear()
+        out = loss_fn.teacher_forward(model, input_ids=ids)
+    assert len(head_calls) == (1 if logits_weight else 0)
+    for mine, theirs in ((out.hidden_states, full.hidden_states), (out.attentions, full.attentions)):
+        assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
 def test_ce_is_the_students_next_token_loss(tiny_model, tiny_inputs):
     model = tiny_model("gpt2")
     ids = tiny_inputs("gpt2")["input_ids"]
@@ -158,6 +175,44 @@ def test_attention_kl_on_an_encoder_uses_every_key():
     uniform = torch.full((1, 1, 3, 3), 1 / 3)
     teacher = torch.tensor([1.0, 0.0, 0.0]).expand(1, 1, 3, 3)
     assert float(attention_kl([uniform], [teacher], [0], causal=False)) == pytest.approx(math.log(3), abs=1e-6)
+
+
+def _attention_kl_by_definition(student, teacher, mask, causal):
+    """The KL written out term by term, differentiated by autograd: the reference for the fused version."""
+    queries, keys = student.shape[-2:]
+    allowed = torch.ones(queries, keys).tril().bool() if causal else torch.ones(queries, keys).bool()
+    allowed = allowed[None, None] & (mask[:, None, None, :].bool() if mask is not None else True)
+    log_ratio = teacher.clamp_min(1e-30).log() - student.clamp_min(1e-30).log()
+    per_row = (teacher * log_ratio).masked_fill(~allowed, 0.0).sum(-1)
+    rows = mask[:, None, :].double() if mask is not None else torch.ones(student.shape[0], 1, queries, dtype=torch.float64)
+    return (per_row * rows).sum() / (rows.sum() * student.shape[1])
+
+
+@pytest.mark.parametrize("causal, padded", [(True, False), (True, True), (False, True)])
+def test_attention_kl_gradient_matches_the_definition(causal, padded):
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, length = 2, 3, 6
+    mask = torch.tensor([[1] * length, [1] * (length - 2) + [0, 0]]) if padded else None
+
+    def maps():
+        scores = torch.randn(batch, heads, length, length, generator=generator, dtype=torch.float64)
+        if causal:
+            scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+        return scores.softmax(-1).nan_to_num(0.0)
+
+    teacher = maps()
+    student = maps().requires_grad_()
+    reference = maps().copy_(student.detach()).requires_grad_()
+    value = attention_kl([student], [teacher], [0], attention_mask=mask, causal=causal)
+    expected = _attention_kl_by_definition(reference, teacher, mask, causal)
+    value.backward()
+    expected.backward()
+    eps = torch.finfo(torch.float32).eps  # the loss computes in float32; the reference in float64
+    assert float(value) == pytest.approx(float(expected), abs=100 * eps * length)
+    assert student.grad.dtype == torch.float64
+    assert torch.allclose(student.grad, reference.grad, rtol=0, atol=100 * eps * float(reference.grad.abs().max()))
 
 
 def test_weighted_total_and_disabled_terms():

@@ -64,7 +64,8 @@ class DistillTrainer(Trainer):
         teacher_outputs = None
         if self.loss_fn.needs_teacher:
             with torch.no_grad(), self.accelerator.autocast():
-                teacher_outputs = self.teacher(input_ids=input_ids, attention_mask=attention_mask, **extra)
+                teacher_outputs = self.loss_fn.teacher_forward(self.teacher, input_ids=input_ids,
+                                                               attention_mask=attention_mask)
         total, terms = self.loss_fn(outputs, teacher_outputs, labels, attention_mask)
         self._check_finite(terms)
         for name, value in terms.items():

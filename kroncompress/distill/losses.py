@@ -102,19 +102,42 @@ def attention_kl(student_attentions: Sequence[torch.Tensor], teacher_attentions:
     averaged over batch, heads and the valid (non-padding) query rows.
     """
     total = student_attentions[0].new_zeros((), dtype=torch.float32)
+    allowed = row_weight = None
     for i, j in enumerate(layer_map):
         student, teacher = student_attentions[i], teacher_attentions[j]
         if student.shape != teacher.shape:
             raise ValueError(f"attention_kl: student block {i} attention {tuple(student.shape)} and teacher block {j} "
                              f"attention {tuple(teacher.shape)} differ (heads or length); set attention_kl: 0 for models "
                              "with different head counts")
-        allowed = _allowed_keys(student, attention_mask, causal)
-        p_teacher = teacher.float().masked_fill(~allowed, 0.0)
-        log_ratio = p_teacher.clamp_min(_LOG_FLOOR).log() - student.float().clamp_min(_LOG_FLOOR).log()
-        per_row = (p_teacher * log_ratio).masked_fill(~allowed, 0.0).sum(-1)  # (batch, heads, queries)
-        rows = _query_rows(student, attention_mask)
-        total = total + (per_row * rows).sum() / (rows.sum() * student.shape[1]).clamp_min(1)
+        if allowed is None or allowed.shape[-2:] != student.shape[-2:]:
+            allowed = _allowed_keys(student, attention_mask, causal)
+            rows = _query_rows(student, attention_mask)
+            row_weight = (rows / (rows.sum() * student.shape[1]).clamp_min(1))[..., None]  # the mean over rows and heads
+        # KL = sum w p_t log p_t - sum w p_t log p_s: the first sum needs no gradient, the second is one fused op
+        with torch.no_grad():
+            weight = teacher.float().masked_fill(~allowed, 0.0)
+            log_teacher = weight.clamp_min(_LOG_FLOOR).log_()
+            weight.mul_(row_weight)
+            entropy = torch.dot(weight.reshape(-1), log_teacher.reshape(-1))
+        total = total + (entropy - _WeightedLog.apply(student.float(), weight))
     return total
+
+
+class _WeightedLog(torch.autograd.Function):
+    """sum(weight * log(max(student, floor))) with a gradient for `student` only: two elementwise passes
+    forward and backward, where autograd over clamp, log, mul and sum would keep and walk four."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        clamped = student.clamp_min(_LOG_FLOOR)
+        ctx.save_for_backward(clamped, weight)
+        return torch.dot(weight.reshape(-1), clamped.log().reshape(-1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        clamped, weight = ctx.saved_tensors
+        # clamp_min passes no gradient below the floor
+        return (weight / clamped).masked_fill_(clamped <= _LOG_FLOOR, 0.0).mul_(grad), None
 
 
 def _allowed_keys(attention: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -188,6 +211,13 @@ class DistillationLoss:
     @property
     def needs_attentions(self) -> bool:
         return "attention_kl" in self.enabled
+
+    def teacher_forward(self, teacher: nn.Module, **inputs: Any) -> Any:
+        """The teacher's outputs for the enabled terms (call it under no_grad). Without a logits term only its
+        base model runs: the hidden states and attention maps are the same, and the LM head's
+        (tokens x hidden x vocab) product, the largest single matmul of a small model, is skipped."""
+        model = teacher if "logits_kl" in self.enabled else getattr(teacher, "base_model", teacher)
+        return model(**inputs, **self.model_kwargs())
 
     def model_kwargs(self) -> dict[str, bool]:
         """Keyword arguments for the forward passes: which extra outputs the enabled terms read."""

@@ -19,6 +19,12 @@ import torch
 GRAM_LIMIT = 4096  # largest short side for which the Gram eigensolve is used
 _CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
 _GRAM_CHUNK_ELEMENTS = 1 << 22  # the Gram's chunks: 32 MiB in float64, few parallel regions (see _gram)
+# R with at most this many columns (the (1 x k) factors of KnGPT2: 2 columns) is streamed on one thread
+# in cache-sized float64 chunks (_THIN_CHUNK_ELEMENTS, 1 MiB): see _thin
+THIN_COLUMNS = 16
+# float32 R whose Gram has at least this many columns is eigensolved in float32 (see _scaled_triplets_from_gram)
+SINGLE_EIGH_COLUMNS = 256
+_THIN_CHUNK_ELEMENTS = 1 << 17
 
 
 @contextlib.contextmanager
@@ -45,6 +51,18 @@ def lapack_threads(tensor: torch.Tensor | None = None):
         torch.set_num_threads(threads)
 
 
+def _thin(R: torch.Tensor):
+    """One CPU thread for the streamed passes over a tall R with few columns (a context manager).
+
+    Each chunk of such an R is a few microseconds of work per thread, so a second thread gains little
+    even on idle cores, and on shared cores every OpenMP region waits for a descheduled thread. The 48
+    block matrices of GPT-2 small's (1 x 2) layout, on 2 cores at load 4: the Gram pass took 0.58-1.18 s
+    on two threads and 0.09-0.12 s on one (cache-sized chunks), the long-factor pass 0.06-0.09 s on one.
+    The thread count is fixed by the shape, never by the load, so the factors do not depend on the load.
+    """
+    return lapack_threads(R) if R.shape[1] <= THIN_COLUMNS else contextlib.nullcontext()
+
+
 def _gram(R: torch.Tensor) -> torch.Tensor:
     """R^T R in float64, streamed over row chunks so a huge tall R is never copied whole to float64.
 
@@ -59,6 +77,8 @@ def _gram(R: torch.Tensor) -> torch.Tensor:
     G = torch.zeros(q, q, dtype=torch.float64, device=R.device)
     # Wide R: chunks of several q rows keep each addmm compute-bound rather than re-writing G per chunk.
     step = max(1, _GRAM_CHUNK_ELEMENTS // max(q, 1), min(4 * q, _CHUNK_ELEMENTS // max(q, 1)))
+    if q <= THIN_COLUMNS:  # run on one thread (_thin): cache-sized chunks
+        step = _THIN_CHUNK_ELEMENTS // q
     # The buffer holds chunk^T (q x rows, rows contiguous): MKL runs G += C C^T far faster than C^T C
     # when q is tiny and the rows many.
     buffer = torch.empty(q, min(step, p), dtype=torch.float64, device=R.device)
@@ -86,24 +106,33 @@ def non_finite_error(name: str, W: torch.Tensor) -> ValueError:
 def _scaled_triplets_from_gram(R: torch.Tensor, rank: int, name: str):
     """(U S^(1/2), S, V S^(1/2)) of the leading triplets: sqrt(sigma) folded into the long side in the
     same pass that forms it (R V S^(-1/2)), so the tall factor is written once."""
-    with contextlib.nullcontext():
+    with _thin(R):
         return _scaled_triplets_from_gram_impl(R, rank, name)
 
 
 def _scaled_triplets_from_gram_impl(R: torch.Tensor, rank: int, name: str):
     G = _gram(R)
-    if not bool(torch.isfinite(G).all()):
-        raise non_finite_error(name, R)
-    with lapack_threads(G):
-        evals, evecs = torch.linalg.eigh(G)  # ascending
-    S = evals.flip(0)[:rank].clamp_min(0).sqrt()
-    V = evecs.flip(1)[:, :rank]
-    root = S.sqrt()
-    inv_root = torch.where(S > 0, 1.0 / torch.where(S > 0, root, torch.ones_like(root)), torch.zeros_like(root))
+    with lapack_threads(G):  # the eigensolve and the small q x q steps around it
+        if not bool(torch.isfinite(G).all()):
+            raise non_finite_error(name, R)
+        if R.dtype == torch.float32 and G.shape[0] >= SINGLE_EIGH_COLUMNS:
+            # Half the time of a float64 eigh. The factors' product is R V V^T whatever V's scaling, so the
+            # fit depends only on the spanned subspace, and an error theta in it raises the residual by
+            # O(theta^2): float32 accuracy here leaves the fit optimal to float32 rounding.
+            evals, evecs = torch.linalg.eigh(G.to(torch.float32))
+            evals, evecs = evals.to(torch.float64), evecs.to(torch.float64)
+        else:
+            evals, evecs = torch.linalg.eigh(G)  # ascending
+        S = evals.flip(0)[:rank].clamp_min(0).sqrt()
+        V = evecs.flip(1)[:, :rank]
+        root = S.sqrt()
+        inv_root = torch.where(S > 0, 1.0 / torch.where(S > 0, root, torch.ones_like(root)), torch.zeros_like(root))
+        right = (V * root).to(R.dtype)
+        V_scaled = (V * inv_root).to(R.dtype)
     # The long side in R's own precision: V and S are already accurate, and a float64 copy of a huge R
     # costs more than the whole Gram. Scaling the small V, not the tall product.
-    left = R @ (V * inv_root).to(R.dtype)
-    return left, S.to(R.dtype), (V * root).to(R.dtype)
+    left = R @ V_scaled
+    return left, S.to(R.dtype), right
 
 
 def _triplets_from_gram(R: torch.Tensor, rank: int, name: str = "top_singular_triplets"):
@@ -169,8 +198,9 @@ def top_singular_values(R: torch.Tensor, rank: int, name: str = "top_singular_va
     """
     p, q = R.shape
     if min(p, q) <= GRAM_LIMIT:
-        with contextlib.nullcontext():
-            G = _gram(R if q <= p else R.T)
+        tall = R if q <= p else R.T
+        with _thin(tall):
+            G = _gram(tall)
             if not bool(torch.isfinite(G).all()):
                 raise non_finite_error(name, R)
             with lapack_threads(G):

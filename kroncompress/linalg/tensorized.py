@@ -174,33 +174,58 @@ def tucker_decompose(weight: torch.Tensor, out_shape, in_shape, ranks, n_iter_ma
                      random_state: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(core (r_1..r_2d), [U_k (dim_k x r_k)]) of the tensorized weight: HOSVD start, then HOOI sweeps.
 
-    Written on tensorly's multi_mode_dot / unfold rather than tensorly.decomposition.tucker, whose HOOI
-    sweeps ignore its `svd=` argument and run LAPACK SVDs on wide unfoldings (about 2 s each for a
-    768 x 3072 weight here); the leading singular vectors come from a Gram eigensolve instead.
-    `random_state` is accepted for interface symmetry; HOSVD/HOOI are deterministic.
+    Each factor is the leading eigenvectors of the float64 Gram of its mode's unfolding (milliseconds, where
+    LAPACK's SVD of those short, very wide unfoldings takes about a second; tensorly's HOOI runs such
+    SVDs). A sweep updates the modes in order, as HOOI does, but shares the mode products: the first half
+    of the modes reuse T projected on the second half (whose factors that half of the sweep does not
+    change), and the other way round, so each sweep contracts the full tensor twice instead of once per
+    mode. `random_state` is accepted for interface symmetry; HOSVD/HOOI are deterministic.
     """
-    import tensorly as tl
-    from tensorly.tenalg import multi_mode_dot
-
     from kroncompress.linalg.svd import lapack_threads
 
     T = _work_tensor(weight, out_shape, in_shape)
     modes = list(range(T.dim()))
+    half = max(1, len(modes) // 2)
+    groups = [modes[:half], modes[half:]] if len(modes) > 1 else [modes]
     # many small mode products and eigensolves: one thread while other processes compete (see lapack_threads)
-    with _tensorly_pytorch(), lapack_threads(T):
-        factors = [_gram_svd(tl.unfold(T, k), r)[0] for k, r in zip(modes, ranks)]
+    with lapack_threads(T):
+        factors = [_leading_vectors(T, k, r) for k, r in zip(modes, ranks)]
         previous = None
         for _ in range(n_iter_max):
-            for k, r in zip(modes, ranks):
-                projected = multi_mode_dot(T, factors, modes=modes, skip=k, transpose=True)
-                factors[k] = _gram_svd(tl.unfold(projected, k), r)[0]
-            core = multi_mode_dot(T, factors, modes=modes, transpose=True)
+            for group in groups:
+                rest = _project(T, factors, [k for k in modes if k not in group])
+                for k in group:
+                    factors[k] = _leading_vectors(_project(rest, factors, [j for j in group if j != k]), k, ranks[k])
+            core = _project(rest, factors, groups[-1])  # rest: T projected on every other group, new factors
             kept = float(core.norm())
             if previous is not None and abs(kept - previous) <= tol * max(kept, 1e-30):
                 break
             previous = kept
-        core = multi_mode_dot(T, factors, modes=modes, transpose=True)
     return _cast([core], weight)[0], _cast(factors, weight)
+
+
+def _project(T: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int]) -> torch.Tensor:
+    """T x_k U_k^T over `modes` (each mode k of size dim_k becomes r_k), largest size reduction first."""
+    for k in sorted(modes, key=lambda k: factors[k].shape[1] / factors[k].shape[0]):
+        T = torch.tensordot(T, factors[k], dims=([k], [0])).movedim(-1, k)
+    return T
+
+
+def _leading_vectors(T: torch.Tensor, k: int, rank: int) -> torch.Tensor:
+    """The `rank` leading left singular vectors of T's mode-k unfolding (short and wide): eigenvectors of its
+    float64 Gram, the unfolding copied once, straight into float64."""
+    from kroncompress.linalg.svd import GRAM_LIMIT, non_finite_error, top_singular_triplets
+
+    moved = T.movedim(k, 0)
+    rows, cols = T.shape[k], T.numel() // max(T.shape[k], 1)
+    if rows > min(cols, GRAM_LIMIT):  # not short and wide (e.g. order 1): the general solver
+        return top_singular_triplets(moved.reshape(rows, cols), rank, name="tucker_decompose")[0]
+    wide = torch.empty(moved.shape, dtype=torch.float64, device=T.device).copy_(moved).reshape(rows, cols)
+    G = wide @ wide.T
+    if not bool(torch.isfinite(G).all()):
+        raise non_finite_error("tucker_decompose", moved.reshape(rows, cols))
+    _, vectors = torch.linalg.eigh(G)  # ascending
+    return vectors.flip(1)[:, :rank].to(T.dtype)
 
 
 def cp_decompose(weight: torch.Tensor, out_shape, in_shape, rank: int, n_iter_max: int = 25, tol: float = 1e-8,
