@@ -11,6 +11,14 @@ matrix-multiply FLOPs per token (what an ideal kernel would gain).
     python benchmarks/bench_speed.py --output benchmarks/results/speed.md [--rounds 5] [--threads N]
 
 Speed depends only on shapes, so the variants are decomposed weight-only and not distilled.
+
+A third table compares generation of one compressed model in memory with the same model saved and
+reloaded (from_pretrained, kc.load_compressed, and its dense export), after a short distillation as the
+pipeline runs one (training turns the KV cache off and switches to eager attention; a saved model must
+generate as fast as the one in memory). `--saved-only` measures just that table and rewrites it in place
+in an existing report:
+
+    python benchmarks/bench_speed.py --saved-only --output benchmarks/results/speed.md
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kroncompress as kc  # noqa: E402
 from bench_quality import Cell, cell_recipe, main_keep, num_layers_of, write_atomic  # noqa: E402
-from kroncompress.evaluate import generation_throughput, throughput  # noqa: E402
+from kroncompress.evaluate import generation_throughput, max_positions, throughput  # noqa: E402
 from kroncompress.layers import FactorizedLinear, KroneckerTiedHead  # noqa: E402
 
 DEMO_RECIPES = ("kn-gpt2", "kn-gpt2-mlp", "svd-gpt2", "tucker-gpt2", "tt-gpt2", "distilgpt2")
@@ -190,6 +198,86 @@ def plot(path: Path, sections: list[tuple[str, list[dict]]]) -> None:
     os.replace(tmp, path)
 
 
+SAVED_START, SAVED_END = "<!-- saved-vs-memory:start -->", "<!-- saved-vs-memory:end -->"
+
+
+def saved_variants(args, workdir: Path) -> list[tuple[str, nn.Module]]:
+    """The original, `args.saved_recipe` of it in memory after a short distillation, and that model saved
+    and reloaded three ways. Weights do not matter for speed: random token blocks are the training data."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from kroncompress.recipe import DistillConfig, TrainConfig
+
+    original = kc.load_model(args.model, meta_ok=False, load_tokenizer=False)[0].eval()
+    compressed = copy.deepcopy(original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kc.compress(compressed, variant_recipe(args.saved_recipe, num_layers_of(args.model)))
+    blocks = torch.randint(0, original.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    settings = DistillConfig(train=TrainConfig(batch_size=4, max_steps=2, lr=1e-6))
+    kc.distill.distill(compressed, original, settings, blocks, output_dir=workdir / "distill", progress=False)
+    saved = kc.save_compressed(compressed.eval(), workdir / "saved")
+    kc.export_dense(saved, workdir / "dense")
+    return [("original", original), (f"{args.saved_recipe}, in memory", compressed),
+            (f"{args.saved_recipe}, saved -> AutoModelForCausalLM.from_pretrained", AutoModelForCausalLM.from_pretrained(saved).eval()),
+            (f"{args.saved_recipe}, saved -> kc.load_compressed", kc.load_compressed(saved).eval()),
+            (f"{args.saved_recipe}, export --dense -> from_pretrained", AutoModelForCausalLM.from_pretrained(workdir / "dense").eval())]
+
+
+def measure_saved(args) -> list[dict]:
+    """Generation tokens/s of `saved_variants`, median of interleaved rounds, with each model's settings."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-speed-saved-") as tmp:
+        variants = saved_variants(args, Path(tmp))
+    new_tokens = args.saved_new_tokens
+    limit = max_positions(variants[0][1])
+    if limit is not None:
+        new_tokens = min(new_tokens, limit - 8)
+    times = {name: [] for name, _ in variants}
+    for _ in range(args.rounds):
+        for name, model in variants:
+            times[name].append(generation_throughput(model, new_tokens=new_tokens, repeats=1, warmup=1))
+    return [{"variant": name, "use_cache": model.config.use_cache,
+             "attention": getattr(model.config, "_attn_implementation", None),
+             "params": sum(p.numel() for p in model.parameters()), "new_tokens": new_tokens,
+             "generate": statistics.median(times[name]), "spread": _spread(times[name])} for name, model in variants]
+
+
+def saved_table(rows: list[dict], args) -> list[str]:
+    base, memory = rows[0]["generate"], rows[1]["generate"]
+    command = f"python benchmarks/bench_speed.py {' '.join(args.argv)}"
+    lines = [SAVED_START, f"### Saved vs in memory: generation of `{args.model}` and its {args.saved_recipe}, cpu", "",
+             f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f}). The compressed model had "
+             "2 distillation steps before it was saved, as a pipeline run has; greedy generation at batch 1 of exactly "
+             f"{rows[0]['new_tokens']} new tokens after an 8-token prompt, median of {args.rounds} interleaved rounds. "
+             "`use_cache` and the attention implementation are the reloaded model's own (from its config.json).", "",
+             "| model | parameters | use_cache | attention | generation tokens/s | vs original | vs in memory | spread |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['params']:,} | {row['use_cache']} | {row['attention']} | "
+                     f"{row['generate']:,.1f} | {row['generate'] / base:.2f}x | {row['generate'] / memory:.2f}x | "
+                     f"{row['spread']:.0%} |")
+    return lines + ["", SAVED_END, ""]
+
+
+def with_saved_section(report: str, section: list[str]) -> str:
+    """`report` with its saved-vs-memory section replaced by `section` (inserted before the plot if absent)."""
+    block = "\n".join(section)
+    if SAVED_START in report and SAVED_END in report:
+        head, rest = report.split(SAVED_START, 1)
+        tail = rest.split(SAVED_END, 1)[1].lstrip("\n")
+        return head + block + tail
+    marker = "![speed-ups]("
+    if marker in report:
+        head, tail = report.split(marker, 1)
+        return head + block + marker + tail
+    return report.rstrip("\n") + "\n\n" + block
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results/speed.md")
@@ -206,6 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time torch.compile (inductor) forward of these variants of the small model "
                              "(no names: original and kn-gpt2); compiling takes minutes on 2 CPU cores")
     parser.add_argument("--recipes", nargs="+", default=None, help="variants of the small model (default: every bundled recipe)")
+    parser.add_argument("--saved-recipe", default="kn-gpt2", help="the recipe of the saved-vs-in-memory table")
+    parser.add_argument("--saved-new-tokens", type=int, default=128, help="tokens generated per run in that table")
+    parser.add_argument("--no-saved", dest="saved", action="store_false", help="skip the saved-vs-in-memory table")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="measure only the saved-vs-in-memory table and rewrite it in place in --output")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
@@ -215,6 +308,12 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.saved_only:
+        output = Path(args.output)
+        section = saved_table(measure_saved(args), args)
+        write_atomic(output, with_saved_section(output.read_text() if output.exists() else "", section))
+        print("\n".join(section))
+        return []
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     started = time.perf_counter()
     models = []
@@ -250,6 +349,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
         lines += table(title, rows, args.batch, args.seq_len, args.new_tokens)
     if compiled:
         lines += compiled_table(compiled, args)
+    if args.saved:
+        lines += saved_table(measure_saved(args), args)
     lines += [f"![speed-ups]({output.with_suffix('.png').name})", ""]
     write_atomic(output, "\n".join(lines))
     plot(output.with_suffix(".png"), sections)

@@ -234,16 +234,11 @@ def _report_to(value: str | None) -> dict | None:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("give integration names, e.g. tensorboard or wandb (or none)", param_hint="--report-to")
-    import difflib
+    from kroncompress.recipe import report_to_problem
 
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    known = [*sorted(INTEGRATION_TO_CALLBACK), "all", "none"]
-    for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-            raise click.BadParameter(f"unknown integration {name!r}; {hint}", param_hint="--report-to")
+    problem = report_to_problem(names)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--report-to")
     return {"report_to": names[0] if len(names) == 1 and names[0] in ("none", "all") else names}
 
 
@@ -273,11 +268,13 @@ def _report_to(value: str | None) -> dict | None:
 @click.option("--report-to", default=None,
               help="Send distillation logs to these integrations (comma-separated: tensorboard, wandb, ...; "
                    "all; none, the default): TrainingArguments' report_to.")
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=None,
+              help="Score at most this many tokens in each perplexity stage (over the recipe's evaluate.perplexity.max_tokens).")
 @user_errors
 def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | None, max_steps: int | None,
              resume: bool, no_distill: bool, dtype: str | None, device: str | None,
              calibration_data: str | None = None, calibration_tokens: int | None = None,
-             save_every: int | None = None, report_to: str | None = None) -> None:
+             save_every: int | None = None, report_to: str | None = None, eval_tokens: int | None = None) -> None:
     """Run every stage RECIPE has on MODEL (decompose, distill, evaluate) and save the result to OUTPUT.
 
     MODEL defaults to the small GPT-2 packaged with kroncompress (shakespeare-gpt2), so the whole
@@ -304,9 +301,10 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
             report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume,
                                   overwrite=overwrite, device=device, dtype=dtype, calibration_data=calibration_data,
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
-                                  training_args=training_args,
+                                  training_args=training_args, eval_tokens=eval_tokens,
                                   compress_progress=bars.callback("compressing"),
-                                  calibration_progress=bars.callback("calibrating"))
+                                  calibration_progress=bars.callback("calibrating"),
+                                  eval_progress=lambda done, total, stage: bars.callback(f"perplexity ({stage})")(done, total))
         finally:
             bars.stop()
     compression = report["compression"]
@@ -485,8 +483,13 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
         raise UserError(f"--stride {stride} is larger than --block-size {block_size}; tokens would be skipped")
     loaded, info = _load(model, meta_ok=False, device=device)
     tokenizer = require_tokenizer(info, loaded)  # the folder's, the run's, or GPT-2's when the vocabulary is GPT-2's
-    result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,
-                                 max_tokens=max_tokens, batch_size=batch_size, device=device)
+    bars = render.LazyProgress(render.console(stderr=True))
+    try:
+        result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,
+                                     max_tokens=max_tokens, batch_size=batch_size, device=device,
+                                     progress=bars.callback("perplexity"))
+    finally:
+        bars.stop()
     if as_json:
         _print_json(result.to_dict())
     else:

@@ -33,10 +33,12 @@ _EXPORTS: dict[str, str] = {
     "DistillResult": "kroncompress.distill",
     "run_pipeline": "kroncompress.pipeline",
     "load_model": "kroncompress.models",
+    "finetune": "kroncompress.tasks",
 }
 # kc.distill stays the subpackage (a function of that name would break `import kroncompress.distill.data`):
-# the engine is kc.distill.distill, the whole compress run kc.run_pipeline
-_SUBPACKAGES = ("distill",)
+# the engine is kc.distill.distill, the whole compress run kc.run_pipeline. kc.lora (LoRA adapters) needs the
+# optional peft, so it is not in __all__.
+_SUBPACKAGES = ("distill", "lora")
 
 __all__ = [
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
@@ -51,6 +53,7 @@ __all__ = [
     "distill", "DistillResult", "run_pipeline",
     "CalibrationStats", "calibrate", "collect_statistics",
     "load_model",
+    "finetune",
 ]
 
 
@@ -134,3 +137,4 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
         LayerPlan, OptionError, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
     )
     from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan
+    from kroncompress.tasks import finetune

@@ -61,6 +61,11 @@ ROLES: dict[str, dict[str, list[str]]] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
+    # Gemma 3: the text-only checkpoints (Gemma3ForCausalLM, e.g. gemma-3-270m) are `gemma3_text`; the
+    # multimodal Gemma3ForConditionalGeneration (`gemma3`) keeps its decoder under `language_model`.
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma3": {role: [p.replace("{base}", "{base}language_model.") for p in patterns] for role, patterns in _LLAMA_LIKE.items()
+               if role != "head"} | {"head": ["lm_head"]},
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
     "opt": {

@@ -21,7 +21,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,15 +102,17 @@ def windows(length: int, block_size: int, stride: int) -> list[tuple[int, int, i
 
 @torch.no_grad()
 def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_tokens: int | None = None,
-               batch_size: int = 1, device: str | torch.device | None = None) -> PerplexityResult:
+               batch_size: int = 1, device: str | torch.device | None = None,
+               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Sliding-window perplexity of a causal LM on token ids (see the module docs for the protocol).
 
     `data`: a 1-D LongTensor or list of ids (one stream), or a 2-D tensor / list of 1-D tensors (several
     sequences, scored separately, totals pooled). `max_tokens` keeps the first that many ids of each
     sequence. `batch_size` windows run per forward pass. The model runs in eval mode without gradients
     (its mode is restored) on `device` (default: where its parameters are); any model returning `logits`
-    (or a tuple/tensor of them) works. ValueError when `block_size` exceeds the model's positions or
-    `stride` is not in [1, block_size].
+    (or a tuple/tensor of them) works. `progress(windows done, windows in all)` is called after each
+    forward pass (the CLI draws its bar with it). ValueError when `block_size` exceeds the model's
+    positions or `stride` is not in [1, block_size].
     """
     if block_size < 2:
         raise ValueError(f"perplexity: block_size must be >= 2, got {block_size}")
@@ -131,13 +133,18 @@ def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_to
     was_training = model.training
     model.eval()
     try:
-        total_nll, scored = 0.0, 0
-        for sequence in sequences:
-            spans = windows(len(sequence), block_size, stride) if len(sequence) > 1 else []
+        total_nll, scored, done = 0.0, 0, 0
+        spans_of = [windows(len(s), block_size, stride) if len(s) > 1 else [] for s in sequences]
+        total = sum(len(spans) for spans in spans_of)
+        for sequence, spans in zip(sequences, spans_of):
             for start in range(0, len(spans), batch_size):
-                nll, count = _score_windows(model, sequence, spans[start:start + batch_size], target)
+                batch = spans[start:start + batch_size]
+                nll, count = _score_windows(model, sequence, batch, target)
                 total_nll += nll
                 scored += count
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
     finally:
         model.train(was_training)
     mean = total_nll / scored
@@ -169,15 +176,18 @@ def _first_given(*values):
 
 def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None, block_size: int | None = None,
                         stride: int | None = None, max_tokens: int | None = None, batch_size: int = 1,
-                        device: str | torch.device | None = None, cache_dir=None) -> PerplexityResult:
+                        device: str | torch.device | None = None, cache_dir=None,
+                        progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Perplexity on text described by a spec (a recipe's `PerplexityConfig`, a dict or a `--data` string).
 
-    Tokenises `split` (default: the spec's own split, else "test") with
+    Tokenises `split` (default: the spec's own split, else "test"; a split folder without a test file:
+    "validation") with
     `tokenizer` (cached, see `kroncompress.distill.data.token_stream`) and runs `perplexity`. Arguments
     given here override the spec's `block_size`, `stride` and `max_tokens`. Given neither, the block size
     is 1024 clipped to the model's positions (a tiny or short-context model is scored at its full length).
+    `progress` is passed to `perplexity`.
     """
-    from kroncompress.distill.data import parse_data_arg, text_spec, token_stream
+    from kroncompress.distill.data import folder_splits, parse_data_arg, text_spec, token_stream
 
     values = parse_data_arg(spec) if isinstance(spec, str) else spec
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
@@ -186,9 +196,12 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
     block_size = int(_first_given(block_size, get("block_size"), min(1024, limit) if limit else 1024))
     stride = int(_first_given(stride, get("stride"), max(1, block_size // 2)))
     max_tokens = max_tokens if max_tokens is not None else get("max_tokens")
-    split = split or get("split") or "test"
+    folders = [folder_splits(f) for f in (get("files") or [])]
+    fallback = "validation" if folders and all("test" not in f and "validation" in f for f in folders) else "test"
+    split = split or get("split") or fallback
     ids = token_stream(text_spec(values), tokenizer, split, max_tokens=max_tokens, cache_dir=cache_dir)
-    return perplexity(model, ids, block_size=block_size, stride=stride, batch_size=batch_size, device=device)
+    return perplexity(model, ids, block_size=block_size, stride=stride, batch_size=batch_size, device=device,
+                      progress=progress)
 
 
 # -- speed ---------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class KronCompressQuantizer(HfQuantizer):
         shared = section.get("shared_parameters", []) or []
         _tie_groups(model, shared, folder)
         # a shared tensor is stored once: its other names are re-tied after loading, not "missing"
-        stored = _stored_keys(self._checkpoint_files)
+        stored = _stored_keys(self._checkpoint_files, model)
         aliases = [f"^{re.escape(n)}$" for names in shared for n in names if stored and n not in stored]
         if aliases:
             model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []), *aliases]
@@ -116,7 +116,7 @@ class KronCompressQuantizer(HfQuantizer):
 
     def _check_all_weights_loaded(self, model) -> None:
         """Every tensor of the rebuilt model came from the file (transformers would leave a missing one random)."""
-        stored = _stored_keys(self._checkpoint_files)
+        stored = _stored_keys(self._checkpoint_files, model)
         if not stored:
             return
         groups: dict[int, list[str]] = {}
@@ -142,8 +142,10 @@ class KronCompressQuantizer(HfQuantizer):
         return True
 
 
-def _stored_keys(files: list[str]) -> set[str]:
-    """Names of the tensors in the safetensors files (headers only)."""
+def _stored_keys(files: list[str], model=None) -> set[str]:
+    """Names of the tensors in the safetensors files (headers only), as the model names them: transformers
+    saves some architectures (ViT, GPT-NeoX ...) under their legacy checkpoint names and renames them on load,
+    so with `model` the names go through the same renaming."""
     from safetensors import safe_open
 
     stored: set[str] = set()
@@ -151,7 +153,11 @@ def _stored_keys(files: list[str]) -> set[str]:
         if str(path).endswith(".safetensors"):
             with safe_open(str(path), framework="pt") as handle:
                 stored.update(handle.keys())
-    return stored
+    if model is None or not stored:
+        return stored
+    from kroncompress.io import model_key_names
+
+    return set(model_key_names(model, stored).values())
 
 
 def _guard_init_weights(model, ancestors: set[int]) -> None:

@@ -449,8 +449,27 @@ def _tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None
             setattr(module, attribute, shared)
 
 
+def model_key_names(model: nn.Module, keys) -> dict[str, str]:
+    """{stored key: the model's name for it}. transformers' save_pretrained writes some architectures (ViT,
+    GPT-NeoX ...) under their legacy checkpoint names and renames them when loading; this applies the same
+    renamings (name changes only: a key that needs a tensor conversion keeps its stored name)."""
+    names = set(model.state_dict(keep_vars=True))
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: the names as stored
+        renamings = []
+    if not renamings:
+        return {key: key for key in keys}
+    prefix, meta = getattr(model, "base_model_prefix", None), dict.fromkeys(names, True)
+    return {key: key if key in names else rename_source_key(key, renamings, [], prefix, meta)[0] for key in keys}
+
+
 def _load_weights_strict(model: nn.Module, path: Path) -> None:
     loaded = load_file(str(path))
+    loaded = {new: loaded[old] for old, new in model_key_names(model, loaded).items()}
     expected = model.state_dict()
     alias_of: dict[str, list[str]] = {}
     groups: dict[int, list[str]] = {}

@@ -68,6 +68,8 @@ class PipelineSettings:
     distill: bool = True
     tokenizer: Any = None
     training_args: dict[str, Any] | None = None
+    eval_tokens: int | None = None  # cap on the ids each perplexity stage scores (over the recipe's max_tokens)
+    eval_progress: Callable[[int, int, str], None] | None = None  # (windows done, windows, stage) per forward
 
     def __post_init__(self):
         from kroncompress.surgery import as_recipe
@@ -77,6 +79,12 @@ class PipelineSettings:
         self.device = torch.device(self.device) if self.device is not None else _default_device()
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.training_args:  # a misspelt key or integration stops the run here, before the model loads
+            from kroncompress.distill.trainer import check_training_args
+
+            check_training_args(self.training_args)
+        if self.eval_tokens is not None and self.eval_tokens < 2:
+            raise ValueError(f"eval_tokens must be >= 2 (one token and its context), got {self.eval_tokens}")
 
     @property
     def main(self) -> bool:
@@ -120,7 +128,8 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
                  calibration_data: Any = None, calibration_tokens: int | None = None,
                  calibration_progress: Callable[[int, int], None] | None = None,
                  measure_speed: bool = True, distill: bool = True, tokenizer: Any = None,
-                 training_args: dict[str, Any] | None = None) -> dict[str, Any]:
+                 training_args: dict[str, Any] | None = None, eval_tokens: int | None = None,
+                 eval_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Run every stage the recipe has on a model and save the result in `output_dir`; returns the report.
 
     `model_name_or_path` may also be a model object (an nn.Module / PreTrainedModel, compressed in place),
@@ -141,6 +150,9 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     `distill=False` skips the recipe's distillation stage (decompose, evaluate and save only).
     `training_args` (e.g. `{"report_to": ["tensorboard"], "logging_steps": 5}`) are passed to the
     distillation's TrainingArguments over the recipe's `distill.train.training_args`.
+    `eval_tokens` caps the token ids every perplexity stage scores (teacher, compressed, distilled; over
+    the recipe's `evaluate.perplexity.max_tokens`, and for the held-out part of `data` too);
+    `eval_progress(windows done, windows, stage)` is called after each of their forward passes.
     The same run from a `PipelineSettings`: `run_stages(settings)`.
     """
     return run_stages(PipelineSettings(
@@ -148,7 +160,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
         overwrite=overwrite, progress=progress, cache_dir=cache_dir, device=device, dtype=dtype,
         compress_progress=compress_progress, calibration_data=calibration_data, calibration_tokens=calibration_tokens,
         calibration_progress=calibration_progress, measure_speed=measure_speed, distill=distill, tokenizer=tokenizer,
-        training_args=training_args))
+        training_args=training_args, eval_tokens=eval_tokens, eval_progress=eval_progress))
 
 
 def run_stages(settings: PipelineSettings) -> dict[str, Any]:
@@ -193,7 +205,8 @@ def _load_stage(run: _Run) -> None:
                           if settings.distill else None)
     limit = _positions(run.model)
     run.data = _DistillData(run.distill_config, settings.data, run.tokenizer, settings.cache_dir, limit)
-    run.score = _Scorer(settings.recipe, settings.data, run.data, run.tokenizer, settings.cache_dir, limit)
+    run.score = _Scorer(settings.recipe, settings.data, run.data, run.tokenizer, settings.cache_dir, limit,
+                        settings.eval_tokens, settings.eval_progress)
 
 
 def _evaluate_stage(run: _Run, name: str, speed: bool = False) -> None:
@@ -238,7 +251,7 @@ def _distill_stage(run: _Run) -> None:
     with run.stage("distill"):
         run.distill_summary = _distill(run.model, run.teacher, run.distill_config, run.data, settings.output_dir,
                                        recipe=settings.recipe, resume=settings.resume, overwrite=settings.overwrite,
-                                       progress=settings.progress, main=settings.main)
+                                       progress=settings.progress, main=settings.main, max_tokens=run.score.max_tokens)
 
 
 def _save_stage(run: _Run) -> dict[str, Any]:
@@ -382,13 +395,15 @@ def _eval_every(config, train_blocks: int) -> int:
 
 
 def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe, resume: bool, overwrite: bool,
-             progress: bool | None, main: bool) -> dict[str, Any]:
+             progress: bool | None, main: bool, max_tokens: int | None = None) -> dict[str, Any]:
     from kroncompress.distill.checkpoints import fingerprint
     from kroncompress.distill.trainer import distill
     from kroncompress.evaluate import perplexity
 
     train, validation = data.blocks()
-    validation = validation[:TRAINING_EVAL_BLOCKS]
+    # the periodic evaluations score at most the recipe's evaluate.perplexity.max_tokens too (a whole block at least)
+    cap = TRAINING_EVAL_BLOCKS if max_tokens is None else min(TRAINING_EVAL_BLOCKS, max(1, max_tokens // validation.shape[1]))
+    validation = validation[:cap]
     if config.data is not None and not isinstance(config.data.dataset, (str, type(None))):
         from kroncompress.distill.data import text_spec
 

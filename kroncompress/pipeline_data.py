@@ -3,8 +3,8 @@ stage is scored under, and the calibration text (see kroncompress.pipeline for t
 
 Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
 and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size and stride (a block size beyond the model's positions is clipped to
-them, the stride keeping its ratio to the block).
+scored with the recipe's block size, stride and `max_tokens` (a block size beyond the model's positions
+is clipped to them, the stride keeping its ratio to the block).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -148,7 +148,8 @@ class _Scorer:
     """Perplexity under one protocol for every stage: the recipe's `evaluate.perplexity` when there is no
     data override, else the validation blocks of the distillation data."""
 
-    def __init__(self, recipe, data, distill_data: _DistillData, tokenizer, cache_dir, limit: int | None):
+    def __init__(self, recipe, data, distill_data: _DistillData, tokenizer, cache_dir, limit: int | None,
+                 max_tokens: int | None = None, progress: Callable[[int, int, str], None] | None = None):
         spec = recipe.evaluate.perplexity if recipe.evaluate is not None else None
         self.spec = spec if data is None else None
         self.distill_data, self.tokenizer, self.cache_dir = distill_data, tokenizer, cache_dir
@@ -156,22 +157,26 @@ class _Scorer:
         # a clipped block keeps the protocol's stride / block ratio (1024/512 on a 64-position model: 64/32)
         ratio = spec.stride / spec.block_size if spec is not None else 0.5
         self.stride = max(1, min(self.block_size, round(self.block_size * ratio)))
-        self.max_tokens = spec.max_tokens if spec is not None else None
+        # the cap on the ids scored, in every stage and whichever text: the run's (eval_tokens), else the recipe's
+        self.max_tokens = max_tokens if max_tokens is not None else spec.max_tokens if spec is not None else None
+        self.progress = progress
 
     def __call__(self, model, stage: str) -> dict[str, Any] | None:
         from kroncompress.evaluate import evaluate_perplexity, perplexity
 
         start = time.perf_counter()
+        bar = (lambda done, total: self.progress(done, total, stage)) if self.progress is not None else None
         if self.tokenizer is None and self.distill_data.config is None:
             logger.warning("the model has no tokenizer: %s perplexity not measured", stage)
             return None
         if self.spec is not None:
             result = evaluate_perplexity(model, self.tokenizer, self.spec, block_size=self.block_size, stride=self.stride,
-                                         max_tokens=self.max_tokens, cache_dir=self.cache_dir)
+                                         max_tokens=self.max_tokens, cache_dir=self.cache_dir, progress=bar)
             text = _describe_spec(self.spec)
         elif self.distill_data.available:
             ids = self.distill_data.blocks()[1].reshape(-1)
-            result = perplexity(model, ids, block_size=self.block_size, stride=self.stride)
+            result = perplexity(model, ids, block_size=self.block_size, stride=self.stride, max_tokens=self.max_tokens,
+                                progress=bar)
             text = "validation part of the distillation data"
         else:
             logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)

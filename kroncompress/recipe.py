@@ -605,11 +605,36 @@ def _parse_train(node: _Node) -> TrainConfig:
     )
 
 
+def report_to_problem(value: Any) -> str | None:
+    """What is wrong with a TrainingArguments `report_to` value (a name, or a list of names, of transformers'
+    logging integrations, or "all" / "none"), or None. Checked when the recipe loads, so a misspelt
+    integration stops the run before the model loads, not after compression."""
+    import difflib
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = [*sorted(INTEGRATION_TO_CALLBACK), "all", "none"]
+    names = [value] if isinstance(value, str) else value
+    if value is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return f"expected an integration name or a list of them, got {_describe(value)}"
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            return f"unknown integration {name!r}; " + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}")
+    return None
+
+
 def _parse_training_args(node: _Node) -> dict[str, Any]:
-    """`train.training_args`: a mapping of TrainingArguments keyword arguments (unknown keys: did-you-mean)."""
+    """`train.training_args`: a mapping of TrainingArguments keyword arguments (unknown keys: did-you-mean;
+    `report_to` names known integrations)."""
     if node.value.get("training_args") is None:
         return {}
     child = node.child("training_args").mapping(training_argument_names())
+    problem = report_to_problem(child.value.get("report_to"))
+    if problem:
+        raise child.child("report_to").error(problem, "e.g. report_to: [tensorboard], or none")
     return dict(child.value)
 
 

@@ -48,11 +48,24 @@ def module_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
-    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+    if isinstance(module, nn.Embedding) and (type(module).forward is nn.Embedding.forward or embedding_scale(module) is not None):
         return "embedding"
     if isinstance(module, nn.ModuleList):
         return "layers"
     return None
+
+
+def embedding_scale(module: nn.Module) -> float | None:
+    """The constant a transformers `*ScaledWordEmbedding` (Gemma, BART, M2M100, ...) multiplies its rows by
+    (`embed_scale`, sqrt(d) in Gemma), or None for any other module. Its replacement keeps the scale; a tied
+    head does not use it."""
+    if not (isinstance(module, nn.Embedding) and type(module).__name__.endswith("ScaledWordEmbedding")):
+        return None
+    scale = getattr(module, "scalar_embed_scale", None)  # a float; embed_scale may still be on the meta device
+    scale = getattr(module, "embed_scale", None) if scale is None else scale
+    if isinstance(scale, torch.Tensor):
+        scale = None if _is_meta(scale) else float(scale)
+    return float(scale) if isinstance(scale, (int, float)) else None
 
 
 def count_params(model: nn.Module) -> int:
@@ -72,7 +85,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def install(model: nn.Module, name: str, new: nn.Module, tied: list[dict[str, Any]] = ()) -> None:
     """Put `new` in place of the module `name`, and give every module that shared its weight (`tied`:
     {"name", "as": "head" | "alias"}) its tied replacement. The one routine that swaps modules, used by
-    compress and load_compressed."""
+    compress and load_compressed. A scaled embedding's scale carries over to `new` (see embedding_scale)."""
+    scale = embedding_scale(model.get_submodule(name))
+    if scale is not None and scale != 1.0:
+        if not hasattr(new, "scale"):
+            raise ValueError(f"{name} is a {type(model.get_submodule(name)).__name__} (rows scaled by {scale:g}); "
+                             f"its replacement {type(new).__name__} cannot keep the scale")
+        new.scale = scale
     _set_submodule(model, name, new)
     for tie in tied:
         old = model.get_submodule(tie["name"])

@@ -21,7 +21,7 @@ import transformers
 # threads instead (results must not depend on it: tolerances are derived from the dtype, not the machine).
 torch.set_num_threads(int(os.environ.get("KRONCOMPRESS_TEST_THREADS", "1")))
 
-ARCHITECTURES = ("gpt2", "llama", "bert", "opt", "gpt_neox", "vit")
+ARCHITECTURES = ("gpt2", "llama", "bert", "opt", "gpt_neox", "vit", "gemma3")
 VOCAB = 128
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
@@ -45,6 +45,13 @@ def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     elif arch == "gpt_neox":
         kwargs = dict(_SMALL, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
         config = transformers.GPTNeoXConfig(**{**kwargs, **overrides})
+    elif arch == "gemma3":  # Gemma3ForCausalLM: scaled embedding, tied head, q/k norms, sliding + full attention
+        kwargs = dict(_SMALL, num_key_value_heads=4, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+                      sliding_window=4, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        kwargs = {**kwargs, **overrides}
+        kwargs.setdefault("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                          for i in range(kwargs["num_hidden_layers"])])
+        config = transformers.Gemma3TextConfig(**kwargs)
     elif arch == "vit":
         kwargs = dict(_SMALL, image_size=32, patch_size=8, num_labels=3)
         config = transformers.ViTConfig(**{**kwargs, **overrides})

@@ -202,5 +202,28 @@ def test_speed_benchmark_end_to_end(speed, tiny_folder, tmp_path):
     assert all(r["forward"] > 0 and r["generate"] > 0 for r in rows)
     assert all(r["params"] < rows[0]["params"] for r in rows[1:])
     report = output.read_text()
-    assert report.count("| original |") == 1 and "forward speed-up" in report
+    assert report.count("| original |") == 2 and "forward speed-up" in report  # the speed table and the saved one
+    assert report.count(speed.SAVED_START) == 1
     assert output.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_speed_saved_table_is_measured_and_rewritten_in_place(speed, tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    output = tmp_path / "speed.md"
+    output.write_text("# Speed\n\n### a table\n\n| x |\n\n![speed-ups](speed.png)\n")
+    argv = ["--model", str(folder), "--saved-only", "--rounds", "1", "--saved-new-tokens", "4", "--output", str(output)]
+    for _ in range(2):  # the second run replaces the section, never adds one
+        speed.main(argv)
+        report = output.read_text()
+        assert report.count(speed.SAVED_START) == 1 and report.count(speed.SAVED_END) == 1
+        assert report.startswith("# Speed\n\n### a table") and report.rstrip().endswith("![speed-ups](speed.png)")
+    section = report.split(speed.SAVED_START)[1].split(speed.SAVED_END)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "tokens/s" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| original", "| kn-gpt2, in memory",
+                                                 "| kn-gpt2, saved -> AutoModelForCausalLM.from_pretrained",
+                                                 "| kn-gpt2, saved -> kc.load_compressed",
+                                                 "| kn-gpt2, export --dense -> from_pretrained"]
+    # the distillation turned the cache off while it ran; every reloaded model has it back, with the original's attention
+    original = rows[0].split(" | ")
+    assert all(r.split(" | ")[2:4] == original[2:4] for r in rows), rows
+    assert original[2] == "True"

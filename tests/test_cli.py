@@ -312,6 +312,8 @@ def test_eval_prints_perplexity_with_its_protocol(tmp_path):
 
     table = run("eval", folder, "--data", text, "--block-size", 32, "--stride", 16)
     assert "block 32" in table.output and "stride 16" in table.output
+    assert "perplexity" in table.stderr and "/" in table.stderr  # the progress bar: windows done / all, on stderr
+    assert reported == json.loads(result.stdout)  # --json stdout stays one object, the bar is on stderr
 
     defaults = run("eval", folder, "--data", text, "--json")  # 1024 clipped to the model's positions
     assert defaults.exit_code == 0, defaults.output
@@ -337,3 +339,24 @@ def test_compress_runs_the_whole_pipeline_with_distillation(tmp_path):
     assert set(report["perplexity"]) == {"teacher", "compressed", "distilled"}
     assert report["distill"]["steps"] == 2
     assert report["speed"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--eval-tokens", "4096"], 4096)])
+def test_compress_eval_tokens_and_perplexity_progress_reach_the_pipeline(tmp_path, monkeypatch, flag, expected):
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        kwargs["eval_progress"](3, 3, "teacher")  # the CLI's bar takes the pipeline's callback
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("kroncompress.pipeline.run_pipeline", fake)
+    result = CliRunner().invoke(cli, ["compress", "--recipe", "kn-gpt2", "--output", str(tmp_path / "o"), *flag])
+    assert "stop here" in result.output and seen["eval_tokens"] == expected
+    assert "perplexity (teacher)" in result.output
+
+
+def test_compress_eval_tokens_below_two_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ["compress", "--recipe", "kn-gpt2", "--output", str(tmp_path / "o"),
+                                      "--eval-tokens", "1"])
+    assert result.exit_code == 2 and "--eval-tokens" in result.output

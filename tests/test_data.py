@@ -349,3 +349,51 @@ def test_byte_tokenizer_ids_are_bytes(tokenizer):
     assert len(tokenizer) == 257 and tokenizer.eos_token_id == EOS
     assert data.tokenizer_fingerprint(tokenizer) == data.tokenizer_fingerprint(byte_tokenizer())
     assert data.tokenizer_fingerprint(tokenizer) != data.tokenizer_fingerprint(byte_tokenizer(eos_token="<eos>"))
+
+
+# -- split folders (train.jsonl / validation.jsonl, as fetch_gemma.py writes the English corpus) ------
+
+def _split_folder(root, names):
+    root.mkdir()
+    for name in names:
+        split = name.split(".")[0].split("-")[0]
+        (root / name).write_text(json.dumps({"text": f"{split} text of {name}"}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("names, splits, validation", [
+    (["train.jsonl", "validation.jsonl"], ["train", "validation"], "validation"),
+    (["train-000.jsonl", "train-001.jsonl", "test.jsonl"], ["train", "test"], None),
+    (["train.jsonl", "notes.jsonl"], [], None),  # one file named otherwise: an ordinary folder, one split
+])
+def test_split_folders_name_their_splits(tmp_path, names, splits, validation):
+    folder = _split_folder(tmp_path / "corpus", names)
+    assert data.folder_splits(folder) == splits
+    assert data.validation_split({"files": [str(folder)]}) == validation
+    if splits:
+        assert [p.name for p in data.resolve_files([str(folder)], "train")] == [n for n in sorted(names) if n.startswith("train")]
+    else:
+        assert len(data.resolve_files([str(folder)], "train")) == len(names)
+
+
+def test_split_folder_reads_each_split_and_names_the_missing_one(tmp_path, tokenizer):
+    folder = _split_folder(tmp_path / "corpus", ["train.jsonl", "validation.jsonl"])
+    spec = {"files": [str(folder)], "block_size": 4}
+    assert list(load_text(spec)) == ["train text of train.jsonl"]
+    assert list(load_text(spec, "validation")) == ["validation text of validation.jsonl"]
+    train, validation = build_datasets(spec, tokenizer)
+    assert train.numel() and validation.numel() and not torch.equal(train[:1], validation[:1])
+    with pytest.raises(ValueError, match=r"has the splits train, validation, not 'test'"):
+        load_text(spec, "test")
+
+
+def test_eval_of_a_split_folder_without_test_scores_validation(tmp_path, tokenizer):
+    import transformers
+
+    from kroncompress.evaluate import evaluate_perplexity
+
+    folder = _split_folder(tmp_path / "corpus", ["train.jsonl", "validation.jsonl"])
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=257, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    result = evaluate_perplexity(model, tokenizer, str(folder), block_size=64, stride=64)
+    assert result.tokens == len("validation text of validation.jsonl")  # + EOS - 1

@@ -121,6 +121,18 @@ def test_data_forms_and_max_tokens(gpt2):
     assert perplexity(gpt2, ids, block_size=16, stride=8, max_tokens=30).tokens == 29
 
 
+@pytest.mark.parametrize("data, block_size, stride, batch_size, calls", [
+    (stream(100), 32, 16, 1, [(i, 6) for i in range(1, 7)]),     # windows start at 0, 16, ..., 80 (the last ends at 100)
+    (stream(100), 32, 16, 4, [(4, 6), (6, 6)]),
+    (stream(64).reshape(2, 32), 16, 16, 1, [(i, 4) for i in range(1, 5)]),  # two sequences, windows pooled
+])
+def test_progress_counts_windows_done_of_all(gpt2, data, block_size, stride, batch_size, calls):
+    seen = []
+    perplexity(gpt2, data, block_size=block_size, stride=stride, batch_size=batch_size,
+               progress=lambda done, total: seen.append((done, total)))
+    assert seen == calls
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"block_size": 65, "stride": 32}, ["block_size 65", "64 positions"]),
     ({"block_size": 16, "stride": 17}, ["stride", "[1, block_size=16]"]),

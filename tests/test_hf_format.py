@@ -84,6 +84,11 @@ def test_other_architectures_load_through_their_auto_class(tmp_path, arch, auto,
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
     assert "MISSING" not in caplog.text  # a tied tensor stored once is not reported as newly initialised
 
+    # save_pretrained writes some architectures (ViT) under their legacy checkpoint names, renamed on load
+    model.save_pretrained(tmp_path / "saved")
+    for again in (auto.from_pretrained(tmp_path / "saved"), kc.load_compressed(tmp_path / "saved")):
+        assert torch.equal(logits(again, inputs), logits(model, inputs))
+
 
 def test_a_folder_without_factorized_modules_is_a_plain_checkpoint(tmp_path):
     model = compressed("llama", [(["model.layers"], "layerdrop", {"keep": [0, 2]})])
@@ -233,3 +238,31 @@ def test_a_folder_saved_before_the_format_loads_and_converts(tmp_path):
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
     new = kc.save_compressed(reloaded, tmp_path / "new")
     assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(new), inputs), logits(model, inputs))
+
+
+def test_a_kronecker_gpt2_sequence_classifier_saves_and_reloads(tmp_path):
+    """Issue 11: the paper's decoder classifier (last-token pooling over a padded batch) survives
+    save_compressed / save_pretrained and comes back through from_pretrained and load_compressed."""
+    model = transformers.GPT2ForSequenceClassification(tiny_config("gpt2", num_labels=3, pad_token_id=0)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight-only initialisation
+        kc.compress(model, recipe_of((["role:attention", "role:mlp"], "kronecker", {"ratio": 2})))
+    ids = build_inputs("gpt2", batch=3, length=10)["input_ids"]
+    ids[1, 6:] = 0  # a shorter row, right-padded: pooled at its own last token
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    expected = logits(model, inputs)
+    assert expected.shape == (3, 3)
+    kc.save_compressed(model, tmp_path / "compressed")
+    model.save_pretrained(tmp_path / "saved")
+    for folder in (tmp_path / "compressed", tmp_path / "saved"):
+        for again in (transformers.AutoModelForSequenceClassification.from_pretrained(folder),
+                      kc.load_compressed(folder)):
+            assert type(again) is transformers.GPT2ForSequenceClassification
+            assert isinstance(again.transformer.h[0].mlp.c_fc, kc.KroneckerLinear)
+            assert torch.equal(logits(again, inputs), expected), folder.name
+
+
+def test_finetune_is_a_top_level_name():
+    from kroncompress.tasks import finetune
+
+    assert kc.finetune is finetune

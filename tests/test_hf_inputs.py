@@ -114,3 +114,24 @@ def test_distill_trains_on_a_dataset_of_text(tmp_path):
     result = distill(student, teacher, config, datasets.Dataset.from_dict({"text": TEXTS}), output_dir=tmp_path / "d",
                      progress=False, tokenizer=byte_tokenizer(), training_args={"logging_steps": 1})
     assert result.steps == 2 and result.tokens == 2 * 2 * 32
+
+
+@pytest.mark.parametrize("make, kept", [
+    (lambda: TEXTS, _ids(TEXTS[:10])),
+    (lambda: datasets.Dataset.from_dict({"text": TEXTS}), _ids(TEXTS[:10])),
+    (lambda: {"dataset": datasets.Dataset.from_dict({"content": TEXTS}), "column": "content"}, _ids(TEXTS[:10])),
+    (lambda: datasets.Dataset.from_dict({"input_ids": [list(range(10 * i, 10 * i + 10)) for i in range(8)]}),
+     torch.arange(20)),
+    (lambda: torch.arange(300).reshape(12, 25), torch.arange(75)),
+    (lambda: torch.arange(300), torch.arange(75)),
+], ids=["list", "dataset", "dataset-column", "tokenised-dataset", "rows", "ids"])
+def test_fraction_keeps_the_first_part_of_in_memory_data(make, kept):
+    source = make()
+    spec = {**source, "fraction": 0.25} if isinstance(source, dict) else {"dataset": source, "fraction": 0.25}
+    assert torch.equal(data.token_stream(spec, byte_tokenizer()), kept)
+
+
+def test_fraction_of_an_iterable_dataset_is_refused_with_the_fix():
+    stream = datasets.Dataset.from_dict({"text": TEXTS}).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"fraction 0.5 needs the size of the in-memory IterableDataset.*fraction: 1.0"):
+        data.token_stream({"dataset": stream, "fraction": 0.5}, byte_tokenizer())

@@ -65,6 +65,24 @@ def test_logits_kl_by_hand():
     assert float(got) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("tokens", [1, 128, 129, 300])  # around the chunk size (losses.KL_CHUNK_TOKENS = 128)
+def test_logits_kl_in_checkpointed_chunks_matches_the_whole_batch(tokens):
+    from kroncompress.distill import losses
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(1, tokens, 50, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(1, tokens, 50, generator=generator, dtype=torch.float64)
+    mask = (torch.arange(tokens) % 3 != 0).long().view(1, -1)
+    got = logits_kl(student, teacher, 2.0, mask)
+    (grad,) = torch.autograd.grad(got, student)
+    per_token = losses._kl_rows(student.view(-1, 50), teacher.view(-1, 50), 2.0).view(1, tokens)
+    expected = (per_token * mask).sum() / mask.sum().clamp_min(1) * 4.0
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    tolerance = 64 * tokens * torch.finfo(torch.float64).eps
+    assert abs(float(got - expected)) <= tolerance * max(1.0, abs(float(expected)))
+    assert torch.allclose(grad, expected_grad, atol=tolerance, rtol=0)
+
+
 def test_logits_kl_ignores_padding_tokens():
     student, teacher = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)
     teacher[0, 1] = torch.tensor([5.0, 0.0, 0.0])  # differs only at the padded position

@@ -75,6 +75,25 @@ def test_one_plan_calibrated_and_compressed(tiny_folder, tmp_path, monkeypatch):
     assert all("output error" in r["note"] for r in report["compression"]["modules"])
 
 
+@pytest.mark.parametrize("evaluate", [None, {"perplexity": {"files": ["CORPUS"], "block_size": 32, "stride": 16}}],
+                         ids=["held-out part of data", "recipe's evaluate.perplexity"])
+def test_eval_tokens_caps_every_perplexity_stage_and_reports_progress(tiny_folder, tmp_path, evaluate):
+    folder, text = tiny_folder
+    sections = {"evaluate": {"perplexity": {**evaluate["perplexity"], "files": [str(text)]}}} if evaluate else {}
+    recipe = _recipe({"ratio": 2}, **sections)
+    seen: dict[str, list] = {}
+    report = kc.run_pipeline(folder, recipe, tmp_path / "out", data=None if evaluate else str(text), distill=False,
+                             measure_speed=False, eval_tokens=100,
+                             eval_progress=lambda done, total, stage: seen.setdefault(stage, []).append((done, total)))
+    ppl = report["perplexity"]
+    assert set(seen) == {"teacher", "compressed"} and set(ppl) >= {"teacher", "compressed"}
+    for stage, calls in seen.items():
+        assert ppl[stage]["tokens"] == 99  # 100 ids: every one but the first scored once (stride < block)
+        assert calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    with pytest.raises(ValueError, match="eval_tokens must be >= 2"):
+        kc.run_pipeline(folder, recipe, tmp_path / "out2", data=str(text), eval_tokens=1)
+
+
 def test_settings_take_the_keyword_arguments_and_a_recipe_object(tmp_path):
     recipe = _recipe({"b_shape": [1, 2]})
     settings = pipeline.PipelineSettings("m", recipe, tmp_path / "out", data="shakespeare", max_steps=3)

@@ -76,3 +76,31 @@ def test_cli_report_to_refuses_an_unknown_integration(tmp_path):
                                       "--report-to", "tensorbord"])
     assert result.exit_code == 2 and "did you mean 'tensorboard'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("report_to, message", [
+    (["tensorbord"], r"distill\.train\.training_args\.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'"),
+    ("wandbb", r"training_args\.report_to: unknown integration 'wandbb'; did you mean 'wandb'"),
+    ([3], r"training_args\.report_to: expected an integration name or a list of them"),
+], ids=["list", "string", "not a name"])
+def test_recipe_report_to_names_known_integrations_when_the_recipe_loads(report_to, message):
+    with pytest.raises(RecipeError, match=message):
+        _recipe({"training_args": {"report_to": report_to}})
+
+
+@pytest.mark.parametrize("report_to", [["tensorboard", "wandb"], "all", "none", []])
+def test_known_report_to_values_load(report_to):
+    assert _recipe({"training_args": {"report_to": report_to}}).distill.train.training_args["report_to"] == report_to
+
+
+def test_api_report_to_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    import kroncompress as kc
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline_data, "_load", never, raising=False)
+    monkeypatch.setattr("kroncompress.pipeline._load", never)
+    with pytest.raises(ValueError, match=r"training_args\.report_to: unknown integration 'tensorbord'"):
+        kc.run_pipeline("shakespeare-gpt2", "kn-gpt2", tmp_path / "o", training_args={"report_to": ["tensorbord"]})
+    assert not (tmp_path / "o").exists()

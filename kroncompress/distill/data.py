@@ -222,19 +222,50 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 _CHECK_CHUNK = 1 << 20
 
 
-def _folder_files(folder: str) -> list[Path]:
-    """The text (.txt/.text/.md) and JSON-lines (.jsonl/.json) files directly inside a folder, sorted."""
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def file_split(path: Path) -> str | None:
+    """The split a file's name gives (`train.jsonl`, `validation-00001.jsonl`, `test_a.txt`), else None."""
+    stem = Path(path).name.split(".")[0]
+    return next((name for name in SPLIT_NAMES if stem == name or stem.startswith((name + "-", name + "_"))), None)
+
+
+def folder_splits(folder: str | os.PathLike) -> list[str]:
+    """The splits of a *split folder* (every text file in it named after a split: train.jsonl,
+    validation.jsonl, ...), in SPLIT_NAMES order; [] for any other folder or path."""
+    expanded = os.path.expanduser(str(folder))
+    if not os.path.isdir(expanded):
+        return []
+    try:
+        named = [file_split(f) for f in _folder_files(expanded)]
+    except ValueError:
+        return []
+    return [name for name in SPLIT_NAMES if name in named] if all(named) else []
+
+
+def _folder_files(folder: str, split: str | None = None) -> list[Path]:
+    """The text (.txt/.text/.md) and JSON-lines (.jsonl/.json) files directly inside a folder, sorted; for
+    a split folder (see folder_splits) and a `split`, only that split's files."""
     files = sorted(Path(folder).iterdir())
     kept = [f for f in files if f.is_file() and not f.name.startswith(".") and f.suffix in TEXT_SUFFIXES + JSON_SUFFIXES]
     if not kept:
         raise ValueError(f"files: folder {folder!r} holds no {'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)} file; give the "
                          f"files themselves, or a glob such as '{folder.rstrip('/')}/**/*.txt' for its subfolders")
-    return kept
+    splits = [file_split(f) for f in kept]
+    if split is None or not all(splits):
+        return kept
+    chosen = [f for f, name in zip(kept, splits) if name == split]
+    if not chosen:
+        raise ValueError(f"files: folder {folder!r} has the splits {', '.join(n for n in SPLIT_NAMES if n in splits)}, "
+                         f"not {split!r}; pick one of them (e.g. --split validation)")
+    return chosen
 
 
-def resolve_files(patterns: Iterable[str]) -> list[Path]:
+def resolve_files(patterns: Iterable[str], split: str | None = None) -> list[Path]:
     """The files matched by paths/globs (`**` recursive, `~` expanded), in order, each once. A folder
-    stands for the .txt/.text/.md and .jsonl/.json files directly inside it.
+    stands for the .txt/.text/.md and .jsonl/.json files directly inside it; in a split folder (files
+    named train.jsonl, validation.jsonl, ...; see folder_splits) a `split` picks that split's files.
 
     ValueError naming the pattern when one matches nothing.
     """
@@ -244,7 +275,7 @@ def resolve_files(patterns: Iterable[str]) -> list[Path]:
         matches = sorted(glob.glob(expanded, recursive=True))
         files = [Path(m) for m in matches if os.path.isfile(m)]
         if not files and os.path.isdir(expanded):
-            files = _folder_files(expanded)
+            files = _folder_files(expanded, split)
         if not files:
             raise ValueError(f"files: {pattern!r} matches no file (relative to {os.getcwd()}); "
                              "check the path or quote the glob so the shell does not expand it")
@@ -300,14 +331,15 @@ def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLi
     if s.kind == "inline":
         if isinstance(s.inline, torch.Tensor):
             raise ValueError("data: token ids have no text; use token_stream")
-        if isinstance(s.inline, (list, tuple)):
-            return list(s.inline)[:_kept(len(s.inline), s.fraction)]
-        return _iter_column(s.inline, s.describe(), column=s.column)
+        inline = _inline_kept(s)
+        if isinstance(inline, (list, tuple)):
+            return list(inline)
+        return _iter_column(inline, s.describe(), column=s.column)
     if s.kind == "source":
         documents = [text for _, text in corpus_documents(s.source, split)]
         return documents[:_kept(len(documents), s.fraction)]
     if s.kind == "files":
-        return _iter_column(_load_files(s, cache_dir), s.describe(), column=s.column)
+        return _iter_column(_load_files(s, cache_dir, split), s.describe(split), column=s.column)
     return _iter_column(_load_hub(s, split), s.describe(split), column=s.column)
 
 
@@ -315,10 +347,26 @@ def _kept(count: int, fraction: float) -> int:
     return count if fraction >= 1 else max(1, int(count * fraction))
 
 
-def _load_files(s: TextSpec, cache_dir: str | os.PathLike | None):
+def _inline_kept(s: TextSpec) -> Any:
+    """The first `fraction` of in-memory data: of the strings of a list, the rows of a Dataset or of a 2-D
+    tensor, the ids of a 1-D tensor. An IterableDataset has no length to take a fraction of."""
+    data = s.inline
+    if s.fraction >= 1:
+        return data
+    if isinstance(data, torch.Tensor):
+        return data[:_kept(data.shape[0], s.fraction)]
+    if isinstance(data, (list, tuple)):
+        return list(data)[:_kept(len(data), s.fraction)]
+    if hasattr(data, "select") and hasattr(data, "__len__"):
+        return data.select(range(_kept(len(data), s.fraction)))
+    raise ValueError(f"data: fraction {s.fraction} needs the size of the {s.describe()}, which it does not have; "
+                     f"set fraction: 1.0 and cap the text yourself (e.g. dataset.take(n)), or pass a Dataset or a list")
+
+
+def _load_files(s: TextSpec, cache_dir: str | os.PathLike | None, split: str | None = None):
     import datasets
 
-    files = [str(f) for f in resolve_files(s.files)]
+    files = [str(f) for f in resolve_files(s.files, split)]
     check_text_files(files)
     kinds = {f.endswith(JSON_SUFFIXES) for f in files}
     if len(kinds) > 1:
@@ -372,8 +420,11 @@ def _iter_column(dataset, name: str, batch_size: int = 1000, column: str = TEXT_
 
 def validation_split(spec: Any) -> str | None:
     """The split `build_datasets` validates on when `validation_fraction` is 0: "validation" where the
-    source has one (packaged corpora; hub datasets that list it), else None (files)."""
+    source has one (packaged corpora; split folders with a validation file; hub datasets that list it), else
+    None (other files)."""
     s = text_spec(spec)
+    if s.kind == "files" and s.split != "validation":
+        return "validation" if all("validation" in folder_splits(f) for f in s.files) else None
     if s.split == "validation" or s.kind in ("files", "inline"):
         return None
     if s.kind == "source":
@@ -496,7 +547,7 @@ def _cache_key(s: TextSpec, split: str, tokenizer, max_tokens: int | None) -> st
     payload: dict[str, Any] = {"format": CACHE_FORMAT, "fraction": s.fraction, "separator": s.separator,
                                "max_tokens": max_tokens, "tokenizer": tokenizer_fingerprint(tokenizer)}
     if s.kind == "files":
-        payload["files"] = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in resolve_files(s.files)]
+        payload["files"] = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in resolve_files(s.files, split)]
     elif s.kind == "source":
         payload.update(source=s.source, version=get_corpus(s.source).version(), split=split)
     else:
@@ -533,12 +584,14 @@ def token_stream(spec: Any, tokenizer, split: str | None = None, *, max_tokens: 
     s = text_spec(spec)
     split = split or s.split
     if s.kind == "inline":
-        if isinstance(s.inline, torch.Tensor):
-            ids = s.inline.long().reshape(-1)
+        inline = _inline_kept(s)
+        if isinstance(inline, torch.Tensor):
+            ids = inline.long().reshape(-1)
             return ids[:max_tokens] if max_tokens is not None else ids
-        columns = getattr(s.inline, "column_names", None) or ()
+        columns = getattr(inline, "column_names", None) or ()
         if s.column not in columns and "input_ids" in columns:  # a tokenised dataset: its ids as they are
-            return torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long).reshape(-1) for row in s.inline])
+            ids = torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long).reshape(-1) for row in inline])
+            return ids[:max_tokens] if max_tokens is not None else ids
         return _stream_ids(load_text(s, split), tokenizer, s.separator, max_tokens)
     path = None
     if use_cache:

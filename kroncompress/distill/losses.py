@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kroncompress.recipe import LossWeights
 
@@ -50,10 +51,26 @@ def logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logits_kl: student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ; teacher and student must share the tokenizer/vocabulary")
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    return _masked_mean(per_token, attention_mask) * temperature ** 2
+    vocab = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    if student.requires_grad and student.shape[0] > KL_CHUNK_TOKENS:
+        # A 262k vocabulary (Gemma) makes each float32 (tokens x vocab) temporary 1 GiB per 1k tokens: chunks
+        # of tokens, each recomputed in backward, keep a handful of them alive instead of the whole batch's.
+        per_token = torch.cat([checkpoint(_kl_rows, student[i:i + KL_CHUNK_TOKENS], teacher[i:i + KL_CHUNK_TOKENS],
+                                          temperature, use_reentrant=False)
+                               for i in range(0, student.shape[0], KL_CHUNK_TOKENS)])
+    else:
+        per_token = _kl_rows(student, teacher, temperature)
+    return _masked_mean(per_token.view(student_logits.shape[:-1]), attention_mask) * temperature ** 2
+
+
+KL_CHUNK_TOKENS = 128  # rows of logits per checkpointed chunk of logits_kl
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
 
 
 def embedding_mse(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,

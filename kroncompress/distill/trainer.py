@@ -116,7 +116,7 @@ def check_training_args(training_args: Any) -> dict[str, Any]:
     (with a did-you-mean)."""
     import difflib
 
-    from kroncompress.recipe import training_argument_names
+    from kroncompress.recipe import report_to_problem, training_argument_names
 
     if not training_args:
         return {}
@@ -128,6 +128,9 @@ def check_training_args(training_args: Any) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "see transformers.TrainingArguments for the keys"
             raise ValueError(f"training_args: unknown TrainingArguments key {key!r}; {hint}")
+    problem = report_to_problem(training_args.get("report_to"))
+    if problem:
+        raise ValueError(f"training_args.report_to: {problem}")
     return dict(training_args)
 
 

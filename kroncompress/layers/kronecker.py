@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 
 import torch
 from torch import nn
@@ -85,7 +86,11 @@ class KroneckerEmbedding(nn.Module):
 
     Token t = i1 * V2 + i2 reads row sum_i A_i[i1] (x) B_i[i2], so a batch costs O(r * dim) per token and
     the table is never built. `project(h)` computes h E^T through the same factors: the tied LM head.
+    `scale` multiplies the looked-up rows only (Gemma's embeddings return sqrt(d) * E[t]; its tied head
+    uses E itself): the surgery copies it from the module it replaces, so it is not saved.
     """
+
+    scale: float = 1.0
 
     def __init__(self, a_shape, b_shape, rank: int = 1, padding_idx: int | None = None, device=None, dtype=None):
         super().__init__()
@@ -114,7 +119,8 @@ class KroneckerEmbedding(nn.Module):
         rows_b = F.embedding(ids % v2, self.b.permute(1, 0, 2).reshape(v2, -1))  # (N, r*d2)
         n, r = ids.numel(), self.rank
         rows = torch.einsum("nri,nrj->nij", rows_a.view(n, r, -1), rows_b.view(n, r, -1))
-        return rows.reshape(*input_ids.shape, self.embedding_dim)
+        rows = rows.reshape(*input_ids.shape, self.embedding_dim)
+        return rows * torch.tensor(self.scale, dtype=rows.dtype) if self.scale != 1.0 else rows
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden @ E^T: logits through the factors (E is vocab x dim, i.e. an out x in weight)."""
@@ -126,7 +132,8 @@ class KroneckerEmbedding(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Embedding:
         weight = self.dense_weight()
-        dense = nn.Embedding(*weight.shape, padding_idx=self.padding_idx, device=weight.device, dtype=weight.dtype)
+        kind = nn.Embedding if self.scale == 1.0 else partial(ScaledEmbedding, scale=self.scale)
+        dense = kind(*weight.shape, padding_idx=self.padding_idx, device=weight.device, dtype=weight.dtype)
         dense.weight.copy_(weight)
         return dense
 
@@ -145,6 +152,19 @@ class KroneckerEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec()}"
+
+
+class ScaledEmbedding(nn.Embedding):
+    """nn.Embedding returning scale * E[t] (the dense form of a scaled KroneckerEmbedding; its state dict is
+    an nn.Embedding's, so the model's own scaled embedding class reloads it)."""
+
+    def __init__(self, *args, scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(input_ids)
+        return rows * torch.tensor(self.scale, dtype=rows.dtype)
 
 
 class KroneckerTiedHead(nn.Module):
