@@ -37,10 +37,13 @@ BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|u
 EMBEDDING = "model.embed_tokens"
 BUDGETS = {"2/3": 1.5, "1/2": 2.0}  # block-parameter fraction kept -> compression ratio of the block matrices
 METHODS = ("kronecker", "svd", "layerdrop")
-ILKD = {"embedding_mse": 1.0, "attention_kl": 0.0, "hidden_mse": 1.0, "ce": 1.0, "logits_kl": 1.0}
-LAYERDROP_LOSSES = {"ce": 2.0, "logits_kl": {"weight": 5.0, "temperature": 2.0}, "hidden_mse": 1.0,
-                    "attention_kl": 0.0, "embedding_mse": 0.0}
-TRAIN = {"lr": 1e-4, "warmup_ratio": 0.1, "schedule": "cosine", "batch_size": 2, "grad_accum": 2,
+# recipes/kron-gemma.yaml's losses: Gemma's residual stream makes a summed hidden MSE ~1e6, hence 1e-5.
+ILKD = {"embedding_mse": 0.0, "attention_kl": 1.0, "hidden_mse": 1.0e-5, "ce": 1.0,
+        "logits_kl": {"weight": 1.0, "temperature": 2.0}}
+# Through the layer map, without attention KL: on a layer-dropped Gemma the attention term leaves the loss without
+# a graph (known bug, see the closing note of issue 15); DistilGPT2's recipe has no attention term either.
+LAYERDROP_LOSSES = {**ILKD, "attention_kl": 0.0}
+TRAIN = {"lr": 1e-4, "warmup_ratio": 0.1, "schedule": "cosine", "batch_size": 2, "grad_accum": 4,
          "max_grad_norm": 1.0, "weight_decay": 0.0, "bf16": False, "seed": 0}
 
 
@@ -80,6 +83,14 @@ def cell_recipe(cell: Cell, num_layers: int) -> dict:
     return {"version": 1, "name": f"gemma-{cell.method}", "compress": rules, "ignore": ["lm_head"],
             "distill": {"teacher": "original", "losses": losses, "layer_map": layer_map,
                         "data": {"block_size": 256}, "train": TRAIN}}
+
+
+def read_blocks(path: Path, tokenizer, count: int) -> torch.Tensor:
+    """(N, 256) blocks of the documents in a jsonl file (each followed by EOS), every block opening with BOS
+    as Gemma expects (without it the teacher scores 223.5 instead of 56.0 on the same targets): BOS is
+    context, never a target. N covers `count` tokens."""
+    stream = read_tokens(path, tokenizer, -(-count // 255) * 255).reshape(-1, 255)
+    return torch.cat([torch.full((stream.shape[0], 1), tokenizer.bos_token_id), stream], dim=1)
 
 
 def read_tokens(path: Path, tokenizer, count: int) -> torch.Tensor:
@@ -152,7 +163,7 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
         f"- Teacher: Gemma 3 270M base (from its Q4_K_M GGUF, dequantised), {teacher['params']:,} parameters, "
         f"{teacher['block_params']:,} in the 18 blocks; perplexity {teacher['perplexity']:.2f}.",
         f"- Perplexity: the first {args.eval_tokens:,} tokens of the held-out documents (english/validation.jsonl), "
-        "block 256, stride 256.",
+        "in windows of BOS + 255 tokens (BOS is context, never scored).",
         f"- Calibration: {args.calibration_tokens:,} tokens of the training documents (data-aware init: Kronecker ALS, "
         "whitened SVD; frequency-weighted embedding where compressed).",
         f"- Distillation: {args.steps} steps x {TRAIN['batch_size'] * TRAIN['grad_accum']} sequences x 256 tokens; "
@@ -193,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = {r["key"]: r for r in map(json.loads, cache.read_text().splitlines())} if cache.exists() else {}
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    texts = {"tokenizer": tokenizer, "eval": read_tokens(args.text / "validation.jsonl", tokenizer, args.eval_tokens)}
-    train = read_tokens(args.text / "train.jsonl", tokenizer, max(args.calibration_tokens, 1 << 17))
-    texts["calibration"] = train[: args.calibration_tokens]
-    texts["train"] = train.reshape(-1)[: train.numel() // 256 * 256].reshape(-1, 256)
+    texts = {"tokenizer": tokenizer, "eval": read_blocks(args.text / "validation.jsonl", tokenizer, args.eval_tokens)}
+    train = read_blocks(args.text / "train.jsonl", tokenizer, max(args.calibration_tokens, 1 << 17))
+    texts["calibration"] = train[: -(-args.calibration_tokens // 256)]
+    texts["train"] = train
     teacher_row = rows.get("teacher")
     if teacher_row is None:
         teacher_row = {"key": "teacher", "params": sum(p.numel() for p in teacher.parameters()),
