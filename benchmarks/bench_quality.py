@@ -11,7 +11,9 @@ plots perplexity against parameters, one line per strategy.
 
 Finished cells are appended to `<output stem>.cells.jsonl` as they complete, so an interrupted run
 resumes where it stopped; cached cells are reused only when the settings and the kroncompress sources
-are unchanged (`--fresh` starts over, e.g. after editing this script). Every cell runs with one torch thread whatever
+are unchanged (`--fresh` starts over, e.g. after editing this script); `--keep-earlier` also reuses cells made by
+earlier sources, and the report marks them. `--import-report OLD.md` puts an earlier report's cells into the cache
+(for when its cells.jsonl is gone). Every cell runs with one torch thread whatever
 `--jobs` is, so its numbers do not depend on how many cells run side by side.
 """
 
@@ -47,9 +49,14 @@ MAIN = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("kn-gpt2-mlp", "
 # Extra budget points: the factorising recipes over fewer or more modules. "recipe" is the bundled layout (for
 # kn-gpt2: the embedding + every matrix of the odd blocks, ~72% of the demo teacher); the others leave the
 # embedding dense and/or take every block.
-CURVE_RECIPES = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("svd-gpt2", "data-aware"),
-                 ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only"))
-CURVE_LAYOUTS = ("no embedding", "all blocks, no embedding", "all blocks")
+# Every strategy gets every layout and every init it has (data-aware: kronecker and svd; tucker and tt have none).
+CURVE_RECIPES = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("svd-gpt2", "weight-only"),
+                 ("svd-gpt2", "data-aware"), ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only"))
+# "mlp only": the MLP matrices (c_fc, c_proj) of every block, embedding dense - kn-gpt2-mlp's layout and budget,
+# so those cells join the main table; for kronecker it is the kn-gpt2-mlp recipe itself (a main-table row).
+MLP_ONLY = "mlp only"
+CURVE_LAYOUTS = ("no embedding", "all blocks, no embedding", "all blocks", MLP_ONLY)
+MLP_TARGETS = [r"re:transformer\.h\.\d+\.mlp\.(c_fc|c_proj)"]
 # Main-table cells repeated with every seed (the others run with the first seed).
 REPEAT = r"^(kn-gpt2|kn-gpt2-mlp|distilgpt2)\|"
 ODD_BLOCKS = "(1|3|5|7|9|11)"
@@ -104,7 +111,8 @@ def cells(num_layers: int, seeds: list[int], curve: bool, repeat: str = REPEAT) 
                 grid.append(cell)
     if curve:
         for recipe, init in CURVE_RECIPES:
-            grid += [Cell(recipe, layout, init, seeds[0]) for layout in CURVE_LAYOUTS]
+            grid += [Cell(recipe, layout, init, seeds[0], main=layout == MLP_ONLY) for layout in CURVE_LAYOUTS
+                     if not (recipe == "kn-gpt2" and layout == MLP_ONLY)]
         keeps = sorted({k for k in (num_layers - 1, num_layers - num_layers // 2, num_layers // 3) if 1 <= k < num_layers} - {keep_main})
         grid += [Cell("distilgpt2", f"keep {k}", "-", seeds[0]) for k in keeps]
     return grid
@@ -120,6 +128,11 @@ def cell_recipe(cell: Cell, num_layers: int) -> dict[str, Any]:
         recipe["distill"]["layer_map"] = keep
     elif cell.layout not in ("recipe", *CURVE_LAYOUTS):
         raise ValueError(f"unknown layout {cell.layout!r}")
+    if cell.layout == MLP_ONLY:
+        blocks = [r for r in rules if not any(t.endswith(".wte") for t in r["targets"])]
+        if len(blocks) != 1:
+            raise ValueError(f"{cell.recipe}: layout {MLP_ONLY!r} needs exactly one block rule, found {len(blocks)}")
+        recipe["compress"] = rules = [{**blocks[0], "targets": list(MLP_TARGETS)}]
     if "no embedding" in cell.layout:
         recipe["compress"] = rules = [r for r in rules if not any(t.endswith(".wte") for t in r["targets"])]
     if "all blocks" in cell.layout:
@@ -186,13 +199,34 @@ def cached_rows(cache: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def run_all(grid: list[Cell], cache: Path, jobs: int, **kwargs) -> list[dict[str, Any]]:
+def import_report(report_path: Path, cache: Path, label: str) -> int:
+    """Append the cells of an earlier report to `cache` (those not already there), marked as made by earlier
+    sources; returns how many were added."""
+    from quality_legacy import rows_from_report
+
+    cached = cached_rows(cache)
+    rows = [r for r in rows_from_report(report_path.read_text(), label, LINE_NAMES) if r["key"] not in cached]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with cache.open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return len(rows)
+
+
+def usable(row: dict, settings: dict, keep_earlier: bool) -> bool:
+    """Whether a cached row counts: the same settings, and the same sources unless `keep_earlier`."""
+    if row.get("settings") != settings["settings"]:
+        return False
+    return row.get("source") == settings["source"] or keep_earlier
+
+
+def run_all(grid: list[Cell], cache: Path, jobs: int, keep_earlier: bool = False, **kwargs) -> list[dict[str, Any]]:
     """Run the cells not already in `cache` (one JSON row per line), `jobs` at a time; return every row of the grid.
 
-    A cached row counts only when it was made with the same settings and the same kroncompress sources."""
+    A cached row counts only when it was made with the same settings and the same kroncompress sources
+    (with `keep_earlier`: or earlier sources; such rows keep their `source` and the report marks them)."""
     settings = {"settings": {k: kwargs[k] for k in ("model", "data", "steps", "calibration_tokens")},
                 "source": source_fingerprint()}
-    done = {key: row for key, row in cached_rows(cache).items() if all(row.get(k) == v for k, v in settings.items())}
+    done = {key: row for key, row in cached_rows(cache).items() if usable(row, settings, keep_earlier)}
     todo = [cell for cell in grid if cell.key not in done]
     print(f"{len(grid)} cells, {len(grid) - len(todo)} cached, {len(todo)} to run ({jobs} at a time)", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +264,18 @@ def group_seeds(rows: list[dict]) -> list[dict]:
     for members in groups.values():
         after = [m["distilled"] for m in members]
         out.append({**members[0], "seeds": [m["seed"] for m in members], "distilled_runs": after,
-                    "distilled_mean": statistics.fmean(after), "seconds": statistics.fmean(m["seconds"] for m in members)})
+                    "distilled_mean": statistics.fmean(after), "seconds": _mean_seconds(members)})
     return out
+
+
+def _mean_seconds(rows: list[dict]) -> float | None:
+    known = [r["seconds"] for r in rows if r.get("seconds") is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _earlier(row: dict) -> str:
+    """A marker for a row made by earlier sources ("" for the current ones)."""
+    return " (e)" if row.get("earlier_source") else ""
 
 
 def _fmt_after(row: dict) -> tuple[str, str]:
@@ -265,7 +309,8 @@ def best_at_budget(main: list[dict]) -> str:
         return ""
     best = ranked[0]
     drop = [i for i, r in enumerate(ranked) if r["recipe"] == "distilgpt2"]
-    text = f"Lowest after distillation at this budget: {best['recipe']} ({best['init']}), {best['distilled_mean']:.2f}."
+    name = best["recipe"] if best["layout"] == "recipe" else f"{best['recipe']} ({best['layout']})"
+    text = f"Lowest after distillation at this budget: {name} ({best['init']}), {best['distilled_mean']:.2f}."
     if drop:
         text += f" Layer dropping ranks {drop[0] + 1} of {len(ranked)}."
     return text
@@ -306,7 +351,7 @@ def plot(path: Path, rows: list[dict], teacher: float, teacher_params: int) -> N
     os.replace(tmp, path)
 
 
-def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
+def report(rows: list[dict], args: argparse.Namespace, wall: float, missing: list[str] = ()) -> str:
     grouped = group_seeds(rows)
     first = rows[0]
     teacher, teacher_params, protocol = first["teacher"], first["teacher_params"], first["protocol"]
@@ -318,7 +363,7 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"Generated by `python benchmarks/bench_quality.py {' '.join(args.argv)}` on "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} cells, "
-        + (f"{sum(r['seconds'] for r in rows) / 60:.0f} cell-minutes (rewritten from the cached cells)" if args.report_only else
+        + (f"{sum(r['seconds'] or 0 for r in rows) / 60:.0f} cell-minutes (rewritten from the cached cells)" if args.report_only else
            f"{wall / 60:.1f} min of wall time for the cells run this time")
         + f" ({args.jobs} at a time, one torch thread each).", "",
         "## Protocol", "",
@@ -345,20 +390,37 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     for row in main:
         after, spread = _fmt_after(row)
         name = row["recipe"] if row["layout"] == "recipe" else f"{row['recipe']} ({row['layout']})"
-        lines.append(f"| {name} | {row['init']} | "
+        minutes = f"{row['seconds'] / 60:.1f}" if row.get("seconds") is not None else ""
+        lines.append(f"| {name}{_earlier(row)} | {row['init']} | "
                      f"{row['params']:,} | {100 * row['params'] / teacher_params:.1f} | {row['zero_shot']:.2f} | {after} | "
-                     f"{spread} | {row['seconds'] / 60:.1f} |")
+                     f"{spread} | {minutes} |")
+    earlier = sorted({r["earlier_source"] for r in rows if r.get("earlier_source")})
+    if earlier:
+        count = sum(1 for r in rows if r.get("earlier_source"))
+        lines += ["", f"(e): {count} of the {len(rows)} runs were made by an earlier version of the sources "
+                  f"({'; '.join(earlier)}) and kept (`--keep-earlier`); the others by the current sources "
+                  f"({rows_source(rows)}). Where an earlier report gave only a two-seed range, its ends stand for the two "
+                  "runs (which seed gave which is unknown; a mean recomputed from the rounded ends may differ from the "
+                  "earlier report's by 0.01)."]
+    if missing:
+        lines += ["", f"Not in this report ({len(missing)} cells of the full grid, not run or not selected): "
+                  + ", ".join(f"`{key}`" for key in missing) + "."]
     lines += ["", "## The paper's claim in miniature", "", claim(main), "", best_at_budget(main), "",
               "## Perplexity vs parameters", "", f"![perplexity vs parameters]({Path(args.output).with_suffix('.png').name})", "",
               "| line | layout | parameters | % of teacher | zero-shot perplexity | perplexity after distillation |",
               "|---|---|---|---|---|---|"]
     for row in curve:
-        lines.append(f"| {row['line']} | {row['layout']} | {row['params']:,} | {100 * row['params'] / teacher_params:.1f} | "
+        lines.append(f"| {row['line']}{_earlier(row)} | {row['layout']} | {row['params']:,} | {100 * row['params'] / teacher_params:.1f} | "
                      f"{row['zero_shot']:.2f} | {_fmt_after(row)[0]} |")
     lines += ["", "Layouts: `recipe` is the bundled recipe (for kn-gpt2: the embedding and every matrix of the odd blocks); "
               "`no embedding` leaves the embedding dense; `all blocks` takes every block's matrices instead of the odd blocks'; `keep K` keeps "
               "K evenly spaced blocks, first and last included."]
     return "\n".join(lines) + "\n"
+
+
+def rows_source(rows: list[dict]) -> str:
+    current = sorted({r["source"] for r in rows if not r.get("earlier_source")})
+    return "source " + ", ".join(current) if current else "none"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -381,6 +443,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="regex: run only the cells whose key (recipe|layout|init|seed) matches")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="cells run side by side")
     parser.add_argument("--fresh", action="store_true", help="ignore cells cached by an earlier run")
+    parser.add_argument("--keep-earlier", action="store_true",
+                        help="reuse cached cells made by earlier sources too (the report marks them)")
+    parser.add_argument("--import-report", metavar="OLD_MD", default=None,
+                        help="first add the cells of an earlier report (markdown) to the cache, marked as earlier sources")
+    parser.add_argument("--import-label", default=None, help="how the report names the imported cells' sources")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite the report from the cached cells, whatever sources made them")
     args = parser.parse_args(argv)
@@ -394,8 +461,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cache = output.with_name(output.stem + ".cells.jsonl")
     if args.fresh and cache.exists():
         cache.unlink()
+    if args.import_report:
+        label = args.import_label or f"read back from {args.import_report}"
+        print(f"imported {import_report(Path(args.import_report), cache, label)} cells of {args.import_report}", flush=True)
     num_layers = num_layers_of(args.model)
-    grid = cells(num_layers, args.seeds, args.curve, args.repeat)
+    grid = full = cells(num_layers, args.seeds, args.curve, args.repeat)
     if args.only:
         grid = [cell for cell in grid if re.search(args.only, cell.key)]
     if not grid:
@@ -407,12 +477,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if missing:
             raise SystemExit(f"--report-only: {len(missing)} cells are not in {cache}, e.g. {missing[0]}; run without --report-only")
         rows = [cached[cell.key] for cell in grid]
-        wall = sum(row["seconds"] for row in rows) / args.jobs
+        wall = sum(row["seconds"] or 0 for row in rows) / args.jobs
     else:
-        rows = run_all(grid, cache, args.jobs, model=args.model, data=args.data, steps=args.steps,
+        rows = run_all(grid, cache, args.jobs, keep_earlier=args.keep_earlier, model=args.model, data=args.data, steps=args.steps,
                        calibration_tokens=args.calibration_tokens, num_layers=num_layers)
         wall = time.perf_counter() - start
-    write_atomic(output, report(rows, args, wall))
+    shown = {row["key"] for row in rows}
+    write_atomic(output, report(rows, args, wall, [cell.key for cell in full if cell.key not in shown]))
     plot(output.with_suffix(".png"), group_seeds(rows), rows[0]["teacher"], rows[0]["teacher_params"])
     print(output.read_text())
     return rows

@@ -9,6 +9,11 @@ the rows X of its input: streaming, so no activation is kept. Modules that read 
 one accumulator, so the memory is n x n float64 per distinct input (`memory_estimate` gives the upper
 bound before the pass). The statistics the strategies receive are the damped mean second moment
 C / tokens + damping * mean(diag) I (scaling C does not change any minimiser; damping keeps it SPD).
+
+An embedding's input is a token id, so its statistic is the token counts (a length-V histogram of the ids
+it looked up, its padding_idx excluded; calibration blocks are packed text, so nothing else is padding).
+A tied LM head is a linear module like any other: its input second moment is collected under its own
+name, and `for_module(embedding, heads=[head])` pairs the two (linalg.weighted_kronecker.TokenStatistics).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from kroncompress.linalg.weighted_kronecker import TokenStatistics
 from kroncompress.linalg.whitening import DEFAULT_DAMPING, damp
 
 DEFAULT_TOKENS = 16384
@@ -46,38 +52,76 @@ class InputStatistic:
         self.tokens += rows.shape[0]
 
 
+@dataclass
+class TokenCount:
+    """The token-id histogram of one embedding module (float64, length V)."""
+
+    counts: torch.Tensor
+    padding_idx: int | None = None
+    tokens: int = 0
+    modules: list[str] = field(default_factory=list)
+
+    def add(self, ids: torch.Tensor) -> None:
+        ids = ids.detach().reshape(-1).to(self.counts.device)
+        if self.padding_idx is not None:
+            ids = ids[ids != self.padding_idx]
+        self.counts += torch.bincount(ids, minlength=self.counts.numel()).to(torch.float64)
+        self.tokens += ids.numel()
+
+
 class CalibrationStats:
     """Per-module input second moments from `collect_statistics` / `calibrate`.
 
-    `matrix(name)` is what a strategy's `decompose(..., stats=)` takes; `groups` lists modules sharing an
-    input; `memory_bytes` is what the accumulators hold.
+    `for_module(name)` is what a strategy's `decompose(..., stats=)` takes (`matrix(name)` for a linear
+    module, token counts for an embedding); `groups` lists modules sharing an input; `memory_bytes` is
+    what the accumulators hold.
     """
 
-    def __init__(self, inputs: list[InputStatistic], damping: float = DEFAULT_DAMPING):
+    def __init__(self, inputs: list[InputStatistic], damping: float = DEFAULT_DAMPING,
+                 token_counts: list[TokenCount] | None = None):
         if damping < 0:
             raise ValueError(f"calibration: damping must be >= 0, got {damping}; 0.01 is the usual choice")
         self.inputs = inputs
         self.damping = damping
+        self.token_counts = list(token_counts or [])
         self._by_module = {name: stat for stat in inputs for name in stat.modules}
+        self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._by_module
+        return name in self._by_module or name in self._counts_of
 
     @property
     def modules(self) -> list[str]:
-        return list(self._by_module)
+        return list(self._by_module) + list(self._counts_of)
 
     @property
     def groups(self) -> list[list[str]]:
-        return [list(stat.modules) for stat in self.inputs]
+        return [list(stat.modules) for stat in self.inputs] + [list(stat.modules) for stat in self.token_counts]
 
     @property
     def memory_bytes(self) -> int:
-        return sum(stat.sum_xxt.numel() * stat.sum_xxt.element_size() for stat in self.inputs)
+        return (sum(stat.sum_xxt.numel() * stat.sum_xxt.element_size() for stat in self.inputs)
+                + sum(stat.counts.numel() * stat.counts.element_size() for stat in self.token_counts))
 
     def tokens(self, name: str) -> int:
         """Rows (tokens) seen by the module's input."""
-        return self._by_module[name].tokens
+        return (self._by_module.get(name) or self._counts_of[name]).tokens
+
+    def counts(self, name: str) -> torch.Tensor | None:
+        """The token-id histogram (float64, length V) of an embedding module, or None if it was not calibrated."""
+        stat = self._counts_of.get(name)
+        return None if stat is None or stat.tokens == 0 else stat.counts
+
+    def for_module(self, name: str, heads: Iterable[str] = ()):
+        """The statistics a strategy receives: `matrix(name)` for a linear module; for an embedding its
+        TokenStatistics, with the damped input second moment of the first calibrated tied head in `heads`."""
+        if name not in self._counts_of:
+            return self.matrix(name)
+        counts = self.counts(name)
+        if counts is None:
+            return None
+        head = next((self.matrix(h) for h in heads if self.matrix(h) is not None), None)
+        return TokenStatistics(counts, head)
 
     def raw(self, name: str) -> torch.Tensor:
         """The undamped sum of x x^T over the module's inputs (float64)."""
@@ -94,9 +138,9 @@ class CalibrationStats:
 def _check_hookable(name: str, module: nn.Module) -> None:
     from kroncompress.surgery import module_kind
 
-    if module_kind(module) not in ("linear", "conv1d"):
+    if module_kind(module) not in ("linear", "conv1d", "embedding"):
         raise ValueError(f"calibration: module {name!r} is a {type(module).__name__}; input statistics are collected "
-                         "for nn.Linear and Conv1D modules only (an embedding's input is a token id)")
+                         "for nn.Linear, Conv1D and nn.Embedding modules only")
 
 
 def _in_features(module: nn.Module) -> int:
@@ -106,9 +150,16 @@ def _in_features(module: nn.Module) -> int:
     return int(weight.shape[1])
 
 
+def _accumulator_bytes(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):
+        return 8 * module.num_embeddings
+    return 8 * _in_features(module) ** 2
+
+
 def memory_estimate(model: nn.Module, module_names: Iterable[str]) -> int:
-    """Bytes the accumulators need at most: n x n float64 per module (shared inputs count once after the pass)."""
-    return sum(8 * _in_features(model.get_submodule(name)) ** 2 for name in module_names)
+    """Bytes the accumulators need at most: n x n float64 per linear module (shared inputs count once after
+    the pass), V float64 counts per embedding."""
+    return sum(_accumulator_bytes(model.get_submodule(name)) for name in module_names)
 
 
 class StatisticsCollector:
@@ -121,7 +172,8 @@ class StatisticsCollector:
         self.model = model
         self.device = torch.device(device) if device is not None else None
         self.inputs: list[InputStatistic] = []
-        self._of_module: dict[str, InputStatistic] = {}
+        self.token_counts: list[TokenCount] = []
+        self._of_module: dict[str, InputStatistic | TokenCount] = {}
         self._handles = []
         for name in dict.fromkeys(module_names):
             module = model.get_submodule(name)
@@ -132,8 +184,21 @@ class StatisticsCollector:
         def hook(module, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            self._record(name, args[0])
+            if isinstance(module, nn.Embedding):
+                self._count(name, module, args[0])
+            else:
+                self._record(name, args[0])
         return hook
+
+    def _count(self, name: str, module: nn.Embedding, ids: torch.Tensor) -> None:
+        stat = self._of_module.get(name)
+        if stat is None:
+            device = self.device or ids.device
+            stat = TokenCount(torch.zeros(module.num_embeddings, dtype=torch.float64, device=device), module.padding_idx,
+                              modules=[name])
+            self.token_counts.append(stat)
+            self._of_module[name] = stat
+        stat.add(ids)
 
     def _record(self, name: str, x: torch.Tensor) -> None:
         stat = self._of_module.get(name)
@@ -153,7 +218,7 @@ class StatisticsCollector:
     def stats(self, damping: float = DEFAULT_DAMPING) -> CalibrationStats:
         for stat in self.inputs:
             stat._last = None
-        return CalibrationStats(self.inputs, damping)
+        return CalibrationStats(self.inputs, damping, self.token_counts)
 
     def close(self) -> None:
         for handle in self._handles:
@@ -223,12 +288,17 @@ def collect_statistics(model: nn.Module, blocks: torch.Tensor, module_names: Ite
 
 def calibration_targets(model: nn.Module, recipe: Any) -> list[str]:
     """Names of the target modules that take calibration statistics: the rows of a CompressionPlan (or of
-    the plan of a recipe) whose strategy declares it would use them (`Strategy.wants_statistics`)."""
+    the plan of a recipe) whose strategy declares it would use them (`Strategy.wants_statistics`), and
+    the LM heads tied to such an embedding (their input second moment serves the embedding's init)."""
     from kroncompress.surgery import CompressionPlan, plan
 
     planned = recipe if isinstance(recipe, CompressionPlan) else plan(model, recipe)
-    return [row.name for row in planned.rows
-            if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind)]
+    names = []
+    for row in planned.rows:
+        if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind):
+            names.append(row.name)
+            names += [tie["name"] for tie in row.tied if tie["as"] == "head"]
+    return list(dict.fromkeys(names))
 
 
 def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, tokens: int | None = None,
@@ -303,12 +373,14 @@ def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | Non
 
 
 def describe(stats: CalibrationStats) -> dict[str, Any]:
-    """JSON-able summary: inputs, their modules and tokens, memory and damping."""
+    """JSON-able summary: inputs, their modules and tokens, embeddings' distinct tokens seen, memory and damping."""
     return {"damping": stats.damping, "memory_bytes": stats.memory_bytes,
-            "inputs": [{"modules": list(s.modules), "tokens": s.tokens, "size": int(s.sum_xxt.shape[0])} for s in stats.inputs]}
+            "inputs": [{"modules": list(s.modules), "tokens": s.tokens, "size": int(s.sum_xxt.shape[0])} for s in stats.inputs],
+            "embeddings": [{"modules": list(s.modules), "tokens": s.tokens, "vocab": int(s.counts.numel()),
+                            "distinct": int((s.counts > 0).sum())} for s in stats.token_counts]}
 
 
 __all__ = [
-    "CalibrationStats", "InputStatistic", "StatisticsCollector", "calibrate", "calibrate_for_cli", "calibration_targets",
+    "CalibrationStats", "InputStatistic", "StatisticsCollector", "TokenCount", "calibrate", "calibrate_for_cli", "calibration_targets",
     "collect_statistics", "describe", "memory_estimate",
 ]

@@ -159,8 +159,12 @@ def _match_rule(rule, modules: list[tuple[str, nn.Module]], recipe: Recipe, alia
     return [(n, m, kind) for n, (m, kind) in selected.items()]
 
 
-def _stats_for(calibration, name: str):
-    return calibration.matrix(name) if calibration is not None and name in calibration else None
+def _stats_for(calibration, name: str, tied=()):
+    """A module's statistics: its input second moment, or for an embedding its token counts paired with
+    the second moment of the head tied to it (`tied`: the plan row's ties)."""
+    if calibration is None or name not in calibration:
+        return None
+    return calibration.for_module(name, [tie["name"] for tie in tied if tie["as"] == "head"])
 
 
 def as_recipe(recipe: "Recipe | str | Any") -> Recipe:
@@ -308,7 +312,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
             row.strategy_impl.apply(model, row.name, row.plan)
             errors, note = (None, None), row.plan.note
         else:
-            done = _swap_module(model, row, _stats_for(calibration, row.name))
+            done = _swap_module(model, row, _stats_for(calibration, row.name, row.tied))
             errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
         report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, errors[0],

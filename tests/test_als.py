@@ -8,6 +8,7 @@ import torch
 from kroncompress.linalg.als import _a_step, _b_step, kronecker_als, kronecker_whitening, whitened_nkp
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
 from kroncompress.linalg.shapes import kronecker_shapes
+from kroncompress.linalg.weighted_kronecker import TokenStatistics
 from kroncompress.linalg.whitening import damp, output_error, second_moment
 from kroncompress.strategies import get_strategy
 
@@ -153,9 +154,16 @@ def test_kronecker_strategy_init_selection(init, with_stats, expected):
         torch.testing.assert_close(kron_sum(factors["a"], factors["b"]), kron_sum(A, B))
 
 
-def test_kronecker_embedding_ignores_stats():
-    strategy = get_strategy("kronecker")(b_shape=[1, 2])
-    assert strategy.init_for("embedding", torch.eye(4)) == "nkp"
+@pytest.mark.parametrize("init, stats, expected", [
+    ("auto", torch.eye(4), "nkp"),  # a second moment does not describe a token-id input
+    ("auto", TokenStatistics(torch.ones(4)), "als-freq"),
+    ("als", TokenStatistics(torch.ones(4), torch.eye(2)), "als-freq+head"),
+    ("nkp", TokenStatistics(torch.ones(4), torch.eye(2)), "nkp"),
+    ("auto", None, "nkp"),
+])
+def test_kronecker_embedding_init_uses_token_statistics_only(init, stats, expected):
+    strategy = get_strategy("kronecker")(b_shape=[1, 2], init=init)
+    assert strategy.init_for("embedding", stats) == expected
 
 
 @pytest.mark.parametrize("options, message", [

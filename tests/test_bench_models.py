@@ -106,9 +106,34 @@ def test_main_table_repeats_only_the_headline_cells_over_seeds(demo_plans):
                                           ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only")])
 def test_curve_layouts_order_the_budgets(quality, demo_plans, recipe, init):
     _, params = demo_plans
-    at = {layout: params[f"{recipe}|{layout}|{init}|0"] for layout in ("recipe", *quality.CURVE_LAYOUTS)}
+    at = {layout: params[f"{recipe}|{layout}|{init}|0"] for layout in ("recipe", *quality.CURVE_LAYOUTS)
+          if layout != quality.MLP_ONLY}
     # dense embedding + odd blocks > the recipe (embedding + odd blocks) > every block, dense embedding > every block + embedding
     assert at["no embedding"] > at["recipe"] > at["all blocks, no embedding"] > at["all blocks"]
+
+
+def test_every_strategy_gets_every_layout_and_init(quality, demo_plans):
+    grid, params = demo_plans
+    keys = {c.key for c in grid}
+    for recipe, inits in (("kn-gpt2", ("weight-only", "data-aware")), ("svd-gpt2", ("weight-only", "data-aware")),
+                          ("tucker-gpt2", ("weight-only",)), ("tt-gpt2", ("weight-only",))):
+        for init in inits:
+            for layout in ("recipe", *quality.CURVE_LAYOUTS):
+                # kronecker over every MLP is the kn-gpt2-mlp recipe, a main-table row
+                key = (f"kn-gpt2-mlp|recipe|{init}|0" if (recipe, layout) == ("kn-gpt2", quality.MLP_ONLY)
+                       else f"{recipe}|{layout}|{init}|0")
+                assert key in keys, key
+
+
+def test_mlp_only_cells_share_the_kn_gpt2_mlp_budget(quality, demo_plans):
+    grid, params = demo_plans
+    mlp = params["kn-gpt2-mlp|recipe|weight-only|0"]
+    cells = [c for c in grid if c.layout == quality.MLP_ONLY]
+    assert {c.recipe for c in cells} == {"svd-gpt2", "tucker-gpt2", "tt-gpt2"} and all(c.main for c in cells)
+    for cell in cells:
+        assert abs(params[cell.key] - mlp) / mlp < 0.01, cell.key
+    recipe = quality.cell_recipe(quality.Cell("svd-gpt2", quality.MLP_ONLY, "data-aware", 0), 6)
+    assert [r["targets"] for r in recipe["compress"]] == [quality.MLP_TARGETS] and "calibration" not in recipe
 
 
 def test_layer_drop_cells_set_the_layer_map(quality):
@@ -180,6 +205,20 @@ def test_quality_benchmark_end_to_end_and_resumes(quality, tiny_folder, tmp_path
     assert "rewritten from the cached cells" in output.read_text()
     with pytest.raises(SystemExit, match="not in .*quality.cells.jsonl"):
         quality.main([*argv[:-1], r"^tt-gpt2\|recipe", "--report-only"])
+
+    # an earlier report read back into a fresh cache: every cell kept (marked) with --keep-earlier, none rerun
+    earlier = tmp_path / "earlier" / "quality.md"
+    kept = quality.main([*argv, "--output", str(earlier), "--import-report", str(output), "--import-label", "v0",
+                         "--keep-earlier"])
+    assert sorted(r["key"] for r in kept) == sorted(r["key"] for r in rows)
+    for row in kept:
+        original = by_key[row["key"]]
+        assert row["earlier_source"] == "v0" and row["zero_shot"] == pytest.approx(original["zero_shot"], abs=0.005)
+    means = lambda rs: sorted(round(r["distilled_mean"], 2) for r in quality.group_seeds(rs))  # noqa: E731
+    assert means(kept) == pytest.approx(means(rows), abs=0.01)
+    assert "(e): 7 of the 7 runs were made by an earlier version of the sources (v0)" in earlier.read_text()
+    with pytest.raises(AssertionError, match="a cached cell ran again"):
+        quality.main([*argv, "--output", str(earlier)])  # without --keep-earlier they do not count
 
 
 @pytest.mark.filterwarnings("ignore:compress. no calibration")

@@ -90,11 +90,36 @@ def test_hooks_are_removed_and_progress_is_reported():
 
 
 @pytest.mark.parametrize("names, message", [
-    (["transformer.wte"], "Embedding"), (["transformer.h.0.mlp"], "GPT2MLP"),
+    (["transformer.h.0.mlp"], "GPT2MLP"), (["transformer.h.0"], "GPT2Block"),
 ])
-def test_only_linear_and_conv1d_modules_are_calibrated(names, message):
+def test_only_linear_conv1d_and_embedding_modules_are_calibrated(names, message):
     with pytest.raises(ValueError, match=message):
         StatisticsCollector(tiny("gpt2"), names)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 5])
+def test_an_embeddings_statistic_is_the_histogram_of_its_token_ids(padding_idx):
+    model = tiny("gpt2")
+    model.transformer.wte.padding_idx = padding_idx
+    stats = collect_statistics(model, BLOCKS, ["transformer.wte"], batch_size=3)
+    expected = torch.bincount(BLOCKS.reshape(-1), minlength=257).double()
+    if padding_idx is not None:
+        expected[padding_idx] = 0
+    torch.testing.assert_close(stats.counts("transformer.wte"), expected)
+    assert stats.tokens("transformer.wte") == int(expected.sum())
+    assert stats.matrix("transformer.wte") is None and stats.for_module("transformer.wte").head is None
+    assert memory_estimate(model, ["transformer.wte"]) == stats.memory_bytes == 8 * 257
+
+
+def test_a_tied_heads_second_moment_rides_with_the_embeddings_counts():
+    model = tiny("gpt2")
+    r = recipe(["transformer.wte"], "kronecker", {"b_shape": [1, 2]}, ignore=["lm_head"])
+    names = calibration_targets(model, r)
+    assert names == ["transformer.wte", "lm_head"]
+    stats = collect_statistics(model, BLOCKS, names, damping=0.0)
+    pair = stats.for_module("transformer.wte", ["lm_head"])
+    torch.testing.assert_close(pair.head, stats.matrix("lm_head"))
+    assert pair.head.shape == (32, 32) and pair.counts.sum() == BLOCKS.numel()
 
 
 def test_a_module_that_never_runs_is_an_error():
@@ -167,6 +192,25 @@ def test_compress_with_calibration_uses_data_aware_init_and_lowers_the_output_er
         C = stats.matrix(row.name)
         assert row.output_error == pytest.approx(output_error(W, aware.get_submodule(row.name).dense_weight().detach(), C), rel=1e-5)
         assert row.output_error < output_error(W, plain.get_submodule(row.name).dense_weight().detach(), C)
+
+
+def test_compress_with_calibration_fits_the_embedding_to_token_frequencies_and_the_tied_head():
+    from kroncompress.linalg.weighted_kronecker import embedding_weights, weighted_objective
+
+    model = tiny("gpt2")
+    r = recipe(["transformer.wte"], "kronecker", {"b_shape": [1, 2]}, ignore=["lm_head"])
+    stats = collect_statistics(model, BLOCKS, calibration_targets(model, r))
+    plain, aware = tiny("gpt2"), tiny("gpt2")
+    kc.compress(plain, recipe(["transformer.wte"], "kronecker", {"b_shape": [1, 2], "init": "nkp"}, ignore=["lm_head"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = kc.compress(aware, r, calibration=stats)
+    assert "init als-freq+head" in report.rows[0].note
+    assert aware.lm_head.tied_to is aware.transformer.wte  # the head still reads the same factors
+    E = model.transformer.wte.weight.detach()
+    w, Ch = embedding_weights(E, stats.counts("transformer.wte"), stats.matrix("lm_head"))
+    fitted = [weighted_objective(E, m.transformer.wte.dense_weight().detach(), w, Ch) for m in (plain, aware)]
+    assert fitted[1] < fitted[0]
 
 
 def test_explicit_weight_only_init_does_not_warn():

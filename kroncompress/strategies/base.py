@@ -7,9 +7,11 @@ The contract, all of it declared here (the surgery inspects nothing else):
 
 - `name`, `Config` (a StrategyConfig dataclass), `kinds` (module kinds it compresses);
 - `plan(shape, kind, weight=None, bias=True, stats=None)` and `decompose(weight, plan, stats=None)`:
-  `stats` is the layer's damped input second moment, passed (as the keyword `stats=`) only to strategies
-  whose `uses_calibration` is True, so a strategy without calibration may leave the parameter out, and
-  one that declares it but misspells the parameter fails loudly instead of silently running weight-only;
+  `stats` is the layer's damped input second moment (for an embedding: a `TokenStatistics` from
+  linalg.weighted_kronecker, token counts and the tied head's second moment), passed (as the keyword
+  `stats=`) only to strategies whose `uses_calibration` is True, so a strategy without calibration may
+  leave the parameter out, and one that declares it but misspells the parameter fails loudly instead of
+  silently running weight-only;
 - `wants_statistics(kind)`: whether the configured init would use statistics for a module of that kind
   (which modules the calibration pass hooks); `init_for(kind, stats)`: the name of the init that runs;
 - `build(plan, factors=None, bias=None, device=None, dtype=None)`.
@@ -209,7 +211,8 @@ class Replacement:
 
     module: nn.Module
     error: float  # ||W - W^||_F / ||W||_F
-    output_error: float | None  # sqrt(tr(D C D^T) / tr(W C W^T)) with the statistics, when given
+    output_error: float | None  # sqrt(tr(D C D^T) / tr(W C W^T)) with the statistics, when given (for an
+    # embedding: the token-frequency-weighted relative row error)
     init: str  # the init that ran ("" for single-init strategies)
 
 
@@ -233,9 +236,13 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
         error = float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
         output_error = None
         if stats is not None:
+            from kroncompress.linalg.weighted_kronecker import TokenStatistics, weighted_row_error
             from kroncompress.linalg.whitening import output_error as relative_output_error
 
-            output_error = relative_output_error(reference, approx, stats)
+            if isinstance(stats, TokenStatistics):  # an embedding: the frequency-weighted row error
+                output_error = weighted_row_error(reference, approx, stats.counts)
+            else:
+                output_error = relative_output_error(reference, approx, stats)
     new.train(module.training)
     return Replacement(new, error, output_error, strategy.init_for(kind, stats))
 

@@ -1,5 +1,6 @@
 """`kronecker`: W ~ sum_{i<r} A_i (x) B_i, initialised by the nearest Kronecker product (KnGPT2), or
-data-aware by ALS on the layer's input statistics (`init: als`, see docs/dataaware.md)."""
+data-aware by ALS on the layer's input statistics (`init: als`, see docs/dataaware.md); for an embedding,
+ALS on the token-frequency-weighted row error plus, for a tied head, the head's output error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
 from kroncompress.linalg.als import kronecker_als
 from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
 from kroncompress.linalg.shapes import divisors, is_degenerate, kronecker_shapes
+from kroncompress.linalg.weighted_kronecker import TokenStatistics, weighted_kronecker_als
 from kroncompress.strategies.base import (
     LayerPlan, Strategy, StrategyConfig, check_ratio_met, config_error, dense_flops, is_ratio, linear_params,
 )
@@ -34,7 +36,9 @@ class KroneckerConfig(StrategyConfig):
     compression (m n / params) and the shape search picks the factors. rank: Kronecker terms, or
     "auto" for as many as the budget allows. init: "nkp" (weight-only nearest Kronecker product), "als"
     (output-error ALS from a Kronecker-factored whitening start; needs calibration statistics) or "auto"
-    (als when statistics are given, else nkp). sweeps: the most ALS sweeps. With statistics and ratio,
+    (als when statistics are given, else nkp); for an embedding, als minimises the token-frequency-
+    weighted row error (+ the tied head's output error), reported as init "als-freq" ("als-freq+head").
+    sweeps: the most ALS sweeps. With statistics and ratio,
     the shape search ranks candidates by output error (whitened NKP proxy, then ALS on `shortlist`)."""
 
     ratio: float | None = None
@@ -147,17 +151,29 @@ class KroneckerStrategy(Strategy):
         )
 
     def wants_statistics(self, kind: str) -> bool:
-        """init als or auto, on a linear/conv1d module."""
-        return self.config.init in DATA_AWARE_INITS and kind in ("linear", "conv1d")
+        """init als or auto (an embedding's statistics are its token counts)."""
+        return self.config.init in DATA_AWARE_INITS and kind in ("linear", "conv1d", "embedding")
 
     def init_for(self, kind: str, stats) -> str:
-        """The init that runs: "als" when asked (or auto) and statistics exist for a linear layer, else "nkp"."""
-        return "als" if self.wants_statistics(kind) and stats is not None else "nkp"
+        """The init that runs: "als" when asked (or auto) and statistics exist ("als-freq" or
+        "als-freq+head" for an embedding, with a tied head's term), else "nkp"."""
+        if not (self.wants_statistics(kind) and stats is not None):
+            return "nkp"
+        if kind == "embedding":  # only token statistics describe an embedding's input
+            if not isinstance(stats, TokenStatistics):
+                return "nkp"
+            return "als-freq+head" if stats.head is not None else "als-freq"
+        return "als"
 
     def decompose(self, weight, plan, stats=None):
         """Factors {"a": (r, m1, n1), "b": (r, m2, n2)}; with `stats` (the damped n x n input second
-        moment) and init als/auto, minimise the output error by ALS instead of the weight error."""
+        moment, or an embedding's TokenStatistics) and init als/auto, minimise the output error by ALS
+        instead of the weight error."""
         spec = plan.spec
+        if self.init_for(plan.kind, stats).startswith("als-freq"):
+            result = weighted_kronecker_als(weight, stats, spec["a_shape"], spec["b_shape"], spec["rank"],
+                                            max_sweeps=self.config.sweeps)
+            return {"a": result.a, "b": result.b}
         if self.init_for(plan.kind, stats) == "als":
             result = kronecker_als(weight, stats, spec["a_shape"], spec["b_shape"], spec["rank"],
                                    max_sweeps=self.config.sweeps)
