@@ -1,0 +1,71 @@
+"""benchmarks/bench_gemma.py on a tiny Gemma 3: every cell's recipe plans, the kept blocks match the budget,
+BOS opens every block, and a zero-shot and a distilled cell run end to end."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import kroncompress as kc
+from conftest import build_tiny
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("bench_gemma")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.parametrize("layers, fraction, expected", [
+    (18, 1 / 2, [0, 2, 4, 6, 8, 11, 13, 15, 17]),
+    (18, 2 / 3, [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17]),
+    (4, 1 / 2, [0, 3]),
+])
+def test_kept_layers_are_evenly_spaced_and_keep_both_ends(bench, layers, fraction, expected):
+    assert bench.kept_layers(layers, fraction) == expected
+
+
+def test_every_cell_recipe_plans_on_a_tiny_gemma(bench):
+    model = build_tiny("gemma3", num_hidden_layers=4)
+    for cell in bench.cells_for(types.SimpleNamespace(steps=3, only=None)):
+        plan = kc.plan(model, kc.load_recipe(bench.cell_recipe(cell, 4)))
+        names = {row.name for row in plan.rows}
+        assert ("model.embed_tokens" in names) == cell.embedding, cell.key
+        assert plan.params_after < plan.params_before, cell.key
+
+
+def test_blocks_open_with_bos_and_hold_the_documents_in_order(bench, tmp_path):
+    class Tokenizer:
+        bos_token_id, eos_token_id = 2, 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [10 + int(w) for w in text.split()]}
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(str(i % 50) for i in range(300))}) + "\n" for _ in range(3)))
+    blocks = bench.read_blocks(path, Tokenizer(), 600)
+    assert blocks.shape == (3, 256) and (blocks[:, 0] == 2).all()
+    stream = blocks[:, 1:].reshape(-1)
+    assert stream[:300].tolist() == [10 + i % 50 for i in range(300)] and stream[300].item() == 1
+
+
+def test_a_cell_runs_zero_shot_and_distilled(bench):
+    teacher = build_tiny("gemma3", num_hidden_layers=4, max_position_embeddings=256).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, teacher.config.vocab_size, (16, 256))
+    ids[:, 0] = 2
+    texts = {"tokenizer": None, "eval": ids[:4], "calibration": ids[:4], "train": ids}
+    row = bench.run_cell(bench.Cell("svd", "1/2", True, 1), teacher, texts, types.SimpleNamespace(calibration_tokens=1024))
+    assert row["params"] < sum(p.numel() for p in teacher.parameters())
+    assert row["zero_shot"] > 1 and row["distilled"] > 1 and row["distill_tokens"] == 8 * 256
