@@ -168,18 +168,24 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
         f"- Calibration: {args.calibration_tokens:,} tokens of the training documents (data-aware init: Kronecker ALS, "
         "whitened SVD; frequency-weighted embedding where compressed).",
         f"- Distillation: {args.steps} steps x {TRAIN['batch_size'] * TRAIN['grad_accum']} sequences x 256 tokens; "
-        f"AdamW lr {TRAIN['lr']}, {TRAIN['schedule']}; ILKD losses {ILKD} for the factorised students, "
-        f"DistilGPT2's {LAYERDROP_LOSSES} for layer dropping.",
+        f"AdamW lr {TRAIN['lr']}, {TRAIN['schedule']}; ILKD losses {ILKD} (the Gemma recipes'), the same without "
+        "attention KL for layer dropping (through its layer map).",
         "",
-        "| method | block params kept | embedding | parameters | zero-shot ppl | x teacher | after ILKD | compress s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | block params kept | embedding | parameters | zero-shot ppl | x teacher | after ILKD | calibrate s | compress s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows, key=lambda k: (rows[k]["budget"], rows[k]["embedding"], rows[k]["method"], rows[k]["steps"])):
         r = rows[key]
         distilled = f"{r['distilled']:.2f} ({r['steps']} steps)" if r.get("distilled") else ""
         lines.append(f"| {r['method']} | {r['block_params'] / teacher['block_params']:.1%} | "
-                     f"{'compressed' if r['embedding'] else 'dense'} | {r['params']:,} | {r['zero_shot']:.2f} | "
-                     f"{r['zero_shot'] / teacher['perplexity']:.2f} | {distilled} | {r['compress_s']:.1f} |")
+                     f"{'compressed' if r['embedding'] else 'dense'} | {r['params']:,} | {r['zero_shot']:.4g} | "
+                     f"{r['zero_shot'] / teacher['perplexity']:.3g} | {distilled} | {r.get('calibrate_s', 0):.0f} | "
+                     f"{r['compress_s']:.0f} |")
+    missing = [c.key for c in cells_for(argparse.Namespace(steps=args.steps, only=None)) if c.key not in rows]
+    lines += ["", "Times are wall seconds on the machine above, one cell at a time (calibration: the statistics pass; "
+              "compress: the decomposition, with the Kronecker shape search).", ""]
+    if missing:
+        lines.append(f"Not measured yet ({len(missing)} cells): " + ", ".join(f"`{k}`" for k in missing) + ".")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -203,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and cache.exists():
         cache.unlink()
     rows = {r["key"]: r for r in map(json.loads, cache.read_text().splitlines())} if cache.exists() else {}
+    if args.report_only:
+        if "teacher" not in rows:
+            raise SystemExit(f"{cache}: no cached cells to report; run some cells first")
+        write_report(args.output, {k: v for k, v in rows.items() if k != "teacher"}, rows["teacher"], args)
+        return 0
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     texts = {"tokenizer": tokenizer, "eval": read_blocks(args.text / "validation.jsonl", tokenizer, args.eval_tokens)}
@@ -215,17 +226,16 @@ def main(argv: list[str] | None = None) -> int:
                        "block_params": block_params(teacher), "perplexity": round(score(teacher, texts["eval"]), 3)}
         with cache.open("a") as handle:
             handle.write(json.dumps(teacher_row) + "\n")
-    if not args.report_only:
-        for cell in cells_for(args):
-            if cell.key in rows:
-                continue
-            print(f"cell {cell.key} ...", flush=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rows[cell.key] = run_cell(cell, teacher, texts, args)
-            print(json.dumps(rows[cell.key]), flush=True)
-            with cache.open("a") as handle:
-                handle.write(json.dumps(rows[cell.key]) + "\n")
+    for cell in cells_for(args):
+        if cell.key in rows:
+            continue
+        print(f"cell {cell.key} ...", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows[cell.key] = run_cell(cell, teacher, texts, args)
+        print(json.dumps(rows[cell.key]), flush=True)
+        with cache.open("a") as handle:
+            handle.write(json.dumps(rows[cell.key]) + "\n")
     write_report(args.output, {k: v for k, v in rows.items() if k != "teacher"}, teacher_row, args)
     return 0
 
