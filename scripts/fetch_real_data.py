@@ -168,17 +168,17 @@ def fetch_genres(cache: Path, force: bool) -> Path:
 FETCHERS = {"minilm": fetch_minilm, "spam": fetch_spam, "genres": fetch_genres}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, fetchers: dict = FETCHERS, description: str = __doc__) -> int:
+    """The command line of this script and of fetch_gemma.py: `--cache`, `--only NAME`, `--force`."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help="Cache folder (default: $KRONCOMPRESS_CACHE/real or ~/.cache/kroncompress/real).")
-    parser.add_argument("--only", choices=sorted(FETCHERS), action="append", help="Fetch only these items (repeatable).")
+    parser.add_argument("--only", choices=sorted(fetchers), action="append", help="Fetch only these items (repeatable).")
     parser.add_argument("--force", action="store_true", help="Fetch again even when an item is already there.")
     args = parser.parse_args(argv)
     cache = (args.cache or default_cache()).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    for name in args.only or list(FETCHERS):
-        path = FETCHERS[name](cache, args.force)
-        print(f"{name}: {path}")
+    for name in args.only or list(fetchers):
+        print(f"{name}: {fetchers[name](cache, args.force)}", flush=True)
     return 0
 
 

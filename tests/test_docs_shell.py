@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -82,6 +83,11 @@ def check_kroncompress(argv: list[str]) -> None:
         pass
 
 
+
+@functools.lru_cache(maxsize=None)
+def _help_text(script: Path) -> str:
+    return subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
+
 def check_command(argv: list[str]) -> str | None:
     """None when `argv` is fine (or not one we check), else what is wrong."""
     if "kroncompress" in argv:
@@ -98,6 +104,8 @@ def check_command(argv: list[str]) -> str | None:
         source = script.read_text(encoding="utf-8")
         flags = [t.split("=")[0] for t in argv[2:] if t.startswith("--")]
         unknown = [f for f in flags if f'"{f}"' not in source and f"'{f}'" not in source]
+        if unknown:  # a script may share another's parser (fetch_gemma.py uses fetch_real_data.main): ask it
+            unknown = [f for f in unknown if f not in _help_text(script)]
         return f"{argv[1]} defines no {', '.join(unknown)}" if unknown else None
     if argv[0] == "make":
         targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), flags=re.M))
