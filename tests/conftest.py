@@ -11,6 +11,8 @@ matrix (b_shape [2, 2] with rank 4 reproduces any of them exactly).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +117,35 @@ def recipe_of(*rules, ignore=()):
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH_WORDS = "the king queen lord my thy good sir love night day hath doth come go speak".split()
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module; benchmarks/ stays on sys.path (they import siblings by bare name)."""
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 6-block GPT-2 with a byte-level tokenizer, and a text file to distil, calibrate and score on."""
+    import random
+
+    from kroncompress.tokenizers import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("bench")
+    config = transformers.GPT2Config(n_layer=6, n_embd=32, n_head=2, vocab_size=257, n_positions=64,
+                                     bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "tiny")
+    byte_tokenizer().save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    text = root / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(BENCH_WORDS) for _ in range(12)) + "." for _ in range(150)))
+    return root / "tiny", text

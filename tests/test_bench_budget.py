@@ -3,44 +3,22 @@ as one taken to the last checkpoint at once (the curve is one run's prefix), and
 
 from __future__ import annotations
 
-import importlib
 import json
-import random
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-WORDS = "the king queen lord my thy good sir love night day hath doth come go speak".split()
+from conftest import import_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def budget():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench_budget")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("bench_budget")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import transformers
-
-    from kroncompress.tokenizers import byte_tokenizer
-
-    root = tmp_path_factory.mktemp("budget")
-    config = transformers.GPT2Config(n_layer=6, n_embd=32, n_head=2, vocab_size=257, n_positions=64,
-                                     bos_token_id=256, eos_token_id=256)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(root / "tiny")
-    byte_tokenizer().save_pretrained(root / "tiny")
-    rng = random.Random(0)
-    text = root / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(150)))
-    return root / "tiny", text
+def tiny(tiny_folder):
+    return tiny_folder
 
 
 def _argv(tiny, tmp_path, name, *extra):

@@ -3,28 +3,20 @@ BOS opens every block, and a zero-shot and a distilled cell run end to end."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import kroncompress as kc
-from conftest import build_tiny
+from conftest import build_tiny, import_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench_gemma")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("bench_gemma")
 
 
 @pytest.mark.parametrize("layers, fraction, expected", [

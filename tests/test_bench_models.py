@@ -6,29 +6,21 @@ packaged demo teacher's config (meta device), so they check the real benchmark's
 
 from __future__ import annotations
 
-import importlib
 import json
-import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import import_benchmark
+
 import kroncompress as kc
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-WORDS = "the king queen lord my thy good sir love night day hath doth come go speak".split()
 
 
 @pytest.fixture(scope="module")
 def benchmarks():
     """The two scripts as modules (bench_speed imports bench_quality from its own folder)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench_quality"), importlib.import_module("bench_speed")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("bench_quality"), import_benchmark("bench_speed")
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +31,6 @@ def quality(benchmarks):
 @pytest.fixture(scope="module")
 def speed(benchmarks):
     return benchmarks[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A 6-block GPT-2 with a byte-level tokenizer, and a text file to distil, calibrate and score on."""
-    import transformers
-
-    from kroncompress.tokenizers import byte_tokenizer
-
-    root = tmp_path_factory.mktemp("bench")
-    config = transformers.GPT2Config(n_layer=6, n_embd=32, n_head=2, vocab_size=257, n_positions=64,
-                                     bos_token_id=256, eos_token_id=256)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(root / "tiny")
-    byte_tokenizer().save_pretrained(root / "tiny")
-    rng = random.Random(0)
-    text = root / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(150)))
-    return root / "tiny", text
 
 
 @pytest.mark.parametrize("layers, keep, expected", [
