@@ -5,7 +5,10 @@ Needs the cache of `scripts/fetch_real_data.py` (MiniLM, SpamAssassin, Shakespea
 
     python scripts/fetch_real_data.py
     python benchmarks/bench_tasks.py --output benchmarks/results/tasks.md \\
-        [--train-examples 800] [--eval-examples 300] [--max-length 64] [--finetune-steps 150] [--distill-steps 100] [--seeds 0 1]
+        [--train-examples 800] [--eval-examples 300] [--max-length 64] [--finetune-steps N] [--distill-steps 100] [--seeds 0 1]
+
+Every finished teacher and student run is cached in `<output>.cells.jsonl` (models under `--work`), so an
+interrupted run resumes where it stopped; `--finetune-steps/--finetune-lr/--distill-lr` default per model.
 
 Cells (model x task): MiniLM on spam (ham / spam, F1 + accuracy), MiniLM on genres (comedy / history /
 tragedy, accuracy) and shakespeare-gpt2 on genres. Each cell fine-tunes the teacher once (seed 0), then
@@ -29,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -80,39 +82,102 @@ def block_params(model) -> int:
     return 0
 
 
-def run_cell(model_name: str, task: str, args, work: Path, log) -> dict[str, Any]:
+# Per-model defaults (a flag given on the command line wins): the pretrained encoder takes the usual BERT-style
+# fine-tuning rate; the 2.2M demo decoder is small enough to need a larger one and more steps to learn the task.
+MODEL_DEFAULTS = {
+    "minilm": {"finetune_lr": 1e-4, "distill_lr": 1e-4, "finetune_steps": 150},
+    "shakespeare-gpt2": {"finetune_lr": 1e-3, "distill_lr": 5e-4, "finetune_steps": 400},
+}
+SCALE_FIELDS = ("train_examples", "eval_examples", "max_length", "finetune_steps", "finetune_lr", "distill_steps",
+                "distill_lr", "batch_size", "calibration_tokens")
+
+
+def settings_for(args, model_name: str) -> dict[str, Any]:
+    """The run's scale for this model: the command line's value where given, else the model's default."""
+    defaults = MODEL_DEFAULTS.get(model_name, MODEL_DEFAULTS["minilm"])
+    return {field: getattr(args, field) if getattr(args, field) is not None else defaults[field] for field in SCALE_FIELDS}
+
+
+class RunCache:
+    """Finished teachers and student runs, one JSON line each, keyed by everything that changes the result; an
+    interrupted benchmark resumes from the last finished run."""
+
+    def __init__(self, path: Path):
+        self.path, self.entries = path, {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry["value"]
+
+    @staticmethod
+    def key(**fields) -> str:
+        return json.dumps(fields, sort_keys=True)
+
+    def get(self, key: str):
+        return self.entries.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.entries[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"key": key, "value": value}, default=str) + "\n")
+
+
+def _teacher(model_name: str, task: str, spec, data, scale, args, work: Path, cache: RunCache, log) -> dict[str, Any]:
+    from kroncompress import tasks
+
+    key = cache.key(model=model_name, task=task, what="teacher", **scale)
+    folder = work / f"{model_name}-{task}-teacher"
+    cached = cache.get(key)
+    if cached and (folder / "finetune.json").is_file():
+        return cached
+    source = str(args.cache / "minilm") if model_name == "minilm" else model_name
+    start = time.perf_counter()
+    teacher = tasks.finetune(source, spec, data, folder, lr=scale["finetune_lr"], max_steps=scale["finetune_steps"],
+                             batch_size=scale["batch_size"], seed=0, overwrite=True,
+                             eval_every=max(1, scale["finetune_steps"] // 4))
+    value = {"teacher": teacher.scores, "finetune_seconds": round(time.perf_counter() - start, 1),
+             "examples": {k: len(v) for k, v in data.splits.items()},
+             "params": sum(p.numel() for p in teacher.model.parameters()), "block_params": block_params(teacher.model)}
+    cache.put(key, value)
+    return value
+
+
+def run_cell(model_name: str, task: str, args, work: Path, log, cache: RunCache) -> dict[str, Any]:
     from kroncompress import tasks
     from kroncompress.recipe import load_recipe
 
-    source = str(args.cache / "minilm") if model_name == "minilm" else model_name
-    spec = dict(TASKS[task], max_length=args.max_length)
-    rows = load_rows(args.cache, task, args.train_examples, args.eval_examples)
-    data = tasks.load_task(spec, rows)
-    start = time.perf_counter()
-    teacher = tasks.finetune(source, spec, data, work / f"{model_name}-{task}-teacher", lr=args.finetune_lr,
-                             max_steps=args.finetune_steps, batch_size=args.batch_size, seed=0, overwrite=True,
-                             eval_every=max(1, args.finetune_steps // 4))
-    cell = {"model": model_name, "task": task, "teacher": teacher.scores, "finetune_seconds": round(time.perf_counter() - start, 1),
-            "examples": {k: len(v) for k, v in data.splits.items()}, "params": sum(p.numel() for p in teacher.model.parameters()),
-            "block_params": block_params(teacher.model), "runs": []}
-    log(f"{model_name}/{task}: teacher {teacher.scores['score']:.4f} ({cell['finetune_seconds']} s)")
+    scale = settings_for(args, model_name)
+    spec = dict(TASKS[task], max_length=scale["max_length"])
+    data = tasks.load_task(spec, load_rows(args.cache, task, scale["train_examples"], scale["eval_examples"]))
+    cell = {"model": model_name, "task": task, "scale": scale,
+            **_teacher(model_name, task, spec, data, scale, args, work, cache, log), "runs": []}
+    log(f"{model_name}/{task}: teacher {cell['teacher']['score']:.4f} ({cell['finetune_seconds']} s)")
     for recipe_name in RECIPES:
         for seed in args.seeds:
-            recipe = load_recipe(recipe_name).to_dict()
-            recipe["distill"]["train"].update(lr=args.distill_lr, batch_size=args.batch_size, seed=seed, max_steps=args.distill_steps)
-            if "calibration" in recipe:
-                recipe["calibration"]["tokens"] = args.calibration_tokens
-            start = time.perf_counter()
-            report = tasks.run_task_pipeline(teacher.output_dir, recipe, work / f"{model_name}-{task}-{recipe_name}-{seed}",
-                                             task=spec, data=data, overwrite=True,
-                                             eval_every=max(1, args.distill_steps // 4))
-            student = __import__("kroncompress").load_compressed(work / f"{model_name}-{task}-{recipe_name}-{seed}")
-            run = {"recipe": recipe_name, "seed": seed, "scores": report["scores"], "params": report["params_after"],
-                   "block_params": block_params(student), "seconds": round(time.perf_counter() - start, 1),
-                   "timings": report["timings"], "history": report["distill"]["history"]}
+            key = cache.key(model=model_name, task=task, what=recipe_name, seed=seed, **scale)
+            run = cache.get(key)
+            if run is None:
+                _teacher(model_name, task, spec, data, scale, args, work, cache, log)  # its folder may be gone
+                recipe = load_recipe(recipe_name).to_dict()
+                recipe["distill"]["train"].update(lr=scale["distill_lr"], batch_size=scale["batch_size"], seed=seed,
+                                                  max_steps=scale["distill_steps"])
+                if "calibration" in recipe:
+                    recipe["calibration"]["tokens"] = scale["calibration_tokens"]
+                out = work / f"{model_name}-{task}-{recipe_name}-{seed}"
+                start = time.perf_counter()
+                report = tasks.run_task_pipeline(work / f"{model_name}-{task}-teacher", recipe, out, task=spec, data=data,
+                                                 overwrite=True, eval_every=max(1, scale["distill_steps"] // 4))
+                student = __import__("kroncompress").load_compressed(out)
+                run = {"recipe": recipe_name, "seed": seed, "scores": report["scores"], "params": report["params_after"],
+                       "block_params": block_params(student), "seconds": round(time.perf_counter() - start, 1),
+                       "timings": report["timings"], "history": report["distill"]["history"],
+                       "load_average": round(os.getloadavg()[0], 1)}
+                cache.put(key, run)
             cell["runs"].append(run)
-            log(f"  {recipe_name} seed {seed}: compressed {report['scores']['compressed']['score']:.4f} -> distilled "
-                f"{report['scores']['distilled']['score']:.4f} ({run['seconds']} s)")
+            log(f"  {recipe_name} seed {seed}: compressed {run['scores']['compressed']['score']:.4f} -> distilled "
+                f"{run['scores']['distilled']['score']:.4f} ({run['seconds']} s)")
     return cell
 
 
@@ -123,17 +188,21 @@ def _range(values: list[float]) -> str:
     return f"{100 * mean:.2f} [{100 * min(values):.2f}, {100 * max(values):.2f}]"
 
 
+def _scale_line(scale: dict[str, Any]) -> str:
+    return (f"Scale: inputs truncated to {scale['max_length']} tokens; teacher fine-tuned {scale['finetune_steps']} steps "
+            f"(lr {scale['finetune_lr']}); each student distilled {scale['distill_steps']} steps (lr {scale['distill_lr']}), "
+            f"batch {scale['batch_size']}; data-aware init from {scale['calibration_tokens']} task tokens.")
+
+
 def render(cells: list[dict], args, seconds: float) -> str:
     lines = ["# Downstream tasks: Kronecker vs whitened SVD vs layer dropping at one budget", "",
              f"Generated by `python benchmarks/bench_tasks.py {' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min "
              f"on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s); load average at start {os.getloadavg()[0]:.1f}.", "",
-             f"**Scale**: {args.train_examples or 'all'} training and {args.eval_examples or 'all'} validation examples per "
-             f"task, inputs truncated to {args.max_length} tokens; teacher fine-tuned {args.finetune_steps} steps "
-             f"(lr {args.finetune_lr}), each student distilled {args.distill_steps} steps (lr {args.distill_lr}), batch "
-             f"{args.batch_size}, seeds {', '.join(map(str, args.seeds))}; data-aware init from {args.calibration_tokens} "
-             "task tokens. Scores are x100: the task's metric (spam: mean of F1 and accuracy; genres: accuracy) on "
-             "the validation split; brackets give the min-max over seeds.", ""]
+             f"Seeds {', '.join(map(str, args.seeds))}; each cell states its scale (examples, input length, steps, "
+             "learning rates). Scores are x100: the task's metric (spam: mean of F1 and accuracy; genres: accuracy) on "
+             "the validation split; brackets give the min-max over seeds. Wall times are per run on this machine "
+             "(compress + calibrate + distill + the three evaluations), with the load average after each run.", ""]
     verdicts = []
     for cell in cells:
         teacher = cell["teacher"]["score"]
@@ -141,6 +210,7 @@ def render(cells: list[dict], args, seconds: float) -> str:
                   f"Teacher: score **{100 * teacher:.2f}** ({', '.join(f'{k} {100 * v:.2f}' for k, v in cell['teacher']['validation'].items() if k != 'score')}), "
                   f"{cell['params']:,} parameters ({cell['block_params']:,} in the transformer blocks), fine-tuned in "
                   f"{cell['finetune_seconds']} s; {cell['examples']['train']} train / {cell['examples']['validation']} validation examples.", "",
+                  _scale_line(cell["scale"]), "",
                   "| student | params (blocks) | compressed | distilled | % of teacher | wall s per run |",
                   "|---|---|---:|---:|---:|---:|"]
         means = {}
@@ -152,7 +222,8 @@ def render(cells: list[dict], args, seconds: float) -> str:
             distilled = [r["scores"]["distilled"]["score"] for r in runs]
             means[recipe] = statistics.fmean(distilled)
             lines.append(f"| {LABELS[recipe]} | {runs[0]['params']:,} ({runs[0]['block_params']:,}) | {_range(compressed)} | "
-                         f"{_range(distilled)} | {100 * means[recipe] / teacher:.1f}% | {statistics.fmean(r['seconds'] for r in runs):.0f} |")
+                         f"{_range(distilled)} | {100 * means[recipe] / teacher:.1f}% | {statistics.fmean(r['seconds'] for r in runs):.0f} "
+                         f"(load {'/'.join(str(r.get('load_average', '?')) for r in runs)}) |")
         if "kron-task" in means:
             keeps = means["kron-task"] >= 0.99 * teacher
             beats = means["kron-task"] > means.get("layerdrop-task", float("inf"))
@@ -173,15 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-examples", type=int, default=800)
     parser.add_argument("--eval-examples", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--finetune-steps", type=int, default=150)
-    parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--finetune-steps", type=int, default=None, help="Default: per model (MODEL_DEFAULTS).")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="Default: per model (MODEL_DEFAULTS).")
     parser.add_argument("--distill-steps", type=int, default=100)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-lr", type=float, default=None, help="Default: per model (MODEL_DEFAULTS).")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
-    parser.add_argument("--work", type=Path, default=None, help="Folder for the models (default: a temporary folder).")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_tasks"),
+                        help="Folder for the teachers and students (kept, so an interrupted run resumes).")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,13 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
-    cells = []
-    with tempfile.TemporaryDirectory() as scratch:
-        work = args.work or Path(scratch)
-        for entry in args.cells:
-            model_name, task = entry.split("/")
-            cells.append(run_cell(model_name, task, args, work, log))
-            write(cells, args, time.perf_counter() - start)  # after every cell: an interrupted run keeps what it measured
+    cells, cache = [], RunCache(args.output.with_suffix(".cells.jsonl"))
+    for entry in args.cells:
+        model_name, task = entry.split("/")
+        cells.append(run_cell(model_name, task, args, args.work, log, cache))
+        write(cells, args, time.perf_counter() - start)
     log(f"wrote {args.output} and {args.output.with_suffix('.json')}")
     return 0
 

@@ -31,7 +31,7 @@ def test_bench_tasks_writes_report_and_cells(tmp_path):
         (cache / "spam" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     output = tmp_path / "tasks.md"
     assert bench.main(["--cache", str(cache), "--output", str(output), "--cells", "minilm/spam", "--max-length", "16",
-                       "--finetune-steps", "2", "--distill-steps", "2", "--batch-size", "8", "--calibration-tokens", "64",
+                       "--finetune-steps", "2", "--distill-steps", "2", "--batch-size", "8", "--calibration-tokens", "64", "--seeds", "0",
                        "--work", str(tmp_path / "work")]) == 0
     text = output.read_text()
     assert "## minilm on spam" in text and "## Verdict on the paper's claim" in text
@@ -41,3 +41,22 @@ def test_bench_tasks_writes_report_and_cells(tmp_path):
     assert [r["recipe"] for r in cells[0]["runs"]] == list(bench.RECIPES)
     drop = next(r for r in cells[0]["runs"] if r["recipe"] == "layerdrop-task")
     assert drop["block_params"] * 2 == cells[0]["block_params"]  # every other block of 2 identical blocks
+
+
+def test_bench_tasks_resumes_from_its_cache(tmp_path, monkeypatch):
+    bench = _load()
+    test_bench_tasks_writes_report_and_cells(tmp_path)
+    first = json.loads((tmp_path / "tasks.json").read_text())
+    import kroncompress.tasks
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached run was run again")
+
+    monkeypatch.setattr(kroncompress.tasks, "run_task_pipeline", fail)
+    monkeypatch.setattr(kroncompress.tasks, "finetune", fail)
+    cache = tmp_path / "real"
+    assert bench.main(["--cache", str(cache), "--output", str(tmp_path / "tasks.md"), "--cells", "minilm/spam",
+                       "--max-length", "16", "--finetune-steps", "2", "--distill-steps", "2", "--batch-size", "8",
+                       "--calibration-tokens", "64", "--seeds", "0", "--work", str(tmp_path / "work")]) == 0
+    again = json.loads((tmp_path / "tasks.json").read_text())
+    assert [r["scores"] for r in again[0]["runs"]] == [r["scores"] for r in first[0]["runs"]]
