@@ -10,10 +10,8 @@ KRONCOMPRESS_DEBUG=1 to see the traceback of a user error too.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect as pyinspect
 import json
-import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,83 +20,10 @@ from typing import Any, Callable
 import click
 
 from kroncompress.cli import render
-
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
-MESSAGE_LIMIT = 1000  # characters of an error line; longer library messages are cut
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
-
-
-def _one_line(message: str) -> str:
-    text = " ".join(str(message)[: 4 * MESSAGE_LIMIT].split())  # one line, whatever the library's message looks like
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
-
-
-class UserError(click.ClickException):
-    """A bad-input error: one line on stderr, exit code 2."""
-
-    exit_code = 2
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message))
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", file=file or sys.stderr)
-
-
-class Interrupted(UserError):
-    """Ctrl-C: one line on stderr, exit code 130."""
-
-    exit_code = INTERRUPTED
-
-
-def user_errors(func: Callable) -> Callable:
-    """Turn the library's ValueErrors (and friends) into one-line `error: ...` exits with code 2, and
-    Ctrl-C into one line and exit code 130."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except KeyboardInterrupt:
-            if os.environ.get("KRONCOMPRESS_DEBUG"):
-                raise
-            raise Interrupted(_interrupted_message(func.__name__, kwargs)) from None
-        except USER_ERRORS as exc:
-            if os.environ.get("KRONCOMPRESS_DEBUG"):
-                raise
-            raise UserError(str(exc) or type(exc).__name__) from exc
-
-    return wrapper
-
-
-def _interrupted_message(command: str, kwargs: dict) -> str:
-    output = kwargs.get("output")
-    if command == "compress" and output is not None and (Path(output) / "checkpoints").is_dir():
-        return (f"interrupted (Ctrl-C); {str(output)!r} keeps the last checkpoint: run the same command with "
-                "--resume to continue")
-    return "interrupted (Ctrl-C); nothing was saved" if command in ("compress", "export") else "interrupted (Ctrl-C)"
-
-
-class _Cli(click.Group):
-    """click.Group whose usage errors (a bad flag value, a missing option) are one `error:` line with exit
-    code 2, like every other user error, and whose Ctrl-C outside a command exits with 130."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
-            UserError(exc.format_message().rstrip(".") + where).show()
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except click.exceptions.Abort:  # Ctrl-C while click itself was reading or parsing
-            Interrupted("interrupted (Ctrl-C)").show()
-            sys.exit(INTERRUPTED)
-        sys.exit(result if isinstance(result, int) else 0)
+from kroncompress.cli.checks import _check_data, _check_device, _claim_output
+from kroncompress.cli.errors import (  # noqa: F401  (INTERRUPTED ... Interrupted: re-exported from their old home)
+    INTERRUPTED, MESSAGE_LIMIT, USER_ERRORS, Interrupted, UserError, _Cli, user_errors,
+)
 
 
 def _example(*lines: str) -> str:
@@ -111,61 +36,6 @@ def _package_version() -> str:
         return version("kroncompress")
     except PackageNotFoundError:  # running from a checkout that was never installed
         return "unknown"
-
-
-def _is_main_process() -> bool:
-    """Under torchrun every rank runs the command; only rank 0 writes (and locks) the output."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _claim_output(output: Path, *, overwrite: bool, resume: bool = False, sources=()):
-    """The output folder checked (path, contents, writable) and locked for the run, before any slow work."""
-    from kroncompress.outputs import claim_output
-
-    return claim_output(output, overwrite=overwrite, resume=resume, sources=[s for s in sources if s], style="cli",
-                        lock=_is_main_process())
-
-
-def _check_device(device: str | None) -> None:
-    """--device names a device this PyTorch can use, checked before the model loads."""
-    if device is None:
-        return
-    import torch
-
-    known = "cpu, cuda, cuda:N" + (", mps" if torch.backends.mps.is_available() else "")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise UserError(f"--device {device!r} is not a device; use one of {known}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UserError(f"--device {device!r}: {why}; use --device cpu, or leave --device out")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise UserError(f"--device {device!r}: there {'is' if count == 1 else 'are'} only {count} CUDA "
-                            f"device{'s' if count != 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError(f"--device {device!r}: MPS is not available here; use --device cpu")
-    elif parsed.type != "cpu":
-        raise UserError(f"--device {device!r}: kroncompress runs on {known}")
-
-
-def _check_data(value: str | None, flag: str) -> list[str]:
-    """Local text named by --data / --calibration-data exists and is UTF-8, checked before the model loads.
-    Returns the local files (inputs the output folder must not hold)."""
-    if value is None:
-        return []
-    from kroncompress.distill.data import check_text_files, resolve_files, text_spec
-
-    try:
-        spec = text_spec(value)
-        files = [str(f) for f in resolve_files(spec.files)] if spec.kind == "files" else []
-        check_text_files(files)
-    except ValueError as exc:
-        raise UserError(f"{flag} {value!r}: {exc}") from None
-    return files
 
 
 def _print_json(data: Any) -> None:
@@ -240,7 +110,6 @@ def _report_to(value: str | None) -> dict | None:
     if problem:
         raise click.BadParameter(problem, param_hint="--report-to")
     return {"report_to": names[0] if len(names) == 1 and names[0] in ("none", "all") else names}
-
 
 
 @cli.command(epilog=_example(

@@ -74,7 +74,8 @@ class KronCompressQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from kroncompress.io import _check_section, _rebuild_module, _tie_groups
+        from kroncompress.io.checks import _check_section, _rebuild_module
+        from kroncompress.io.load import _tie_groups
         from kroncompress.surgery import CONFIG_KEY, install
 
         self._checkpoint_files = list(kwargs.get("checkpoint_files") or [])
@@ -101,7 +102,7 @@ class KronCompressQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from kroncompress.io import _tie_groups
+        from kroncompress.io.load import _tie_groups
         from kroncompress.surgery import CONFIG_KEY
 
         for module in model.modules():

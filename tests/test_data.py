@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from kroncompress.distill import corpora, data
+from kroncompress.distill import corpora, data, tokens
 from kroncompress.distill.data import (
     BlockDataset, TextSpec, build_datasets, load_text, pack_blocks, parse_data_arg, split_blocks, text_spec,
     token_stream,
@@ -198,7 +198,7 @@ def test_second_call_reads_the_cache_and_a_changed_file_is_retokenised(tmp_path,
     cached = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
     assert len(cached) == 1
     with monkeypatch.context() as patch:
-        patch.setattr(data, "_tokenize", refuse_to_tokenise)
+        patch.setattr(tokens, "_tokenize", refuse_to_tokenise)
         patch.setattr(type(tokenizer), "__call__", refuse_to_tokenise)
         assert torch.equal(token_stream(spec, tokenizer), first)
         assert token_stream(spec, tokenizer).dtype == torch.long
@@ -224,7 +224,7 @@ def test_build_datasets_reuses_the_cache_and_splits_deterministically(tmp_path, 
     total = len("".join(f"line {i:04d} of the training text\n" for i in range(200)).encode()) + 1
     assert len(train) + len(validation) == total // 32 and len(validation) == round(total // 32 * 0.1)
     with monkeypatch.context() as patch:
-        patch.setattr(data, "_tokenize", refuse_to_tokenise)
+        patch.setattr(tokens, "_tokenize", refuse_to_tokenise)
         again_train, again_validation = build_datasets(spec, tokenizer)
         assert torch.equal(train, again_train) and torch.equal(validation, again_validation)
         bigger, _ = build_datasets(spec, tokenizer, block_size=64)  # same cached stream, other packing
@@ -336,8 +336,8 @@ def test_offline_gpt2_tokenizer(tmp_path):
 def test_long_documents_are_cut_where_gpt2_tokenises_the_same(tmp_path, monkeypatch):
     tokenizer = gpt2_tokenizer(cache_dir=tmp_path)
     text = "".join(f"Speaker {i}:\n  indented words, {i} times  \n\n\nAnd more.\n" for i in range(60))
-    monkeypatch.setattr(data, "CHUNK_CHARS", 97)
-    pieces = data._split_long(text, data.CHUNK_CHARS)
+    monkeypatch.setattr(tokens, "CHUNK_CHARS", 97)  # read by tokens._pieces, where token_stream cuts
+    pieces = tokens._split_long(text, tokens.CHUNK_CHARS)
     assert len(pieces) > 10 and "".join(pieces) == text
     whole = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     path = write(tmp_path / "long.txt", text)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import kroncompress as kc
-import kroncompress.io as kio
+import kroncompress.io.save as io_save
 from kroncompress.layers import KroneckerTiedHead
 from kroncompress.surgery import count_params
 
@@ -103,7 +103,7 @@ def _crash(*args, **kwargs):
 def test_crash_mid_save_leaves_no_folder(tmp_path, monkeypatch):
     model = build_tiny("gpt2")
     kc.compress(model, recipe_of((["role:mlp"], "svd", {"rank": 8})))
-    monkeypatch.setattr(kio, "_write_weights", _crash)
+    monkeypatch.setattr(io_save, "_write_weights", _crash)
     with pytest.raises(OSError, match="simulated"):
         kc.save_compressed(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -117,7 +117,7 @@ def test_crash_during_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
     old_weights = (target / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
         kc.save_compressed(model, target)
-    monkeypatch.setattr(kio, "_model_card", _crash)
+    monkeypatch.setattr(io_save, "_model_card", _crash)
     with pytest.raises(OSError, match="simulated"):
         kc.save_compressed(model, target, overwrite=True)
     assert (target / "model.safetensors").read_bytes() == old_weights

@@ -131,7 +131,7 @@ def load_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> 
     under one of its names and loading it fills every alias)."""
     from safetensors.torch import load_file
 
-    from kroncompress.io import _unique_state
+    from kroncompress.io.save import _unique_state
 
     state = load_file(os.path.join(checkpoint, "model.safetensors"), device="cpu")
     expected = set(_unique_state(model))

@@ -109,7 +109,7 @@ class DistillTrainer(Trainer):
         # Trainer's resume path reads it back with a non-strict load_state_dict, which matches these keys.
         from safetensors.torch import save_file
 
-        from kroncompress.io import _unique_state
+        from kroncompress.io.save import _unique_state
 
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:

@@ -1,0 +1,138 @@
+"""`save_compressed`: a model written atomically (temporary folder, then rename) as config.json with the
+`kroncompress` section, model.safetensors (each shared tensor once), recipe.yaml, report.json and a card."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
+from kroncompress.io.card import _model_card
+from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
+from kroncompress.outputs import OutputExistsError, match_file_mode
+from kroncompress.surgery import CONFIG_KEY, count_params
+
+
+def _shared_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are the same Parameter object (tied), groups of 2 or more."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor stored once (safetensors refuses aliases)."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor.detach().contiguous().cpu()
+    # tensors that overlap without being identical views cannot be aliased in safetensors: copy them
+    ptrs: dict[int, str] = {}
+    for name, tensor in list(out.items()):
+        ptr = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and ptr in ptrs:
+            out[name] = tensor.clone()
+        ptrs[ptr] = name
+    return out
+
+
+def saved_section(model: nn.Module) -> dict[str, Any]:
+    """The `kroncompress` config section as a folder stores it: the recorded plan plus what only the model
+    object knows (tied parameter groups, attention implementation, parameter count)."""
+    section = copy.deepcopy(getattr(model.config, CONFIG_KEY, None) or {})
+    if section:
+        section["shared_parameters"] = _shared_groups(model)
+        section["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        section["params_after"] = count_params(model)
+    return section
+
+
+def _write_weights(model: nn.Module, path: Path) -> None:
+    save_file(_unique_state(model), str(path), metadata={"format": "pt"})
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any = None, report: Any = None,
+                    metrics: dict[str, Any] | None = None, tokenizer: Any = None, overwrite: bool = False,
+                    card: dict[str, Any] | None = None) -> Path:
+    """Write `model` to an HF-style folder, atomically: everything goes into a temporary folder next to
+    `directory` that is renamed into place at the end, so a crash never leaves a half-written folder.
+
+    `recipe` (a Recipe; default: the one recorded by `compress`) is written resolved as recipe.yaml,
+    `report` (a CompressionReport) and `metrics` into report.json and the README.md model card,
+    `tokenizer` with its own save_pretrained. An existing `directory` is replaced only with overwrite=True.
+    The model card's front matter says `library_name: kroncompress`, the strategies as tags, and from
+    `card` (else what the model knows): `base_model` (default: the config's name_or_path), `license`
+    (default: the base model's, from its README.md or config when found locally) and `datasets`.
+    """
+    from kroncompress.recipe import Recipe
+
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
+    if not hasattr(model, "config"):
+        raise ValueError(f"save_compressed expects a transformers model with a config, got {type(model).__name__}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        section = saved_section(model)
+        if section:
+            setattr(config, CONFIG_KEY, section)
+        config.save_pretrained(tmp)
+        if hf.is_factorized(config):
+            hf.mark_config(tmp / CONFIG_NAME)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(tmp)
+        _write_weights(model, tmp / WEIGHTS_NAME)
+        match_file_mode(tmp / WEIGHTS_NAME, tmp / CONFIG_NAME)  # safetensors writes 0600 whatever the umask
+        if recipe is None and section.get("recipe"):
+            recipe = Recipe.from_dict(section["recipe"], source="config.json kroncompress.recipe")
+        recipe_dict = recipe.to_dict() if recipe is not None else None
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        summary = {
+            "params_before": section.get("params_before"), "params_after": count_params(model),
+            "report": report.to_dict() if report is not None else None, "metrics": metrics or {},
+        }
+        (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(model, section, recipe_dict, report, metrics, card), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output folder {target} appeared while saving; pass overwrite=True to replace it")
+    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,369 @@
+"""Validation of a parsed recipe: each section checked at its YAML path, with did-you-mean for unknown keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from kroncompress.recipe.errors import REPR_LIMIT, RecipeError, _error, short_repr
+from kroncompress.recipe.patterns import ROLE_NAME, pattern_kind
+from kroncompress.recipe.schema import (
+    RECIPE_VERSION, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
+    PerplexityConfig, Recipe, Rule, TrainConfig, training_argument_names,
+)
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+class _Node:
+    """A value in the parsed YAML with its path, so every error can name where it happened."""
+
+    def __init__(self, value: Any, path: str, source: str):
+        self.value, self.path, self.source = value, path, source
+
+    def child(self, key: str | int) -> "_Node":
+        value = self.value[key]
+        if isinstance(key, int):
+            return _Node(value, f"{self.path}[{key}]", self.source)
+        return _Node(value, f"{self.path}.{key}" if self.path else key, self.source)
+
+    def error(self, problem: str, fix: str | None = None, key: str | None = None) -> RecipeError:
+        path = (f"{self.path}.{key}" if self.path else key) if key else (self.path or "top level")
+        return _error(self.source, path, problem, fix)
+
+    def mapping(self, allowed: Iterable[str], required: Iterable[str] = ()) -> "_Node":
+        """Check this is a mapping with only `allowed` keys (did-you-mean) and all `required` ones."""
+        allowed = list(allowed)
+        if not isinstance(self.value, Mapping):
+            raise self.error(f"expected a mapping with keys {', '.join(allowed)}, got {_describe(self.value)}",
+                             "write it as `key: value` lines")
+        for key in self.value:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                fix = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+                raise self.error(f"unknown key {short_repr(key)}", fix, key=key[:REPR_LIMIT] if isinstance(key, str) else short_repr(key))
+        for key in required:
+            if self.value.get(key) is None:
+                raise self.error(f"missing required key {key!r}", f"add `{key}:` here ({', '.join(allowed)})")
+        return self
+
+    def get(self, key: str, kinds: tuple[type, ...], default: Any = None, check: "_Check | None" = None) -> Any:
+        """The value under `key` (or `default` when absent or null), type-checked and range-checked."""
+        if key not in self.value or self.value[key] is None:
+            return default
+        node = self.child(key)
+        value = node.value
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            wanted = "a number" if float in kinds else " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise node.error(f"expected {wanted}, got {_describe(value)}", f"write {key} as {wanted}")
+        if check is not None and not check.holds(value):
+            raise node.error(f"must be {check.requirement}, got {short_repr(value)}", f"set {key} to {check.requirement}" if check.requirement.startswith("one of")
+                             else f"set {key} to a value {check.requirement}")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        return value
+
+    def string_list(self, key: str, required: bool = False) -> list[str]:
+        """A list of non-empty strings (a single string is accepted as a one-item list)."""
+        if key not in self.value or self.value[key] is None:
+            if required:
+                raise self.error(f"missing required key {key!r}", f'add `{key}: ["pattern", ...]`')
+            return []
+        node = self.child(key)
+        items = [node.value] if isinstance(node.value, str) else node.value
+        if not isinstance(items, list):
+            raise node.error(f"expected a list of strings, got {_describe(node.value)}", f'write {key}: ["...", "..."]')
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item.strip():
+                raise _Node(item, f"{node.path}[{i}]", self.source).error(
+                    f"expected a non-empty string, got {_describe(item)}", "quote the pattern")
+        if required and not items:
+            raise node.error("is empty", "list at least one pattern")
+        return list(items)
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{kind} ({short_repr(value)})" if not isinstance(value, (list, dict)) else kind
+
+
+@dataclass(frozen=True)
+class _Check:
+    holds: Callable[[Any], bool]
+    requirement: str  # reads after "must be" and after "set <key>"
+
+
+_positive = _Check(lambda v: v > 0, "> 0")
+_at_least_one = _Check(lambda v: v >= 1, ">= 1")
+_non_negative = _Check(lambda v: v >= 0, ">= 0")
+_unit_open_closed = _Check(lambda v: 0 < v <= 1, "in (0, 1]")
+_unit_closed_open = _Check(lambda v: 0 <= v < 1, "in [0, 1)")
+_SCHEDULES = ("cosine", "linear", "constant")
+_schedule = _Check(lambda v: v in _SCHEDULES, f"one of {', '.join(_SCHEDULES)}")
+_not_blank = _Check(lambda v: bool(v.strip()), "a non-empty string")
+
+
+def _check_targets(node: _Node, key: str, required: bool) -> list[str]:
+    patterns = node.string_list(key, required=required)
+    for i, pattern in enumerate(patterns):
+        where = _Node(pattern, f"{node.path}.{key}[{i}]" if node.path else f"{key}[{i}]", node.source)
+        kind = pattern_kind(pattern)
+        if kind == "regex":
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise where.error(f"invalid regular expression {pattern[3:]!r} ({exc})",
+                                  "fix the regex; in YAML prefer single quotes so backslashes stay literal") from None
+        elif kind == "role" and not ROLE_NAME.fullmatch(pattern[5:]):
+            raise where.error(f"invalid role pattern {pattern!r}", "write role:<name>, e.g. role:attention or role:mlp")
+    return patterns
+
+
+def _check_options(strategy_cls, options: dict, node: _Node, override_options: dict | None = None,
+                   override_node: _Node | None = None):
+    """The strategy's Config for options (merged with an override's); errors re-raised at their YAML path."""
+    from kroncompress.strategies import OptionError
+
+    merged = {**options, **(override_options or {})}
+    try:
+        return strategy_cls.parse_options(dict(merged))
+    except OptionError as exc:
+        field_name, problem = exc.field, exc.problem
+        fix = None if ";" in problem else f"see the options of strategy {strategy_cls.name!r} (`kroncompress strategies`)"
+        if override_node is None or field_name in (override_options or {}):
+            owner = override_node or node
+            path = f"{owner.path}.{field_name}" if field_name else owner.path
+        else:  # the rule's options alone were valid, so the override's merge is what breaks them
+            path = override_node.path
+            problem = f"merged with {node.path}, option {field_name!r}: {problem}" if field_name else problem
+            fix = (fix + "; " if fix else "") + "an override may clear a rule option with null (e.g. ratio: null)"
+        raise _error(node.source, path, problem, fix) from None
+
+
+def _parse_options(parent: _Node) -> tuple[dict, _Node]:
+    if "options" not in parent.value or parent.value["options"] is None:
+        return {}, _Node({}, f"{parent.path}.options", parent.source)
+    node = parent.child("options")
+    if not isinstance(node.value, Mapping):
+        raise node.error(f"expected a mapping of strategy options, got {_describe(node.value)}", "e.g. options: {ratio: 2}")
+    return dict(node.value), node
+
+
+def _parse_rule(node: _Node, index: int) -> Rule:
+    from kroncompress.strategies import get_strategy  # late: recipes load without touching torch until here
+
+    node.mapping(["targets", "strategy", "options", "overrides"], required=["targets", "strategy"])
+    targets = _check_targets(node, "targets", required=True)
+    strategy = node.get("strategy", (str,))
+    try:
+        strategy_cls = get_strategy(strategy)
+    except ValueError as exc:
+        raise node.child("strategy").error(str(exc), "pick one of the registered strategies") from None
+    options, options_node = _parse_options(node)
+    config = _check_options(strategy_cls, options, options_node)
+
+    overrides = []
+    if node.value.get("overrides") is not None:
+        list_node = node.child("overrides")
+        if not isinstance(list_node.value, list):
+            raise list_node.error(f"expected a list, got {_describe(list_node.value)}", "write overrides: [{targets: [...], options: {...}}]")
+        for j in range(len(list_node.value)):
+            item = list_node.child(j).mapping(["targets", "options"], required=["targets", "options"])
+            override_options, override_node = _parse_options(item)
+            merged = _check_options(strategy_cls, options, options_node, override_options, override_node)
+            overrides.append(Override(targets=_check_targets(item, "targets", required=True), options=override_options,
+                                      config=merged))
+    return Rule(targets=targets, strategy=strategy, options=options, overrides=overrides, index=index, config=config)
+
+
+def _parse_losses(node: _Node) -> LossWeights:
+    names = [f.name for f in dataclasses.fields(LossWeights)]
+    node.mapping(names)
+    defaults = LossWeights()
+    weights = {n: node.get(n, (int, float), getattr(defaults, n), _non_negative) for n in names if n != "logits_kl"}
+    logits_kl = LogitsKL()
+    if node.value.get("logits_kl") is not None:
+        kl = node.child("logits_kl")
+        if isinstance(kl.value, Mapping):
+            kl.mapping(["weight", "temperature"])
+            logits_kl = LogitsKL(weight=kl.get("weight", (int, float), 0.0, _non_negative),
+                                 temperature=kl.get("temperature", (int, float), 2.0, _positive))
+        else:
+            logits_kl = LogitsKL(weight=node.get("logits_kl", (int, float), 0.0, _non_negative))
+    losses = LossWeights(logits_kl=logits_kl, **weights)
+    if not any([losses.ce, losses.logits_kl.weight, losses.hidden_mse, losses.attention_kl, losses.embedding_mse]):
+        raise node.error("all loss weights are zero", "give at least one loss a positive weight, e.g. ce: 1.0")
+    return losses
+
+
+def _parse_data(node: _Node) -> DataConfig:
+    node.mapping([f.name for f in dataclasses.fields(DataConfig)])
+    data = DataConfig(
+        dataset=node.get("dataset", (str,)), config=node.get("config", (str,)), split=node.get("split", (str,), "train"),
+        fraction=node.get("fraction", (int, float), 1.0, _unit_open_closed), files=node.string_list("files"),
+        source=node.get("source", (str,)), block_size=node.get("block_size", (int,), 1024, _at_least_one),
+        streaming=node.get("streaming", (bool,), False),
+        validation_fraction=node.get("validation_fraction", (int, float), 0.0, _unit_closed_open),
+        column=node.get("column", (str,), "text"),
+    )
+    _check_one_text_source(node, data)
+    return data
+
+
+def _check_one_text_source(node: _Node, section) -> None:
+    given = [k for k in ("dataset", "files", "source") if getattr(section, k)]
+    if len(given) > 1:
+        raise node.error(f"gives {' and '.join(given)}", "give only one text source: dataset, files or source")
+    if section.config and not section.dataset:
+        raise node.error("config is set without dataset", "add dataset (config names a configuration of a hub dataset)")
+
+
+def _parse_train(node: _Node) -> TrainConfig:
+    node.mapping([f.name for f in dataclasses.fields(TrainConfig)])
+    d = TrainConfig()
+    return TrainConfig(
+        epochs=node.get("epochs", (int, float), d.epochs, _positive),
+        max_steps=node.get("max_steps", (int,), None, _at_least_one),
+        lr=node.get("lr", (int, float), d.lr, _positive),
+        warmup_ratio=node.get("warmup_ratio", (int, float), d.warmup_ratio, _unit_closed_open),
+        schedule=node.get("schedule", (str,), d.schedule, _schedule),
+        batch_size=node.get("batch_size", (int,), d.batch_size, _at_least_one),
+        grad_accum=node.get("grad_accum", (int,), d.grad_accum, _at_least_one),
+        # an explicit null turns clipping off
+        max_grad_norm=None if "max_grad_norm" in node.value and node.value["max_grad_norm"] is None
+        else node.get("max_grad_norm", (int, float), d.max_grad_norm, _positive),
+        weight_decay=node.get("weight_decay", (int, float), d.weight_decay, _non_negative),
+        seed=node.get("seed", (int,), d.seed, _non_negative),
+        eval_every=node.get("eval_every", (int,), None, _at_least_one),
+        save_every=node.get("save_every", (int,), None, _at_least_one),
+        bf16=node.get("bf16", (bool,), d.bf16),
+        gradient_checkpointing=node.get("gradient_checkpointing", (bool,), d.gradient_checkpointing),
+        training_args=_parse_training_args(node),
+    )
+
+
+def report_to_problem(value: Any) -> str | None:
+    """What is wrong with a TrainingArguments `report_to` value (a name, or a list of names, of transformers'
+    logging integrations, or "all" / "none"), or None. Checked when the recipe loads, so a misspelt
+    integration stops the run before the model loads, not after compression."""
+    import difflib
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = [*sorted(INTEGRATION_TO_CALLBACK), "all", "none"]
+    names = [value] if isinstance(value, str) else value
+    if value is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return f"expected an integration name or a list of them, got {_describe(value)}"
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            return f"unknown integration {name!r}; " + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}")
+    return None
+
+
+def _parse_training_args(node: _Node) -> dict[str, Any]:
+    """`train.training_args`: a mapping of TrainingArguments keyword arguments (unknown keys: did-you-mean;
+    `report_to` names known integrations)."""
+    if node.value.get("training_args") is None:
+        return {}
+    child = node.child("training_args").mapping(training_argument_names())
+    problem = report_to_problem(child.value.get("report_to"))
+    if problem:
+        raise child.child("report_to").error(problem, "e.g. report_to: [tensorboard], or none")
+    return dict(child.value)
+
+
+def _parse_distill(node: _Node) -> DistillConfig:
+    node.mapping(["teacher", "losses", "layer_map", "data", "train"])
+    layer_map = None
+    if node.value.get("layer_map") is not None:
+        lm = node.child("layer_map")
+        if not isinstance(lm.value, list) or not lm.value:
+            raise lm.error(f"expected a non-empty list of teacher layer indices, got {_describe(lm.value)}", "e.g. layer_map: [0, 2, 4, 7, 9, 11]")
+        for i, v in enumerate(lm.value):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise lm.child(i).error(f"expected a teacher layer index >= 0, got {_describe(v)}", "one teacher layer per student layer")
+        layer_map = list(lm.value)
+    section = lambda key, parse, default: parse(node.child(key)) if node.value.get(key) is not None else default()
+    return DistillConfig(
+        teacher=node.get("teacher", (str,), "original"),
+        losses=section("losses", _parse_losses, LossWeights),
+        layer_map=layer_map,
+        data=section("data", _parse_data, DataConfig),
+        train=section("train", _parse_train, TrainConfig),
+    )
+
+
+def _parse_perplexity(node: _Node) -> PerplexityConfig:
+    node.mapping([f.name for f in dataclasses.fields(PerplexityConfig)])
+    ppl = PerplexityConfig(
+        dataset=node.get("dataset", (str,)), config=node.get("config", (str,)), split=node.get("split", (str,), "test"),
+        files=node.string_list("files"), source=node.get("source", (str,)),
+        block_size=node.get("block_size", (int,), 1024, _at_least_one),
+        stride=node.get("stride", (int,), 512, _at_least_one),
+        max_tokens=node.get("max_tokens", (int,), None, _at_least_one),
+    )
+    if ppl.stride > ppl.block_size:
+        raise node.child("stride").error(f"stride {ppl.stride} exceeds block_size {ppl.block_size} (tokens would be skipped)",
+                                         "use a stride <= block_size, e.g. half of it")
+    _check_one_text_source(node, ppl)
+    return ppl
+
+
+def _parse_evaluate(node: _Node) -> EvaluateConfig:
+    node.mapping(["perplexity"])
+    perplexity = _parse_perplexity(node.child("perplexity")) if node.value.get("perplexity") is not None else None
+    return EvaluateConfig(perplexity=perplexity)
+
+
+def _parse_calibration(node: _Node) -> CalibrationConfig:
+    node.mapping(["data", "tokens", "block_size", "damping"])
+    d = CalibrationConfig()
+    data = _parse_data(node.child("data")) if node.value.get("data") is not None else DataConfig()
+    return CalibrationConfig(
+        data=data, tokens=node.get("tokens", (int,), d.tokens, _at_least_one),
+        block_size=node.get("block_size", (int,), d.block_size, _at_least_one),
+        damping=node.get("damping", (int, float), d.damping, _non_negative),
+    )
+
+
+def _parse_recipe(root: _Node) -> Recipe:
+    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task"],
+                 required=["version", "name", "compress"])
+    version = root.get("version", (int,))
+    if version != RECIPE_VERSION:
+        raise root.child("version").error(f"unsupported recipe version {version}",
+                                          f"this kroncompress reads version {RECIPE_VERSION}; write version: {RECIPE_VERSION}")
+    name = root.get("name", (str,), check=_not_blank)
+    description = root.get("description", (str,), "")
+    if "\n" in description.strip():
+        raise root.child("description").error("spans several lines", "keep the description to one line")
+    rules_node = root.child("compress")
+    if not isinstance(rules_node.value, list) or not rules_node.value:
+        raise rules_node.error(f"expected a non-empty list of rules, got {_describe(rules_node.value)}",
+                               "add a rule: - {targets: [...], strategy: kronecker, options: {ratio: 2}}")
+    rules = [_parse_rule(rules_node.child(i), i) for i in range(len(rules_node.value))]
+    ignore = _check_targets(root, "ignore", required=False)
+    distill = _parse_distill(root.child("distill")) if root.value.get("distill") is not None else None
+    evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
+    calibration = _parse_calibration(root.child("calibration")) if root.value.get("calibration") is not None else None
+    task = _parse_task(root.child("task")) if root.value.get("task") is not None else None
+    return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
+                  distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
+
+
+def _parse_task(node: _Node) -> dict[str, Any]:
+    """The `task:` section: a GLUE name, or a mapping of task fields that kroncompress.tasks checks."""
+    if isinstance(node.value, str):
+        return {"glue": node.value}
+    if not isinstance(node.value, Mapping):
+        raise node.error(f"expected a GLUE task name or a mapping of task fields, got {_describe(node.value)}",
+                         "write e.g. task: {glue: sst2} or task: {text: sentence, label: label, labels: [neg, pos]}")
+    return dict(node.value)
