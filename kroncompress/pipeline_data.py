@@ -111,19 +111,32 @@ def _clip(size: int, limit: int | None) -> int:
 
 class _DistillData:
     """The distillation text as (train, validation) token blocks, built once (validation: the data's own
-    split, else 5% held out, then a fixed sample of at most MAX_VALIDATION_BLOCKS)."""
+    split, else 5% held out, then a fixed sample of at most MAX_VALIDATION_BLOCKS).
 
-    def __init__(self, distill_config, data, tokenizer, cache_dir, limit: int | None):
+    `distills` says whether the run distils; when it does not, `distill_config` still sets how the text is
+    blocked (the recipe's `distill.data` block size), so a run without distillation scores the same held-out
+    sample as one with it, and the text is only built when `data` is given."""
+
+    def __init__(self, distill_config, data, tokenizer, cache_dir, limit: int | None, distills: bool = True):
         self.config, self.data, self.tokenizer, self.cache_dir, self.limit = distill_config, data, tokenizer, cache_dir, limit
+        self.distills = distills
         self._blocks = None
 
     @property
+    def data_config(self):
+        return self.config.data if self.config is not None else _merged_data(None, self.data)
+
+    @property
     def block_size(self) -> int:
-        return _clip(self.config.data.block_size, self.limit) if self.config is not None else 1024
+        return _clip(self.data_config.block_size, self.limit)
+
+    @property
+    def distilling(self) -> bool:
+        return self.distills and self.config is not None
 
     @property
     def available(self) -> bool:
-        return self.config is not None or self.data is not None
+        return self.distilling or self.data is not None
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._blocks is None:
@@ -132,8 +145,7 @@ class _DistillData:
             if self.tokenizer is None:
                 raise ValueError("the model has no tokenizer; distillation and perplexity need one: save it next to the "
                                  "model (tokenizer.save_pretrained(folder))")
-            data = self.config.data if self.config is not None else _merged_data(None, self.data)
-            train, validation = build_datasets(data, self.tokenizer, block_size=self.block_size,
+            train, validation = build_datasets(self.data_config, self.tokenizer, block_size=self.block_size,
                                                cache_dir=self.cache_dir, seed=EVALUATION_SEED)
             if len(validation) == 0:
                 train, validation = split_blocks(train, FALLBACK_VALIDATION_FRACTION, EVALUATION_SEED)
@@ -166,7 +178,7 @@ class _Scorer:
 
         start = time.perf_counter()
         bar = (lambda done, total: self.progress(done, total, stage)) if self.progress is not None else None
-        if self.tokenizer is None and self.distill_data.config is None:
+        if self.tokenizer is None and not self.distill_data.distilling:
             logger.warning("the model has no tokenizer: %s perplexity not measured", stage)
             return None
         if self.spec is not None:
