@@ -73,9 +73,13 @@ def _calibration_data(recipe, explicit: Any, data: Any) -> Any:
     section = recipe.calibration.data if recipe.calibration is not None else None
     if section is not None and (section.dataset or section.files or section.source):
         return None  # calibrate() reads the section itself
-    if data is not None:
-        return data
     distill_data = recipe.distill.data if recipe.distill is not None else None
+    if data is not None:
+        from kroncompress.distill.data import text_spec
+
+        # the run's text is blocked as the distillation data is: with BOS or without (distill.data.bos)
+        bos = distill_data.bos if distill_data is not None else "auto"
+        return data if bos == "auto" else dataclasses.replace(text_spec(data), bos=bos)
     if distill_data is not None and (distill_data.dataset or distill_data.files or distill_data.source):
         return distill_data
     return None
@@ -121,6 +125,7 @@ class _DistillData:
         self.config, self.data, self.tokenizer, self.cache_dir, self.limit = distill_config, data, tokenizer, cache_dir, limit
         self.distills = distills
         self._blocks = None
+        self.bos: int | None = None  # the id every block opens with (see kroncompress.distill.bos), once built
 
     @property
     def data_config(self):
@@ -140,7 +145,7 @@ class _DistillData:
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._blocks is None:
-            from kroncompress.distill.data import build_datasets, split_blocks
+            from kroncompress.distill.data import build_datasets, spec_bos, split_blocks
 
             if self.tokenizer is None:
                 raise ValueError("the model has no tokenizer; distillation and perplexity need one: save it next to the "
@@ -153,6 +158,7 @@ class _DistillData:
                 keep = torch.randperm(len(validation), generator=torch.Generator().manual_seed(EVALUATION_SEED))
                 validation = validation[keep[:MAX_VALIDATION_BLOCKS].sort().values]
             self._blocks = (train, validation)
+            self.bos = spec_bos(self.data_config, self.tokenizer)
         return self._blocks
 
 
@@ -186,9 +192,11 @@ class _Scorer:
                                          max_tokens=self.max_tokens, cache_dir=self.cache_dir, progress=bar)
             text = _describe_spec(self.spec)
         elif self.distill_data.available:
-            ids = self.distill_data.blocks()[1].reshape(-1)
+            validation, bos = self.distill_data.blocks()[1], self.distill_data.bos
+            # BOS-led blocks: their text as one stream again, every window led by BOS (BOS is never scored)
+            ids = (validation if bos is None else validation[:, 1:]).reshape(-1)
             result = perplexity(model, ids, block_size=self.block_size, stride=self.stride, max_tokens=self.max_tokens,
-                                progress=bar)
+                                progress=bar, bos_token_id=bos)
             text = "validation part of the distillation data"
         else:
             logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)

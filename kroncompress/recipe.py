@@ -225,6 +225,7 @@ class DataConfig:
     streaming: bool = False
     validation_fraction: float = 0.0
     column: str = "text"  # the text column of a dataset
+    bos: str | bool = "auto"  # BOS at the start of every block: auto (when the tokenizer adds one), true, false
 
 
 @dataclass
@@ -463,6 +464,7 @@ _unit_open_closed = _Check(lambda v: 0 < v <= 1, "in (0, 1]")
 _unit_closed_open = _Check(lambda v: 0 <= v < 1, "in [0, 1)")
 _SCHEDULES = ("cosine", "linear", "constant")
 _schedule = _Check(lambda v: v in _SCHEDULES, f"one of {', '.join(_SCHEDULES)}")
+_bos = _Check(lambda v: v == "auto" or isinstance(v, bool), "one of auto, true, false")
 _not_blank = _Check(lambda v: bool(v.strip()), "a non-empty string")
 
 
@@ -568,6 +570,7 @@ def _parse_data(node: _Node) -> DataConfig:
         streaming=node.get("streaming", (bool,), False),
         validation_fraction=node.get("validation_fraction", (int, float), 0.0, _unit_closed_open),
         column=node.get("column", (str,), "text"),
+        bos=node.get("bos", (str, bool), "auto", _bos),
     )
     _check_one_text_source(node, data)
     return data
