@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect as pyinspect
 import json
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -371,8 +372,17 @@ from kroncompress.cli.tasks import register as _register_task_commands  # noqa: 
 _register_task_commands(cli)
 
 
+def listen_to_ctrl_c() -> None:
+    """Make SIGINT raise KeyboardInterrupt (so the run stops, keeps its checkpoint and exits with 130) even when
+    the process inherited SIGINT ignored. A non-interactive shell starts every `command &` that way, and Python
+    then never installs its handler: `kill -INT` and Ctrl-C did nothing and a distillation ran on."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`kroncompress ...`)."""
+    listen_to_ctrl_c()
     cli.main(args=argv, prog_name="kroncompress")
 
 

@@ -182,6 +182,9 @@ register(tasks_cli)
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m kroncompress.cli.tasks ...`."""
+    from kroncompress.cli.main import listen_to_ctrl_c
+
+    listen_to_ctrl_c()
     tasks_cli.main(args=argv, prog_name="kroncompress")
 
 

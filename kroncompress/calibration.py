@@ -313,7 +313,7 @@ def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, token
     sequence, clipped to the model's positions). Without a section or `data`, reads the offline default
     corpus. Raises ValueError when the text is shorter than one block.
     """
-    from kroncompress.distill.data import pack_blocks, text_spec, token_stream
+    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
     from kroncompress.evaluate import max_positions
     from kroncompress.recipe import CalibrationConfig
     from kroncompress.surgery import CompressionPlan
@@ -330,7 +330,7 @@ def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, token
     damping = section.damping if damping is None else damping
     s = text_spec(spec)
     ids = token_stream(s, tokenizer, s.split, max_tokens=tokens, cache_dir=cache_dir)[:tokens]
-    blocks = pack_blocks(ids, block_size)
+    blocks = pack_blocks(ids, block_size, spec_bos(s, tokenizer))
     if len(blocks) == 0:
         raise ValueError(f"calibration: {s.describe()} gave {ids.numel()} tokens, fewer than one block of {block_size}; "
                          "add text or lower calibration.block_size")

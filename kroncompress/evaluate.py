@@ -13,6 +13,11 @@ nll = sum of the token negative log-likelihoods / tokens scored; perplexity = ex
   tokens, each predicted from at least `block_size - stride` tokens of context (fewer at the start);
 - stride == block_size: disjoint windows (fastest, pessimistic); the first token of each window has
   no context and is not scored, so n ids give n - ceil(n / block_size) scored tokens.
+
+With `bos_token_id` (models that expect BOS first, such as Llama and Gemma; see kroncompress.distill.bos)
+every window is that BOS followed by at most `block_size - 1` ids, advanced by at most `block_size - 1`:
+the BOS is context only, and every id is scored, the first of the stream with the BOS alone as context
+(n ids give n scored tokens).
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def windows(length: int, block_size: int, stride: int) -> list[tuple[int, int, i
 @torch.no_grad()
 def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_tokens: int | None = None,
                batch_size: int = 1, device: str | torch.device | None = None,
-               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+               progress: Callable[[int, int], None] | None = None, bos_token_id: int | None = None) -> PerplexityResult:
     """Sliding-window perplexity of a causal LM on token ids (see the module docs for the protocol).
 
     `data`: a 1-D LongTensor or list of ids (one stream), or a 2-D tensor / list of 1-D tensors (several
@@ -111,8 +116,9 @@ def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_to
     sequence. `batch_size` windows run per forward pass. The model runs in eval mode without gradients
     (its mode is restored) on `device` (default: where its parameters are); any model returning `logits`
     (or a tuple/tensor of them) works. `progress(windows done, windows in all)` is called after each
-    forward pass (the CLI draws its bar with it). ValueError when `block_size` exceeds the model's
-    positions or `stride` is not in [1, block_size].
+    forward pass (the CLI draws its bar with it). `bos_token_id` opens every window with BOS (see the
+    module docs). ValueError when `block_size` exceeds the model's positions or `stride` is not in
+    [1, block_size].
     """
     if block_size < 2:
         raise ValueError(f"perplexity: block_size must be >= 2, got {block_size}")
@@ -127,19 +133,22 @@ def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_to
         raise ValueError(f"perplexity: block_size {block_size} exceeds the model's {limit} positions "
                          f"(config n_positions / max_position_embeddings); use block_size <= {limit}")
     sequences = [s[:max_tokens] if max_tokens is not None else s for s in _sequences(data)]
-    if sum(max(len(s) - 1, 0) for s in sequences) == 0:
-        raise ValueError("perplexity: data has no token to score; give at least 2 token ids")
+    unscored = 1 if bos_token_id is None else 0  # the first id has no context, unless a BOS precedes it
+    if sum(max(len(s) - unscored, 0) for s in sequences) == 0:
+        raise ValueError(f"perplexity: data has no token to score; give at least {unscored + 1} token ids")
+    # with BOS, a window holds the BOS and block_size - 1 ids
+    span, step = (block_size, stride) if bos_token_id is None else (block_size - 1, min(stride, block_size - 1))
     target = _device_of(model, device)
     was_training = model.training
     model.eval()
     try:
         total_nll, scored, done = 0.0, 0, 0
-        spans_of = [windows(len(s), block_size, stride) if len(s) > 1 else [] for s in sequences]
+        spans_of = [windows(len(s), span, step) if len(s) > unscored else [] for s in sequences]
         total = sum(len(spans) for spans in spans_of)
         for sequence, spans in zip(sequences, spans_of):
             for start in range(0, len(spans), batch_size):
                 batch = spans[start:start + batch_size]
-                nll, count = _score_windows(model, sequence, batch, target)
+                nll, count = _score_windows(model, sequence, batch, target, bos_token_id)
                 total_nll += nll
                 scored += count
                 done += len(batch)
@@ -148,20 +157,22 @@ def perplexity(model, data, *, block_size: int = 1024, stride: int = 512, max_to
     finally:
         model.train(was_training)
     mean = total_nll / scored
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, block_size=block_size, stride=stride)
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, block_size=block_size, stride=step)
 
 
-def _score_windows(model, sequence: torch.Tensor, spans, device) -> tuple[float, int]:
-    """Summed NLL and count of the scored tokens of windows run together (equal lengths share a batch)."""
+def _score_windows(model, sequence: torch.Tensor, spans, device, bos_token_id: int | None = None) -> tuple[float, int]:
+    """Summed NLL and count of the scored tokens of windows run together (equal lengths share a batch),
+    each window led by `bos_token_id` when given."""
     nll, count = 0.0, 0
+    lead = sequence.new_full((0 if bos_token_id is None else 1,), bos_token_id if bos_token_id is not None else 0)
     by_length: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         by_length.setdefault(span[1] - span[0], []).append(span)
     for group in by_length.values():
-        input_ids = torch.stack([sequence[begin:end] for begin, end, _ in group]).to(device)
+        input_ids = torch.stack([torch.cat([lead, sequence[begin:end]]) for begin, end, _ in group]).to(device)
         labels = input_ids.clone()
         for row, (begin, end, trg_len) in enumerate(group):
-            labels[row, : (end - begin) - trg_len] = IGNORE_INDEX
+            labels[row, : len(lead) + (end - begin) - trg_len] = IGNORE_INDEX
         logits = _logits(model, input_ids)[:, :-1].float()
         targets = labels[:, 1:]
         nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -185,9 +196,10 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
     `tokenizer` (cached, see `kroncompress.distill.data.token_stream`) and runs `perplexity`. Arguments
     given here override the spec's `block_size`, `stride` and `max_tokens`. Given neither, the block size
     is 1024 clipped to the model's positions (a tiny or short-context model is scored at its full length).
-    `progress` is passed to `perplexity`.
+    `progress` is passed to `perplexity`; windows open with BOS when the tokenizer adds one (the spec's
+    `bos`, see kroncompress.distill.bos).
     """
-    from kroncompress.distill.data import folder_splits, parse_data_arg, text_spec, token_stream
+    from kroncompress.distill.data import folder_splits, parse_data_arg, spec_bos, text_spec, token_stream
 
     values = parse_data_arg(spec) if isinstance(spec, str) else spec
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
@@ -199,9 +211,10 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
     folders = [folder_splits(f) for f in (get("files") or [])]
     fallback = "validation" if folders and all("test" not in f and "validation" in f for f in folders) else "test"
     split = split or get("split") or fallback
-    ids = token_stream(text_spec(values), tokenizer, split, max_tokens=max_tokens, cache_dir=cache_dir)
+    s = text_spec(values)
+    ids = token_stream(s, tokenizer, split, max_tokens=max_tokens, cache_dir=cache_dir)
     return perplexity(model, ids, block_size=block_size, stride=stride, batch_size=batch_size, device=device,
-                      progress=progress)
+                      progress=progress, bos_token_id=spec_bos(s, tokenizer))
 
 
 # -- speed ---------------------------------------------------------------------------------------

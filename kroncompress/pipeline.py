@@ -201,10 +201,11 @@ def _load_stage(run: _Run) -> None:
     _check_language_model(run.model, _source_name(settings.model))
     with run.stage("plan"):
         run.plan = plan(run.model, settings.recipe)
-    run.distill_config = (_distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
-                          if settings.distill else None)
+    # built with distillation off too: its data settings block the held-out text the same way either way
+    config = _distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
+    run.distill_config = config if settings.distill else None
     limit = _positions(run.model)
-    run.data = _DistillData(run.distill_config, settings.data, run.tokenizer, settings.cache_dir, limit)
+    run.data = _DistillData(config, settings.data, run.tokenizer, settings.cache_dir, limit, distills=settings.distill)
     run.score = _Scorer(settings.recipe, settings.data, run.data, run.tokenizer, settings.cache_dir, limit,
                         settings.eval_tokens, settings.eval_progress)
 

@@ -73,9 +73,13 @@ def _calibration_data(recipe, explicit: Any, data: Any) -> Any:
     section = recipe.calibration.data if recipe.calibration is not None else None
     if section is not None and (section.dataset or section.files or section.source):
         return None  # calibrate() reads the section itself
-    if data is not None:
-        return data
     distill_data = recipe.distill.data if recipe.distill is not None else None
+    if data is not None:
+        from kroncompress.distill.data import text_spec
+
+        # the run's text is blocked as the distillation data is: with BOS or without (distill.data.bos)
+        bos = distill_data.bos if distill_data is not None else "auto"
+        return data if bos == "auto" else dataclasses.replace(text_spec(data), bos=bos)
     if distill_data is not None and (distill_data.dataset or distill_data.files or distill_data.source):
         return distill_data
     return None
@@ -111,29 +115,42 @@ def _clip(size: int, limit: int | None) -> int:
 
 class _DistillData:
     """The distillation text as (train, validation) token blocks, built once (validation: the data's own
-    split, else 5% held out, then a fixed sample of at most MAX_VALIDATION_BLOCKS)."""
+    split, else 5% held out, then a fixed sample of at most MAX_VALIDATION_BLOCKS).
 
-    def __init__(self, distill_config, data, tokenizer, cache_dir, limit: int | None):
+    `distills` says whether the run distils; when it does not, `distill_config` still sets how the text is
+    blocked (the recipe's `distill.data` block size), so a run without distillation scores the same held-out
+    sample as one with it, and the text is only built when `data` is given."""
+
+    def __init__(self, distill_config, data, tokenizer, cache_dir, limit: int | None, distills: bool = True):
         self.config, self.data, self.tokenizer, self.cache_dir, self.limit = distill_config, data, tokenizer, cache_dir, limit
+        self.distills = distills
         self._blocks = None
+        self.bos: int | None = None  # the id every block opens with (see kroncompress.distill.bos), once built
+
+    @property
+    def data_config(self):
+        return self.config.data if self.config is not None else _merged_data(None, self.data)
 
     @property
     def block_size(self) -> int:
-        return _clip(self.config.data.block_size, self.limit) if self.config is not None else 1024
+        return _clip(self.data_config.block_size, self.limit)
+
+    @property
+    def distilling(self) -> bool:
+        return self.distills and self.config is not None
 
     @property
     def available(self) -> bool:
-        return self.config is not None or self.data is not None
+        return self.distilling or self.data is not None
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._blocks is None:
-            from kroncompress.distill.data import build_datasets, split_blocks
+            from kroncompress.distill.data import build_datasets, spec_bos, split_blocks
 
             if self.tokenizer is None:
                 raise ValueError("the model has no tokenizer; distillation and perplexity need one: save it next to the "
                                  "model (tokenizer.save_pretrained(folder))")
-            data = self.config.data if self.config is not None else _merged_data(None, self.data)
-            train, validation = build_datasets(data, self.tokenizer, block_size=self.block_size,
+            train, validation = build_datasets(self.data_config, self.tokenizer, block_size=self.block_size,
                                                cache_dir=self.cache_dir, seed=EVALUATION_SEED)
             if len(validation) == 0:
                 train, validation = split_blocks(train, FALLBACK_VALIDATION_FRACTION, EVALUATION_SEED)
@@ -141,6 +158,7 @@ class _DistillData:
                 keep = torch.randperm(len(validation), generator=torch.Generator().manual_seed(EVALUATION_SEED))
                 validation = validation[keep[:MAX_VALIDATION_BLOCKS].sort().values]
             self._blocks = (train, validation)
+            self.bos = spec_bos(self.data_config, self.tokenizer)
         return self._blocks
 
 
@@ -166,7 +184,7 @@ class _Scorer:
 
         start = time.perf_counter()
         bar = (lambda done, total: self.progress(done, total, stage)) if self.progress is not None else None
-        if self.tokenizer is None and self.distill_data.config is None:
+        if self.tokenizer is None and not self.distill_data.distilling:
             logger.warning("the model has no tokenizer: %s perplexity not measured", stage)
             return None
         if self.spec is not None:
@@ -174,9 +192,11 @@ class _Scorer:
                                          max_tokens=self.max_tokens, cache_dir=self.cache_dir, progress=bar)
             text = _describe_spec(self.spec)
         elif self.distill_data.available:
-            ids = self.distill_data.blocks()[1].reshape(-1)
+            validation, bos = self.distill_data.blocks()[1], self.distill_data.bos
+            # BOS-led blocks: their text as one stream again, every window led by BOS (BOS is never scored)
+            ids = (validation if bos is None else validation[:, 1:]).reshape(-1)
             result = perplexity(model, ids, block_size=self.block_size, stride=self.stride, max_tokens=self.max_tokens,
-                                progress=bar)
+                                progress=bar, bos_token_id=bos)
             text = "validation part of the distillation data"
         else:
             logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -382,11 +383,13 @@ def test_ctrl_c_is_one_line_and_exit_130(env, tmp_path, quiet_env, monkeypatch):
     assert not (tmp_path / ".out.lock").exists()
 
 
-@pytest.mark.skip(reason="fails in a fresh clone's full run (the process outlives SIGINT by 120 s), passes alone; "
-                         "under investigation, see the closing note of 2026-11-30")
-def test_sigint_during_distillation_exits_130_and_names_resume(env, tmp_path):
-    import signal
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+
+def test_sigint_during_distillation_exits_130_and_names_resume(env, tmp_path):
+    # The child starts with SIGINT ignored, as every `kroncompress ... &` of a non-interactive shell (or a
+    # `make test &`) does: the CLI must still stop on it. stderr goes to a file: an undrained pipe could fill.
     out, recipe = tmp_path / "out", tmp_path / "tiny-distill.yaml"
     recipe.write_text("version: 1\nname: tiny-distill\ncompress:\n  - targets: [transformer.h.1.mlp.c_fc]\n"
                       "    strategy: kronecker\n    options: {b_shape: [1, 2]}\n"
@@ -395,23 +398,37 @@ def test_sigint_during_distillation_exits_130_and_names_resume(env, tmp_path):
                str(out), "--data", env["text"], "--max-steps", "100000", "--save-every", "1"]
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "KRONCOMPRESS_CACHE": str(tmp_path / "cache")}
     environ.pop("KRONCOMPRESS_DEBUG", None)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_file, env=environ,
+                                   preexec_fn=_ignore_sigint)
+        try:
+            deadline = time.monotonic() + 480
+            while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no checkpoint within 480 s"
+                time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    stderr = log.read_text()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: interrupted") and "--resume" in last, stderr
     assert not (tmp_path / ".out.lock").exists()
+
+
+@pytest.mark.parametrize("inherited", [signal.SIG_IGN, signal.SIG_DFL])
+def test_the_cli_turns_sigint_into_keyboard_interrupt_whatever_it_inherited(inherited):
+    script = ("import os, signal, time\nfrom kroncompress.cli.main import listen_to_ctrl_c\nlisten_to_ctrl_c()\n"
+              "try:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\nexcept KeyboardInterrupt:\n"
+              "    print('interrupted')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
+    assert done.stdout.strip() == "interrupted", done.stderr
 
 
 def test_save_every_reaches_the_recipe_the_trainer_reads(env, tmp_path, quiet_env, monkeypatch):

@@ -41,8 +41,9 @@ def test_blocks_open_with_bos_and_hold_the_documents_in_order(bench, tmp_path):
     class Tokenizer:
         bos_token_id, eos_token_id = 2, 1
 
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [10 + int(w) for w in text.split()]}
+        def __call__(self, text, add_special_tokens=True):  # adds BOS, as Gemma's does
+            ids = [10 + int(w) if w.isdigit() else 3 for w in text.split()]
+            return {"input_ids": [self.bos_token_id] * add_special_tokens + ids}
 
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": " ".join(str(i % 50) for i in range(300))}) + "\n" for _ in range(3)))

@@ -109,3 +109,67 @@ def test_the_data_override_replaces_the_text_keys_only():
     assert merged.files == ["notes.txt"] and merged.dataset is None and merged.fraction == 1.0
     assert merged.block_size == base.block_size
     assert pipeline._merged_data(None, {"source": "shakespeare"}).source == "shakespeare"
+
+
+SAMPLE_BLOCKS, DATA_BLOCK = 3, 16  # the validation sample shrunk so that it, not the text, bounds the scored ids
+SAMPLE_CAP = SAMPLE_BLOCKS * DATA_BLOCK - 1  # one stream of 48 ids: every id but the first scored once
+
+
+def _split_folder(text, root):
+    lines = text.read_text().splitlines()
+    (root / "split").mkdir()
+    (root / "split" / "train.txt").write_text("\n".join(lines[:60]))
+    (root / "split" / "validation.txt").write_text("\n".join(lines[60:]))
+    return str(root / "split")
+
+
+# (id, distill, data (from the corpus file and a work folder), eval_tokens, recipe's evaluate.perplexity.max_tokens,
+#  the cap on the ids each stage scores)
+CAP_CASES = [
+    ("file, distill on", True, lambda text, root: str(text), None, None, SAMPLE_CAP),
+    ("file, distill off", False, lambda text, root: str(text), None, None, SAMPLE_CAP),
+    ("split folder, distill on", True, _split_folder, None, None, SAMPLE_CAP),
+    ("split folder, distill off", False, _split_folder, None, None, SAMPLE_CAP),
+    ("in-memory strings, distill on", True, lambda text, root: text.read_text().splitlines(), None, None, SAMPLE_CAP),
+    ("in-memory strings, distill off", False, lambda text, root: text.read_text().splitlines(), None, None, SAMPLE_CAP),
+    ("eval_tokens, distill on", True, lambda text, root: str(text), 20, None, 19),
+    ("eval_tokens, distill off", False, lambda text, root: str(text), 20, None, 19),
+    ("recipe max_tokens, distill on", True, None, None, 30, 29),
+    ("recipe max_tokens, distill off", False, None, None, 30, 29),
+    ("eval_tokens over recipe max_tokens", False, None, 20, 30, 19),
+]
+
+
+@pytest.mark.parametrize("distill, make_data, eval_tokens, max_tokens, cap", [c[1:] for c in CAP_CASES],
+                         ids=[c[0] for c in CAP_CASES])
+def test_no_perplexity_stage_scores_more_ids_than_the_cap(tiny_folder, tmp_path, monkeypatch, distill, make_data,
+                                                          eval_tokens, max_tokens, cap):
+    from kroncompress import pipeline_data
+
+    monkeypatch.setattr(pipeline_data, "MAX_VALIDATION_BLOCKS", SAMPLE_BLOCKS)
+    folder, text = tiny_folder
+    sections = {"distill": {"teacher": "original", "data": {"files": [str(text)], "block_size": DATA_BLOCK},
+                            "train": {"batch_size": 2, "grad_accum": 1}}}
+    if max_tokens is not None:
+        sections["evaluate"] = {"perplexity": {"files": [str(text)], "split": "train", "block_size": 16, "stride": 8,
+                                               "max_tokens": max_tokens}}
+    data = make_data(text, tmp_path) if make_data is not None else None
+    report = kc.run_pipeline(folder, _recipe({"ratio": 2}, **sections), tmp_path / "out", data=data, distill=distill,
+                             max_steps=1, measure_speed=False, progress=False, eval_tokens=eval_tokens)
+    stages = {"teacher", "compressed", "distilled"} if distill else {"teacher", "compressed"}
+    assert set(report["perplexity"]) == stages
+    for stage in stages:
+        assert 0 < report["perplexity"][stage]["tokens"] <= cap, (stage, report["perplexity"][stage])
+    assert report["perplexity"]["teacher"]["tokens"] == report["perplexity"]["compressed"]["tokens"]
+
+
+@pytest.mark.parametrize("data", ["file", "in-memory strings"])
+def test_a_run_without_distillation_scores_the_same_held_out_ids_as_one_with_it(tiny_folder, tmp_path, data):
+    folder, text = tiny_folder
+    given = str(text) if data == "file" else text.read_text().splitlines()
+    recipe = _recipe({"ratio": 2}, distill={"teacher": "original", "data": {"block_size": DATA_BLOCK},
+                                            "train": {"batch_size": 2, "grad_accum": 1}})
+    teacher = [kc.run_pipeline(folder, recipe, tmp_path / f"out-{distill}", data=given, distill=distill, max_steps=1,
+                               measure_speed=False, progress=False)["perplexity"]["teacher"] for distill in (True, False)]
+    assert teacher[0]["tokens"] == teacher[1]["tokens"] and teacher[0]["block_size"] == teacher[1]["block_size"]
+    assert teacher[0]["perplexity"] == teacher[1]["perplexity"]  # the same model on the same ids

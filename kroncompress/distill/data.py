@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 # re-exported: every name is importable from kroncompress.distill.data, as before the split
+from kroncompress.distill.bos import block_bos
 from kroncompress.distill.documents import (  # noqa: F401
     SPLIT_NAMES, TEXT_SUFFIXES, check_spec_files, check_text_files, file_split, folder_splits, load_text, resolve_files,
     validation_split,
@@ -50,14 +51,37 @@ from kroncompress.distill.tokens import (  # noqa: F401
 )
 
 
-def pack_blocks(ids: torch.Tensor | list[int], block_size: int) -> torch.Tensor:
+def pack_blocks(ids: torch.Tensor | list[int], block_size: int, bos_token_id: int | None = None) -> torch.Tensor:
     """Pack a 1-D id stream into an (N, block_size) LongTensor of consecutive blocks; the remainder
-    (fewer than block_size trailing tokens) is dropped."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    (fewer than block_size trailing tokens) is dropped. With `bos_token_id`, every block is that id followed
+    by the next block_size - 1 ids of the stream."""
+    if block_size < (1 if bos_token_id is None else 2):
+        raise ValueError(f"block_size must be >= {1 if bos_token_id is None else 2}"
+                         f"{' (BOS and one token)' if bos_token_id is not None else ''}, got {block_size}")
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    count = ids.numel() // block_size
-    return ids[: count * block_size].reshape(count, block_size)
+    size = block_size - (bos_token_id is not None)
+    count = ids.numel() // size
+    blocks = ids[: count * size].reshape(count, size)
+    if bos_token_id is not None:
+        blocks = torch.cat([torch.full((count, 1), int(bos_token_id), dtype=torch.long), blocks], dim=1)
+    return blocks
+
+
+def token_input(spec: Any) -> bool:
+    """Whether a spec's data is token ids (a tensor, or a dataset with `input_ids` and no text column)."""
+    s = text_spec(spec)
+    if s.kind != "inline":
+        return False
+    if isinstance(s.inline, torch.Tensor):
+        return True
+    columns = getattr(s.inline, "column_names", None) or ()
+    return s.column not in columns and "input_ids" in columns
+
+
+def spec_bos(spec: Any, tokenizer) -> int | None:
+    """The id every block of a spec's text starts with (its `bos` setting, see kroncompress.distill.bos)."""
+    s = text_spec(spec)
+    return block_bos(s.bos, tokenizer, token_ids=token_input(s))
 
 
 def split_blocks(blocks: torch.Tensor, validation_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +101,8 @@ def split_blocks(blocks: torch.Tensor, validation_fraction: float, seed: int = 0
 def build_datasets(spec: Any, tokenizer, block_size: int | None = None, cache_dir: str | os.PathLike | None = None,
                    *, max_tokens: int | None = None, seed: int = 0,
                    use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_blocks, validation_blocks), each an (N, block_size) LongTensor.
+    """(train_blocks, validation_blocks), each an (N, block_size) LongTensor, every block opening with BOS
+    when the spec's `bos` says so (see kroncompress.distill.bos).
 
     Validation is a seeded `validation_fraction` of the train blocks when that is > 0, else the source's
     own validation split (`validation_split`; its full text, `fraction` applies to training only), else
@@ -86,8 +111,9 @@ def build_datasets(spec: Any, tokenizer, block_size: int | None = None, cache_di
     """
     s = text_spec(spec)
     size = int(block_size or s.block_size)
+    bos = spec_bos(s, tokenizer)
     train_ids = token_stream(s, tokenizer, s.split, max_tokens=max_tokens, cache_dir=cache_dir, use_cache=use_cache)
-    train = pack_blocks(train_ids, size)
+    train = pack_blocks(train_ids, size, bos)
     if len(train) == 0:
         raise ValueError(f"data: {s.describe()} has {train_ids.numel()} tokens, fewer than one block of {size}; "
                          "add text or lower block_size")
@@ -97,7 +123,7 @@ def build_datasets(spec: Any, tokenizer, block_size: int | None = None, cache_di
     if other is None:
         return train, torch.zeros(0, size, dtype=torch.long)
     held_out = dataclasses.replace(s, split=other, fraction=1.0)
-    return train, pack_blocks(token_stream(held_out, tokenizer, other, cache_dir=cache_dir, use_cache=use_cache), size)
+    return train, pack_blocks(token_stream(held_out, tokenizer, other, cache_dir=cache_dir, use_cache=use_cache), size, bos)
 
 
 class BlockDataset(torch.utils.data.Dataset):

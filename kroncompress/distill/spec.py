@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
+from kroncompress.distill.bos import check_bos
 from kroncompress.distill.corpora import get_corpus, list_corpora
 
 DEFAULT_SOURCE = "shakespeare"
@@ -40,6 +41,7 @@ class TextSpec:
     validation_fraction: float = 0.0
     separator: str = "eos"
     column: str = TEXT_COLUMN
+    bos: Any = "auto"  # BOS at the start of every block: "auto", True or False (see kroncompress.distill.bos)
     inline: Any = field(default=None, compare=False, repr=False)  # in-memory data (see `in_memory`)
 
     @property
@@ -156,6 +158,7 @@ def text_spec(spec: Any = None, **overrides) -> TextSpec:
         raise ValueError(f"data: validation_fraction must be in [0, 1), got {result.validation_fraction}")
     if int(result.block_size) < 1:
         raise ValueError(f"data: block_size must be >= 1, got {result.block_size}")
+    check_bos(result.bos)
     return result
 
 

@@ -77,7 +77,7 @@ def as_dataset(data: Any, *, tokenizer: Any = None, block_size: int = 1024,
         return BlockDataset(data.long())
     if isinstance(data, (list, tuple)) and data and not isinstance(data[0], str):
         return BlockDataset(torch.as_tensor(data, dtype=torch.long))  # nested lists of ids
-    from kroncompress.distill.data import model_tokenizer, pack_blocks, text_spec, token_stream
+    from kroncompress.distill.data import model_tokenizer, pack_blocks, spec_bos, text_spec, token_stream
 
     spec = text_spec(data)
     size = spec.block_size if isinstance(data, dict) and "block_size" in data else block_size
@@ -85,7 +85,7 @@ def as_dataset(data: Any, *, tokenizer: Any = None, block_size: int = 1024,
         spec.column not in (getattr(spec.inline, "column_names", None) or (spec.column,)))
     if not tokens_only:
         tokenizer = model_tokenizer(model, tokenizer, needed_for="distill on text")
-    return BlockDataset(pack_blocks(token_stream(spec, tokenizer), int(size)))
+    return BlockDataset(pack_blocks(token_stream(spec, tokenizer), int(size), spec_bos(spec, tokenizer)))
 
 
 # -- progress -----------------------------------------------------------------------------------------

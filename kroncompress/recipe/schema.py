@@ -136,6 +136,7 @@ class DataConfig:
     streaming: bool = False
     validation_fraction: float = 0.0
     column: str = "text"  # the text column of a dataset
+    bos: str | bool = "auto"  # BOS at the start of every block: auto (when the tokenizer adds one), true, false
 
 
 @dataclass

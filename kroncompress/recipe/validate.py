@@ -105,6 +105,7 @@ _unit_open_closed = _Check(lambda v: 0 < v <= 1, "in (0, 1]")
 _unit_closed_open = _Check(lambda v: 0 <= v < 1, "in [0, 1)")
 _SCHEDULES = ("cosine", "linear", "constant")
 _schedule = _Check(lambda v: v in _SCHEDULES, f"one of {', '.join(_SCHEDULES)}")
+_bos = _Check(lambda v: v == "auto" or isinstance(v, bool), "one of auto, true, false")
 _not_blank = _Check(lambda v: bool(v.strip()), "a non-empty string")
 
 
@@ -210,6 +211,7 @@ def _parse_data(node: _Node) -> DataConfig:
         streaming=node.get("streaming", (bool,), False),
         validation_fraction=node.get("validation_fraction", (int, float), 0.0, _unit_closed_open),
         column=node.get("column", (str,), "text"),
+        bos=node.get("bos", (str, bool), "auto", _bos),
     )
     _check_one_text_source(node, data)
     return data
