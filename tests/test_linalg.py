@@ -370,3 +370,31 @@ def test_kron_matmul_fuses_the_bias(rank, a_shape, b_shape):
     bias = torch.randn(a_shape[0] * b_shape[0], generator=g, dtype=torch.float64)
     expected = x @ kc.kron_sum(A, B).T + bias
     torch.testing.assert_close(kc.kron_matmul(x, A, B, bias), expected, rtol=1e-12, atol=1e-12)
+
+
+# Gemma 3 270M's block weights (out x in): ratio 2 with rank auto offered shapes with 40-287 terms
+GEMMA_SHAPES = [(640, 2048), (2048, 640), (640, 1024), (1024, 640), (640, 640)]
+
+
+@pytest.mark.parametrize("m, n", GEMMA_SHAPES)
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_rank_auto_offers_only_shapes_whose_als_costs_a_bounded_number_of_svds(m, n, ratio):
+    from kroncompress.linalg.shapes import ALS_FLOPS_FREE, MAX_ALS_COST, als_cost, whitened_svd_cost
+
+    offered = kc.kronecker_shapes(m, n, ratio=ratio, rank="auto")
+    assert offered
+    for s in offered:
+        cost = als_cost(m, n, s.a_shape, s.b_shape, s.rank)
+        assert cost <= max(MAX_ALS_COST * whitened_svd_cost(m, n), ALS_FLOPS_FREE), s
+        # so the systems stay small: (r n1)^3 alone is within the bound, and r is at most 40 on these shapes
+        assert s.rank <= 40, s
+        assert s.rank * s.a_shape[1] <= max(MAX_ALS_COST * whitened_svd_cost(m, n), ALS_FLOPS_FREE) ** (1 / 3), s
+    unbounded = kc.kronecker_shapes(m, n, ratio=ratio, rank="auto", max_als_cost=None)
+    if (m, n, ratio) == (640, 2048, 2):  # what the issue saw: without the rule, shapes of 287 terms
+        assert max(s.rank for s in unbounded) == 287 and max(s.rank for s in offered) <= 40
+
+
+def test_rank_auto_with_no_affordable_shape_says_why():
+    with pytest.raises(ValueError, match="ALS sweep costs more than 0.1 whitened SVDs.*fixed rank"):
+        kc.kronecker_shapes(640, 2048, ratio=2, rank="auto", max_als_cost=0.1)
+    kc.kronecker_shapes(640, 2048, ratio=2, rank=1, max_als_cost=0.1)  # a fixed rank is the user's choice

@@ -156,3 +156,74 @@ def test_rejects_bad_inputs():
         weighted_kronecker_als(E, TokenStatistics(torch.ones(12), torch.eye(5)), (4, 3), (3, 2))
     with pytest.raises(ValueError, match=">= 0"):
         weighted_kronecker_als(E, TokenStatistics(-torch.ones(12)), (4, 3), (3, 2))
+
+
+# Several terms with a head term and unseen tokens (issue: rank auto on a tiny Gemma embedding failed with
+# "Pivots given to lu_solve"): shapes whose row systems are (r k x r k) with r up to min(m1 n1, m2 n2).
+SEVERAL_TERMS = [((4, 3), (3, 2)), ((2, 16), (16, 1)), ((16, 1), (2, 16)), ((2, 4), (16, 4))]
+
+
+@pytest.mark.parametrize("threads_changed", [False, True])
+@pytest.mark.parametrize("with_head", [False, True])
+@pytest.mark.parametrize("a_shape, b_shape", SEVERAL_TERMS)
+@pytest.mark.parametrize("rank", [1, 2, 3, "max"])
+def test_several_terms_with_unseen_tokens_never_do_worse_than_the_weight_only_nkp(
+        a_shape, b_shape, rank, with_head, threads_changed):
+    rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1]) if rank == "max" else rank
+    E = table(a_shape, b_shape, seed=6).float()  # float32 like a model's table
+    counts = zipf_counts(E.shape[0], 7, zeros=E.shape[0] // 3)
+    stats = TokenStatistics(counts, head_moment(E.shape[1], 8) if with_head else None)
+    threads = torch.get_num_threads()
+    if threads_changed:  # what lapack_threads does around every eigh: batched LU solves broke after it
+        torch.set_num_threads(1)
+        torch.set_num_threads(max(threads, 2))
+    try:
+        result = weighted_kronecker_als(E, stats, a_shape, b_shape, rank, start="nkp", max_sweeps=4, tol=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(result.a).all() and torch.isfinite(result.b).all()
+    w, Ch = embedding_weights(E, counts, stats.head)
+    A, B = nearest_kronecker(E.double(), a_shape, b_shape, rank=rank)
+    start = weighted_objective(E, kron_sum(A, B), w, Ch)
+    # the factors come back in float32: the objective may move by the rounding of a float32 table
+    slack = 1e2 * torch.finfo(torch.float32).eps * E.shape[1]
+    assert weighted_objective(E, kron_sum(result.a, result.b), w, Ch) <= start * (1 + slack) + slack
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_collinear_terms_get_the_minimum_norm_step_not_a_failure(with_head):
+    """Two equal terms make every row system singular: the step is still an exact minimiser."""
+    a_shape, b_shape = (4, 3), (3, 2)
+    E = table(a_shape, b_shape, seed=7)
+    counts = zipf_counts(E.shape[0], 9, zeros=4)
+    stats = TokenStatistics(counts, head_moment(E.shape[1], 10) if with_head else None)
+    A, B = nearest_kronecker(E, a_shape, b_shape, rank=1)
+    start = (torch.stack([A, A]) / 2, torch.stack([B, B]))
+    result = weighted_kronecker_als(E, stats, a_shape, b_shape, 2, start=start, max_sweeps=6, tol=0)
+    assert torch.isfinite(result.a).all() and torch.isfinite(result.b).all()
+    assert all(b <= a * (1 + 1e3 * EPS) for a, b in zip(result.history, result.history[1:])), result.history
+    w, Ch = embedding_weights(E, counts, stats.head)
+    (v1, d1), (v2, d2) = a_shape, b_shape
+    F4 = (w[:, None] * E + (E @ Ch if with_head else 0)).reshape(v1, v2, d1, d2)
+    C4 = Ch.reshape(d1, d2, d1, d2) if with_head else None
+    step = _a_step(start[1], F4, w.reshape(v1, v2), C4)
+    # B_1 = B_2: the minimiser is not unique, but the minimum is the one-term step's (a regular system)
+    single = _a_step(start[1][:1], F4, w.reshape(v1, v2), C4)
+    reached = [weighted_objective(E, kron_sum(step, start[1]), w, Ch), weighted_objective(E, kron_sum(single, start[1][:1]), w, Ch)]
+    assert reached[0] == pytest.approx(reached[1], rel=1e3 * EPS ** 0.5)
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [((16, 3), (1, 2)), ((4, 3), (3, 2))])
+def test_one_term_with_unseen_tokens_keeps_the_closed_form(a_shape, b_shape):
+    """r = 1 and Kronecker-structured counts with zeros (floor 0): ALS from the closed form stays on it."""
+    E = table(a_shape, b_shape, seed=8)
+    (v1, _), (v2, _) = a_shape, b_shape
+    f1, f2 = zipf_counts(v1, 11, zeros=v1 // 4), zipf_counts(v2, 12) + 1
+    counts = (f1[:, None] * f2[None, :]).reshape(-1)
+    w, _ = embedding_weights(E, counts, floor=0.0)
+    A, B = kronecker_weighted_nkp(E, w, a_shape, b_shape, 1)
+    closed = weighted_objective(E, kron_sum(A, B), w)
+    result = weighted_kronecker_als(E, TokenStatistics(counts), a_shape, b_shape, 1, start="kron", max_sweeps=6,
+                                    tol=0, floor=0.0)
+    assert torch.isfinite(result.a).all() and torch.isfinite(result.b).all()
+    assert result.history[-1] ** 2 == pytest.approx(closed, rel=1e3 * EPS ** 0.5, abs=1e3 * EPS)

@@ -10,6 +10,13 @@ With calibration statistics (`stats`, the layer's damped input second moment C),
 the output error tr((W - W^) C (W - W^)^T) instead, which is what predicts model quality: first by a cheap
 proxy (the Kronecker-factored whitening NKP, exact when C is a Kronecker product), then the `shortlist`
 best are refined by a few ALS sweeps and re-ranked by the output error they reach.
+
+ALS cost rule (rank "auto"): a sweep of ALS on a shape with r terms solves systems of size r n1 and r n2
+and assembles them from (r n)^2 products, about (r n1)^3 + (r n2)^3 + r^2 n^2 flops (`als_cost`). With
+as many terms as the budget allows, Gemma's 640 x 2048 weights at ratio 2 got 123-287 terms and systems of
+up to 300k unknowns. A shape is offered only when its sweep costs at most MAX_ALS_COST times a whitened
+SVD of the same matrix (m n min(m, n) + n^3, `whitened_svd_cost`) or at most ALS_FLOPS_FREE flops (small
+matrices are never limited); if none is left, ValueError says so.
 """
 
 from __future__ import annotations
@@ -21,6 +28,21 @@ import torch
 
 from kroncompress.linalg.kronecker import kron_rearrange
 from kroncompress.linalg.svd import top_singular_values
+
+
+ALS_FLOPS_FREE = 10 ** 9  # sweeps cheaper than this (well under a second) are never excluded: small matrices
+MAX_ALS_COST = 4  # an ALS sweep of an offered rank-auto shape costs at most this many whitened SVDs
+
+
+def als_cost(m: int, n: int, a_shape, b_shape, rank: int) -> int:
+    """Flops of one ALS sweep, to leading order: the (r n1) and (r n2) systems and their assembly."""
+    (_, n1), (_, n2) = a_shape, b_shape
+    return (rank * n1) ** 3 + (rank * n2) ** 3 + rank * rank * n * n
+
+
+def whitened_svd_cost(m: int, n: int) -> int:
+    """Flops of a whitened SVD of an m x n weight to leading order: the SVD and the n x n eigensolve."""
+    return m * n * min(m, n) + n ** 3
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,7 @@ def kronecker_shapes(
     shortlist: int = 3,
     sweeps: int = 2,
     problem=None,
+    max_als_cost: float | None = MAX_ALS_COST,
 ) -> list[KroneckerShape]:
     """Feasible factor shapes for an m x n matrix under `ratio` (m n / params) or a parameter `budget`.
 
@@ -81,7 +104,8 @@ def kronecker_shapes(
     otherwise by parameters used, then by the smaller B factor. With `weight` and `stats`, the score is
     the output energy kept, 1 - oerr^2 (see the module docs; `shortlist`, `sweeps`: the ALS refinement;
     `problem`: a `KroneckerProblem` of weight and stats to reuse, e.g. one whose MomentCache is shared by
-    the weights that read the same input).
+    the weights that read the same input). `max_als_cost`: with rank "auto", offer only shapes whose ALS
+    sweep costs at most this many whitened SVDs of the matrix (see the module docs; None: no limit).
     """
     if (ratio is None) == (budget is None):
         raise ValueError("kronecker_shapes: give exactly one of ratio= (e.g. 2.0) or budget= (a parameter count)")
@@ -114,6 +138,18 @@ def kronecker_shapes(
         )
     top = max(s.params for s in found)
     found = [s for s in found if s.params >= (1 - band) * top]
+    if rank == "auto" and max_als_cost is not None:
+        limit_cost = max(max_als_cost * whitened_svd_cost(m, n), ALS_FLOPS_FREE)
+        affordable = [s for s in found if als_cost(m, n, s.a_shape, s.b_shape, s.rank) <= limit_cost]
+        if not affordable:
+            cheapest = min(found, key=lambda s: als_cost(m, n, s.a_shape, s.b_shape, s.rank))
+            ratio_cost = als_cost(m, n, cheapest.a_shape, cheapest.b_shape, cheapest.rank) / whitened_svd_cost(m, n)
+            raise ValueError(
+                f"kronecker_shapes: every Kronecker shape of a {m} x {n} matrix that fits {int(budget)} parameters "
+                f"with rank='auto' needs so many terms that one ALS sweep costs more than {max_als_cost:g} whitened "
+                f"SVDs (the cheapest, A {cheapest.a_shape} (x) B {cheapest.b_shape} with {cheapest.rank} terms, "
+                f"{ratio_cost:.3g}); use a higher ratio, a fixed rank, or strategy svd")
+        found = affordable
     found.sort(key=lambda s: (-s.params, s.b_shape[0] * s.b_shape[1], s.b_shape[0]))
     found = found[:max_candidates]
     if weight is not None and stats is not None:

@@ -130,27 +130,49 @@ def _head_matrix(fixed: torch.Tensor, C4: torch.Tensor) -> torch.Tensor:
     return G.permute(0, 2, 1, 3).reshape(r * n, r * n)
 
 
+def _spd_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm solutions of the batched symmetric PSD systems M x = rhs (M (N, n, n), rhs (N, n, k)).
+
+    Cholesky where it succeeds; a row whose M is singular (its terms collinear on that row, or an all-zero
+    weight with no head term) gets the eigen pseudo-inverse with rcond = n eps (of the dtype) times its largest
+    eigenvalue: rhs lies in M's range (both come from the same least-squares problem), so that is still an
+    exact minimiser and the sweep cannot increase the objective. No LU: batched LU solves on CPU fail with
+    "Pivots given to lu_solve" after the thread count was changed (torch 2.x with MKL, as lapack_threads does)
+    even for well-conditioned SPD systems, and a relative jitter cannot repair either failure."""
+    L, info = torch.linalg.cholesky_ex(M)
+    out = torch.cholesky_solve(rhs, L)
+    n = M.shape[-1]
+    # a factor that "succeeds" on a numerically singular M is no better: check the pivots against n eps
+    pivots = L.diagonal(dim1=-2, dim2=-1).pow(2)
+    scale = M.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(M.dtype).tiny)
+    bad = (info != 0) | ~torch.isfinite(out).flatten(1).all(1) | (pivots.amin(-1) <= n * torch.finfo(M.dtype).eps * scale)
+    if bad.any():
+        evals, Q = torch.linalg.eigh(M[bad])
+        cut = n * torch.finfo(M.dtype).eps * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
+        inverse = torch.where(evals > cut, 1 / evals.clamp_min(torch.finfo(M.dtype).tiny), torch.zeros_like(evals))
+        out[bad] = Q @ (inverse[..., None] * (Q.mT @ rhs[bad]))
+    return out
+
+
 def _solve_rows(K: torch.Tensor, G: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve (K_i (x) I + G) x_i = rhs_i for every row i; K (N, r, r), G (r k x r k) or None, rhs (N, r, k)."""
+    """Solve (K_i (x) I + G) x_i = rhs_i for every row i (minimum norm where singular); K (N, r, r),
+    G (r k x r k) or None, rhs (N, r, k)."""
     N, r, k = rhs.shape
     if G is None:
-        jitter = 1e-13 * K.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-        K = K + jitter[:, None, None] * torch.eye(r, dtype=K.dtype, device=K.device)
-        return torch.linalg.solve(K, rhs)
+        return _spd_solve(K, rhs)
     with lapack_threads(G):
         evals, Q = torch.linalg.eigh((G + G.T) / 2)
     if r == 1:  # shifted systems: one eigendecomposition serves every row
-        y = (rhs[:, 0] @ Q) / (K[:, 0, 0, None] + evals.clamp_min(0)[None])
+        den = K[:, 0, 0, None] + evals.clamp_min(0)[None]
+        cut = k * torch.finfo(den.dtype).eps * den.amax(-1, keepdim=True)
+        y = (rhs[:, 0] @ Q) * torch.where(den > cut, 1 / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
         return (y @ Q.T)[:, None]
     eye = torch.eye(k, dtype=K.dtype, device=K.device)
     out = torch.empty_like(rhs)
     step = max(1, _SYSTEM_ELEMENTS // (r * k) ** 2)
     for s in range(0, N, step):
-        M = torch.einsum("nrs,jk->nrjsk", K[s:s + step], eye).reshape(-1, r * k, r * k) + G
-        # the same relative jitter as the head-free branch: a row whose terms are collinear is singular
-        jitter = 1e-13 * M.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-        M = M + jitter[:, None, None] * torch.eye(r * k, dtype=M.dtype, device=M.device)
-        out[s:s + step] = torch.linalg.solve(M, rhs[s:s + step].reshape(-1, r * k, 1)).reshape(-1, r, k)
+        M = torch.einsum("nrs,jk->nrjsk", K[s:s + step], eye).reshape(-1, r * k, r * k) + (G + G.T) / 2
+        out[s:s + step] = _spd_solve(M, rhs[s:s + step].reshape(-1, r * k, 1)).reshape(-1, r, k)
     return out
 
 

@@ -157,7 +157,9 @@ class KroneckerStrategy(Strategy):
         try:
             closest = kronecker_shapes(m, n, ratio=cfg.ratio, rank=cfg.rank, weight=None,
                                        allow_degenerate=cfg.allow_degenerate)[0]
-        except ValueError:
+        except ValueError as exc:
+            if "ALS sweep" in str(exc):  # shapes exist, but rank auto gives them too many terms to fit
+                raise config_error("kronecker", "rank", str(exc).removeprefix("kronecker_shapes: ")) from None
             closest = None
         if closest is None:
             smallest = min((m1 * n1 + (m // m1) * (n // n1), m1, n1) for m1 in divisors(m) for n1 in divisors(n)
