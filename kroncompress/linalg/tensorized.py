@@ -390,12 +390,12 @@ def tucker_matmul(x: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.T
     d = core.dim() // 2
     in_order, out_order = orders
     t = x.reshape(x.shape[0], *(f.shape[0] for f in factors[d:]))
-    for k in in_order:
-        t = _mode_dot(t, factors[d + k].T, 1 + k)
+    for k in in_order:  # batched GEMMs on (before, dim, after) views: no movedim copies (see _mode_product)
+        t = _mode_product(t, factors[d + k], 1 + k)
     out_ranks = core.shape[:d]
     t = (t.reshape(t.shape[0], -1) @ core.reshape(math.prod(out_ranks), -1).T).reshape(t.shape[0], *out_ranks)
     for k in out_order:
-        t = _mode_dot(t, factors[k], 1 + k)
+        t = _mode_product(t, factors[k].T, 1 + k)
     return t.reshape(t.shape[0], -1)
 
 

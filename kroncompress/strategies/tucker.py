@@ -23,7 +23,7 @@ from kroncompress.linalg.tensorized import (
     balanced_factors, solve_ranks, tucker_ranks_problem, tucker_decompose, tucker_matmul_flops, tucker_max_ranks, tucker_params,
     tucker_params_grid,
 )
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
+from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
@@ -113,8 +113,10 @@ class TuckerConfig(StrategyConfig):
     n_iter_max: int = 25
     tol: float = 1e-4  # stop HOOI once the relative error moves less than this per sweep
     random_state: int = 0
+    forward_mode: str = "factored"  # or "dense": W built once next to the factors (see FactorizedLinear)
 
     def __post_init__(self):
+        check_forward_mode("tucker", self.forward_mode)
         check_tensor_options("tucker", self, "ranks")
 
 
