@@ -42,7 +42,9 @@ from kroncompress.evaluate import generation_throughput, max_positions, throughp
 from kroncompress.layers import FactorizedLinear, KroneckerTiedHead  # noqa: E402
 
 DEMO_RECIPES = ("kn-gpt2", "kn-gpt2-mlp", "svd-gpt2", "tucker-gpt2", "tt-gpt2", "distilgpt2")
-GPT2_SMALL_RECIPES = ("kn-gpt2", "svd-gpt2", "distilgpt2")
+GPT2_SMALL_RECIPES = DEMO_RECIPES
+# variants also timed with every factorised layer in forward_mode "dense" (W built once: memory for speed)
+DENSE_MODE_RECIPES = ("tucker-gpt2", "tt-gpt2")
 
 
 def matmul_flops_per_token(model: nn.Module) -> int:
@@ -51,12 +53,43 @@ def matmul_flops_per_token(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, FactorizedLinear):
-            total += module.flops_per_token()
+            total += module.dense_flops_per_token() if module.forward_mode == "dense" else module.flops_per_token()
         elif isinstance(module, KroneckerTiedHead):
             total += module.tied_to.projection_flops_per_token()
         elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             total += 2 * module.weight.numel()
     return total
+
+
+def matmul_kernels(model: nn.Module) -> int:
+    """Matrix-product kernels per forward over the weight matrices: 1 per dense matrix, and per factorised
+    layer the contractions its factored forward runs (low-rank, Kronecker, CP: 2; Tucker: 2 d + 1; TT: d)."""
+    from kroncompress.layers import CPLinear, KroneckerLinear, LowRankLinear, TTLinear, TuckerLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            if module.forward_mode == "dense" or isinstance(module, (LowRankLinear, KroneckerLinear, CPLinear)):
+                total += 1 if module.forward_mode == "dense" else 2
+            elif isinstance(module, TuckerLinear):
+                total += 2 * len(module.out_shape) + 1
+            elif isinstance(module, TTLinear):
+                total += len(module.out_shape)
+        elif isinstance(module, KroneckerTiedHead):
+            total += 2
+        elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            total += 1
+    return total
+
+
+def dense_mode_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            module.forward_mode = "dense"
+    return model
 
 
 def variant_recipe(recipe: str, num_layers: int) -> dict:
@@ -77,6 +110,8 @@ def build_variants(name: str, original: nn.Module, recipes: tuple[str, ...], num
             kc.compress(model, variant_recipe(recipe, num_layers))
         print(f"{name}: {recipe} compressed in {time.perf_counter() - start:.1f} s", flush=True)
         variants.append((recipe, model.eval()))
+        if recipe in DENSE_MODE_RECIPES:
+            variants.append((f"{recipe}, forward_mode dense", dense_mode_copy(model).eval()))
     return variants
 
 
@@ -102,7 +137,7 @@ def measure(variants: list[tuple[str, nn.Module]], device: torch.device, rounds:
     rows = []
     for name, model in variants:
         rows.append({"variant": name, "params": sum(p.numel() for p in model.parameters()),
-                     "flops": matmul_flops_per_token(model),
+                     "flops": matmul_flops_per_token(model), "kernels": matmul_kernels(model),
                      "forward": statistics.median(forward[name]), "forward_spread": _spread(forward[name]),
                      "generate": statistics.median(generate[name]), "generate_spread": _spread(generate[name])})
         model.to("cpu")
@@ -184,17 +219,33 @@ def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
 
 
+def why_slower(row: dict, base: dict, what: str) -> str:
+    """The number behind a speed-up < 1.0x: more matmul FLOPs per token than the original, or (fewer FLOPs,
+    fewer weight bytes) more, smaller matmul kernels per forward, whose fixed cost dominates at small widths
+    and at batch 1 (generation reads each weight once per token: bytes ~ parameters)."""
+    speed = row[what] / base[what]
+    if speed >= 1.0:
+        return ""
+    if row["flops"] > base["flops"]:
+        return f"{what}: {row['flops'] / base['flops']:.2f}x the FLOPs"
+    if row["kernels"] <= base["kernels"]:
+        return f"{what}: no more FLOPs or kernels than the original: measurement noise (see the spread)"
+    return (f"{what}: {base['flops'] / row['flops']:.2f}x fewer FLOPs, {base['params'] / row['params']:.2f}x fewer weight bytes, "
+            f"but {row['kernels'] / base['kernels']:.2f}x the matmul kernels ({row['kernels']} vs {base['kernels']})")
+
+
 def table(title: str, rows: list[dict], batch: int, seq_len: int, new_tokens: int) -> list[str]:
     base = rows[0]
     lines = [f"### {title}", "",
              f"| variant | parameters | params ratio | matmul FLOPs/token ratio | forward tokens/s ({batch} x {seq_len}) | "
-             f"forward speed-up | generation tokens/s (batch 1, {new_tokens} new) | generation speed-up | round-to-round spread (fwd / gen) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"forward speed-up | generation tokens/s (batch 1, {new_tokens} new) | generation speed-up | round-to-round spread (fwd / gen) | why < 1.0x |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        why = "; ".join(filter(None, (why_slower(row, base, "forward"), why_slower(row, base, "generate"))))
         lines.append(f"| {row['variant']} | {row['params']:,} | {base['params'] / row['params']:.2f}x | "
                      f"{base['flops'] / row['flops']:.2f}x | {row['forward']:,.0f} | {row['forward'] / base['forward']:.2f}x | "
                      f"{row['generate']:,.1f} | {row['generate'] / base['generate']:.2f}x | "
-                     f"{row['forward_spread']:.0%} / {row['generate_spread']:.0%} |")
+                     f"{row['forward_spread']:.0%} / {row['generate_spread']:.0%} | {why} |")
     return lines + [""]
 
 
@@ -322,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="*", default=None, metavar="VARIANT",
                         help="also time torch.compile (inductor) forward of these variants of the small model "
                              "(no names: original and kn-gpt2); compiling takes minutes on 2 CPU cores")
-    parser.add_argument("--recipes", nargs="+", default=None, help="variants of the small model (default: every bundled recipe)")
+    parser.add_argument("--recipes", nargs="+", default=None, help="variants of both models (default: every bundled recipe)")
     parser.add_argument("--saved-recipe", default="kn-gpt2", help="the recipe of the saved-vs-in-memory table")
     parser.add_argument("--saved-new-tokens", type=int, default=128, help="tokens generated per run in that table")
     parser.add_argument("--no-saved", dest="saved", action="store_false", help="skip the saved-vs-in-memory table")
@@ -350,7 +401,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
     layers = num_layers_of(args.model)
     models.append((f"`{args.model}` ({layers} blocks)", build_variants(args.model, original, tuple(args.recipes or DEMO_RECIPES), layers)))
     if args.gpt2_small:
-        models.append(("GPT-2-small shapes (12 blocks, random weights)", build_variants("gpt2-small", gpt2_small(), GPT2_SMALL_RECIPES, 12)))
+        models.append(("GPT-2-small shapes (12 blocks, random weights)",
+                       build_variants("gpt2-small", gpt2_small(), tuple(args.recipes or GPT2_SMALL_RECIPES), 12)))
     sections = []
     for device in devices:
         device_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
@@ -372,8 +424,12 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
              f"Median of {args.rounds} interleaved rounds. Forward: {args.forward_repeats} timed passes of {args.batch} x "
              f"{args.seq_len} random tokens per round, eval mode, no gradients. Generation: greedy, batch 1, a prompt of 8 "
              f"tokens then exactly {args.new_tokens} new ones with the KV cache. Variants are the bundled recipes at the "
-             "kn-gpt2 budget (distilgpt2: 2/3 of the blocks kept), decomposed weight-only. The FLOP ratio counts the "
-             "weight matrices and the LM head only.", ""]
+             "kn-gpt2 budget (distilgpt2: 2/3 of the blocks kept), decomposed weight-only; \"forward_mode dense\" rows "
+             "are the same model with W built once per factorised layer (memory for speed: the parameter column "
+             "counts the factors only, the cached W adds the original's matrix size). The FLOP ratio counts the "
+             "weight matrices and the LM head only; \"why < 1.0x\" gives the number behind a slow-down: more FLOPs, "
+             "or (fewer FLOPs) more matmul kernels per forward, whose fixed cost dominates at small widths and "
+             "at batch 1.", ""]
     for title, rows in sections:
         lines += table(title, rows, args.batch, args.seq_len, args.new_tokens)
     if compiled:

@@ -210,8 +210,12 @@ def test_speed_benchmark_end_to_end(speed, tiny_folder, tmp_path):
     sections = speed.main(["--model", str(folder), "--no-gpt2-small", "--rounds", "1", "--batch", "2", "--seq-len", "16",
                            "--new-tokens", "4", "--forward-repeats", "1", "--devices", "cpu", "--output", str(output)])
     (title, rows), = sections
-    assert [r["variant"] for r in rows] == ["original", *speed.DEMO_RECIPES]
+    expected = [v for r in speed.DEMO_RECIPES for v in (r, f"{r}, forward_mode dense")[: 2 if r in speed.DENSE_MODE_RECIPES else 1]]
+    assert [r["variant"] for r in rows] == ["original", *expected]
     assert all(r["forward"] > 0 and r["generate"] > 0 for r in rows)
+    dense_rows = [r for r in rows if r["variant"].endswith("forward_mode dense")]
+    twins = {r["variant"]: r for r in rows}
+    assert dense_rows and all(r["kernels"] < twins[r["variant"].split(",")[0]]["kernels"] for r in dense_rows)  # one GEMM per layer
     assert all(r["params"] < rows[0]["params"] for r in rows[1:])
     report = output.read_text()
     assert report.count("| original |") == 2 and "forward speed-up" in report  # the speed table and the saved one

@@ -128,7 +128,7 @@ def test_broken_entry_point_names_itself(isolated_registry, monkeypatch, target,
 
 def test_strategy_takes_a_config_or_options_not_both():
     config = kc.get_strategy("svd").Config(rank=2)
-    assert kc.get_strategy("svd")(config).options() == {"rank": 2, "ratio": None, "init": "auto"}
+    assert kc.get_strategy("svd")(config).options() == {"rank": 2, "ratio": None, "init": "auto", "forward_mode": "factored"}
     with pytest.raises(TypeError, match="not both"):
         kc.get_strategy("svd")(config, rank=3)
 

@@ -219,3 +219,16 @@ def test_tt_both_sweep_directions_agree(right_to_left):
     assert torch.allclose(got, x @ layer.dense_weight().T, atol=1e-12)
     assert layer.flops_per_token() == min(tt_matmul_flops(layer.out_shape, layer.in_shape, layer.ranks, rtl)
                                           for rtl in (True, False))
+
+
+@pytest.mark.parametrize("out_shape,in_shape,ratio", [((24, 96), (24, 32), 2), ((24, 32), (48, 64), 4), ((4, 6), (2, 3), 3),
+                                                      ((12, 16, 16), (8, 8, 12), 8)])
+def test_vectorised_tucker_rank_search_matches_the_loop(out_shape, in_shape, ratio):
+    from kroncompress.linalg import tensorized as tz
+    from kroncompress.strategies.tucker import feasible_params
+
+    budget = math.prod(out_shape) * math.prod(in_shape) / ratio
+    params_of = feasible_params(lambda r: tz.tucker_params(out_shape, in_shape, r), tz.tucker_ranks_problem)
+    max_ranks = tz.tucker_max_ranks(out_shape, in_shape)
+    grid = tz.solve_ranks(params_of, max_ranks, budget, params_of_grid=lambda g: tz.tucker_params_grid(out_shape, in_shape, g))
+    assert grid == tz.solve_ranks(params_of, max_ranks, budget)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kroncompress.strategies import LayerPlan, get_strategy
+from kroncompress.strategies.base import with_forward_mode
 from kroncompress.surgery import CONFIG_KEY
 
 WEIGHTS_NAME = "model.safetensors"
@@ -150,7 +151,8 @@ def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: 
             raise _config_error(folder, f"{field}.plan.spec.{key}", f"must hold positive integers, got {value!r}")
     try:
         options = strategy_cls.parse_options(dict(entry.get("options", {}) or {}))
-        new = strategy_cls(config=options).build(layer_plan, None, dtype=dtype)
+        strategy = strategy_cls(config=options)
+        new = with_forward_mode(strategy, strategy.build(layer_plan, None, dtype=dtype))
     except Exception as exc:  # noqa: BLE001  any failure here comes from the edited plan
         raise _config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
                                                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 LAYOUTS = ("linear", "conv1d")
+FORWARD_MODES = ("factored", "dense")
 
 
 def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
@@ -52,7 +54,17 @@ def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> 
 
 
 class FactorizedLinear(nn.Module):
-    """Base class: subclasses define `weight_matmul(x)` (x W^T), `dense_weight()` and `spec()`."""
+    """Base class: subclasses define `weight_matmul(x)` (x W^T), `dense_weight()` and `spec()`.
+
+    `forward_mode`: "factored" (the default) applies the factors and never builds W (the form that saves
+    memory); "dense" builds W from the factors once and runs one GEMM (memory for speed: W is cached next
+    to the factors, rebuilt only when a factor changes; while the factors train, W is rebuilt every call
+    so gradients reach them). The strategies' `forward_mode` option sets it, and it is saved with the
+    plan's options, so a reloaded model keeps it.
+    """
+
+    FORWARD_MODES = FORWARD_MODES
+    forward_mode = "factored"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, layout: str, device=None, dtype=None):
         super().__init__()
@@ -65,7 +77,7 @@ class FactorizedLinear(nn.Module):
         raise NotImplementedError
 
     def dense_weight(self) -> torch.Tensor:
-        """The equivalent (out x in) weight; for export and tests, never used by forward."""
+        """The equivalent (out x in) weight; for export, tests and forward_mode "dense"."""
         raise NotImplementedError
 
     def spec(self) -> dict[str, Any]:
@@ -75,9 +87,30 @@ class FactorizedLinear(nn.Module):
     def flops_per_token(self) -> int:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight_matmul(x)
         return y + self.bias if self.bias is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_mode == "factored":
+            return self.factored_forward(x)
+        if self.forward_mode == "dense":
+            return F.linear(x, self._forward_weight(), self.bias)
+        raise ValueError(f"{type(self).__name__}.forward_mode must be one of {self.FORWARD_MODES}, got {self.forward_mode!r}")
+
+    def _forward_weight(self) -> torch.Tensor:
+        """W for forward_mode "dense": rebuilt while the factors train or under torch.compile, else cached
+        and keyed on every parameter's storage and version counter (an in-place update or .to() rebuilds)."""
+        params = [p for name, p in self.named_parameters() if name != "bias"]
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+            return self.dense_weight()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self.__dict__.get("_dense_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.dense_weight().contiguous())
+            self.__dict__["_dense_cache"] = cached
+        return cached[1]
 
     @property
     def num_params(self) -> int:

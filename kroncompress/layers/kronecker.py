@@ -30,13 +30,11 @@ class KroneckerLinear(FactorizedLinear):
     a: (r, m1, n1), b: (r, m2, n2), out = m1 m2, in = n1 n2. Forward is two batched GEMMs over the
     stacked factors (see kron_matmul), in whichever order costs fewer FLOPs.
 
-    `forward_mode` (an attribute, not saved): "factored" (the default) never builds W; "dense" builds W
-    from the factors on every call, then one GEMM. Many-term sums of balanced factors cost more FLOPs per
-    token than the dense matrix (benchmarks/results/layers.md); for large batches "dense" is then faster.
+    `forward_mode` (see FactorizedLinear): "dense" suits many-term sums of balanced factors, which cost
+    more FLOPs per token than the dense matrix (benchmarks/results/layers.md).
     """
 
-    FORWARD_MODES = ("factored", "dense")
-    forward_mode = "factored"
+    order: str | None = None  # None: the cheaper of "b_first" / "a_first" by FLOPs (see kron_matmul)
 
     def __init__(self, a_shape, b_shape, rank: int = 1, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         (m1, n1), (m2, n2) = a_shape, b_shape
@@ -60,16 +58,10 @@ class KroneckerLinear(FactorizedLinear):
         return layer
 
     def weight_matmul(self, x):
-        if self.forward_mode == "dense":
-            return x @ kron_sum(self.a, self.b).T
-        if self.forward_mode != "factored":
-            raise ValueError(f"KroneckerLinear.forward_mode must be one of {self.FORWARD_MODES}, got {self.forward_mode!r}")
-        return kron_matmul(x, self.a, self.b)
+        return kron_matmul(x, self.a, self.b, order=self.order)
 
-    def forward(self, x):
-        if self.forward_mode == "factored":  # the bias rides on the last GEMM (see kron_matmul)
-            return kron_matmul(x, self.a, self.b, self.bias)
-        return super().forward(x)
+    def factored_forward(self, x):  # the bias rides on the last GEMM (see kron_matmul)
+        return kron_matmul(x, self.a, self.b, self.bias, order=self.order)
 
     def dense_weight(self):
         return kron_sum(self.a, self.b)

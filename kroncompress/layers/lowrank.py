@@ -36,7 +36,7 @@ class LowRankLinear(FactorizedLinear):
     def weight_matmul(self, x):
         return F.linear(F.linear(x, self.v), self.u)
 
-    def forward(self, x):
+    def factored_forward(self, x):
         return F.linear(F.linear(x, self.v), self.u, self.bias)  # the bias fused into the second GEMM
 
     def dense_weight(self):

@@ -141,13 +141,18 @@ def _residual(R: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     return total.sqrt().item()
 
 
-def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+KRON_ORDERS = ("b_first", "a_first")
+
+
+def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                order: str | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with W = sum_i A_i (x) B_i (out x in), without building W.
 
     x: (..., n1 n2); A: (r, m1, n1); B: (r, m2, n2). The r terms are contracted as two batched GEMMs
     over the stacked factors; the order (B first or A first) is chosen by FLOPs. When m2 = 1 (the
     (1 x k) factors of KnGPT2) the second GEMM writes the output directly and takes the bias as addmm's
-    addend: no permute copy and no separate pass for the bias.
+    addend: no permute copy and no separate pass for the bias. `order` ("b_first" / "a_first") forces one
+    order (tests compare them).
     """
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
@@ -156,7 +161,9 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.T
     X = x.reshape(N, n1, n2)
     cost_b_first = n1 * m2 * (n2 + m1)
     cost_a_first = m1 * n2 * (n1 + m2)
-    if cost_b_first <= cost_a_first:
+    if order is not None and order not in KRON_ORDERS:
+        raise ValueError(f"kron_matmul: order must be one of {KRON_ORDERS} or None (the cheaper), got {order!r}")
+    if order == "b_first" or (order is None and cost_b_first <= cost_a_first):
         # T[N, n1, (r, m2)] = X @ B^T, then contract (r, n1) against A.
         T = X.reshape(N * n1, n2) @ B.permute(2, 0, 1).reshape(n2, r * m2)
         A_mat = A.permute(0, 2, 1).reshape(r * n1, m1)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kroncompress.layers.base import dense_weight_of
+from kroncompress.layers.base import FORWARD_MODES, FactorizedLinear, dense_weight_of
 
 KINDS = ("linear", "conv1d", "embedding")
 
@@ -75,6 +75,22 @@ class OptionError(ValueError):
 
 def config_error(strategy: str, field_name: str | None, problem: str) -> OptionError:
     return OptionError(strategy, field_name, problem)
+
+
+def check_forward_mode(strategy: str, value) -> None:
+    """The `forward_mode` option of a factorising strategy (see FactorizedLinear)."""
+    if value not in FORWARD_MODES:
+        raise config_error(strategy, "forward_mode", f"must be one of {', '.join(FORWARD_MODES)} (\"dense\" builds W once "
+                           f"next to the factors: memory for speed), got {value!r}")
+
+
+def with_forward_mode(strategy: "Strategy", module: nn.Module) -> nn.Module:
+    """`module` with its forward_mode set from the strategy's option (factorised linear layers only: an
+    embedding's lookups never build the table)."""
+    mode = getattr(strategy.config, "forward_mode", None)
+    if mode is not None and isinstance(module, FactorizedLinear):
+        module.forward_mode = mode
+    return module
 
 
 # The relative shortfall below a ratio's parameter budget that still counts as meeting it: the Kronecker
@@ -227,7 +243,7 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
     work_bias = None if bias is None else bias.detach().to(work.dtype)
     with torch.no_grad():
         extra = {"stats": stats} if strategy.uses_calibration else {}
-        new = strategy.build(plan, strategy.decompose(work, plan, **extra), work_bias)
+        new = with_forward_mode(strategy, strategy.build(plan, strategy.decompose(work, plan, **extra), work_bias))
         if kind == "embedding" and module.padding_idx is not None:
             new.padding_idx = module.padding_idx
         new.to(device=weight.device, dtype=weight.dtype)

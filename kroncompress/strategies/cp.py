@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kroncompress.layers.cp import CPLinear
 from kroncompress.linalg.tensorized import cp_decompose, cp_matmul_flops, cp_params
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
+from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
 from kroncompress.strategies.registry import register_strategy
 from kroncompress.strategies.tucker import _is_int, check_tensor_options, ranks_for_ratio, resolve_tensorization
 
@@ -33,8 +33,10 @@ class CPConfig(StrategyConfig):
     n_iter_max: int = 25
     tol: float = 1e-8
     random_state: int = 0
+    forward_mode: str = "factored"  # or "dense": W built once next to the factors (see FactorizedLinear)
 
     def __post_init__(self):
+        check_forward_mode("cp", self.forward_mode)
         check_tensor_options("cp", self, "rank")
         if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
             raise config_error("cp", "rank", f"must be a positive int, got {self.rank!r}")

@@ -16,6 +16,7 @@ from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, near
 from kroncompress.linalg.shapes import divisors, is_degenerate, kronecker_shapes
 from kroncompress.linalg.weighted_kronecker import TokenStatistics, weighted_kronecker_als
 from kroncompress.strategies.base import (
+    check_forward_mode,
     LayerPlan, Strategy, StrategyConfig, check_ratio_met, config_error, dense_flops, is_ratio, linear_params,
 )
 from kroncompress.strategies.registry import register_strategy
@@ -52,8 +53,10 @@ class KroneckerConfig(StrategyConfig):
     init: str = "auto"
     sweeps: int = 6
     shortlist: int = 3
+    forward_mode: str = "factored"  # or "dense": W built once next to the factors (see FactorizedLinear)
 
     def __post_init__(self):
+        check_forward_mode("kronecker", self.forward_mode)
         if self.init not in INITS:
             raise config_error("kronecker", "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in ("sweeps", "shortlist"):

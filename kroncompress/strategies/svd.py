@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kroncompress.layers.lowrank import LowRankLinear
 from kroncompress.linalg.svd import truncated_svd
 from kroncompress.linalg.whitening import whitened_svd
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
+from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
@@ -25,8 +25,10 @@ class SVDConfig(StrategyConfig):
     rank: int | None = None
     ratio: float | None = None
     init: str = "auto"
+    forward_mode: str = "factored"  # or "dense": W built once next to the factors (see FactorizedLinear)
 
     def __post_init__(self):
+        check_forward_mode("svd", self.forward_mode)
         if self.init not in INITS:
             raise config_error("svd", "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if (self.rank is None) == (self.ratio is None):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kroncompress.layers.tt import TTLinear
 from kroncompress.linalg.tensorized import tt_decompose, tt_matmul_flops, tt_max_ranks, tt_params, tt_ranks_problem
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, dense_flops, linear_params
+from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, dense_flops, linear_params
 from kroncompress.strategies.registry import register_strategy
 from kroncompress.strategies.tucker import check_explicit_ranks, check_tensor_options, feasible_params, ranks_for_ratio, resolve_tensorization
 
@@ -30,8 +30,10 @@ class TTConfig(StrategyConfig):
     out_shape: list | None = None
     in_shape: list | None = None
     order: int = 3
+    forward_mode: str = "factored"  # or "dense": W built once next to the factors (see FactorizedLinear)
 
     def __post_init__(self):
+        check_forward_mode("tt", self.forward_mode)
         check_tensor_options("tt", self, "ranks", min_order=2)
 
 

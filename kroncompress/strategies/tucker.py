@@ -21,8 +21,9 @@ from types import SimpleNamespace
 from kroncompress.layers.tucker import TuckerLinear
 from kroncompress.linalg.tensorized import (
     balanced_factors, solve_ranks, tucker_ranks_problem, tucker_decompose, tucker_matmul_flops, tucker_max_ranks, tucker_params,
+    tucker_params_grid,
 )
-from kroncompress.strategies.base import LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
+from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
@@ -69,10 +70,10 @@ def resolve_tensorization(strategy: str, cfg, shape) -> tuple[tuple[int, ...], t
     return result[0], result[1]
 
 
-def ranks_for_ratio(strategy: str, cfg, shape, params_of, max_ranks) -> tuple[list[int], str]:
+def ranks_for_ratio(strategy: str, cfg, shape, params_of, max_ranks, params_of_grid=None) -> tuple[list[int], str]:
     """Solve ranks for cfg.ratio; ConfigError naming ratio when even the smallest ranks exceed the budget."""
     budget = shape[0] * shape[1] / cfg.ratio
-    ranks = solve_ranks(params_of, max_ranks, budget)
+    ranks = solve_ranks(params_of, max_ranks, budget, params_of_grid=params_of_grid)
     if ranks is None:
         raise config_error(strategy, "ratio", f"{cfg.ratio} is too high for a {shape[0]} x {shape[1]} weight: the "
                            f"smallest ranks need {params_of([1] * len(max_ranks))} parameters > budget {budget:.0f}; "
@@ -112,17 +113,21 @@ class TuckerConfig(StrategyConfig):
     n_iter_max: int = 25
     tol: float = 1e-4  # stop HOOI once the relative error moves less than this per sweep
     random_state: int = 0
+    forward_mode: str = "factored"  # or "dense": W built once next to the factors (see FactorizedLinear)
 
     def __post_init__(self):
+        check_forward_mode("tucker", self.forward_mode)
         check_tensor_options("tucker", self, "ranks")
 
 
 @functools.lru_cache(maxsize=256)
 def _ranks_for_ratio(name: str, ratio: float, shape, out_shape, in_shape) -> tuple[list[int], str]:
-    """ranks_for_ratio for Tucker, once per shape and ratio: the search evaluates ~60,000 rank combinations in
-    Python (0.3 s), and a transformer repeats the same four shapes in every block."""
+    """ranks_for_ratio for Tucker, once per shape and ratio (a transformer repeats the same four shapes in every
+    block); the ~15,000 rank combinations near the proportional point are counted as one tensor
+    (tucker_params_grid), not in Python (0.3 s per shape)."""
     params_of = feasible_params(lambda r: tucker_params(out_shape, in_shape, r), tucker_ranks_problem)
-    ranks, note = ranks_for_ratio(name, SimpleNamespace(ratio=ratio), shape, params_of, tucker_max_ranks(out_shape, in_shape))
+    ranks, note = ranks_for_ratio(name, SimpleNamespace(ratio=ratio), shape, params_of, tucker_max_ranks(out_shape, in_shape),
+                                  lambda grid: tucker_params_grid(out_shape, in_shape, grid))
     return tuple(ranks), note
 
 
