@@ -115,3 +115,23 @@ def test_forward_mode_is_saved_and_reloaded(strategy, tiny_model, tiny_inputs, t
     assert len(reloaded) == len(layers) and all(m.forward_mode == "dense" for m in reloaded)
     inputs = tiny_inputs("gpt2")
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs))
+
+
+def _wide_tucker(dtype):
+    return kc.TuckerLinear((16, 16), (8, 32), (8, 8, 8, 16), dtype=dtype), {"wide": lambda layer: None}
+
+
+@pytest.mark.parametrize("name,order", CASES + [("tucker-wide", "wide")])
+def test_frozen_and_trainable_copies_give_the_same_bits(name, order):
+    """A frozen copy (under a LoRA adapter) and a trainable one (just loaded) of one layer agree exactly: the
+    kernels must not depend on requires_grad (torch.matmul's 2-D @ 3-D does, hence bmm in the Tucker path;
+    the wide Tucker is a shape where matmul's two kernels differ in the last bit)."""
+    torch.manual_seed(0)
+    layer, orders = _wide_tucker(torch.float32) if name == "tucker-wide" else _layers(torch.float32)[name]
+    orders[order](layer)
+    x = randn(4, 16, layer.in_features, dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        trainable = layer(x)
+        layer.requires_grad_(False)
+        frozen = layer(x)
+    assert torch.equal(frozen, trainable)

@@ -245,8 +245,10 @@ def _mode_product(T: torch.Tensor, U: torch.Tensor, k: int) -> torch.Tensor:
     before, dim, after = _split(T, k)
     if after == 1:
         out = T.reshape(before, dim) @ U
-    else:  # (r x dim) @ (before, dim, after): `before` GEMMs writing (before, r, after) in place order
-        out = torch.matmul(U.T, T.reshape(before, dim, after))
+    else:  # (r x dim) @ (before, dim, after): `before` GEMMs writing (before, r, after) in place order; bmm on
+        # an expanded view, not matmul, whose kernel choice depends on requires_grad (the same layer's output
+        # would then differ in the last bit between a frozen and a trainable copy)
+        out = torch.bmm(U.T.expand(before, *U.T.shape), T.reshape(before, dim, after))
     return out.reshape(*T.shape[:k], U.shape[1], *T.shape[k + 1:])
 
 
