@@ -124,7 +124,7 @@ class RunCache:
             handle.write(json.dumps({"key": key, "value": value}, default=str) + "\n")
 
 
-def _teacher(model_name: str, task: str, spec, data, scale, args, work: Path, cache: RunCache, log) -> dict[str, Any]:
+def _teacher(model_name: str, task: str, spec, data, scale, args, work: Path, cache: RunCache) -> dict[str, Any]:
     from kroncompress import tasks
 
     key = cache.key(model=model_name, task=task, what="teacher", **scale)
@@ -152,14 +152,14 @@ def run_cell(model_name: str, task: str, args, work: Path, log, cache: RunCache)
     spec = dict(TASKS[task], max_length=scale["max_length"])
     data = tasks.load_task(spec, load_rows(args.cache, task, scale["train_examples"], scale["eval_examples"]))
     cell = {"model": model_name, "task": task, "scale": scale,
-            **_teacher(model_name, task, spec, data, scale, args, work, cache, log), "runs": []}
+            **_teacher(model_name, task, spec, data, scale, args, work, cache), "runs": []}
     log(f"{model_name}/{task}: teacher {cell['teacher']['score']:.4f} ({cell['finetune_seconds']} s)")
     for recipe_name in RECIPES:
         for seed in args.seeds:
             key = cache.key(model=model_name, task=task, what=recipe_name, seed=seed, **scale)
             run = cache.get(key)
             if run is None:
-                _teacher(model_name, task, spec, data, scale, args, work, cache, log)  # its folder may be gone
+                _teacher(model_name, task, spec, data, scale, args, work, cache)  # its folder may be gone
                 recipe = load_recipe(recipe_name).to_dict()
                 recipe["distill"]["train"].update(lr=scale["distill_lr"], batch_size=scale["batch_size"], seed=seed,
                                                   max_steps=scale["distill_steps"])
