@@ -18,12 +18,8 @@ them, the stride keeping its ratio to the block).
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import logging
-import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,17 +28,18 @@ from typing import Any, Callable
 
 import torch
 
-from kroncompress.pipeline_data import (  # noqa: F401  (_calibration_data: also used by the tests)
+from kroncompress.pipeline_data import (  # noqa: F401  (_calibration_data, _merged_data: also used by the tests)
     _calibration_data, _distill_config, _DistillData, _merged_data, _positions, _Scorer,
 )
-from kroncompress.pipeline_output import _plot, _save, _write_report
+from kroncompress.pipeline_distill import CHECKPOINTS, EVALS_PER_RUN, TRAINING_EVAL_BLOCKS, _distill  # noqa: F401  (re-exported)
+from kroncompress.pipeline_model import (
+    SPEED_BATCH, _check_language_model, _load, _source_name, _speed, _speed_len, _teacher,
+)
+from kroncompress.pipeline_output import _card, _hub_dataset, _plot, _save, _write_report  # noqa: F401  (_hub_dataset: tests)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 PLOT_NAME = "perplexity.png"
-EVALS_PER_RUN = 10  # validation points on the plot when the recipe gives no train.eval_every
-TRAINING_EVAL_BLOCKS = 64  # the periodic evaluations during distillation score the first blocks of that sample
 
 
 @dataclass
@@ -273,19 +270,6 @@ def _save_stage(run: _Run) -> dict[str, Any]:
     return report
 
 
-SPEED_BATCH = 8
-
-
-def _speed_len(model) -> int:
-    return min(128, _positions(model) or 128)
-
-
-def _speed(model) -> float:
-    from kroncompress.evaluate import throughput
-
-    return round(throughput(model, batch_size=SPEED_BATCH, seq_len=_speed_len(model)), 1)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
 
 class _Stopwatch:
@@ -313,119 +297,3 @@ def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
     from kroncompress.outputs import check_output_state
 
     check_output_state(target, overwrite=overwrite, resume=resume)
-
-
-def _load(model_name_or_path, device: torch.device, dtype, tokenizer=None):
-    from kroncompress.models import load_model
-
-    if isinstance(model_name_or_path, torch.nn.Module):
-        from kroncompress.distill.data import model_tokenizer
-
-        model = model_name_or_path
-        if dtype is not None and dtype != "auto":
-            from kroncompress.models import _parse_dtype
-
-            model.to(_parse_dtype(dtype))
-        model.to(device)
-        return model, model_tokenizer(model, tokenizer, needed_for="run_pipeline on a model object")
-    if not isinstance(model_name_or_path, (str, os.PathLike)):
-        raise TypeError(f"model: expected a name, a path or an nn.Module, got {type(model_name_or_path).__name__}")
-    model, info = load_model(model_name_or_path, meta_ok=False, dtype=dtype)
-    model.to(device)
-    return model, tokenizer if tokenizer is not None else info.tokenizer
-
-
-def _card(run: _Run) -> dict[str, Any]:
-    """What the model card knows from the run: the source model and the hub datasets it distilled and
-    calibrated on."""
-    settings = run.settings
-    texts = [run.distill_config.data if run.distill_config is not None else None]
-    if settings.calibrates:
-        section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
-        texts.append(_calibration_data(settings.recipe, settings.calibration_data, settings.data) or section)
-    return {"base_model": _source_name(settings.model), "datasets": [d for d in map(_hub_dataset, texts) if d]}
-
-
-def _hub_dataset(spec) -> str | None:
-    """The hub dataset a data spec reads (None: local files, a packaged corpus, objects in memory)."""
-    if spec is None:
-        return None
-    from kroncompress.distill.data import text_spec
-
-    try:
-        s = text_spec(spec)
-    except ValueError:
-        return None
-    return s.dataset if s.kind == "dataset" else None
-
-
-def _source_name(model) -> str:
-    """The model's id or path (a model object: its name_or_path, else its class)."""
-    if isinstance(model, torch.nn.Module):
-        return str(getattr(model, "name_or_path", "") or type(model).__name__)
-    return str(model)
-
-
-def _check_language_model(model: torch.nn.Module, source) -> None:
-    """The pipeline scores perplexity and distils next-token predictions: it needs a language-model head."""
-    if model.get_output_embeddings() is None:
-        raise ValueError(f"{source}: {type(model).__name__} has no language-model head, so it has no perplexity to "
-                         "score; compress a classifier on its task with `kroncompress compress-task` "
-                         "(kc.tasks.run_task_pipeline), or use kc.compress on the model directly")
-
-
-def _teacher(model: torch.nn.Module, teacher: str, device: torch.device) -> torch.nn.Module:
-    """The frozen teacher: a copy of the model before compression ("original"), or another model."""
-    if teacher == "original":
-        return copy.deepcopy(model)
-    from kroncompress.models import load_model
-
-    other, _ = load_model(teacher, meta_ok=False)
-    return other.to(device)
-
-
-def _eval_every(config, train_blocks: int) -> int:
-    """train.eval_every, else about EVALS_PER_RUN evaluations over the run."""
-    train = config.train
-    if train.eval_every:
-        return train.eval_every
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_epoch = math.ceil(train_blocks / (train.batch_size * world)) // train.grad_accum or 1
-    steps = train.max_steps or max(1, math.ceil(per_epoch * train.epochs))
-    return max(1, steps // EVALS_PER_RUN)
-
-
-def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe, resume: bool, overwrite: bool,
-             progress: bool | None, main: bool, max_tokens: int | None = None) -> dict[str, Any]:
-    from kroncompress.distill.checkpoints import fingerprint
-    from kroncompress.distill.trainer import distill
-    from kroncompress.evaluate import perplexity
-
-    train, validation = data.blocks()
-    # the periodic evaluations score at most the recipe's evaluate.perplexity.max_tokens too (a whole block at least)
-    cap = TRAINING_EVAL_BLOCKS if max_tokens is None else min(TRAINING_EVAL_BLOCKS, max(1, max_tokens // validation.shape[1]))
-    validation = validation[:cap]
-    if config.data is not None and not isinstance(config.data.dataset, (str, type(None))):
-        from kroncompress.distill.data import text_spec
-
-        # in-memory data: the run records (and a resume compares) its blocks' hash, not the object
-        config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, dataset=text_spec(config.data).describe()))
-    config = copy.deepcopy(config)
-    config.train = dataclasses.replace(config.train, eval_every=_eval_every(config, len(train)))
-    checkpoints = target / CHECKPOINTS
-    if main and overwrite and not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    # resume checks the recipe's compression part here; the engine checks the distillation settings itself,
-    # leaving out those that may change between sessions (save_every, eval_every, ...)
-    layout = {k: v for k, v in recipe.to_dict().items() if k not in ("distill", "evaluate", "description")}
-    result = distill(model, teacher, config, train, validation, output_dir=checkpoints, resume=resume,
-                     progress=progress, run_settings={"recipe": f"{recipe.name} ({fingerprint(layout)})"})
-    summary = result.to_dict()
-    summary["block_size"] = int(train.shape[1])
-    summary["train_blocks"], summary["validation_blocks"] = int(train.shape[0]), int(validation.shape[0])
-    if main and len(validation):
-        # the teacher under the in-training protocol (each validation block scored on its own), for the plot
-        size = int(validation.shape[1])
-        summary["teacher_validation_perplexity"] = perplexity(teacher, validation, block_size=size, stride=size).perplexity
-    return summary

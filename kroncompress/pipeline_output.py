@@ -1,13 +1,19 @@
 """What a `kroncompress compress` run writes once it is done: the compressed folder (through
-save_compressed, with the run's metrics on its model card), the run's results in report.json, and
-perplexity.png (see kroncompress.pipeline for the whole run)."""
+save_compressed, with the run's metrics, source model and datasets on its model card), the run's results in
+report.json, and perplexity.png (see kroncompress.pipeline for the whole run)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kroncompress.pipeline_data import _calibration_data
+from kroncompress.pipeline_model import _source_name
+
+if TYPE_CHECKING:
+    from kroncompress.pipeline import _Run
 
 logger = logging.getLogger("kroncompress.pipeline")
 
@@ -77,3 +83,27 @@ def plot_history(path: Path, steps: list, values: list, teacher: float | None, *
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path.name
+
+
+def _card(run: _Run) -> dict[str, Any]:
+    """What the model card knows from the run: the source model and the hub datasets it distilled and
+    calibrated on."""
+    settings = run.settings
+    texts = [run.distill_config.data if run.distill_config is not None else None]
+    if settings.calibrates:
+        section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
+        texts.append(_calibration_data(settings.recipe, settings.calibration_data, settings.data) or section)
+    return {"base_model": _source_name(settings.model), "datasets": [d for d in map(_hub_dataset, texts) if d]}
+
+
+def _hub_dataset(spec) -> str | None:
+    """The hub dataset a data spec reads (None: local files, a packaged corpus, objects in memory)."""
+    if spec is None:
+        return None
+    from kroncompress.distill.data import text_spec
+
+    try:
+        s = text_spec(spec)
+    except ValueError:
+        return None
+    return s.dataset if s.kind == "dataset" else None
