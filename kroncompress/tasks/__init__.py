@@ -5,9 +5,10 @@
     report = tasks.run_task_pipeline("runs/bert-sst2", "kron-task", "runs/kron-sst2", task="sst2", data="glue/sst2")
     report["scores"]["distilled"]["score"]
 
-Submodules: `data` (task spec, GLUE presets, loading and checking labelled data), `metrics` (GLUE's
-metrics via scikit-learn / scipy), `modeling` (classification heads, padding, scoring), `training`
-(fine-tuning and task distillation on a transformers Trainer), `pipeline` (the whole run).
+Submodules: `spec` (the task spec, GLUE presets), `data` (loading and checking labelled data), `sources`
+(where the rows come from: hub, folders, csv / tsv / jsonl files), `metrics` (GLUE's metrics via
+scikit-learn / scipy), `modeling` (classification heads, padding, scoring), `training` (fine-tuning and
+task distillation on a transformers Trainer), `pipeline` (the whole run).
 """
 
 from kroncompress.tasks.data import GLUE_TASKS, TaskData, TaskSpec, TaskSplit, load_task, task_spec

@@ -10,132 +10,24 @@
 
 Every split becomes plain lists (texts, text pairs, labels as class ids or floats). A column or label the
 data does not have is a ValueError naming it, the split and what the data does have.
+
+This module holds the loaded data (`TaskSplit`, `TaskData`), `load_task` and the column and label
+checks; what a task is lives in `kroncompress.tasks.spec` (`TaskSpec`, `task_spec`, `GLUE_TASKS`) and
+where its rows come from in `kroncompress.tasks.sources` (hub, save_to_disk folders, csv / tsv / jsonl
+files, held-out validation). Their public names are importable from here too, as before.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-KINDS = ("classification", "regression")
-FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+from kroncompress.tasks.sources import FILE_SUFFIXES, _read_rows  # noqa: F401  (FILE_SUFFIXES: re-exported)
+from kroncompress.tasks.spec import GLUE_TASKS, KINDS, TaskSpec, task_spec  # noqa: F401  (KINDS: re-exported)
+
 # the validation part held out of a single file, chosen by a hash of the row (stable across runs and machines)
 DEFAULT_VALIDATION_FRACTION = 0.1
-# a split asked for under one name may be stored under another (GLUE's TSV files call validation "dev")
-_SPLIT_ALIASES = {"validation": ("validation", "dev", "valid", "val"),
-                  "validation_matched": ("validation_matched", "dev_matched"),
-                  "validation_mismatched": ("validation_mismatched", "dev_mismatched"),
-                  "train": ("train",), "test": ("test",)}
-
-
-@dataclass
-class TaskSpec:
-    """One labelled task. `text` (and `text_pair` for sentence pairs) name the input columns, `label` the
-    target column; `kind` is "classification" (class ids or label names) or "regression" (one float).
-    `labels` are the class names in id order (None: read from the training split); `metrics` are GLUE's
-    (accuracy, f1, matthews, pearson, spearman); the task's score is their mean, averaged over `eval_splits`
-    (MNLI: matched and mismatched). `max_length` truncates the tokenised input."""
-
-    name: str = "task"
-    text: str = "sentence"
-    text_pair: str | None = None
-    label: str = "label"
-    kind: str = "classification"
-    labels: list[str] | None = None
-    metrics: list[str] | None = None
-    train_split: str = "train"
-    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
-    max_length: int = 128
-
-    def __post_init__(self):
-        from kroncompress.tasks.metrics import METRICS
-
-        if self.kind not in KINDS:
-            raise ValueError(f"task {self.name}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.metrics is None:
-            self.metrics = ["pearson", "spearman"] if self.kind == "regression" else ["accuracy"]
-        self.metrics = [self.metrics] if isinstance(self.metrics, str) else list(self.metrics)
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown or not self.metrics:
-            raise ValueError(f"task {self.name}: metrics {unknown or '[]'} unknown; choose from {', '.join(METRICS)}")
-        if isinstance(self.eval_splits, str):
-            self.eval_splits = [self.eval_splits]
-        if self.labels is not None:
-            if self.kind == "regression":
-                raise ValueError(f"task {self.name}: labels are class names, but the task is a regression; drop labels")
-            self.labels = [str(x) for x in self.labels]
-            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
-                raise ValueError(f"task {self.name}: labels must be at least two distinct class names, got {self.labels}")
-        if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"task {self.name}: max_length must be an integer >= 2, got {self.max_length!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data that `task_spec` turns back into an equal spec."""
-        return dataclasses.asdict(self)
-
-
-def _glue(name, text, pair=None, labels=None, metrics=("accuracy",), kind="classification", evals=("validation",)):
-    return dict(name=name, text=text, text_pair=pair, label="label", kind=kind, labels=labels,
-                metrics=list(metrics), eval_splits=list(evals))
-
-
-# GLUE as `datasets.load_dataset("glue", name)` lays it out; the metrics are GLUE's own.
-GLUE_TASKS: dict[str, dict[str, Any]] = {
-    "cola": _glue("cola", "sentence", labels=["unacceptable", "acceptable"], metrics=["matthews"]),
-    "sst2": _glue("sst2", "sentence", labels=["negative", "positive"]),
-    "mrpc": _glue("mrpc", "sentence1", "sentence2", ["not_equivalent", "equivalent"], ["f1", "accuracy"]),
-    "qqp": _glue("qqp", "question1", "question2", ["not_duplicate", "duplicate"], ["f1", "accuracy"]),
-    "stsb": _glue("stsb", "sentence1", "sentence2", metrics=["pearson", "spearman"], kind="regression"),
-    "mnli": _glue("mnli", "premise", "hypothesis", ["entailment", "neutral", "contradiction"],
-                  evals=["validation_matched", "validation_mismatched"]),
-    "qnli": _glue("qnli", "question", "sentence", ["entailment", "not_entailment"]),
-    "rte": _glue("rte", "sentence1", "sentence2", ["entailment", "not_entailment"]),
-    "wnli": _glue("wnli", "sentence1", "sentence2", ["not_entailment", "entailment"]),
-}
-_GLUE_ALIASES = {"sst-2": "sst2", "sts-b": "stsb"}
-
-
-def task_spec(spec: Any = None, **overrides) -> TaskSpec:
-    """A TaskSpec from a GLUE name ("sst2", "glue/mnli"), a mapping of TaskSpec fields (which may name a
-    preset under `glue`), or a TaskSpec; `overrides` (None values ignored) replace fields."""
-    if isinstance(spec, TaskSpec):
-        values = spec.to_dict()
-    elif spec is None:
-        values = {}
-    elif isinstance(spec, str):
-        values = dict(_preset(spec))
-    elif isinstance(spec, Mapping):
-        values = dict(spec)
-        if values.get("glue"):
-            values = {**_preset(values.pop("glue")), **values}
-        values.pop("glue", None)
-    else:
-        raise ValueError(f"task: expected a GLUE task name, a mapping of task fields or a TaskSpec, got {type(spec).__name__}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values.pop("data", None)  # a recipe's task section may carry its data; load_task takes it separately
-    allowed = [f.name for f in dataclasses.fields(TaskSpec)]
-    unknown = [k for k in values if k not in allowed]
-    if unknown:
-        raise ValueError(f"task: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}, glue, data")
-    return TaskSpec(**values)
-
-
-def _preset(name: str) -> dict[str, Any]:
-    key = name.lower().strip()
-    key = _GLUE_ALIASES.get(key, key)
-    for prefix in ("glue/", "glue:"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    if key not in GLUE_TASKS:
-        raise ValueError(f"task {name!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); describe it with columns "
-                         "instead (text, text_pair, label, labels, metrics)")
-    return GLUE_TASKS[key]
 
 
 # -- the loaded data -------------------------------------------------------------------------------
@@ -220,109 +112,6 @@ def load_task(spec: Any, data: Any = None, *, validation_fraction: float = DEFAU
 
 def _cap(data: TaskData, count: int) -> TaskData:
     return TaskData(spec=data.spec, splits={k: v.subset(count) for k, v in data.splits.items()}, source=data.source)
-
-
-def _read_rows(spec: TaskSpec, data: Any, validation_fraction: float) -> tuple[dict[str, list], str]:
-    """{split: rows (sequences of mappings)} and a description of where they came from."""
-    if _is_dataset_dict(data):
-        return {str(k): v for k, v in data.items()}, "the given DatasetDict"
-    if isinstance(data, Mapping):
-        out = {}
-        for split, value in data.items():
-            if isinstance(value, (str, os.PathLike)):
-                out[str(split)] = _read_file(Path(value))
-            else:
-                out[str(split)] = value
-        return out, "the given rows"
-    if isinstance(data, (str, os.PathLike)):
-        text = os.fspath(data)
-        path = Path(text).expanduser()
-        if path.is_dir():
-            return _read_folder(path), str(path)
-        if path.is_file():
-            rows = _read_file(path)
-            return _hold_out(rows, spec, validation_fraction), str(path)
-        if path.suffix in FILE_SUFFIXES or text.startswith((".", "/", "~")):
-            raise ValueError(f"task {spec.name}: data file {text!r} does not exist")
-        return _read_hub(text), text
-    raise ValueError(f"task {spec.name}: data must be a dataset name, a path or a mapping of splits, got {type(data).__name__}")
-
-
-def _is_dataset_dict(data: Any) -> bool:
-    try:
-        from datasets import DatasetDict
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        return False
-    return isinstance(data, DatasetDict)
-
-
-def _read_hub(name: str) -> dict[str, Any]:
-    from datasets import load_dataset
-
-    if ":" in name:
-        path, config = name.split(":", 1)
-    elif name.lower().startswith("glue/"):
-        path, config = "glue", name[5:]
-    else:
-        path, config = name, None
-    from kroncompress import hub
-
-    hub.require_dataset(path)  # offline: one line at once instead of ~30 s of retries
-    try:
-        loaded = load_dataset(path, config)
-    except Exception as exc:  # noqa: BLE001  network, unknown name, unknown config: one message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"could not load dataset {name!r} ({first}); offline, pass a save_to_disk folder or "
-                         "csv/tsv/jsonl files instead") from exc
-    return dict(loaded)
-
-
-def _read_folder(path: Path) -> dict[str, Any]:
-    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        from datasets import Dataset, load_from_disk
-
-        loaded = load_from_disk(str(path))
-        return {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
-    out: dict[str, Any] = {}
-    for file in sorted(path.iterdir()):
-        if file.suffix in FILE_SUFFIXES and file.is_file():
-            split = next((canonical for canonical, aliases in _SPLIT_ALIASES.items() if file.stem in aliases), file.stem)
-            out[split] = _read_file(file)
-    if not out:
-        raise ValueError(f"folder {path} holds no dataset (save_to_disk) and no {'/'.join(FILE_SUFFIXES)} files")
-    return out
-
-
-def _read_file(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{number}: not a JSON object per line ({exc.msg})") from None
-        return rows
-    if path.suffix in (".csv", ".tsv"):
-        # GLUE's TSV files are unquoted (sentences hold stray quotes): read tabs literally
-        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle, **options))
-    raise ValueError(f"data file {str(path)!r}: unsupported type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}")
-
-
-def _hold_out(rows: list[dict], spec: TaskSpec, fraction: float) -> dict[str, list]:
-    """Split one file's rows into the train split and the (first) evaluation split by a hash of each row."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
-    train, held = [], []
-    for row in rows:
-        digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode("utf-8")).digest()
-        (held if int.from_bytes(digest[:8], "big") / 2**64 < fraction else train).append(row)
-    return {spec.train_split: train, spec.eval_splits[0]: held}
 
 
 def _columns_of(rows: Any) -> list[str]:
