@@ -128,11 +128,20 @@ class CalibrationStats:
         return self._by_module[name].sum_xxt
 
     def matrix(self, name: str) -> torch.Tensor | None:
-        """Damped mean second moment of the module's input (float64), or None if it was not calibrated."""
+        """Damped mean second moment of the module's input (float64), or None if it was not calibrated.
+
+        The last two are kept: the modules reading one input (q/k/v, gate/up) ask in turn, and compress asks
+        again per stage (plan, decompose, report). Treat the result as read-only."""
         stat = self._by_module.get(name)
         if stat is None or stat.tokens == 0:
             return None
-        return damp(stat.sum_xxt / stat.tokens, self.damping)
+        recent = self.__dict__.setdefault("_recent", {})
+        key = (id(stat), stat.tokens, self.damping)
+        if key not in recent:
+            recent[key] = damp(stat.sum_xxt / stat.tokens, self.damping)
+            while len(recent) > 2:
+                recent.pop(next(iter(recent)))
+        return recent[key]
 
 
 def _check_hookable(name: str, module: nn.Module) -> None:

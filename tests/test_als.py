@@ -119,9 +119,36 @@ def test_kronecker_whitening_is_exact_for_kronecker_moments_and_reports_misfit()
     g = torch.Generator().manual_seed(0)
     C1, C2 = spd(3, g), spd(4, g)
     exact = kronecker_whitening(torch.kron(C1, C2), 3, 4)
-    torch.testing.assert_close(torch.kron(exact.s1 @ exact.s1, exact.s2 @ exact.s2), torch.kron(C1, C2))
+    torch.testing.assert_close(torch.kron(exact.l1 @ exact.l1.T, exact.l2 @ exact.l2.T), torch.kron(C1, C2))
+    assert torch.equal(exact.l1, exact.l1.tril()) and torch.equal(exact.l2, exact.l2.tril())
     assert exact.misfit < 1e-10
     assert kronecker_whitening(correlated_moment(12, 1), 3, 4).misfit > 0.01
+
+
+def symmetric_root(M: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh((M + M.T) / 2)
+    return (evecs * evals.sqrt()) @ evecs.T
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank", [((3, 4), (4, 3), 1), ((6, 2), (2, 6), 2), ((2, 6), (6, 2), 3)])
+def test_whitened_start_does_not_depend_on_the_square_root(a_shape, b_shape, rank):
+    """The start minimises ||(W - W^) S||_F over Kronecker sums for S S^T = C1 (x) C2, which depends on S S^T only:
+    the Cholesky factors give the W^ (and proxy) of the symmetric roots, up to rounding scaled by cond(C)."""
+    g = torch.Generator().manual_seed(sum(a_shape) * rank)
+    m, n = a_shape[0] * b_shape[0], a_shape[1] * b_shape[1]
+    W, C = torch.randn(m, n, generator=g, dtype=F64), correlated_moment(n, rank)
+    A, B, proxy = whitened_nkp(W, C, a_shape, b_shape, rank)
+    C1, C2 = nearest_kronecker(C, (a_shape[1],) * 2, (b_shape[1],) * 2)
+    if C1.trace() < 0:
+        C1, C2 = -C1, -C2
+    S1, S2 = symmetric_root(C1), symmetric_root(C2)
+    WS = W @ torch.kron(S1, S2)
+    At, Bt, residual = nearest_kronecker(WS, a_shape, b_shape, rank=rank, return_residual=True)
+    At, Bt = (At, Bt) if rank > 1 else (At[None], Bt[None])
+    expected = kron_sum(At @ torch.linalg.inv(S1), Bt @ torch.linalg.inv(S2))
+    tol = 1e3 * torch.finfo(F64).eps * float(torch.linalg.cond(C))
+    torch.testing.assert_close(kron_sum(A, B), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    assert proxy == pytest.approx(residual / float(WS.norm()), rel=tol)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -17,9 +17,11 @@ The B-step is the mirror image: H[(r, a), (s, b)] = sum_{j, k} (A_r^T A_s)[j, k]
 rhs[i2, (s, b)] = sum_{i1, k} A_s[i1, k] V[i1, i2, k, b]. Each step solves its block exactly, so f never
 increases from sweep to sweep (up to rounding).
 
-Start (Kronecker-factored whitening): fit C ~ C1 (x) C2 (nearest Kronecker product), S_k = C_k^(1/2);
-because (A (x) B)(S1 (x) S2) = (A S1) (x) (B S2) and C1 (x) C2 = (S1 (x) S2)^2, the NKP of W (S1 (x) S2)
-gives the exact optimum when C = C1 (x) C2, and a start point otherwise: A = A~ S1^-1, B = B~ S2^-1.
+Start (Kronecker-factored whitening): fit C ~ C1 (x) C2 (nearest Kronecker product), C_k = L_k L_k^T
+(Cholesky); because (A (x) B)(L1 (x) L2) = (A L1) (x) (B L2) and C1 (x) C2 = (L1 (x) L2)(L1 (x) L2)^T,
+tr(D (C1 (x) C2) D^T) = ||D (L1 (x) L2)||^2, so the NKP of W (L1 (x) L2) gives the exact optimum when
+C = C1 (x) C2, and a start point otherwise: A = A~ L1^-1, B = B~ L2^-1. Any square root of C1 (x) C2 gives
+the same minimiser; the triangular one costs a Cholesky per factor instead of an eigensolve and two products.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
-from kroncompress.linalg.svd import lapack_threads
-from kroncompress.linalg.whitening import output_error
+from kroncompress.linalg.whitening import cholesky_factor, output_error
 
 Shape = tuple[int, int]
 
@@ -51,12 +52,10 @@ class ALSResult:
 
 @dataclass
 class KroneckerWhitening:
-    """C ~ C1 (x) C2 with symmetric square roots S1, S2 and their inverses; `misfit` = ||C - C1 (x) C2|| / ||C||."""
+    """C ~ C1 (x) C2 with lower Cholesky factors C_k = L_k L_k^T; `misfit` = ||C - C1 (x) C2|| / ||C||."""
 
-    s1: torch.Tensor
-    s2: torch.Tensor
-    s1_inv: torch.Tensor
-    s2_inv: torch.Tensor
+    l1: torch.Tensor
+    l2: torch.Tensor
     misfit: float
 
 
@@ -69,32 +68,23 @@ def _check(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shape) -> 
         raise ValueError(f"kronecker ALS: C must be {n} x {n} (the input size of W), got {tuple(C.shape)}")
 
 
-def _sqrt_and_inverse(M: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    M = (M + M.T) / 2
-    with lapack_threads(M):
-        evals, evecs = torch.linalg.eigh(M)
-    evals = evals.clamp_min(max(evals.max().item(), 1e-300) * floor)
-    root = evals.sqrt()
-    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
-
-
 def kronecker_whitening(C: torch.Tensor, n1: int, n2: int) -> KroneckerWhitening:
-    """Fit the SPD matrix C (n1 n2 x n1 n2) by C1 (x) C2 (n1 x n1, n2 x n2) and return their square roots.
+    """Fit the SPD matrix C (n1 n2 x n1 n2) by C1 (x) C2 (n1 x n1, n2 x n2) and return their Cholesky factors.
 
     The nearest Kronecker product of an SPD matrix has definite factors up to a common sign, which is
-    fixed so both are positive; tiny eigenvalues are floored so the roots are invertible.
+    fixed so both are positive; a factor that is not numerically definite gets the jitter of
+    `cholesky_factor`, so L1 and L2 are invertible.
     """
     C = C.to(torch.float64)
     C1, C2, residual = nearest_kronecker(C, (n1, n1), (n2, n2), rank=1, return_residual=True)
     if C1.trace() < 0:
         C1, C2 = -C1, -C2
-    s1, s1_inv = _sqrt_and_inverse(C1)
-    s2, s2_inv = _sqrt_and_inverse(C2)
-    return KroneckerWhitening(s1, s2, s1_inv, s2_inv, residual / max(C.norm().item(), 1e-300))
+    l1, l2 = (cholesky_factor((M + M.T) / 2) for M in (C1, C2))
+    return KroneckerWhitening(l1, l2, residual / max(C.norm().item(), 1e-300))
 
 
 def _apply_right(W: torch.Tensor, S1: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:
-    """W (S1 (x) S2) without forming the Kronecker product."""
+    """W (S1 (x) S2) without forming the Kronecker product (any n1 x n1 S1 and n2 x n2 S2)."""
     m = W.shape[0]
     n1, n2 = S1.shape[0], S2.shape[0]
     return torch.einsum("xkb,kj,ba->xja", W.reshape(m, n1, n2), S1, S2).reshape(m, n1 * n2)
@@ -104,17 +94,18 @@ def whitened_nkp(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shap
                  whitening: KroneckerWhitening | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The Kronecker-factored whitening fit: (A (r, m1, n1), B (r, m2, n2), proxy error) in float64.
 
-    The proxy error is ||(W - W^)(S1 (x) S2)|| / ||W (S1 (x) S2)||: the relative output error if C were
+    The proxy error is ||(W - W^)(L1 (x) L2)|| / ||W (L1 (x) L2)||: the relative output error if C were
     exactly C1 (x) C2 (the cheap criterion of the shape search).
     """
     _check(W, C, a_shape, b_shape)
     w = whitening or kronecker_whitening(C, a_shape[1], b_shape[1])
-    WS = _apply_right(W.to(torch.float64), w.s1, w.s2)
-    A, B, residual = nearest_kronecker(WS, a_shape, b_shape, rank=rank, return_residual=True)
+    WL = _apply_right(W.to(torch.float64), w.l1, w.l2)
+    A, B, residual = nearest_kronecker(WL, a_shape, b_shape, rank=rank, return_residual=True)
     if rank == 1:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
-    proxy = residual / max(WS.norm().item(), 1e-300)
-    return A @ w.s1_inv, B @ w.s2_inv, proxy
+    proxy = residual / max(WL.norm().item(), 1e-300)
+    unwhiten = torch.linalg.solve_triangular  # X L = Y  ->  X = Y L^-1, batched over the terms
+    return unwhiten(w.l1, A, upper=False, left=False), unwhiten(w.l2, B, upper=False, left=False), proxy
 
 
 def _solve_spd(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ def damp(C: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     C = C.to(torch.float64)
     C = (C + C.T) / 2
     scale = C.diagonal().mean().item()
-    shift = damping * (scale if scale > 0 else 1.0)
-    return C + shift * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    C.diagonal().add_(damping * (scale if scale > 0 else 1.0))
+    return C
 
 
 def cholesky_factor(C: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
