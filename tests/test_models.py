@@ -186,7 +186,10 @@ def test_an_explicit_tokenizer_wins_and_must_load(gpt2_folder, tmp_path):
     from kroncompress.tokenizers import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path / "tok")
-    _, info = load_model(gpt2_folder, tokenizer=tmp_path / "tok")
+    GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=257)).save_pretrained(tmp_path / "gpt2-257")
+    _, info = load_model(tmp_path / "gpt2-257", tokenizer=tmp_path / "tok")
     assert len(info.tokenizer) == 257
-    with pytest.raises(ValueError, match="holds no tokenizer files"):
+    with pytest.raises(ValueError, match="not a folder holding tokenizer files"):
         load_model(gpt2_folder, tokenizer=tmp_path)
+    with pytest.raises(ValueError, match="has 257 tokens .* only 128 embedding rows"):  # 128 rows: it must fit
+        load_model(gpt2_folder, tokenizer=tmp_path / "tok")
