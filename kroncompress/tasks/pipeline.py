@@ -65,8 +65,8 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
 
     `model`: a folder of a model fine-tuned on the task (e.g. by `finetune`), or a *ForSequenceClassification
     module with `tokenizer`. `tokenizer` (an object, a folder or a hub id) replaces the folder's and is saved
-    with the result; it must fit the model's embedding. `task` / `data`: as for `load_task`; the task defaults to the recipe's `task`
-    section, else the task.json `finetune` saved next to the model; the data to the section's `data`. Data-aware initialisation runs when the recipe has a `calibration` section, on the
+    with the result; it must fit the model's embedding. `task` / `data`: as for `load_task`; the task
+    defaults to the recipe's `task` section, else the task.json `finetune` saved next to the model; the data to the section's `data`. Data-aware initialisation runs when the recipe has a `calibration` section, on the
     task's own training text (`calibration_tokens` or the section's `tokens`). `max_steps` caps the
     distillation steps; `distill=False` stops after compressing. `max_examples` keeps the first examples of
     every split; `max_eval_examples` scores each evaluation split on a seeded sample of that many examples
