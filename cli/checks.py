@@ -62,3 +62,35 @@ def _check_data(value: str | None, flag: str) -> list[str]:
     except ValueError as exc:
         raise UserError(f"{flag} {value!r}: {exc}") from None
     return files
+
+
+TOKENIZER_HELP = ("Tokenizer to use instead of MODEL's own: a folder written by save_pretrained (a model folder "
+                  "holding one will do) or a hub id; must fit MODEL's vocabulary")
+
+
+def tokenizer_option(saved: bool):
+    """The --tokenizer option of every command that tokenises text (`saved`: the command writes it out)."""
+    import click
+
+    return click.option("--tokenizer", default=None, metavar="PATH_OR_ID",
+                        help=TOKENIZER_HELP + ("; saved with the output." if saved else "."))
+
+
+def _check_tokenizer(value: str | None):
+    """The tokenizer --tokenizer names, loaded before the model (None when not given); a folder without
+    tokenizer files, a path that does not exist or an id that cannot be fetched is one error line."""
+    if value is None:
+        return None
+    from kroncompress.models import resolve_tokenizer
+
+    if not value.strip():
+        raise UserError("--tokenizer is empty; pass a tokenizer folder or a hub id, or leave --tokenizer out")
+    try:
+        return resolve_tokenizer(value)
+    except ValueError as exc:
+        raise UserError(f"--tokenizer {value!r}: {exc}") from None
+
+
+def _local(value: str | None) -> list[str]:
+    """`value` when it names an existing path (an input the output folder must not hold)."""
+    return [value] if value and Path(value).expanduser().exists() else []

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import click
 
 from kroncompress.cli import render
-from kroncompress.cli.checks import _check_data, _check_device, _claim_output
+from kroncompress.cli.checks import _check_data, _check_device, _check_tokenizer, _claim_output, _local, tokenizer_option
 from kroncompress.cli.errors import (  # noqa: F401  (INTERRUPTED ... Interrupted: re-exported from their old home)
     INTERRUPTED, MESSAGE_LIMIT, USER_ERRORS, Interrupted, UserError, _Cli, user_errors,
 )
@@ -52,11 +52,11 @@ def _quiet_transformers() -> None:
     datasets.disable_progress_bars()
 
 
-def _load(model: str, *, meta_ok: bool, dtype: str | None = None, device: str | None = None):
+def _load(model: str, *, meta_ok: bool, dtype: str | None = None, device: str | None = None, tokenizer=None):
     from kroncompress.models import load_model
 
     _quiet_transformers()
-    return load_model(model, meta_ok=meta_ok, dtype=dtype, device=device)
+    return load_model(model, meta_ok=meta_ok, dtype=dtype, device=device, tokenizer=tokenizer)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -140,20 +140,25 @@ def _report_to(value: str | None) -> dict | None:
                    "all; none, the default): TrainingArguments' report_to.")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=None,
               help="Score at most this many tokens in each perplexity stage (over the recipe's evaluate.perplexity.max_tokens).")
+@tokenizer_option(saved=True)
 @user_errors
 def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | None, max_steps: int | None,
              resume: bool, no_distill: bool, dtype: str | None, device: str | None,
              calibration_data: str | None = None, calibration_tokens: int | None = None,
-             save_every: int | None = None, report_to: str | None = None, eval_tokens: int | None = None) -> None:
+             save_every: int | None = None, report_to: str | None = None, eval_tokens: int | None = None,
+             tokenizer: str | None = None) -> None:
     """Run every stage RECIPE has on MODEL (decompose, distill, evaluate) and save the result to OUTPUT.
 
     MODEL defaults to the small GPT-2 packaged with kroncompress (shakespeare-gpt2), so the whole
     pipeline runs offline. To compress GPT-2 itself, pass a local folder saved with
     save_pretrained, or the hub id `gpt2` on a machine with network access.
 
+    Calibration, distillation and perplexity tokenise text with MODEL's tokenizer, or --tokenizer's (for a
+    folder without one, e.g. converted from GGUF); it is saved into OUTPUT.
+
     OUTPUT is an HF-style folder (config.json, model.safetensors, recipe.yaml, report.json, README.md,
-    perplexity.png) that `kroncompress inspect` summarises and kc.load_compressed() reloads. It must be a
-    new folder, an unfinished run (--resume) or a folder kroncompress wrote (--overwrite); it is locked
+    tokenizer files, perplexity.png) that `kroncompress inspect` summarises and kc.load_compressed()
+    reloads. It must be a new folder, an unfinished run (--resume) or a folder kroncompress wrote (--overwrite); it is locked
     while the run lasts.
     """
     from kroncompress.pipeline import run_pipeline
@@ -163,6 +168,8 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
     _check_device(device)
     training_args = _report_to(report_to)
     inputs = [model, recipe] + _check_data(data, "--data") + _check_data(calibration_data, "--calibration-data")
+    loaded_tokenizer = _check_tokenizer(tokenizer)
+    inputs += _local(tokenizer)
     with _claim_output(output, overwrite=overwrite, resume=resume, sources=inputs) as output:
         _quiet_transformers()
         out, err = render.console(), render.console(stderr=True)
@@ -171,7 +178,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
             report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume,
                                   overwrite=overwrite, device=device, dtype=dtype, calibration_data=calibration_data,
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
-                                  training_args=training_args, eval_tokens=eval_tokens,
+                                  training_args=training_args, eval_tokens=eval_tokens, tokenizer=loaded_tokenizer,
                                   compress_progress=bars.callback("compressing"),
                                   calibration_progress=bars.callback("calibrating"),
                                   eval_progress=lambda done, total, stage: bars.callback(f"perplexity ({stage})")(done, total))
@@ -338,11 +345,14 @@ def export(directory: Path, dense: bool, output: str, overwrite: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (perplexity with its protocol).")
+@tokenizer_option(saved=False)
 @user_errors
-def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch_size, device, as_json: bool) -> None:
+def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch_size, device, as_json: bool,
+             tokenizer: str | None = None) -> None:
     """Sliding-window perplexity of MODEL (a compressed folder, a local model or a hub id) on DATA.
 
-    The number is always printed with its protocol: block size, stride and tokens scored.
+    The number is always printed with its protocol: block size, stride and tokens scored. DATA is
+    tokenised with MODEL's tokenizer, or --tokenizer's.
     """
     from kroncompress.evaluate import evaluate_perplexity
     from kroncompress.models import require_tokenizer
@@ -351,8 +361,9 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
     _check_data(data, "--data")
     if stride is not None and block_size is not None and stride > block_size:
         raise UserError(f"--stride {stride} is larger than --block-size {block_size}; tokens would be skipped")
-    loaded, info = _load(model, meta_ok=False, device=device)
-    tokenizer = require_tokenizer(info, loaded)  # the folder's, the run's, or GPT-2's when the vocabulary is GPT-2's
+    given = _check_tokenizer(tokenizer)
+    loaded, info = _load(model, meta_ok=False, device=device, tokenizer=given)
+    tokenizer = require_tokenizer(info, loaded)  # --tokenizer's, the folder's, the run's, or GPT-2's for its vocabulary
     bars = render.LazyProgress(render.console(stderr=True))
     try:
         result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import click
 
+from kroncompress.cli.checks import _check_tokenizer, _local, tokenizer_option
+
 
 def _user_errors(func: Callable) -> Callable:
     """The main CLI's error handling (one line, exit 2), imported when the command runs."""
@@ -42,6 +44,10 @@ def _task_options(func: Callable) -> Callable:
         click.option("--regression", is_flag=True, default=None, help="The label is one float (STS-B style)."),
         click.option("--max-length", type=click.IntRange(min=2), default=None, help="Truncate inputs to this many tokens (default 128)."),
         click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use only the first examples of each split."),
+        click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
+                     help="Score each evaluation split on a seeded random sample of this many examples (the same ones "
+                          "every run; after --max-examples), recorded in the output."),
+        tokenizer_option(saved=True),
     ]
     for option in reversed(options):
         func = option(func)
@@ -99,7 +105,8 @@ def _scores_table(title: str, scores: dict[str, Any], metrics: list[str]):
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
 @_user_errors
 def finetune(model: str, task, data, text_column, text_pair_column, label_column, labels, metrics, regression, max_length,
-             max_examples, output: Path, epochs: float, max_steps, lr: float, batch_size: int, seed: int, overwrite: bool) -> None:
+             max_examples, max_eval_examples, tokenizer, output: Path, epochs: float, max_steps, lr: float, batch_size: int,
+             seed: int, overwrite: bool) -> None:
     """Fine-tune MODEL on a task (a new classification head when it has none): the teacher to compress."""
     from kroncompress.cli import render
     from kroncompress.tasks import finetune as run
@@ -108,9 +115,11 @@ def finetune(model: str, task, data, text_column, text_pair_column, label_column
     if found is None:
         raise click.UsageError("name the task: --task (a GLUE name or a task file) or its columns (--text-column, --label-column ...)")
     spec, task_data = found
-    with _claimed(output, overwrite, [model, data]) as output:
+    loaded_tokenizer = _check_tokenizer(tokenizer)
+    with _claimed(output, overwrite, [model, data, *_local(tokenizer)]) as output:
         result = run(model, spec, data if data is not None else task_data, output, epochs=epochs, max_steps=max_steps,
-                     lr=lr, batch_size=batch_size, seed=seed, overwrite=overwrite, max_examples=max_examples)
+                     lr=lr, batch_size=batch_size, seed=seed, overwrite=overwrite, max_examples=max_examples,
+                     max_eval_examples=max_eval_examples, tokenizer=loaded_tokenizer)
     out = render.console()
     out.print(_scores_table(f"{result.data.spec.name}: fine-tuned, {result.steps} steps, {result.seconds:.1f} s",
                             {"fine-tuned": result.scores}, result.data.spec.metrics))
@@ -130,23 +139,26 @@ def finetune(model: str, task, data, text_column, text_pair_column, label_column
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
 @_user_errors
 def compress_task(model: str, recipe: str, task, data, text_column, text_pair_column, label_column, labels, metrics, regression,
-                  max_length, max_examples, output: Path, max_steps, eval_every, no_distill: bool, calibration_tokens,
-                  overwrite: bool) -> None:
+                  max_length, max_examples, max_eval_examples, tokenizer, output: Path, max_steps, eval_every,
+                  no_distill: bool, calibration_tokens, overwrite: bool) -> None:
     """Compress MODEL (fine-tuned on the task) with RECIPE, distil it on the task, score it, save it.
 
     Scores of the teacher, the compressed and the distilled model go to OUTPUT/report.json, with
     score.png (the score over the distillation steps). The task defaults to RECIPE's `task:`
-    section, else to the task.json that `kroncompress finetune` saved next to MODEL.
+    section, else to the task.json that `kroncompress finetune` saved next to MODEL. --max-eval-examples
+    scores every stage on the same seeded sample of each evaluation split (report.json records it).
     """
     from kroncompress.cli import render
     from kroncompress.tasks import run_task_pipeline
 
     found = _spec(task, text_column, text_pair_column, label_column, labels, metrics, regression, max_length)
     spec, task_data = found if found is not None else (None, None)
-    with _claimed(output, overwrite, [model, recipe, data]) as output:
+    loaded_tokenizer = _check_tokenizer(tokenizer)
+    with _claimed(output, overwrite, [model, recipe, data, *_local(tokenizer)]) as output:
         report = run_task_pipeline(model, recipe, output, task=spec, data=data if data is not None else task_data,
                                    max_steps=max_steps, distill=not no_distill, calibration_tokens=calibration_tokens,
-                                   eval_every=eval_every, overwrite=overwrite, max_examples=max_examples)
+                                   eval_every=eval_every, overwrite=overwrite, max_examples=max_examples,
+                                   max_eval_examples=max_eval_examples, tokenizer=loaded_tokenizer)
     out = render.console()
     before, after = report["params_before"], report["params_after"]
     out.print(_scores_table(f"{report['task']['name']} with {report['recipe']}: {before:,} -> {after:,} parameters",

@@ -35,6 +35,7 @@ from kroncompress.pipeline_distill import CHECKPOINTS, EVALS_PER_RUN, TRAINING_E
 from kroncompress.pipeline_model import (
     SPEED_BATCH, _check_language_model, _load, _source_name, _speed, _speed_len, _teacher,
 )
+from kroncompress.models import TOKENIZER_HINT
 from kroncompress.pipeline_output import _card, _hub_dataset, _plot, _save, _write_report  # noqa: F401  (_hub_dataset: tests)
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     """Run every stage the recipe has on a model and save the result in `output_dir`; returns the report.
 
     `model_name_or_path` may also be a model object (an nn.Module / PreTrainedModel, compressed in place),
-    as llm-compressor's `oneshot(model, recipe, dataset)` takes it; its tokenizer is `tokenizer`, else the
-    one saved with its `name_or_path`.
+    as llm-compressor's `oneshot(model, recipe, dataset)` takes it.
+    `tokenizer` (an object, a folder written by save_pretrained, or a hub id) tokenises every text of the run
+    and is saved into `output_dir`; it must fit the model's embedding. Without it: the model folder's, else
+    the fallbacks of `kc.load_model` (a model object: the one saved with its `name_or_path`).
     `data` overrides the recipe's distillation text: a packaged corpus name, a file path/glob, a hub
     dataset name (`name` or `name:config`), a dict of data keys, a DataConfig, a `datasets.Dataset` /
     `IterableDataset` (column "text"), a list of strings or token ids (see kroncompress.distill.data); it then also provides
@@ -232,10 +235,11 @@ def _calibrate_stage(run: _Run) -> None:
         return
     if run.tokenizer is None:
         if settings.calibration_data is not None:
-            raise ValueError("data-aware initialisation needs the model's tokenizer, but none was found next "
-                             "to the model; save the tokenizer with it, or drop the calibration data")
+            raise ValueError(f"data-aware initialisation needs the model's tokenizer, but none was found next "
+                             f"to the model; {TOKENIZER_HINT}, save the tokenizer with the model, or drop the "
+                             "calibration data")
         warnings.warn(f"recipe {settings.recipe.name!r} asks for calibration, but the model has no tokenizer: "
-                      "weight-only initialisation instead (save the tokenizer next to the model)")
+                      f"weight-only initialisation instead ({TOKENIZER_HINT}, or save the tokenizer next to the model)")
         return
     with run.stage("calibrate"):
         text = _calibration_data(settings.recipe, settings.calibration_data, settings.data)
@@ -258,7 +262,7 @@ def _save_stage(run: _Run) -> dict[str, Any]:
         "model": _source_name(settings.model), "recipe": settings.recipe.name, "output_dir": str(settings.output_dir),
         "params_before": compression.params_before, "params_after": compression.params_after,
         "perplexity": run.perplexity, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
-        "calibration": run.calibration,
+        "calibration": run.calibration, "tokenizer": _tokenizer_source(run.tokenizer),
         "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
     }
     if not settings.main:
@@ -285,6 +289,13 @@ class _Stopwatch:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def _tokenizer_source(tokenizer) -> str | None:
+    """Where the run's tokenizer came from (it is saved into the output folder too); None without one."""
+    from kroncompress.models import tokenizer_name
+
+    return tokenizer_name(tokenizer) if tokenizer is not None else None
 
 
 def _default_device() -> torch.device:

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from kroncompress.models import TOKENIZER_HINT
+
 logger = logging.getLogger("kroncompress.pipeline")
 
 FALLBACK_VALIDATION_FRACTION = 0.05  # held out when the data has no validation split of its own
@@ -148,8 +150,8 @@ class _DistillData:
             from kroncompress.distill.data import build_datasets, spec_bos, split_blocks
 
             if self.tokenizer is None:
-                raise ValueError("the model has no tokenizer; distillation and perplexity need one: save it next to the "
-                                 "model (tokenizer.save_pretrained(folder))")
+                raise ValueError(f"the model has no tokenizer; distillation and perplexity need one: {TOKENIZER_HINT}, "
+                                 "or save it next to the model (tokenizer.save_pretrained(folder))")
             train, validation = build_datasets(self.data_config, self.tokenizer, block_size=self.block_size,
                                                cache_dir=self.cache_dir, seed=EVALUATION_SEED)
             if len(validation) == 0:

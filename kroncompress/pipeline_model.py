@@ -26,8 +26,10 @@ def _speed(model) -> float:
 
 
 def _load(model_name_or_path, device: torch.device, dtype, tokenizer=None):
-    from kroncompress.models import load_model
+    """(model, tokenizer): `tokenizer` (an object, a folder or a hub id) wins and must fit the embedding."""
+    from kroncompress.models import check_tokenizer_fits, load_model, resolve_tokenizer
 
+    tokenizer = resolve_tokenizer(tokenizer)
     if isinstance(model_name_or_path, torch.nn.Module):
         from kroncompress.distill.data import model_tokenizer
 
@@ -37,12 +39,14 @@ def _load(model_name_or_path, device: torch.device, dtype, tokenizer=None):
 
             model.to(_parse_dtype(dtype))
         model.to(device)
+        if tokenizer is not None:
+            check_tokenizer_fits(tokenizer, model)
         return model, model_tokenizer(model, tokenizer, needed_for="run_pipeline on a model object")
     if not isinstance(model_name_or_path, (str, os.PathLike)):
         raise TypeError(f"model: expected a name, a path or an nn.Module, got {type(model_name_or_path).__name__}")
-    model, info = load_model(model_name_or_path, meta_ok=False, dtype=dtype)
+    model, info = load_model(model_name_or_path, meta_ok=False, dtype=dtype, tokenizer=tokenizer)
     model.to(device)
-    return model, tokenizer if tokenizer is not None else info.tokenizer
+    return model, info.tokenizer
 
 
 def _source_name(model) -> str:

@@ -42,7 +42,7 @@ def _write_report(target: Path, report: dict[str, Any]) -> None:
     """Add the pipeline's results to the report.json that save_compressed wrote."""
     path = target / "report.json"
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    saved.update({k: report[k] for k in ("model", "perplexity", "distill", "timings", "speed", "calibration", "plot")})
+    saved.update({k: report[k] for k in ("model", "tokenizer", "perplexity", "distill", "timings", "speed", "calibration", "plot")})
     path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
 
 

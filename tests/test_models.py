@@ -91,7 +91,7 @@ def test_require_tokenizer_explains_and_checks_the_vocabulary(gpt2_folder):
     with pytest.raises(ValueError, match="no usable tokenizer .*not GPT-2's"):
         require_tokenizer(info, model)
     info.tokenizer = byte_tokenizer()  # 257 tokens for a 128-token vocabulary
-    with pytest.raises(ValueError, match="257 tokens but the model's vocabulary only 128"):
+    with pytest.raises(ValueError, match="has 257 tokens .* only 128 embedding rows"):
         require_tokenizer(info, model)
 
 
@@ -186,7 +186,10 @@ def test_an_explicit_tokenizer_wins_and_must_load(gpt2_folder, tmp_path):
     from kroncompress.tokenizers import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path / "tok")
-    _, info = load_model(gpt2_folder, tokenizer=tmp_path / "tok")
+    GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=257)).save_pretrained(tmp_path / "gpt2-257")
+    _, info = load_model(tmp_path / "gpt2-257", tokenizer=tmp_path / "tok")
     assert len(info.tokenizer) == 257
-    with pytest.raises(ValueError, match="holds no tokenizer files"):
+    with pytest.raises(ValueError, match="not a folder holding tokenizer files"):
         load_model(gpt2_folder, tokenizer=tmp_path)
+    with pytest.raises(ValueError, match="has 257 tokens .* only 128 embedding rows"):  # 128 rows: it must fit
+        load_model(gpt2_folder, tokenizer=tmp_path / "tok")

@@ -19,10 +19,14 @@ from kroncompress.models.checks import PICKLE_SUFFIXES, check_finite, check_weig
 from kroncompress.models.load import (  # noqa: F401  (_parse_dtype: also used by kroncompress.pipeline)
     COMPRESSED_CONFIG_KEY, WEIGHT_FILES, ModelInfo, _parse_dtype, load_model,
 )
-from kroncompress.models.tokenizer import CHECKPOINTS, GPT2_VOCAB, TOKENIZER_FILES, require_tokenizer
+from kroncompress.models.tokenizer import (
+    CHECKPOINTS, GPT2_VOCAB, TOKENIZER_FILES, TOKENIZER_HINT, check_tokenizer_fits, require_tokenizer, resolve_tokenizer,
+    tokenizer_name, tokenizer_size,
+)
 
 # in the order the reference page lists them
 __all__ = [
     "WEIGHT_FILES", "COMPRESSED_CONFIG_KEY", "ModelInfo", "load_model", "PICKLE_SUFFIXES", "check_weight_files",
-    "check_finite", "TOKENIZER_FILES", "GPT2_VOCAB", "CHECKPOINTS", "require_tokenizer",
+    "check_finite", "TOKENIZER_FILES", "GPT2_VOCAB", "CHECKPOINTS", "require_tokenizer", "TOKENIZER_HINT",
+    "check_tokenizer_fits", "resolve_tokenizer", "tokenizer_name", "tokenizer_size",
 ]

@@ -14,7 +14,9 @@ from kroncompress.demo import demo_model_path, is_demo_name
 from kroncompress.models.checks import (
     _check_loading_info, _first_line, _quiet_load_report, _read_config_dict, check_finite, check_weight_files,
 )
-from kroncompress.models.tokenizer import _explicit_tokenizer, _fallback_tokenizer, _load_tokenizer
+from kroncompress.models.tokenizer import (
+    _fallback_tokenizer, _load_tokenizer, check_tokenizer_fits, resolve_tokenizer, tokenizer_name,
+)
 
 
 WEIGHT_FILES = (
@@ -67,7 +69,8 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
     folder without one whose vocabulary is GPT-2's (50257 tokens) gets GPT-2's BPE
     (`kroncompress.tokenizers.gpt2_tokenizer`), with a warning and a note in `info.notes`; otherwise
     `info.tokenizer` is None and `require_tokenizer(info)` says why and what to do. `tokenizer` (a folder or
-    hub id) overrides all of this.
+    hub id, or a tokenizer object) overrides all of this; it must fit the model's embedding
+    (`check_tokenizer_fits`).
     """
     name = os.fspath(name_or_path)
     torch_dtype = _parse_dtype(dtype)
@@ -87,9 +90,10 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
         check_finite(model, name)
     if device is not None and not info.meta:
         model = model.to(device)
-    if tokenizer is not None:  # given explicitly: it wins, and must load
-        info.tokenizer = _explicit_tokenizer(tokenizer)
-        info.notes.append(f"tokenizer: {os.fspath(tokenizer)!r}")
+    if tokenizer is not None:  # given explicitly: it wins, must load and must fit the embedding
+        info.tokenizer = resolve_tokenizer(tokenizer)
+        check_tokenizer_fits(info.tokenizer, model, name)
+        info.notes.append(f"tokenizer: {tokenizer_name(info.tokenizer)!r}")
     elif load_tokenizer and info.tokenizer is None and info.source != "config":
         source = path if info.source != "hub" else name
         info.tokenizer, note = _load_tokenizer(source)

@@ -56,39 +56,95 @@ def _fallback_tokenizer(model, folder: Path, note: str) -> tuple[Any, str]:
                           f"({GPT2_VOCAB}), so GPT-2's BPE cannot stand in")
 
 
+TOKENIZER_HINT = "pass one with --tokenizer PATH_OR_ID (Python: tokenizer=...)"
+
+
 def require_tokenizer(info: ModelInfo, model=None):
     """`info.tokenizer`, or a ValueError (one line) saying why there is none and how to provide one.
 
-    With `model`, a tokenizer with more tokens than the model's vocabulary is refused too (its ids would
-    index past the embedding).
+    With `model`, a tokenizer that can produce ids past the model's embedding is refused too
+    (`check_tokenizer_fits`).
     """
     tokenizer = info.tokenizer
     if tokenizer is None:
         why = next((n for n in info.notes if "tokenizer" in n), "the folder has no tokenizer")
         raise ValueError(
-            f"model {info.name_or_path!r} has no usable tokenizer ({why}); save the model's tokenizer into the folder "
-            "(`tokenizer.save_pretrained(folder)`) and run again"
+            f"model {info.name_or_path!r} has no usable tokenizer ({why}); {TOKENIZER_HINT}, or save the model's "
+            "tokenizer into the folder (`tokenizer.save_pretrained(folder)`)"
         )
-    vocab = _vocab_size(model) if model is not None else None
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(
-            f"model {info.name_or_path!r}: its tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
-            f"{vocab}; the tokenizer belongs to another model: save the right one into the folder"
-        )
+    if model is not None:
+        check_tokenizer_fits(tokenizer, model, info.name_or_path)
     return tokenizer
 
 
+def tokenizer_size(tokenizer) -> int:
+    """How many embedding rows the tokenizer's ids need: its largest id (added tokens included) plus one."""
+    try:
+        vocab = tokenizer.get_vocab()
+        if vocab:
+            return max(int(i) for i in vocab.values()) + 1
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        pass
+    return len(tokenizer)
+
+
+def tokenizer_name(tokenizer) -> str:
+    """Where a tokenizer came from (its `name_or_path`), else its class."""
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def check_tokenizer_fits(tokenizer, model, model_name: Any = None) -> None:
+    """ValueError naming both when `tokenizer` can produce an id the model has no embedding row for.
+
+    A tokenizer smaller than the embedding is fine (checkpoints often pad their vocabulary); a model whose
+    embedding cannot be read is not checked."""
+    rows = _vocab_size(model)
+    needed = tokenizer_size(tokenizer)
+    if rows is None or needed <= rows:
+        return
+    name = model_name if model_name is not None else (getattr(model, "name_or_path", "") or type(model).__name__)
+    raise ValueError(
+        f"tokenizer {tokenizer_name(tokenizer)!r} does not fit model {str(name)!r}: the tokenizer has {len(tokenizer)} "
+        f"tokens (ids up to {needed - 1}) but the model's vocabulary only {rows} embedding rows; the tokenizer belongs "
+        "to another model: pass the model's own tokenizer (--tokenizer PATH_OR_ID, Python: tokenizer=...)"
+    )
+
+
+def resolve_tokenizer(tokenizer):
+    """A tokenizer object from a folder or hub id (`_explicit_tokenizer`); an object (or None) is returned as is."""
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    return _explicit_tokenizer(tokenizer)
+
+
 def _explicit_tokenizer(source: str | os.PathLike):
+    """A tokenizer from a folder written by save_pretrained (a model folder holding one will do), the demo
+    name, or a hub id (offline: the local cache only, failing fast)."""
     from transformers import AutoTokenizer
+
+    from kroncompress import hub
+    from kroncompress.demo import demo_model_path, is_demo_name
+    from kroncompress.models.load import _looks_like_path
 
     name = os.fspath(source)
     path = Path(name).expanduser()
-    if path.exists() and not _has_tokenizer(path):
-        raise ValueError(f"tokenizer folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass the "
-                         "folder a tokenizer was saved to with save_pretrained()")
+    if not path.exists() and is_demo_name(name):
+        path = demo_model_path()
+    if path.exists():
+        if not path.is_dir() or not _has_tokenizer(path):
+            raise ValueError(f"tokenizer {name!r} is not a folder holding tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                             "pass the folder a tokenizer was saved to with save_pretrained(), or a hub id")
+        target, cache_only = str(path), {}
+    elif _looks_like_path(name):
+        raise ValueError(f"tokenizer path {name!r} does not exist; pass a folder written by tokenizer.save_pretrained() "
+                         "or a Hugging Face hub id such as 'gpt2'")
+    else:
+        target, cache_only = name, ({} if hub.online() else {"local_files_only": True})
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+        return AutoTokenizer.from_pretrained(target, **cache_only)
     except Exception as exc:  # noqa: BLE001  transformers raises many types for a bad tokenizer
+        if cache_only:
+            raise ValueError(hub.offline_message("tokenizer", name)) from exc
         raise ValueError(f"cannot load the tokenizer {name!r}: {_first_line(exc)}; pass a folder written by "
                          "tokenizer.save_pretrained()") from exc
 

@@ -11,14 +11,14 @@ scikit-learn / scipy), `modeling` (classification heads, padding, scoring), `tra
 task distillation on a transformers Trainer), `pipeline` (the whole run).
 """
 
-from kroncompress.tasks.data import GLUE_TASKS, TaskData, TaskSpec, TaskSplit, load_task, task_spec
+from kroncompress.tasks.data import GLUE_TASKS, TaskData, TaskSpec, TaskSplit, cap_eval_splits, load_task, task_spec
 from kroncompress.tasks.metrics import METRICS, compute_metrics
 from kroncompress.tasks.modeling import evaluate_task, load_task_model, predict
 from kroncompress.tasks.training import FinetuneResult, default_task_distill, distill_task, finetune
 from kroncompress.tasks.pipeline import load_task_recipe, run_task_pipeline
 
 __all__ = [
-    "GLUE_TASKS", "TaskData", "TaskSpec", "TaskSplit", "load_task", "task_spec", "METRICS", "compute_metrics",
+    "GLUE_TASKS", "TaskData", "TaskSpec", "TaskSplit", "cap_eval_splits", "load_task", "task_spec", "METRICS", "compute_metrics",
     "evaluate_task", "load_task_model", "predict", "FinetuneResult", "default_task_distill", "distill_task", "finetune",
     "load_task_recipe", "run_task_pipeline",
 ]

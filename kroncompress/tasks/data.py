@@ -20,6 +20,7 @@ files, held-out validation). Their public names are importable from here too, as
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -28,6 +29,7 @@ from kroncompress.tasks.spec import GLUE_TASKS, KINDS, TaskSpec, task_spec  # no
 
 # the validation part held out of a single file, chosen by a hash of the row (stable across runs and machines)
 DEFAULT_VALIDATION_FRACTION = 0.1
+EVAL_SAMPLE_SEED = 0  # max_eval_examples: the evaluation examples kept are a sample with this seed
 
 
 # -- the loaded data -------------------------------------------------------------------------------
@@ -47,6 +49,14 @@ class TaskSplit:
     def subset(self, count: int) -> "TaskSplit":
         """The first `count` examples."""
         return TaskSplit(self.texts[:count], self.pairs[:count] if self.pairs is not None else None, self.labels[:count])
+
+    def sample(self, count: int, seed: int) -> "TaskSplit":
+        """`count` examples drawn with `random.Random(seed)`, in their original order (all when fewer)."""
+        if count >= len(self):
+            return self
+        keep = sorted(random.Random(seed).sample(range(len(self)), count))
+        return TaskSplit([self.texts[i] for i in keep], [self.pairs[i] for i in keep] if self.pairs is not None else None,
+                         [self.labels[i] for i in keep])
 
 
 @dataclass
@@ -112,6 +122,24 @@ def load_task(spec: Any, data: Any = None, *, validation_fraction: float = DEFAU
 
 def _cap(data: TaskData, count: int) -> TaskData:
     return TaskData(spec=data.spec, splits={k: v.subset(count) for k, v in data.splits.items()}, source=data.source)
+
+
+def cap_eval_splits(data: TaskData, count: int | None, *, seed: int = EVAL_SAMPLE_SEED) -> TaskData:
+    """`data` with each evaluation split cut to `count` examples (the training split untouched).
+
+    The kept examples are a seeded random sample (`random.Random(seed)`, the same on every run and
+    machine), in their original order: the first examples of a split stored sorted by label (a common
+    csv layout) would hold one class only. A split of at most `count` examples is kept whole.
+    """
+    if count is None:
+        return data
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"max_eval_examples must be an integer >= 1, got {count!r}")
+    splits = dict(data.splits)
+    for name in dict.fromkeys(data.spec.eval_splits):
+        if name != data.spec.train_split:  # a spec that evaluates on its training split keeps it whole
+            splits[name] = data.split(name).sample(count, seed)
+    return TaskData(spec=data.spec, splits=splits, source=data.source)
 
 
 def _columns_of(rows: Any) -> list[str]:

@@ -52,9 +52,14 @@ def load_task_model(model: Any, data: TaskData, *, tokenizer: Any = None, requir
     folder, or a pretrained encoder / decoder that gets a new, randomly initialised head with the task's
     number of outputs), the demo name "shakespeare-gpt2", or a hub id. `require_head=True` refuses a
     model without a trained head (what compressing a teacher needs). The tokenizer is read from the folder
-    unless given.
+    unless given (an object, a folder written by save_pretrained, or a hub id); either way it must fit the
+    model's embedding (`kc.models.check_tokenizer_fits`).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from kroncompress.models import TOKENIZER_FILES, TOKENIZER_HINT, _has_tokenizer, resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(tokenizer)
 
     if isinstance(model, nn.Module):
         if not is_classifier(model):
@@ -73,12 +78,16 @@ def load_task_model(model: Any, data: TaskData, *, tokenizer: Any = None, requir
     if require_head and not has_head:
         raise ValueError(f"{os.fspath(model)!r} is a {', '.join(config.architectures or [config.model_type])}, not a model "
                          "fine-tuned on the task; fine-tune it first (kc.tasks.finetune / `kroncompress finetune`)")
+    if tokenizer is None and isinstance(source, Path) and not _has_tokenizer(source):
+        # transformers 5 would build an empty tokenizer (special tokens only) from the config alone
+        raise ValueError(f"{os.fspath(model)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); {TOKENIZER_HINT}, "
+                         "or save the tokenizer next to the model")
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"{os.fspath(model)!r} has no usable tokenizer ({str(exc).splitlines()[0] if str(exc) else exc}); "
-                             "save the tokenizer next to the model") from exc
+                             f"{TOKENIZER_HINT}, or save the tokenizer next to the model") from exc
     if has_head and getattr(config, "kroncompress", None):
         from kroncompress.io import load_compressed
 
@@ -103,7 +112,11 @@ def _problem_type(data: TaskData) -> str:
 
 
 def prepare_model(model: nn.Module, tokenizer: Any, data: TaskData) -> nn.Module:
-    """Check the head fits the task, record the labels and set the pad token (model and tokenizer)."""
+    """Check the head fits the task and the tokenizer the embedding, record the labels and set the pad token
+    (model and tokenizer)."""
+    from kroncompress.models import check_tokenizer_fits
+
+    check_tokenizer_fits(tokenizer, model)
     outputs = int(getattr(model.config, "num_labels", 0))
     if outputs != data.num_labels:
         raise ValueError(f"the model's head has {outputs} output(s) but task {data.spec.name} needs {data.num_labels} "

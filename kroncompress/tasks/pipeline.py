@@ -25,7 +25,8 @@ from typing import Any, Mapping
 
 import torch
 
-from kroncompress.tasks.data import TaskData, load_task, task_spec
+from kroncompress.models import tokenizer_name
+from kroncompress.tasks.data import EVAL_SAMPLE_SEED, TaskData, cap_eval_splits, load_task, task_spec
 from kroncompress.tasks.modeling import encode, evaluate_task, load_task_model
 from kroncompress.tasks.training import TASK_FILE, distill_task
 
@@ -58,14 +59,20 @@ def _section(section: Any, source: str) -> dict[str, Any]:
 def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *, task: Any = None, data: Any = None,
                       tokenizer: Any = None, max_steps: int | None = None, distill: bool = True,
                       calibration_tokens: int | None = None, eval_every: int | None = None, overwrite: bool = False,
-                      device: str | torch.device | None = None, max_examples: int | None = None) -> dict[str, Any]:
+                      device: str | torch.device | None = None, max_examples: int | None = None,
+                      max_eval_examples: int | None = None) -> dict[str, Any]:
     """Compress a fine-tuned model with `recipe`, distil it on the task and save it in `output_dir`.
 
     `model`: a folder of a model fine-tuned on the task (e.g. by `finetune`), or a *ForSequenceClassification
-    module with `tokenizer`. `task` / `data`: as for `load_task`; the task defaults to the recipe's `task`
-    section, else the task.json `finetune` saved next to the model; the data to the section's `data`. Data-aware initialisation runs when the recipe has a `calibration` section, on the
+    module with `tokenizer`. `tokenizer` (an object, a folder or a hub id) replaces the folder's and is saved
+    with the result; it must fit the model's embedding. `task` / `data`: as for `load_task`; the task
+    defaults to the recipe's `task` section, else the task.json `finetune` saved next to the model; the data to the section's `data`. Data-aware initialisation runs when the recipe has a `calibration` section, on the
     task's own training text (`calibration_tokens` or the section's `tokens`). `max_steps` caps the
-    distillation steps; `distill=False` stops after compressing. Returns the report (also in report.json).
+    distillation steps; `distill=False` stops after compressing. `max_examples` keeps the first examples of
+    every split; `max_eval_examples` scores each evaluation split on a seeded sample of that many examples
+    (`cap_eval_splits`: the same examples for the teacher, the compressed and the distilled model, and on
+    every run), recorded in the report with the split sizes it was drawn from. Returns the report (also in
+    report.json).
     """
     from kroncompress.io import save_compressed
     from kroncompress.outputs import check_output_state
@@ -95,6 +102,8 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
         clock = now
 
     task_data = load_task(spec, data if data is not None else section_data, max_examples=max_examples)
+    available = {name: len(split) for name, split in task_data.eval_splits().items()}
+    task_data = cap_eval_splits(task_data, max_eval_examples)
     teacher, tokenizer = load_task_model(model, task_data, tokenizer=tokenizer, require_head=True)
     if device is not None:
         teacher.to(device)
@@ -125,6 +134,10 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
         "model": os.fspath(model) if not isinstance(model, torch.nn.Module) else type(model).__name__,
         "recipe": parsed.name, "task": task_data.spec.to_dict(), "data": task_data.source,
         "examples": {name: len(split) for name, split in task_data.splits.items()},
+        "max_eval_examples": max_eval_examples, "eval_examples_available": available,
+        "eval_sample": None if max_eval_examples is None else f"seeded random sample (seed {EVAL_SAMPLE_SEED}) of each "
+                                                               "evaluation split, in the split's order",
+        "tokenizer": tokenizer_name(tokenizer),
         "params_before": compression.params_before, "params_after": compression.params_after,
         "scores": scores, "distill": summary, "timings": timings,
     }

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kroncompress.tasks.data import TaskData, load_task, task_spec
+from kroncompress.tasks.data import TaskData, cap_eval_splits, load_task, task_spec
 from kroncompress.tasks.modeling import collator, encode, evaluate_task, is_decoder, load_task_model
 
 EVALS_PER_RUN = 10  # score points on the distillation plot when no eval_every is given
@@ -111,13 +111,16 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
              tokenizer: Any = None, epochs: float = 3.0, max_steps: int | None = None, lr: float = 5e-5,
              batch_size: int = 16, seed: int = 0, warmup_ratio: float = 0.1, weight_decay: float = 0.01,
              max_grad_norm: float | None = 1.0, eval_every: int | None = None, overwrite: bool = False,
-             max_examples: int | None = None) -> FinetuneResult:
+             max_examples: int | None = None, max_eval_examples: int | None = None) -> FinetuneResult:
     """Fine-tune `model` (a folder, hub id, the demo name, or a *ForSequenceClassification module with
     `tokenizer`) on the task: the teacher. A model without a classification head gets a new one.
 
     `task` is a GLUE name, a mapping of TaskSpec fields or a TaskSpec; `data` anything `load_task` reads
     (or a TaskData). With `output_dir`, the model and tokenizer are saved there (save_pretrained, written
     to a temporary folder and renamed into place) with finetune.json holding the task and the scores.
+    `tokenizer` (an object, a folder or a hub id) replaces the model folder's and is saved with the model.
+    `max_examples` keeps the first examples of every split; `max_eval_examples` scores each evaluation split
+    on a seeded sample of that many (`cap_eval_splits`), recorded in finetune.json.
     """
     from transformers import Trainer
 
@@ -128,6 +131,7 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
         raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
                                 "(CLI: --overwrite) or pick another folder")
     data = data if isinstance(data, TaskData) else load_task(task_spec(task), data, max_examples=max_examples)
+    data = cap_eval_splits(data, max_eval_examples)
     torch.manual_seed(seed)  # the new head's initialisation
     model, tokenizer = load_task_model(model, data, tokenizer=tokenizer)
     train = encode(data.train, tokenizer, data.spec.max_length)
@@ -148,7 +152,7 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
                             seconds=round(seconds, 3), history=callback.history)
     if target is not None:
         save_task_model(model, tokenizer, data, target, {"scores": scores, "steps": result.steps, "seconds": result.seconds,
-                                                         "history": result.history}, overwrite=overwrite)
+                                                         "history": result.history, "max_eval_examples": max_eval_examples}, overwrite=overwrite)
         result.output_dir = str(target)
     return result
 
