@@ -33,12 +33,15 @@ MODEL = REAL / "gemma3-270m"
 TRAIN = REAL / "english" / "train.jsonl"
 STATS = Path("~/.cache/kroncompress/bench/gemma-calib-16k.pt").expanduser()
 LOCK = "/tmp/kc-heavy.lock"
-OLD_COMMIT = "900eb51"
+OLD_COMMIT = "28d90a9"  # main before the Cholesky whitening start (2026-12-01)
 TARGETS = r"model\.layers\.({layers})\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 CELLS = {  # name -> (code: "new" or "old", strategy, options)
     "svd-whitened": ("new", "svd", {"ratio": 2, "init": "whitened"}),
     "kron-old": ("old", "kronecker", {"ratio": 2, "rank": "auto", "init": "als"}),
     "kron-new": ("new", "kronecker", {"ratio": 2, "rank": "auto", "init": "als"}),
+    # one term, as benchmarks/bench_gemma.py's 1/2 cells
+    "kron1-old": ("old", "kronecker", {"ratio": 2, "init": "als"}),
+    "kron1-new": ("new", "kronecker", {"ratio": 2, "init": "als"}),
 }
 
 
@@ -164,7 +167,7 @@ def write_report(path: Path, results: list[dict], command: str) -> None:
         f"{any_row['calibration_seconds']:.0f} s (run once; every cell below uses the same cached statistics)",
         "- each cell: a fresh process, `kc.compress(model, recipe, calibration=stats)` timed (plan with the "
         "shape search, decompose, module swap), under /tmp/kc-heavy.lock, torch on 2 threads; "
-        f"`kron-old` is the code at commit {OLD_COMMIT} (before this change), run from `git archive`",
+        f"`-old` cells run the code at commit {OLD_COMMIT} (before the change), from `git archive`",
         "- werr / oerr: mean over matrices of ||W - W^|| / ||W|| and the relative output error on the calibration "
         "statistics (docs/dataaware.md)", "",
         "| cell | code | matrices | params after / before | compress s | x whitened SVD | werr | oerr | load |",
@@ -177,19 +180,24 @@ def write_report(path: Path, results: list[dict], command: str) -> None:
                      f"{r['load']:.1f} |")
     for r in timed_out:
         lines.append(f"| {r['cell']} | {CELLS[r['cell']][0]} | | | > {r['timeout']:.0f} (stopped) | | | | {r['load']:.1f} |")
-    old, new = by_cell.get("kron-old"), by_cell.get("kron-new")
-    if old and new:
-        worse = {name: (new["oerr_by_module"][name], e) for name, e in old["oerr_by_module"].items()
-                 if new["oerr_by_module"].get(name, float("inf")) > e * (1 + 1e-6) + 1e-9}
-        lines += ["", f"kron-new vs kron-old: {old['seconds'] / new['seconds']:.2f}x faster; per-module output error "
-                  f"higher than the old code's (relative tolerance 1e-6) in {len(worse)} of {len(old['oerr_by_module'])} "
-                  "modules" + (": " + ", ".join(f"{k} {a:.6f} vs {b:.6f}" for k, (a, b) in list(worse.items())[:5])
-                               if worse else ".")]
+    for prefix in ("kron", "kron1"):
+        old, new = by_cell.get(f"{prefix}-old"), by_cell.get(f"{prefix}-new")
+        if old and new:
+            lines += ["", comparison(prefix, old, new)]
     lines += ["", "Shapes chosen (spec: matrices):", ""]
     for r in results:
         lines.append(f"- {r['cell']}: " + "; ".join(f"`{k}` x{v}" for k, v in sorted(r["shapes"].items(), key=lambda kv: -kv[1])[:12]))
     path.write_text("\n".join(lines) + "\n")
 
+
+def comparison(prefix: str, old: dict, new: dict) -> str:
+    """How much faster the new code is, and in which modules its output error is higher."""
+    worse = {name: (new["oerr_by_module"][name], e) for name, e in old["oerr_by_module"].items()
+             if new["oerr_by_module"].get(name, float("inf")) > e * (1 + 1e-6) + 1e-9}
+    return (f"{prefix}-new vs {prefix}-old: {old['seconds'] / new['seconds']:.2f}x faster; per-module output error "
+            f"higher than the old code's (relative tolerance 1e-6) in {len(worse)} of {len(old['oerr_by_module'])} "
+            "modules" + (": " + ", ".join(f"{k} {a:.6f} vs {b:.6f}" for k, (a, b) in list(worse.items())[:5])
+                         if worse else "."))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
