@@ -57,7 +57,8 @@ def load_task_model(model: Any, data: TaskData, *, tokenizer: Any = None, requir
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from kroncompress.models import TOKENIZER_FILES, TOKENIZER_HINT, _has_tokenizer, resolve_tokenizer
+    from kroncompress.models import TOKENIZER_FILES, TOKENIZER_HINT, resolve_tokenizer
+    from kroncompress.models.tokenizer import _has_tokenizer
 
     tokenizer = resolve_tokenizer(tokenizer)
 
