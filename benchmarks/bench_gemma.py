@@ -150,7 +150,7 @@ def calibration(model, texts: dict, args) -> tuple:
     with the seconds the pass took when it ran."""
     from kroncompress.calibration import CalibrationStats, InputStatistic, TokenCount
 
-    path = args.output.with_name(f"{args.output.stem}.calibration-{args.calibration_tokens}.pt")
+    path = args.output.with_name(f"{args.output.stem}.calibration-{Path(args.model).name}-{args.calibration_tokens}.pt")
     if path.exists():
         saved = torch.load(path)
     else:

@@ -53,12 +53,17 @@ def test_blocks_open_with_bos_and_hold_the_documents_in_order(bench, tmp_path):
     assert stream[:300].tolist() == [10 + i % 50 for i in range(300)] and stream[300].item() == 1
 
 
-def test_a_cell_runs_zero_shot_and_distilled(bench):
+def test_a_cell_runs_zero_shot_and_distilled_and_the_next_reuses_the_calibration(bench, tmp_path):
     teacher = build_tiny("gemma3", num_hidden_layers=4, max_position_embeddings=256).eval()
     torch.manual_seed(0)
     ids = torch.randint(3, teacher.config.vocab_size, (16, 256))
     ids[:, 0] = 2
     texts = {"tokenizer": None, "eval": ids[:4], "calibration": ids[:4], "train": ids}
-    row = bench.run_cell(bench.Cell("svd", "1/2", True, 1), teacher, texts, types.SimpleNamespace(calibration_tokens=1024))
+    args = types.SimpleNamespace(calibration_tokens=1024, output=tmp_path / "gemma.md", model=tmp_path / "tiny")
+    row = bench.run_cell(bench.Cell("svd", "1/2", True, 1), teacher, texts, args)
     assert row["params"] < sum(p.numel() for p in teacher.parameters())
     assert row["zero_shot"] > 1 and row["distilled"] > 1 and row["distill_tokens"] == 8 * 256
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["gemma.calibration-tiny-1024.pt"]
+    again = bench.run_cell(bench.Cell("kronecker", "1/2", True, 0), teacher, texts, args)
+    assert again["calibrate_s"] == row["calibrate_s"]  # the pass's own time, read back with its statistics
+    assert again["zero_shot"] > 1 and "distilled" not in again
