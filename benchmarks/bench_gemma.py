@@ -182,6 +182,40 @@ def cells_for(args) -> list[Cell]:
     return [c for c in cells if not args.only or re.search(args.only, c.key)]
 
 
+def plot(path: Path, rows: dict, teacher: dict) -> None:
+    """Perplexity against block parameters kept, zero-shot and after ILKD: a colour per method, solid where the
+    embedding is factored too, dashed where it stays dense (the latest row of each cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    for axis, field, title in ((axes[0], "zero_shot", "right after decomposition"),
+                               (axes[1], "distilled", "after ILKD")):
+        for index, method in enumerate(METHODS):
+            for embedding in (False, True):
+                points = sorted((r["block_params"] / teacher["block_params"] * 100, r[field]) for r in rows.values()
+                                if r["method"] == method and r["embedding"] == embedding and r.get(field))
+                if points:
+                    axis.plot(*zip(*points), marker="o", color=f"C{index}", linestyle="-" if embedding else "--",
+                              label=f"{method}{' + embedding 2x' if embedding else ''}")
+        axis.axhline(teacher["perplexity"], color="black", linewidth=0.8, linestyle=":",
+                     label=f"teacher ({teacher['perplexity']:.1f})")
+        axis.set_yscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("block parameters kept (%)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity (held-out text)")
+    for axis in axes:
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
     lines = [
         "# Gemma 3 270M: Kronecker vs whitened SVD vs layer dropping",
@@ -199,6 +233,8 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
         f"- Distillation: {args.steps} steps x {TRAIN['batch_size'] * TRAIN['grad_accum']} sequences x 256 tokens; "
         f"AdamW lr {TRAIN['lr']}, {TRAIN['schedule']}; ILKD losses {ILKD} (the Gemma recipes'), the same without "
         "attention KL for layer dropping (through its layer map).",
+        "",
+        f"![perplexity against block parameters]({path.stem}.png)",
         "",
         "| method | block params kept | embedding | parameters | zero-shot ppl | x teacher | after ILKD | calibrate s | compress s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -218,6 +254,7 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
     if missing:
         lines.append(f"Not measured yet ({len(missing)} cells): " + ", ".join(f"`{k}`" for k in missing) + ".")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(path.with_suffix(".png"), rows, teacher)
 
 
 def main(argv: list[str] | None = None) -> int:
