@@ -42,6 +42,10 @@ CELLS = {  # name -> (code: "new" or "old", strategy, options)
     # one term, as benchmarks/bench_gemma.py's 1/2 cells
     "kron1-old": ("old", "kronecker", {"ratio": 2, "init": "als"}),
     "kron1-new": ("new", "kronecker", {"ratio": 2, "init": "als"}),
+    # issue 15, section 3: does more ALS work close the gap to whitened SVD? (try with --layers 0)
+    "kron1-shortlist1": ("new", "kronecker", {"ratio": 2, "init": "als", "shortlist": 1}),
+    "kron1-sweeps12": ("new", "kronecker", {"ratio": 2, "init": "als", "sweeps": 12}),
+    "kron1-sweeps24": ("new", "kronecker", {"ratio": 2, "init": "als", "sweeps": 24}),
 }
 
 
