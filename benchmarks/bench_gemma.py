@@ -198,7 +198,7 @@ def plot(path: Path, rows: dict, teacher: dict) -> None:
                 points = sorted((r["block_params"] / teacher["block_params"] * 100, r[field]) for r in rows.values()
                                 if r["method"] == method and r["embedding"] == embedding and r.get(field))
                 if points:
-                    axis.plot(*zip(*points), marker="o", color=f"C{index}", linestyle="-" if embedding else "--",
+                    axis.plot(*zip(*points), marker="s" if embedding else "o", color=f"C{index}", linestyle="-" if embedding else "--",
                               label=f"{method}{' + embedding 2x' if embedding else ''}")
         axis.axhline(teacher["perplexity"], color="black", linewidth=0.8, linestyle=":",
                      label=f"teacher ({teacher['perplexity']:.1f})")
