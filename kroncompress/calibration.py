@@ -86,6 +86,7 @@ class CalibrationStats:
         self.token_counts = list(token_counts or [])
         self._by_module = {name: stat for stat in inputs for name in stat.modules}
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
+        self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_module or name in self._counts_of
@@ -135,13 +136,12 @@ class CalibrationStats:
         stat = self._by_module.get(name)
         if stat is None or stat.tokens == 0:
             return None
-        recent = self.__dict__.setdefault("_recent", {})
         key = (id(stat), stat.tokens, self.damping)
-        if key not in recent:
-            recent[key] = damp(stat.sum_xxt / stat.tokens, self.damping)
-            while len(recent) > 2:
-                recent.pop(next(iter(recent)))
-        return recent[key]
+        if key not in self._recent:
+            self._recent[key] = damp(stat.sum_xxt / stat.tokens, self.damping)
+            while len(self._recent) > 2:
+                self._recent.pop(next(iter(self._recent)))
+        return self._recent[key]
 
 
 def _check_hookable(name: str, module: nn.Module) -> None:

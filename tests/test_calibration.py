@@ -271,3 +271,22 @@ def test_pipeline_calibration_text_defaults_to_the_runs_own_text(recipe_kwargs, 
         assert got is recipe.distill.data
     else:
         assert got == expected
+
+
+def test_damped_moments_are_reused_per_input_and_recomputed_when_it_grows():
+    import torch
+
+    from kroncompress.calibration import CalibrationStats, InputStatistic
+    from kroncompress.linalg.whitening import damp
+
+    g = torch.Generator().manual_seed(0)
+    shared, other = (InputStatistic(torch.zeros(4, 4, dtype=torch.float64), 0, names) for names in (["q", "k"], ["o"]))
+    for stat in (shared, other):
+        stat.add(torch.randn(8, 4, generator=g), None)
+    stats = CalibrationStats([shared, other], damping=0.01)
+    assert stats.matrix("q") is stats.matrix("k")  # one damped copy for the modules reading one input
+    torch.testing.assert_close(stats.matrix("o"), damp(other.sum_xxt / other.tokens, 0.01), rtol=0, atol=0)
+    before = stats.matrix("q").clone()
+    shared.add(torch.randn(8, 4, generator=g) * 3, None)
+    torch.testing.assert_close(stats.matrix("q"), damp(shared.sum_xxt / shared.tokens, 0.01), rtol=0, atol=0)
+    assert not torch.equal(stats.matrix("q"), before)
