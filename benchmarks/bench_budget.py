@@ -37,7 +37,7 @@ import torch
 import kroncompress as kc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import Cell, cell_recipe, num_layers_of, source_fingerprint, write_atomic  # noqa: E402
+from bench_quality import Cell, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic  # noqa: E402
 
 # Same optimiser as bench_quality, fewer tokens per step (no accumulation), a schedule that ignores the total.
 TRAIN = {"lr": 2.5e-4, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 8, "grad_accum": 1,
@@ -241,10 +241,7 @@ def plot(path: Path, rows: list[dict], teacher: float) -> None:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _threads(rows: list[dict]) -> str:

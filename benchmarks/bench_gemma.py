@@ -33,6 +33,9 @@ import kroncompress as kc
 from kroncompress.distill import distill, pack_blocks
 from kroncompress.distill.bos import tokenizer_bos
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import save_figure, write_atomic  # noqa: E402
+
 CACHE = Path(os.environ.get("KRONCOMPRESS_CACHE") or Path.home() / ".cache" / "kroncompress") / "real"
 BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 EMBEDDING = "model.embed_tokens"
@@ -210,10 +213,7 @@ def plot(path: Path, rows: dict, teacher: dict) -> None:
     for axis in axes:
         axis.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
@@ -253,7 +253,7 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
               "compress: the decomposition, with the Kronecker shape search).", ""]
     if missing:
         lines.append(f"Not measured yet ({len(missing)} cells): " + ", ".join(f"`{k}`" for k in missing) + ".")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(path, "\n".join(lines) + "\n")
     plot(path.with_suffix(".png"), rows, teacher)
 
 

@@ -345,10 +345,7 @@ def plot(path: Path, rows: list[dict], teacher: float, teacher_params: int) -> N
     axes[0].set_ylabel("perplexity (held-out text)")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def report(rows: list[dict], args: argparse.Namespace, wall: float, missing: list[str] = ()) -> str:
@@ -421,6 +418,16 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float, missing: lis
 def rows_source(rows: list[dict]) -> str:
     current = sorted({r["source"] for r in rows if not r.get("earlier_source")})
     return "source " + ", ".join(current) if current else "none"
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str) -> None:

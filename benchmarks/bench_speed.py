@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kroncompress as kc  # noqa: E402
-from bench_quality import Cell, cell_recipe, main_keep, num_layers_of, write_atomic  # noqa: E402
+from bench_quality import Cell, cell_recipe, main_keep, num_layers_of, save_figure, write_atomic  # noqa: E402
 from kroncompress.evaluate import generation_throughput, max_positions, throughput  # noqa: E402
 from kroncompress.layers import FactorizedLinear, KroneckerTiedHead  # noqa: E402
 
@@ -272,10 +272,7 @@ def plot(path: Path, sections: list[tuple[str, list[dict]]]) -> None:
         axis.set_ylabel("x the original")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 SAVED_START, SAVED_END = "<!-- saved-vs-memory:start -->", "<!-- saved-vs-memory:end -->"
