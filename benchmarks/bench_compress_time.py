@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = Path("~/.cache/kroncompress/real").expanduser()
 MODEL = REAL / "gemma3-270m"
 TRAIN = REAL / "english" / "train.jsonl"
-STATS = Path("~/.cache/kroncompress/bench/gemma-calib-16k.pt").expanduser()
+STATS = Path("~/.cache/kroncompress/bench/gemma-calib-16k.safetensors").expanduser()
 LOCK = "/tmp/kc-heavy.lock"
 OLD_COMMIT = "28d90a9"  # main before the Cholesky whitening start (2026-12-01)
 TARGETS = r"model\.layers\.({layers})\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -74,13 +74,9 @@ def heavy_lock():
 # -- the worker: one cell in a fresh process ----------------------------------------------------------
 
 def load_stats(path: Path):
-    import torch
+    from kroncompress.calibration import CalibrationStats
 
-    from kroncompress.calibration import CalibrationStats, InputStatistic
-
-    saved = torch.load(path)
-    inputs = [InputStatistic(s["sum_xxt"], s["tokens"], list(s["modules"])) for s in saved["inputs"]]
-    return CalibrationStats(inputs, saved["damping"]), saved["seconds"]
+    return CalibrationStats.load(path), json.loads(path.with_suffix(".json").read_text())["seconds"]
 
 
 def calibrate(path: Path, tokens: int) -> None:
@@ -96,9 +92,8 @@ def calibrate(path: Path, tokens: int) -> None:
     start = time.perf_counter()
     stats = run(model, the_plan, tokenizer, data={"files": [str(TRAIN)]}, tokens=tokens, block_size=256, batch_size=4)
     seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"inputs": [{"sum_xxt": s.sum_xxt, "tokens": s.tokens, "modules": s.modules} for s in stats.inputs],
-                "damping": stats.damping, "seconds": seconds, "tokens": tokens}, path)
+    stats.save(path)
+    path.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "tokens": tokens}))
 
 
 def worker(cell: str, layers: str, stats_path: Path) -> dict:

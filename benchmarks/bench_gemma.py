@@ -149,30 +149,25 @@ def run_cell(cell: Cell, teacher, texts: dict, args) -> dict:
 
 def calibration(model, texts: dict, args) -> tuple:
     """The statistics of every block linear and the embedding (each cell reads the modules it compresses), computed
-    once per calibration size and cached beside the cells: the teacher is the same in every cell. Returns them
-    with the seconds the pass took when it ran."""
-    from kroncompress.calibration import CalibrationStats, InputStatistic, TokenCount
+    once per calibration size and cached beside the cells (`CalibrationStats.save`, + a .json with the seconds
+    the pass took): the teacher is the same in every cell. Returns them with those seconds."""
+    from kroncompress.calibration import CalibrationStats
 
-    path = args.output.with_name(f"{args.output.stem}.calibration-{Path(args.model).name}-{args.calibration_tokens}.pt")
-    if path.exists():
-        saved = torch.load(path)
-    else:
-        plan = kc.plan(model, kc.load_recipe({"version": 1, "name": "gemma-calibration", "ignore": ["lm_head"], "compress": [
-            {"targets": [EMBEDDING], "strategy": "kronecker", "options": {"ratio": 2.0, "init": "auto"}},
-            {"targets": [BLOCK_LINEARS], "strategy": "svd", "options": {"ratio": 2.0, "init": "auto"}}]}))
-        start = time.perf_counter()
-        stats = kc.calibrate(model, plan, texts["tokenizer"], data=texts["calibration"], tokens=args.calibration_tokens,
-                             block_size=256)
-        saved = {"inputs": [{"sum_xxt": s.sum_xxt, "tokens": s.tokens, "modules": s.modules} for s in stats.inputs],
-                 "counts": [{"counts": c.counts, "padding_idx": c.padding_idx, "tokens": c.tokens, "modules": c.modules}
-                            for c in stats.token_counts],
-                 "damping": stats.damping, "seconds": time.perf_counter() - start}
-        torch.save(saved, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-    stats = CalibrationStats([InputStatistic(s["sum_xxt"], s["tokens"], list(s["modules"])) for s in saved["inputs"]],
-                             saved["damping"], [TokenCount(c["counts"], c["padding_idx"], c["tokens"], list(c["modules"]))
-                                                for c in saved["counts"]])
-    return stats, saved["seconds"]
+    path = args.output.with_name(f"{args.output.stem}.calibration-{Path(args.model).name}-{args.calibration_tokens}"
+                                 ".safetensors")
+    seconds_file = path.with_suffix(".json")
+    if path.exists() and seconds_file.exists():
+        return CalibrationStats.load(path), json.loads(seconds_file.read_text())["seconds"]
+    plan = kc.plan(model, kc.load_recipe({"version": 1, "name": "gemma-calibration", "ignore": ["lm_head"], "compress": [
+        {"targets": [EMBEDDING], "strategy": "kronecker", "options": {"ratio": 2.0, "init": "auto"}},
+        {"targets": [BLOCK_LINEARS], "strategy": "svd", "options": {"ratio": 2.0, "init": "auto"}}]}))
+    start = time.perf_counter()
+    stats = kc.calibrate(model, plan, texts["tokenizer"], data=texts["calibration"], tokens=args.calibration_tokens,
+                         block_size=256)
+    seconds = time.perf_counter() - start
+    stats.save(path)
+    write_atomic(seconds_file, json.dumps({"seconds": seconds}))
+    return stats, seconds
 
 
 def score(model, ids: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -87,6 +88,38 @@ class CalibrationStats:
         self._by_module = {name: stat for stat in inputs for name in stat.modules}
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
         self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
+
+    def save(self, path) -> Path:
+        """Write the statistics to a safetensors file, atomically (`kroncompress.io.calibration`)."""
+        from kroncompress.io.calibration import save_calibration
+
+        return save_calibration(self, path)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device | None = None) -> "CalibrationStats":
+        """Statistics saved by `save`; every field is checked, errors name the file and the field."""
+        from kroncompress.io.calibration import load_calibration
+
+        return load_calibration(path, device)
+
+    def check_model(self, model: nn.Module, names: Iterable[str]) -> None:
+        """Raise ValueError naming the module if the statistics of any of `names` do not fit it (statistics
+        collected on another model, or a file saved for one)."""
+        for name in names:
+            stat = self._by_module.get(name) or self._counts_of.get(name)
+            if stat is None:
+                continue
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue  # planned names come from this model; a dropped block has nothing to fit
+            size = stat.counts.numel() if isinstance(stat, TokenCount) else stat.sum_xxt.shape[0]
+            expected = getattr(module, "num_embeddings", None) if isinstance(stat, TokenCount) else _in_features_or_none(module)
+            if expected is not None and size != expected:
+                what = "token counts" if isinstance(stat, TokenCount) else "input statistics"
+                raise ValueError(f"calibration: module {name!r}: the {what} have size {size} but the module reads "
+                                 f"{expected} {'token ids' if isinstance(stat, TokenCount) else 'features'}; they were "
+                                 "collected on another model: calibrate this model (kc.calibrate) and pass those")
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_module or name in self._counts_of
@@ -157,6 +190,13 @@ def _in_features(module: nn.Module) -> int:
 
     weight, _ = dense_weight_of(module)
     return int(weight.shape[1])
+
+
+def _in_features_or_none(module: nn.Module) -> int | None:
+    try:
+        return _in_features(module)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _accumulator_bytes(module: nn.Module) -> int:

@@ -199,6 +199,8 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
                 continue
             config = rule.config_for(name, module, aliases)
             strategy = strategies.setdefault(id(config), strategy_cls(config=config))
+            if calibration is not None:
+                calibration.check_model(model, [name])
             try:
                 row = _plan_module(model, name, module, kind, strategy, sharers, _stats_for(calibration, name))
             except OptionError as exc:
@@ -304,6 +306,8 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
+    if calibration is not None:
+        calibration.check_model(model, [r.name for r in factor_rows])
     _warn_weight_only(factor_rows, calibration)
     total, report_rows = len(the_plan.rows), []
     for row in factor_rows + structural_rows:

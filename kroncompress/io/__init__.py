@@ -6,6 +6,7 @@
     dense = kc.to_dense(model)                    # plain transformers model (save_pretrained/from_pretrained)
     kc.io.verify_folder("out/")                   # [] or one line per problem (truncated weights, bad plan, ...)
     kc.export_dense("out/", "out-dense/")
+    stats.save("stats.safetensors"); kc.CalibrationStats.load("stats.safetensors")  # calibration statistics
 
 A folder holds config.json (with a `kroncompress` section: per-module plans, tied heads, shared
 parameters), model.safetensors, recipe.yaml, report.json and a README.md model card. Only safetensors is
@@ -13,11 +14,13 @@ ever read, so loading unpickles nothing; and everything read is validated (see `
 
 Import every name from `kroncompress.io`; the code lives in submodules by responsibility: `save`
 (atomic writes), `card` (the model card), `load` (rebuild and strict loading, `verify_folder`), `checks`
-(the folder layout, safetensors and config checks) and `dense` (export to a plain transformers model).
+(the folder layout, safetensors and config checks), `dense` (export to a plain transformers model) and
+`calibration` (calibration statistics files).
 """
 
 from __future__ import annotations
 
+from kroncompress.io.calibration import load_calibration, save_calibration
 from kroncompress.io.card import source_license
 from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES, WEIGHTS_NAME, check_safetensors, first_nonfinite
 from kroncompress.io.dense import export_dense, to_dense
@@ -29,5 +32,5 @@ from kroncompress.outputs import OutputExistsError  # noqa: F401  (re-exported, 
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "FOLDER_FILES", "saved_section", "source_license", "save_compressed",
     "check_safetensors", "first_nonfinite", "model_key_names", "load_compressed", "verify_folder", "to_dense",
-    "export_dense",
+    "export_dense", "save_calibration", "load_calibration",
 ]
