@@ -5,9 +5,9 @@ factors only the embedding 2x as A (262,144 x 320) (x) B (1 x 2) (the KnGPT2 lay
   nkp            the weight-only nearest Kronecker product,
   als-freq       ALS on the token-frequency-weighted row error (the embedding's own output error),
   als-freq+head  the same plus the tied head's output error tr((E - E^) C (E - E^)^T),
-and scores perplexity on the first 16,384 tokens of the held-out English validation text (block 256,
-stride 256). Token counts: ~300k tokens of train.jsonl (documents shuffled with seed 0); C: the head's
-input second moment (the final normed hidden states) on the first 8,192 of them. Gemma's embedding module
+and scores perplexity on the first 16,384 tokens of the held-out English validation text exactly as
+bench_gemma does (windows of BOS + 255 tokens, BOS never scored; the same teacher perplexity). Token counts: ~300k tokens of train.jsonl (documents shuffled with seed 0); C: the head's
+input second moment (the final normed hidden states) on the first 8,192 of them, in BOS-led windows. Gemma's embedding module
 multiplies its rows by sqrt(640); the table (and the head) are what is factored, so the relative errors
 are unchanged by that scale. The factored table is written back densely (same numbers as a
 KroneckerEmbedding; Gemma does not run through kc.compress here).
@@ -26,17 +26,20 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kroncompress.evaluate import perplexity
 from kroncompress.linalg.kronecker import kron_sum
 from kroncompress.linalg.weighted_kronecker import (
     TokenStatistics, embedding_weights, weighted_kronecker_als, weighted_objective, weighted_row_error,
 )
 from kroncompress.linalg.whitening import damp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gemma import pack_blocks, read_blocks, score, tokenizer_bos, write_atomic  # noqa: E402
 
 REAL = Path.home() / ".cache/kroncompress/real"
 STATS = Path.home() / ".cache/kroncompress/embedinit/gemma-stats.pt"
@@ -69,7 +72,7 @@ def stream(tokenizer, split: str, tokens: int, shuffle: bool) -> torch.Tensor:
 def statistics_cell(model, tokenizer, count_tokens: int, head_tokens: int) -> dict:
     ids = stream(tokenizer, "train", count_tokens, shuffle=True)
     counts = torch.bincount(ids, minlength=model.config.vocab_size).double()
-    blocks = ids[: head_tokens // 256 * 256].reshape(-1, 256)
+    blocks = pack_blocks(ids[1: 1 + head_tokens // 256 * 255], 256, tokenizer_bos(tokenizer))
     d = model.config.hidden_size
     C = torch.zeros(d, d, dtype=torch.float64)
     for start in range(0, len(blocks), 4):
@@ -78,10 +81,6 @@ def statistics_cell(model, tokenizer, count_tokens: int, head_tokens: int) -> di
     STATS.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"counts": counts, "head": damp(C / blocks.numel(), 0.01)}, STATS)
     return {"count_tokens": int(ids.numel()), "distinct": int((counts > 0).sum()), "head_tokens": int(blocks.numel())}
-
-
-def score(model, ids: torch.Tensor) -> float:
-    return perplexity(model, ids, block_size=256, stride=256, batch_size=4).perplexity
 
 
 def init_cell(model, init: str, validation: torch.Tensor, sweeps: int) -> dict:
@@ -98,7 +97,7 @@ def init_cell(model, init: str, validation: torch.Tensor, sweeps: int) -> dict:
             stats = TokenStatistics(saved["counts"], saved["head"] if init == "als-freq+head" else None)
             result = weighted_kronecker_als(E, stats, A_SHAPE, B_SHAPE, max_sweeps=sweeps)
         E_hat = kron_sum(result.a, result.b)
-        val_counts = torch.bincount(validation, minlength=E.shape[0]).double()
+        val_counts = torch.bincount(validation.reshape(-1), minlength=E.shape[0]).double()
         _, Ch = embedding_weights(E, saved["counts"], saved["head"])
         zero = torch.zeros(E.shape[0], dtype=torch.float64)
         row = {"fit_seconds": round(time.perf_counter() - start, 1), "sweeps": result.sweeps,
@@ -124,7 +123,7 @@ def report(rows: dict, args) -> str:
         f"Only the embedding (262,144 x 640, tied head) is factored 2x: A {A_SHAPE} (x) B {B_SHAPE}, 168M -> 84M "
         f"parameters. Token counts: {stats.get('count_tokens', 0):,} tokens of train.jsonl ({stats.get('distinct', 0):,} "
         f"distinct ids of 262,144); head second moment: {stats.get('head_tokens', 0):,} tokens. Perplexity: first "
-        f"{args.eval_tokens:,} tokens of validation.jsonl, block 256, stride 256.", "",
+        f"{args.eval_tokens:,} tokens of validation.jsonl in windows of BOS + 255 tokens (as bench_gemma).", "",
         "werr = ||E - E^|| / ||E||; ferr = token-frequency-weighted relative row error (calibration / validation "
         "counts); head = sqrt(tr(D C D^T) / tr(E C E^T)) on the calibration hidden states.", "",
         "| embedding init | werr | ferr (calib.) | ferr (valid.) | head | perplexity | fit s | eval s |",
@@ -162,7 +161,7 @@ def main() -> None:
     print(f"to run: {todo}", flush=True)
     if todo[:args.max_cells]:
         model, tokenizer = load()
-        validation = stream(tokenizer, "validation", args.eval_tokens, shuffle=False)
+        validation = read_blocks(REAL / "english" / "validation.jsonl", tokenizer, args.eval_tokens)
         for cell in todo[:args.max_cells]:
             start = time.perf_counter()
             if cell == "statistics":
@@ -176,7 +175,7 @@ def main() -> None:
             with cache.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(row, flush=True)
-    Path(args.output).write_text(report(rows, args))
+    write_atomic(Path(args.output), report(rows, args))
     print(f"wrote {args.output}")
 
 
