@@ -198,7 +198,10 @@ def crossings(lines: dict[str, dict[int, list[float]]]) -> list[str]:
             if not flips:
                 lower = a if diff[steps[-1]] < 0 else b
                 continue_note = f"{lower} lower at every measured step ({steps[0]}-{steps[-1]})"
-                text.append(f"- {a} vs {b}: no crossing; {continue_note}.")
+                overlap = [str(s) for s in steps if not _separated(lines[a][s], lines[b][s])]
+                gaps = ", ".join(f"{abs(diff[s]):.2f}" for s in steps)
+                text.append(f"- {a} vs {b}: no crossing; {continue_note}; gap {gaps}"
+                            + (f"; the seed ranges overlap at step {', '.join(overlap)}" if overlap else "") + ".")
                 continue
             for s0, s1 in flips:
                 sep = [s for s in (s0, s1) if _separated(lines[a][s], lines[b][s])]
