@@ -21,6 +21,7 @@ from typing import Any, Callable
 import click
 
 from kroncompress.cli import render
+from kroncompress.cli.calibrate import check_stats_option
 from kroncompress.cli.checks import _check_data, _check_device, _check_tokenizer, _claim_output, _local, tokenizer_option
 from kroncompress.cli.errors import (  # noqa: F401  (INTERRUPTED ... Interrupted: re-exported from their old home)
     INTERRUPTED, MESSAGE_LIMIT, USER_ERRORS, Interrupted, UserError, _Cli, user_errors,
@@ -133,6 +134,9 @@ def _report_to(value: str | None) -> dict | None:
 @click.option("--calibration-data", default=None, help="Text for data-aware init (e.g. shakespeare, 'notes/*.txt'); overrides the recipe's calibration.data.")
 @click.option("--calibration-tokens", type=click.IntRange(min=1), default=None,
               help="Calibration tokens (default: the recipe's, else 16384).")
+@click.option("--calibration-stats", default=None, type=click.Path(), metavar="FILE",
+              help="Use the statistics `kroncompress calibrate` saved instead of a calibration pass "
+                   "(excludes --calibration-data and --calibration-tokens).")
 @click.option("--save-every", type=click.IntRange(min=1), default=None,
               help="Checkpoint the distillation every N optimizer steps (the recipe's distill.train.save_every, default 500).")
 @click.option("--report-to", default=None,
@@ -146,7 +150,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
              resume: bool, no_distill: bool, dtype: str | None, device: str | None,
              calibration_data: str | None = None, calibration_tokens: int | None = None,
              save_every: int | None = None, report_to: str | None = None, eval_tokens: int | None = None,
-             tokenizer: str | None = None) -> None:
+             tokenizer: str | None = None, calibration_stats: str | None = None) -> None:
     """Run every stage RECIPE has on MODEL (decompose, distill, evaluate) and save the result to OUTPUT.
 
     MODEL defaults to the small GPT-2 packaged with kroncompress (shakespeare-gpt2), so the whole
@@ -168,6 +172,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
     _check_device(device)
     training_args = _report_to(report_to)
     inputs = [model, recipe] + _check_data(data, "--data") + _check_data(calibration_data, "--calibration-data")
+    inputs += check_stats_option(calibration_stats, calibration_data, calibration_tokens)
     loaded_tokenizer = _check_tokenizer(tokenizer)
     inputs += _local(tokenizer)
     with _claim_output(output, overwrite=overwrite, resume=resume, sources=inputs) as output:
@@ -178,6 +183,7 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
             report = run_pipeline(model, parsed, output, data=data, max_steps=max_steps, resume=resume,
                                   overwrite=overwrite, device=device, dtype=dtype, calibration_data=calibration_data,
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
+                                  calibration_stats=calibration_stats,
                                   training_args=training_args, eval_tokens=eval_tokens, tokenizer=loaded_tokenizer,
                                   compress_progress=bars.callback("compressing"),
                                   calibration_progress=bars.callback("calibrating"),
@@ -377,10 +383,12 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
         render.console().print(f"{model}: {result}")
 
 
-# the downstream-task commands (finetune, compress-task) live in their own module
+# the downstream-task commands (finetune, compress-task) and `calibrate` live in their own modules
+from kroncompress.cli.calibrate import register as _register_calibrate  # noqa: E402
 from kroncompress.cli.tasks import register as _register_task_commands  # noqa: E402
 
 _register_task_commands(cli)
+_register_calibrate(cli)
 
 
 def listen_to_ctrl_c() -> None:

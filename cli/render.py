@@ -172,7 +172,8 @@ def summary_table(report: Mapping[str, Any]) -> Table:
     if calibration:
         tokens = max((i["tokens"] for i in calibration["inputs"]), default=0)
         items.append(("calibration (data-aware init)", f"{count(tokens)} tokens, {len(calibration['inputs'])} distinct "
-                      f"inputs, {calibration['memory_bytes'] / 2**20:.1f} MiB of statistics"))
+                      f"inputs, {calibration['memory_bytes'] / 2**20:.1f} MiB of statistics"
+                      + (f", from {calibration['file']}" if calibration.get("file") else "")))
     speed = report.get("speed") or {}
     if speed.get("ratio"):
         items.append(("forward speed vs original", f"{speed['ratio']:.2f}x  ({speed.get('protocol', '')})"))

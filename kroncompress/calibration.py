@@ -88,6 +88,7 @@ class CalibrationStats:
         self._by_module = {name: stat for stat in inputs for name in stat.modules}
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
         self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
+        self.path: Path | None = None  # the file `load` read them from (reports name it)
 
     def save(self, path) -> Path:
         """Write the statistics to a safetensors file, atomically (`kroncompress.io.calibration`)."""

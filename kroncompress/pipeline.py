@@ -62,6 +62,7 @@ class PipelineSettings:
     calibration_data: Any = None
     calibration_tokens: int | None = None
     calibration_progress: Callable[[int, int], None] | None = None
+    calibration_stats: Any = None  # saved statistics (a CalibrationStats or its file) instead of a calibration pass
     measure_speed: bool = True
     distill: bool = True
     tokenizer: Any = None
@@ -83,6 +84,8 @@ class PipelineSettings:
             check_training_args(self.training_args)
         if self.eval_tokens is not None and self.eval_tokens < 2:
             raise ValueError(f"eval_tokens must be >= 2 (one token and its context), got {self.eval_tokens}")
+        if self.calibration_stats is not None:
+            _check_calibration_stats(self.calibration_stats, self.calibration_data, self.calibration_tokens)
 
     @property
     def main(self) -> bool:
@@ -91,7 +94,8 @@ class PipelineSettings:
 
     @property
     def calibrates(self) -> bool:
-        return self.recipe.calibration is not None or self.calibration_data is not None
+        return (self.recipe.calibration is not None or self.calibration_data is not None
+                or self.calibration_stats is not None)
 
 
 @dataclass
@@ -124,7 +128,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  compress_progress: Callable[[int, int, str], None] | None = None,
                  calibration_data: Any = None, calibration_tokens: int | None = None,
-                 calibration_progress: Callable[[int, int], None] | None = None,
+                 calibration_progress: Callable[[int, int], None] | None = None, calibration_stats: Any = None,
                  measure_speed: bool = True, distill: bool = True, tokenizer: Any = None,
                  training_args: dict[str, Any] | None = None, eval_tokens: int | None = None,
                  eval_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
@@ -145,7 +149,11 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     process's GPU, else CPU) and `dtype` are where and how the model is loaded; `compress_progress` is
     passed to `kc.compress` as its per-module progress callback; `cache_dir` holds tokenised text.
     Data-aware initialisation runs when the recipe has a `calibration` section or `calibration_data` is
-    given (`calibration_tokens` overrides the section's count). With `measure_speed`, forward throughput
+    given (`calibration_tokens` overrides the section's count). `calibration_stats` (a `CalibrationStats`, or
+    the path of a file `stats.save` or `kroncompress calibrate` wrote) replaces the calibration pass: a file is
+    checked (header) at once and loaded, and checked against the model's modules, right after planning;
+    report.json's `calibration.file` names it. It excludes `calibration_data` and `calibration_tokens`.
+    With `measure_speed`, forward throughput
     (tokens/s, 8 sequences) of the original and the final model is recorded under `speed`.
     `distill=False` skips the recipe's distillation stage (decompose, evaluate and save only).
     `training_args` (e.g. `{"report_to": ["tensorboard"], "logging_steps": 5}`) are passed to the
@@ -159,7 +167,8 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
         model_name_or_path, recipe, Path(output_dir), data=data, max_steps=max_steps, resume=resume,
         overwrite=overwrite, progress=progress, cache_dir=cache_dir, device=device, dtype=dtype,
         compress_progress=compress_progress, calibration_data=calibration_data, calibration_tokens=calibration_tokens,
-        calibration_progress=calibration_progress, measure_speed=measure_speed, distill=distill, tokenizer=tokenizer,
+        calibration_progress=calibration_progress, calibration_stats=calibration_stats, measure_speed=measure_speed,
+        distill=distill, tokenizer=tokenizer,
         training_args=training_args, eval_tokens=eval_tokens, eval_progress=eval_progress))
 
 
@@ -201,6 +210,9 @@ def _load_stage(run: _Run) -> None:
     _check_language_model(run.model, _source_name(settings.model))
     with run.stage("plan"):
         run.plan = plan(run.model, settings.recipe)
+    if settings.calibration_stats is not None:  # a damaged file or another model's statistics: before any expensive stage
+        run.stats = load_calibration_stats(settings.calibration_stats, settings.device)
+        run.stats.check_model(run.model, [row.name for row in run.plan.rows])
     # built with distillation off too: its data settings block the held-out text the same way either way
     config = _distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
     run.distill_config = config if settings.distill else None
@@ -227,10 +239,16 @@ def _speed_stage(run: _Run, name: str) -> None:
 
 
 def _calibrate_stage(run: _Run) -> None:
-    """Input statistics of the plan's data-aware modules, when the recipe or the run asks for calibration."""
+    """Input statistics of the plan's data-aware modules, when the recipe or the run asks for calibration
+    (saved statistics were loaded with the plan: only described here)."""
     from kroncompress.calibration import calibrate, describe
 
     settings = run.settings
+    if run.stats is not None:  # saved statistics, loaded with the plan
+        run.calibration = describe(run.stats)
+        if run.stats.path is not None:
+            run.calibration["file"] = str(run.stats.path)
+        return
     if not settings.calibrates:
         return
     if run.tokenizer is None:
@@ -296,6 +314,32 @@ def _tokenizer_source(tokenizer) -> str | None:
     from kroncompress.models import tokenizer_name
 
     return tokenizer_name(tokenizer) if tokenizer is not None else None
+
+
+def load_calibration_stats(stats: Any, device: str | torch.device | None = None):
+    """`stats` as a CalibrationStats: a CalibrationStats as it is, a path loaded (onto `device`, default: the
+    run's default device) with every field checked."""
+    from kroncompress.calibration import CalibrationStats
+
+    if isinstance(stats, CalibrationStats):
+        return stats
+    return CalibrationStats.load(stats, device=device if device is not None else _default_device())
+
+
+def _check_calibration_stats(stats: Any, data: Any, tokens: int | None) -> None:
+    """Saved statistics exclude a calibration pass; a file's header is checked before the model loads."""
+    from kroncompress.calibration import CalibrationStats
+
+    if not isinstance(stats, (CalibrationStats, str, os.PathLike)):
+        raise TypeError(f"calibration_stats: expected a CalibrationStats or the path of a saved one, got {type(stats).__name__}")
+    if data is not None or tokens is not None:
+        given = "calibration_data" if data is not None else "calibration_tokens"
+        raise ValueError(f"calibration_stats and {given} exclude each other: the statistics were collected already; "
+                         f"drop {given}, or drop calibration_stats to calibrate in this run")
+    if isinstance(stats, (str, os.PathLike)):
+        from kroncompress.io.calibration import check_calibration_file
+
+        check_calibration_file(stats)
 
 
 def _default_device() -> torch.device:

@@ -90,7 +90,7 @@ def _card(run: _Run) -> dict[str, Any]:
     calibrated on."""
     settings = run.settings
     texts = [run.distill_config.data if run.distill_config is not None else None]
-    if settings.calibrates:
+    if settings.calibrates and settings.calibration_stats is None:  # saved statistics do not record their text
         section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
         texts.append(_calibration_data(settings.recipe, settings.calibration_data, settings.data) or section)
     return {"base_model": _source_name(settings.model), "datasets": [d for d in map(_hub_dataset, texts) if d]}

@@ -58,7 +58,7 @@ def compressed(tiny_gpt2, tmp_path_factory):
 
 # -- help, version, listings -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["plan"], ["compress"], ["strategies"], ["recipes"], ["inspect"], ["export"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["plan"], ["compress"], ["calibrate"], ["strategies"], ["recipes"], ["inspect"], ["export"], ["eval"]])
 def test_every_help_shows_an_example(command):
     result = run(*command, "--help")
     assert result.exit_code == 0

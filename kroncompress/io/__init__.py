@@ -20,7 +20,7 @@ Import every name from `kroncompress.io`; the code lives in submodules by respon
 
 from __future__ import annotations
 
-from kroncompress.io.calibration import load_calibration, save_calibration
+from kroncompress.io.calibration import check_calibration_file, load_calibration, save_calibration
 from kroncompress.io.card import source_license
 from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES, WEIGHTS_NAME, check_safetensors, first_nonfinite
 from kroncompress.io.dense import export_dense, to_dense
@@ -32,5 +32,5 @@ from kroncompress.outputs import OutputExistsError  # noqa: F401  (re-exported, 
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "FOLDER_FILES", "saved_section", "source_license", "save_compressed",
     "check_safetensors", "first_nonfinite", "model_key_names", "load_compressed", "verify_folder", "to_dense",
-    "export_dense", "save_calibration", "load_calibration",
+    "export_dense", "save_calibration", "load_calibration", "check_calibration_file",
 ]

@@ -52,16 +52,13 @@ def save_calibration(stats, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_calibration(path: str | os.PathLike, device: str | torch.device | None = None):
-    """The CalibrationStats saved at `path` (by `save_calibration` / `CalibrationStats.save`).
-
-    Raises FileNotFoundError for a missing file and ValueError, naming the file and the field, for one that
-    is truncated, not safetensors, not calibration statistics, from a newer kroncompress, or inconsistent.
-    """
+def check_calibration_file(path: str | os.PathLike) -> tuple[float, dict]:
+    """(damping, groups) of the statistics file at `path`, from its header alone (no tensor is read): a cheap
+    check that it exists, is a complete safetensors file and holds calibration statistics this kroncompress
+    reads. Raises as `load_calibration` does; `load_calibration` checks the tensors too."""
     from safetensors import safe_open
 
-    from kroncompress.calibration import CalibrationStats, InputStatistic, TokenCount
-    from kroncompress.io.checks import check_safetensors, first_nonfinite
+    from kroncompress.io.checks import check_safetensors
 
     path = Path(path)
     if not path.is_file():
@@ -70,18 +67,13 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
     check_safetensors(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-
-    def bad(field: str, problem: str) -> ValueError:
-        return ValueError(f"{path}: {field}: {problem}; the file was edited or damaged: collect the statistics again")
-
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not kroncompress calibration statistics (metadata format "
                          f"{metadata.get('format')!r}, expected {FORMAT!r})")
     try:
         version = int(metadata.get("version", ""))
     except ValueError:
-        raise bad("version", f"{metadata.get('version')!r} is not an integer") from None
+        raise _bad(path, "version", f"{metadata.get('version')!r} is not an integer") from None
     if version > VERSION:
         raise ValueError(f"{path}: written by a newer kroncompress (format version {version}, this one reads up to "
                          f"{VERSION}); upgrade kroncompress or collect the statistics again")
@@ -89,11 +81,38 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         damping = float(metadata["damping"])
         groups = json.loads(metadata["groups"])
     except (KeyError, ValueError) as exc:
-        raise bad("metadata", f"missing or malformed damping/groups ({exc})") from None
+        raise _bad(path, "metadata", f"missing or malformed damping/groups ({exc})") from None
     if not damping >= 0:
-        raise bad("damping", f"must be a number >= 0, got {metadata['damping']!r}")
+        raise _bad(path, "damping", f"must be a number >= 0, got {metadata['damping']!r}")
     if not isinstance(groups, dict):
-        raise bad("groups", "is not a JSON object")
+        raise _bad(path, "groups", "is not a JSON object")
+    return damping, groups
+
+
+def _bad(path: Path, field: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: {field}: {problem}; the file was edited or damaged: collect the statistics again")
+
+
+def load_calibration(path: str | os.PathLike, device: str | torch.device | None = None):
+    """The CalibrationStats saved at `path` (by `save_calibration` / `CalibrationStats.save`); its `path`
+    attribute is set to `path`.
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the file and the field, for one that
+    is truncated, not safetensors, not calibration statistics, from a newer kroncompress, or inconsistent.
+    """
+    from safetensors import safe_open
+
+    from kroncompress.calibration import CalibrationStats, InputStatistic, TokenCount
+    from kroncompress.io.checks import first_nonfinite
+
+    path = Path(path)
+    damping, groups = check_calibration_file(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def bad(field: str, problem: str) -> ValueError:
+        return _bad(path, field, problem)
+
     bad_values = first_nonfinite(tensors)
     if bad_values is not None:
         name, count, size = bad_values
@@ -134,7 +153,9 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         counts.append(TokenCount(tensor, padding, tokens, modules))
     if tensors:
         raise bad(f"tensor {sorted(tensors)[0]!r}", "no group refers to it")
-    return CalibrationStats(inputs, damping, counts)
+    stats = CalibrationStats(inputs, damping, counts)
+    stats.path = path
+    return stats
 
 
 def _list(groups: dict, key: str, bad) -> list:
