@@ -57,10 +57,12 @@ class Cell:
     budget: str
     embedding: bool
     steps: int
+    embedding_init: str = "auto"  # "nkp": the weight-only nearest Kronecker product, against the data-aware default
 
     @property
     def key(self) -> str:
-        return f"{self.method}|{self.budget}|{'embedding' if self.embedding else 'blocks'}|{self.steps}"
+        layout = "blocks" if not self.embedding else "embedding" if self.embedding_init == "auto" else f"embedding-{self.embedding_init}"
+        return f"{self.method}|{self.budget}|{layout}|{self.steps}"
 
 
 def kept_layers(num_layers: int, fraction: float) -> list[int]:
@@ -84,7 +86,8 @@ def cell_recipe(cell: Cell, num_layers: int) -> dict:
         rules.append({"targets": ["model.layers"], "strategy": "layerdrop", "options": {"keep": layer_map}})
         losses = LAYERDROP_LOSSES
     if cell.embedding:  # the same factored embedding for every method: the comparison is about the blocks
-        rules.insert(0, {"targets": [EMBEDDING], "strategy": "kronecker", "options": {"ratio": 2.0, "init": "auto"}})
+        rules.insert(0, {"targets": [EMBEDDING], "strategy": "kronecker",
+                         "options": {"ratio": 2.0, "init": cell.embedding_init}})
     return {"version": 1, "name": f"gemma-{cell.method}", "compress": rules, "ignore": ["lm_head"],
             "distill": {"teacher": "original", "losses": losses, "layer_map": layer_map,
                         "data": {"block_size": 256}, "train": TRAIN}}
@@ -136,6 +139,9 @@ def run_cell(cell: Cell, teacher, texts: dict, args) -> dict:
     timings["eval_s"] = time.perf_counter() - start
     row = {**asdict(cell), "key": cell.key, "params": sum(p.numel() for p in student.parameters()),
            "block_params": block_params(student), "zero_shot": zero_shot, **timings}
+    embedding = student.get_input_embeddings()
+    if cell.embedding and hasattr(embedding, "a"):  # the layout the shape search picked: A (v1 x d1) (x) B (v2 x d2)
+        row["embedding_layout"] = f"{embedding.rank} x {tuple(embedding.a.shape[1:])} (x) {tuple(embedding.b.shape[1:])}"
     if cell.steps:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,6 +183,8 @@ def score(model, ids: torch.Tensor) -> float:
 def cells_for(args) -> list[Cell]:
     cells = [Cell(m, b, e, 0) for b in BUDGETS for e in (False, True) for m in METHODS]
     cells += [Cell(m, b, e, args.steps) for b in BUDGETS for e in (False, True) for m in METHODS]
+    # the embedding's data-aware init against the weight-only one, after the same ILKD (issue 15, section 2)
+    cells += [Cell("svd", "2/3", True, steps, embedding_init="nkp") for steps in (0, args.steps)]
     return [c for c in cells if not args.only or re.search(args.only, c.key)]
 
 
@@ -193,11 +201,16 @@ def plot(path: Path, rows: dict, teacher: dict) -> None:
                                (axes[1], "distilled", "after ILKD")):
         for index, method in enumerate(METHODS):
             for embedding in (False, True):
-                points = sorted((r["block_params"] / teacher["block_params"] * 100, r[field]) for r in rows.values()
-                                if r["method"] == method and r["embedding"] == embedding and r.get(field))
-                if points:
-                    axis.plot(*zip(*points), marker="s" if embedding else "o", color=f"C{index}", linestyle="-" if embedding else "--",
-                              label=f"{method}{' + embedding 2x' if embedding else ''}")
+                for init in ("auto", "nkp"):
+                    points = sorted((r["block_params"] / teacher["block_params"] * 100, r[field]) for r in rows.values()
+                                    if r["method"] == method and r["embedding"] == embedding and r.get(field)
+                                    and r.get("embedding_init", "auto") == init)
+                    if points and init == "auto":
+                        axis.plot(*zip(*points), marker="s" if embedding else "o", color=f"C{index}",
+                                  linestyle="-" if embedding else "--", label=f"{method}{' + embedding 2x' if embedding else ''}")
+                    elif points:
+                        axis.plot(*zip(*points), marker="s", color=f"C{index}", linestyle="none", fillstyle="none",
+                                  markersize=9, label=f"{method} + embedding 2x, weight-only (nkp) embedding")
         axis.axhline(teacher["perplexity"], color="black", linewidth=0.8, linestyle=":",
                      label=f"teacher ({teacher['perplexity']:.1f})")
         axis.set_yscale("log")
@@ -234,11 +247,14 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
         "| method | block params kept | embedding | parameters | zero-shot ppl | x teacher | after ILKD | calibrate s | compress s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(rows, key=lambda k: (rows[k]["budget"], rows[k]["embedding"], rows[k]["method"], rows[k]["steps"])):
+    for key in sorted(rows, key=lambda k: (rows[k]["budget"], rows[k]["embedding"], rows[k].get("embedding_init", "auto"),
+                                           rows[k]["method"], rows[k]["steps"])):
         r = rows[key]
         distilled = f"{r['distilled']:.2f} ({r['steps']} steps)" if r.get("distilled") else ""
+        embedding = ("compressed" + (f" ({r['embedding_init']} init)" if r.get("embedding_init", "auto") != "auto" else "")
+                     if r["embedding"] else "dense")
         lines.append(f"| {r['method']} | {r['block_params'] / teacher['block_params']:.1%} | "
-                     f"{'compressed' if r['embedding'] else 'dense'} | {r['params']:,} | {r['zero_shot']:.4g} | "
+                     f"{embedding} | {r['params']:,} | {r['zero_shot']:.4g} | "
                      f"{r['zero_shot'] / teacher['perplexity']:.3g} | {distilled} | {r.get('calibrate_s', 0):.0f} | "
                      f"{r['compress_s']:.0f} |")
     distilled = {k.rsplit("|", 1)[0] for k, r in rows.items() if r.get("distilled")}  # they hold a zero-shot score too
@@ -246,6 +262,12 @@ def write_report(path: Path, rows: dict, teacher: dict, args) -> None:
                if c.key not in rows and not (c.steps == 0 and c.key.rsplit("|", 1)[0] in distilled)]
     lines += ["", "Times are wall seconds on the machine above, one cell at a time (calibration: the statistics pass; "
               "compress: the decomposition, with the Kronecker shape search).", ""]
+    layouts = sorted({(r.get("embedding_init", "auto"), r["embedding_layout"]) for r in rows.values() if r.get("embedding_layout")})
+    if layouts:
+        lines += ["The compressed embedding is `kronecker` with `ratio: 2`: `init: auto` (data-aware: token-frequency-weighted "
+                  "ALS with the tied head's error) unless the row says `nkp` (weight-only nearest Kronecker product); "
+                  "layouts the shape search picked (terms x A (x) B): "
+                  + "; ".join(f"{init}: {layout}" for init, layout in layouts) + ".", ""]
     if missing:
         lines.append(f"Not measured yet ({len(missing)} cells): " + ", ".join(f"`{k}`" for k in missing) + ".")
     write_atomic(path, "\n".join(lines) + "\n")

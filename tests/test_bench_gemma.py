@@ -37,6 +37,20 @@ def test_every_cell_recipe_plans_on_a_tiny_gemma(bench):
         assert plan.params_after < plan.params_before, cell.key
 
 
+def test_the_weight_only_embedding_cells_differ_from_their_data_aware_twins_only_in_the_embedding_init(bench):
+    cells = bench.cells_for(types.SimpleNamespace(steps=3, only=None))
+    assert len({c.key for c in cells}) == len(cells)
+    nkp = [c for c in cells if c.embedding_init == "nkp"]
+    assert [c.key for c in nkp] == ["svd|2/3|embedding-nkp|0", "svd|2/3|embedding-nkp|3"]
+    for cell in nkp:
+        twin = bench.Cell(cell.method, cell.budget, cell.embedding, cell.steps)
+        assert twin in cells
+        ours, theirs = bench.cell_recipe(cell, 4), bench.cell_recipe(twin, 4)
+        assert ours["compress"][0]["options"] == {"ratio": 2.0, "init": "nkp"}
+        assert theirs["compress"][0]["options"] == {"ratio": 2.0, "init": "auto"}
+        assert ours["compress"][1:] == theirs["compress"][1:] and ours["distill"] == theirs["distill"]
+
+
 def test_blocks_open_with_bos_and_hold_the_documents_in_order(bench, tmp_path):
     class Tokenizer:
         bos_token_id, eos_token_id = 2, 1
@@ -63,6 +77,7 @@ def test_a_cell_runs_zero_shot_and_distilled_and_the_next_reuses_the_calibration
     row = bench.run_cell(bench.Cell("svd", "1/2", True, 1), teacher, texts, args)
     assert row["params"] < sum(p.numel() for p in teacher.parameters())
     assert row["zero_shot"] > 1 and row["distilled"] > 1 and row["distill_tokens"] == 8 * 256
+    assert row["embedding_layout"].startswith("1 x (")  # one Kronecker term at ratio 2
     assert sorted(p.name for p in tmp_path.glob("gemma.calibration-*")) == [
         "gemma.calibration-tiny-1024.json", "gemma.calibration-tiny-1024.safetensors"]
     again = bench.run_cell(bench.Cell("kronecker", "1/2", True, 0), teacher, texts, args)
