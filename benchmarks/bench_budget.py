@@ -37,7 +37,7 @@ import torch
 import kroncompress as kc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import Cell, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic  # noqa: E402
+from bench_quality import Cell, cached_rows, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic  # noqa: E402
 
 # Same optimiser as bench_quality, fewer tokens per step (no accumulation), a schedule that ignores the total.
 TRAIN = {"lr": 2.5e-4, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 8, "grad_accum": 1,
@@ -82,15 +82,6 @@ def stop_at(step: int):
             return control
 
     return StopAt()
-
-
-def cached_rows(cache: Path) -> dict[str, dict[str, Any]]:
-    rows = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["key"]] = row
-    return rows
 
 
 def point_key(cell: Cell, step: int) -> str:
