@@ -83,3 +83,20 @@ def test_a_cell_runs_zero_shot_and_distilled_and_the_next_reuses_the_calibration
     again = bench.run_cell(bench.Cell("kronecker", "1/2", True, 0), teacher, texts, args)
     assert again["calibrate_s"] == row["calibrate_s"]  # the pass's own time, read back with its statistics
     assert again["zero_shot"] > 1 and "distilled" not in again
+
+
+def test_the_report_names_the_weight_only_embedding_row_and_the_layouts(bench, tmp_path):
+    teacher = {"params": 1000, "block_params": 600, "perplexity": 40.0}
+    base = {"budget": "2/3", "embedding": True, "params": 700, "block_params": 400, "zero_shot": 900.0, "calibrate_s": 1.0,
+            "compress_s": 2.0, "steps": 3, "distilled": 120.0}
+    rows = {"svd|2/3|embedding|3": {**base, "method": "svd", "key": "svd|2/3|embedding|3",
+                                     "embedding_layout": "1 x (4, 8) (x) (2, 1)"},
+            "svd|2/3|embedding-nkp|3": {**base, "method": "svd", "key": "svd|2/3|embedding-nkp|3", "embedding_init": "nkp",
+                                         "zero_shot": 3000.0, "distilled": 200.0, "embedding_layout": "1 x (4, 8) (x) (2, 1)"}}
+    args = types.SimpleNamespace(output=tmp_path / "gemma.md", steps=3, eval_tokens=512, calibration_tokens=256)
+    bench.write_report(tmp_path / "gemma.md", rows, teacher, args)
+    text = (tmp_path / "gemma.md").read_text()
+    assert "| svd | 66.7% | compressed (nkp init) | 700 | 3000 |" in text
+    assert "| svd | 66.7% | compressed | 700 | 900 |" in text
+    assert "auto: 1 x (4, 8) (x) (2, 1); nkp: 1 x (4, 8) (x) (2, 1)" in text
+    assert (tmp_path / "gemma.png").stat().st_size > 0
