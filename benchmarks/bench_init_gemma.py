@@ -71,7 +71,7 @@ def run_cell(name: str, folder: Path, texts: dict, args) -> dict:
     return {"cell": name, "matrices": len(rows), "params_before": sum(r.params_before for r in rows),
             "params_after": sum(r.params_after for r in rows),
             "werr": sum(r.rel_error for r in rows) / len(rows), "oerr": sum(oerr) / len(oerr),
-            "compress_s": round(seconds, 1), "perplexity": score(model, texts["eval"]),
+            "compress_s": round(seconds, 1), "threads": torch.get_num_threads(), "perplexity": score(model, texts["eval"]),
             "inits": sorted({r.note for r in rows if r.note}), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -85,7 +85,7 @@ def report(rows: dict, teacher: float | None, args) -> str:
         f"{args.calibration_tokens:,} training tokens (bench_gemma's); perplexity: first {args.eval_tokens:,} held-out tokens, "
         f"BOS-led windows of 256" + (f"; teacher {teacher:.2f}" if teacher else "") + ". werr / oerr: mean over the "
         "matrices of the relative weight error and the relative output error on the calibration statistics.", "",
-        "| init | matrices | MLP params after / before | werr | oerr | perplexity | x teacher | compress s |",
+        "| init | matrices | MLP params after / before | werr | oerr | perplexity | x teacher | compress s (threads) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, (_, _, what) in CELLS.items():
@@ -93,9 +93,9 @@ def report(rows: dict, teacher: float | None, args) -> str:
         if r is None:
             lines.append(f"| {what} | not run | | | | | | |")
             continue
-        times = f"{r['perplexity'] / teacher:.3g}" if teacher else ""
+        times = f"{r['perplexity'] / teacher:.3g}" if teacher else ""  # x teacher
         lines.append(f"| {what} | {r['matrices']} | {r['params_after']:,} / {r['params_before']:,} | {r['werr']:.3f} | "
-                     f"{r['oerr']:.3f} | {r['perplexity']:.4g} | {times} | {r['compress_s']:.0f} |")
+                     f"{r['oerr']:.3f} | {r['perplexity']:.4g} | {times} | {r['compress_s']:.0f} ({r.get('threads', '?')}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,3 +47,4 @@ def test_a_weight_only_and_a_data_aware_cell_run_and_the_data_aware_one_fits_the
     text = bench.report({"svd": plain, "whitened": whitened}, 50.0, argparse.Namespace(
         output=tmp_path / "init.md", calibration_tokens=1024, eval_tokens=512))
     assert "| plain truncated SVD | 6 |" in text and text.count("not run") == 3
+    assert f"| {plain['compress_s']:.0f} ({torch.get_num_threads()}) |" in text  # the thread count it ran with
