@@ -26,7 +26,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes",
                      "load_recipe", "match_pattern"), "kroncompress.recipe"),
     "aliases_for": "kroncompress.aliases",
-    **dict.fromkeys(("CompressionPlan", "CompressionReport", "compress", "plan"), "kroncompress.surgery"),
+    **dict.fromkeys(("CompressionPlan", "CompressionReport", "plan"), "kroncompress.surgery"),
+    "compress": "kroncompress.hf",  # surgery's compress, then the model is marked as a kroncompress checkpoint
     **dict.fromkeys(("CalibrationStats", "calibrate", "collect_statistics"), "kroncompress.calibration"),
     **dict.fromkeys(("export_dense", "load_compressed", "save_compressed", "to_dense"), "kroncompress.io"),
     "perplexity": "kroncompress.evaluate",
@@ -136,5 +137,6 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
     from kroncompress.strategies import (
         LayerPlan, OptionError, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
     )
-    from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan
+    from kroncompress.hf import compress
+    from kroncompress.surgery import CompressionPlan, CompressionReport, plan
     from kroncompress.tasks import finetune

@@ -337,7 +337,7 @@ def _check_calibration_stats(stats: Any, data: Any, tokens: int | None) -> None:
         raise ValueError(f"calibration_stats and {given} exclude each other: the statistics were collected already; "
                          f"drop {given}, or drop calibration_stats to calibrate in this run")
     if isinstance(stats, (str, os.PathLike)):
-        from kroncompress.io.calibration import check_calibration_file
+        from kroncompress.calibration import check_calibration_file
 
         check_calibration_file(stats)
 

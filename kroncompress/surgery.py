@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
@@ -77,7 +76,7 @@ def _is_meta(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "meta"
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -92,10 +91,10 @@ def install(model: nn.Module, name: str, new: nn.Module, tied: list[dict[str, An
             raise ValueError(f"{name} is a {type(model.get_submodule(name)).__name__} (rows scaled by {scale:g}); "
                              f"its replacement {type(new).__name__} cannot keep the scale")
         new.scale = scale
-    _set_submodule(model, name, new)
+    set_submodule(model, name, new)
     for tie in tied:
         old = model.get_submodule(tie["name"])
-        _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
+        set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
 
 
 def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
@@ -292,7 +291,8 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     A plan made without statistics and compressed with them has its data-aware rows' shapes re-chosen
     with the statistics (what `kc.plan(model, recipe, calibration)` would give); every other row is
     compressed exactly as planned. The plan is recorded in `model.config.kroncompress`, the section of
-    config.json that `load_compressed` rebuilds the structure from.
+    config.json that `load_compressed` rebuilds the structure from. `kc.compress` (kroncompress.hf) also
+    marks the model as a kroncompress checkpoint, so its own save_pretrained writes a loadable folder.
     """
     start = time.perf_counter()
     if any(_is_meta(p) for p in model.parameters()):
@@ -326,7 +326,6 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     after = count_params(model)
     if hasattr(model, "config"):
         _record_plan(model, the_plan, entries, before, after)
-        hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
 
 

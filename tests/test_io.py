@@ -117,7 +117,7 @@ def test_crash_during_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
     old_weights = (target / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
         kc.save_compressed(model, target)
-    monkeypatch.setattr(io_save, "_model_card", _crash)
+    monkeypatch.setattr(io_save, "model_card", _crash)
     with pytest.raises(OSError, match="simulated"):
         kc.save_compressed(model, target, overwrite=True)
     assert (target / "model.safetensors").read_bytes() == old_weights

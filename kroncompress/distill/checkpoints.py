@@ -131,10 +131,10 @@ def load_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> 
     under one of its names and loading it fills every alias)."""
     from safetensors.torch import load_file
 
-    from kroncompress.io.save import _unique_state
+    from kroncompress.io.save import unique_state
 
     state = load_file(os.path.join(checkpoint, "model.safetensors"), device="cpu")
-    expected = set(_unique_state(model))
+    expected = set(unique_state(model))
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)
         raise ResumeError(f"{checkpoint}: its weights do not match the model ({len(odd)} tensor names differ, e.g. "

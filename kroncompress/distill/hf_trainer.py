@@ -109,14 +109,14 @@ class DistillTrainer(Trainer):
         # Trainer's resume path reads it back with a non-strict load_state_dict, which matches these keys.
         from safetensors.torch import save_file
 
-        from kroncompress.io.save import _unique_state
+        from kroncompress.io.save import unique_state
 
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        save_file(_unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        save_file(unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
         if hasattr(model, "config"):
             model.config.save_pretrained(output_dir)
 

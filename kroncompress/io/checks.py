@@ -84,7 +84,7 @@ def first_nonfinite(tensors) -> tuple[str, int, int] | None:
     return None
 
 
-def _config_error(folder: Path, field: str, problem: str) -> ValueError:
+def config_error(folder: Path, field: str, problem: str) -> ValueError:
     return ValueError(f"{folder / CONFIG_NAME}: {field}: {problem}; the folder was edited or damaged: restore it or "
                       "compress again")
 
@@ -101,59 +101,59 @@ def _module_shape(module: nn.Module) -> tuple[str | None, tuple[int, int] | None
     return kind, (shape[1], shape[0]) if kind == "conv1d" else shape
 
 
-def _check_section(section: Any, folder: Path) -> dict[str, Any]:
+def check_section(section: Any, folder: Path) -> dict[str, Any]:
     """The `kroncompress` section's structure (types only; modules are checked as they are rebuilt)."""
     if not isinstance(section, dict):
-        raise _config_error(folder, CONFIG_KEY, f"is a {type(section).__name__}, not an object")
+        raise config_error(folder, CONFIG_KEY, f"is a {type(section).__name__}, not an object")
     modules = section.get("modules", {}) or {}
     if not isinstance(modules, dict):
-        raise _config_error(folder, f"{CONFIG_KEY}.modules", f"is a {type(modules).__name__}, not an object")
+        raise config_error(folder, f"{CONFIG_KEY}.modules", f"is a {type(modules).__name__}, not an object")
     for name, entry in modules.items():
         field = f"{CONFIG_KEY}.modules[{name!r}]"
         if not isinstance(entry, dict):
-            raise _config_error(folder, field, f"is a {type(entry).__name__}, not an object")
+            raise config_error(folder, field, f"is a {type(entry).__name__}, not an object")
         for key in ("strategy", "plan"):
             if key not in entry:
-                raise _config_error(folder, field, f"has no {key!r} key")
+                raise config_error(folder, field, f"has no {key!r} key")
         if not isinstance(entry["plan"], dict):
-            raise _config_error(folder, f"{field}.plan", "is not an object")
+            raise config_error(folder, f"{field}.plan", "is not an object")
     shared = section.get("shared_parameters", []) or []
     if not isinstance(shared, list) or not all(
             isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) for n in g) for g in shared):
-        raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", "must be a list of lists of 2+ parameter names")
+        raise config_error(folder, f"{CONFIG_KEY}.shared_parameters", "must be a list of lists of 2+ parameter names")
     return modules
 
 
-def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype) -> nn.Module:
+def rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype) -> nn.Module:
     """The compressed module `name` rebuilt from its saved plan, after checking the plan against the model."""
     field = f"{CONFIG_KEY}.modules[{name!r}]"
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise _config_error(folder, field, f"the {type(model).__name__} has no module {name!r}") from None
+        raise config_error(folder, field, f"the {type(model).__name__} has no module {name!r}") from None
     try:
         strategy_cls = get_strategy(entry["strategy"])
     except (ValueError, TypeError) as exc:
-        raise _config_error(folder, f"{field}.strategy", str(exc).splitlines()[0]) from None
+        raise config_error(folder, f"{field}.strategy", str(exc).splitlines()[0]) from None
     try:
         layer_plan = LayerPlan.from_dict(entry["plan"])
     except (TypeError, KeyError, ValueError) as exc:
-        raise _config_error(folder, f"{field}.plan", f"not a saved plan ({exc})") from None
+        raise config_error(folder, f"{field}.plan", f"not a saved plan ({exc})") from None
     kind, shape = _module_shape(old)
     if layer_plan.strategy != entry["strategy"] or layer_plan.kind != kind or tuple(layer_plan.shape) != shape:
-        raise _config_error(folder, f"{field}.plan", (
+        raise config_error(folder, f"{field}.plan", (
             f"says a {layer_plan.kind} {tuple(layer_plan.shape)} by {layer_plan.strategy!r}, but the module is a "
             f"{kind} {shape} compressed by {entry['strategy']!r}"))
     for key, value in layer_plan.spec.items():  # shapes and ranks: positive integers, possibly nested in lists
         leaves = value if isinstance(value, list) else [value]
         leaves = [v for leaf in leaves for v in (leaf if isinstance(leaf, list) else [leaf])]
         if not all(type(v) is int and v > 0 for v in leaves):
-            raise _config_error(folder, f"{field}.plan.spec.{key}", f"must hold positive integers, got {value!r}")
+            raise config_error(folder, f"{field}.plan.spec.{key}", f"must hold positive integers, got {value!r}")
     try:
         options = strategy_cls.parse_options(dict(entry.get("options", {}) or {}))
         strategy = strategy_cls(config=options)
         new = with_forward_mode(strategy, strategy.build(layer_plan, None, dtype=dtype))
     except Exception as exc:  # noqa: BLE001  any failure here comes from the edited plan
-        raise _config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
+        raise config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
                                                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return new

@@ -12,10 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.io.checks import (
-    CONFIG_NAME, WEIGHTS_NAME, _check_section, _config_error, _rebuild_module, check_safetensors, first_nonfinite,
+    CONFIG_NAME, WEIGHTS_NAME, check_safetensors, check_section, config_error, first_nonfinite, rebuild_module,
 )
+from kroncompress.io.config import REFUSAL, mark
 from kroncompress.surgery import CONFIG_KEY, install
 
 
@@ -41,15 +41,15 @@ def _file_dtype(path: Path) -> torch.dtype:
     return torch.float32
 
 
-def _tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None:
+def tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None:
     """Make every parameter of a group the same Parameter object as the group's first."""
     for names in groups:
         try:
             params = [model.get_parameter(name) for name in names]
         except AttributeError as exc:
-            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
+            raise config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
         if len({tuple(p.shape) for p in params}) > 1:
-            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters",
+            raise config_error(folder, f"{CONFIG_KEY}.shared_parameters",
                                 f"{', '.join(names)} have different shapes and cannot be one parameter")
         shared = params[0]
         for name in names[1:]:
@@ -136,10 +136,10 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
         raise ValueError(f"{folder / CONFIG_NAME}: not a readable model config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                          "restore it or compress again") from None
     cls = _model_class(config, folder)
-    if getattr(config, "transformers_weights", None) == hf.REFUSAL:
+    if getattr(config, "transformers_weights", None) == REFUSAL:
         delattr(config, "transformers_weights")  # the plain-transformers refusal marker (see kroncompress.hf)
     section = getattr(config, CONFIG_KEY, None) or {}
-    modules = _check_section(section, folder)
+    modules = check_section(section, folder)
     dtype = dtype or _file_dtype(folder / WEIGHTS_NAME)
     implementation = attn_implementation or section.get("attn_implementation")
     kwargs = {"attn_implementation": implementation} if implementation else {}
@@ -150,16 +150,16 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
             raise ValueError(f"{folder / CONFIG_NAME}: cannot build the {cls.__name__} from it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                              "restore it or compress again") from None
         for name, entry in modules.items():
-            new = _rebuild_module(model, name, entry, folder, dtype)
+            new = rebuild_module(model, name, entry, folder, dtype)
             if "padding_idx" in entry:
                 new.padding_idx = entry["padding_idx"]
             try:
                 install(model, name, new, entry.get("tied", []))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
-    _tie_groups(model, section.get("shared_parameters", []) or [], folder)
+                raise config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
+    tie_groups(model, section.get("shared_parameters", []) or [], folder)
     _load_weights_strict(model, folder / WEIGHTS_NAME)
-    hf.mark(model)
+    mark(model)
     model.eval()
     if device is not None:
         model.to(device)
