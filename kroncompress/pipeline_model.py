@@ -35,9 +35,9 @@ def _load(model_name_or_path, device: torch.device, dtype, tokenizer=None):
 
         model = model_name_or_path
         if dtype is not None and dtype != "auto":
-            from kroncompress.models import _parse_dtype
+            from kroncompress.models import parse_dtype
 
-            model.to(_parse_dtype(dtype))
+            model.to(parse_dtype(dtype))
         model.to(device)
         if tokenizer is not None:
             check_tokenizer_fits(tokenizer, model)

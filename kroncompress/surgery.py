@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
-from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
+from kroncompress.recipe import Recipe, RecipeError, as_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
 from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
     CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
@@ -164,11 +164,6 @@ def _stats_for(calibration, name: str, tied=()):
     if calibration is None or name not in calibration:
         return None
     return calibration.for_module(name, [tie["name"] for tie in tied if tie["as"] == "head"])
-
-
-def as_recipe(recipe: "Recipe | str | Any") -> Recipe:
-    """A Recipe passes through; a name, path or dict is loaded (the one place the public API loads one)."""
-    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
 def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> CompressionPlan:

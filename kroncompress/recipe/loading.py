@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from kroncompress.recipe.errors import _error
-from kroncompress.recipe.schema import Recipe
+from kroncompress.recipe.recipe import Recipe
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; anything near this is not one
 MAX_YAML_NODES = 10_000  # values after expanding YAML aliases (the bundled recipes have a few hundred)

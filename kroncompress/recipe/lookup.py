@@ -10,7 +10,7 @@ import yaml
 
 from kroncompress.recipe.errors import _error
 from kroncompress.recipe.loading import _RecipeLoader, parse_yaml, read_recipe_text
-from kroncompress.recipe.schema import Recipe
+from kroncompress.recipe.recipe import Recipe
 
 
 def _bundled_dir():
@@ -63,3 +63,8 @@ def load_recipe(name_or_path: "str | Path | Mapping | Recipe") -> Recipe:
     hint = f"did you mean {close[0]!r}? " if close else ""
     problem = "is a folder, not a recipe file" if path.is_dir() else "no such recipe file, and no bundled recipe of that name"
     raise _error(text, "", problem, f"{hint}give a path to a YAML file or a bundled recipe: {', '.join(sorted(bundled))}")
+
+
+def as_recipe(recipe: Any) -> Recipe:
+    """A Recipe passes through; a name, path or dict is loaded (the one place the public API loads one)."""
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

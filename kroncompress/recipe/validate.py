@@ -12,7 +12,7 @@ from kroncompress.recipe.errors import REPR_LIMIT, RecipeError, _error, short_re
 from kroncompress.recipe.patterns import ROLE_NAME, pattern_kind
 from kroncompress.recipe.schema import (
     RECIPE_VERSION, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
-    PerplexityConfig, Recipe, Rule, TrainConfig, training_argument_names,
+    PerplexityConfig, Rule, TrainConfig, training_argument_names,
 )
 
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
@@ -336,7 +336,13 @@ def _parse_calibration(node: _Node) -> CalibrationConfig:
     )
 
 
-def _parse_recipe(root: _Node) -> Recipe:
+def recipe_fields(data: Any, source: str) -> dict[str, Any]:
+    """The checked fields of a Recipe (its keyword arguments) from parsed recipe data; raises RecipeError
+    naming the YAML path. `Recipe.from_dict` builds the Recipe from them."""
+    return _parse_recipe(_Node(data, "", source))
+
+
+def _parse_recipe(root: _Node) -> dict[str, Any]:
     root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task"],
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
@@ -357,8 +363,8 @@ def _parse_recipe(root: _Node) -> Recipe:
     evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
     calibration = _parse_calibration(root.child("calibration")) if root.value.get("calibration") is not None else None
     task = _parse_task(root.child("task")) if root.value.get("task") is not None else None
-    return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
-                  distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
+    return dict(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
+                distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
 
 
 def _parse_task(node: _Node) -> dict[str, Any]:
