@@ -89,7 +89,7 @@ def calibrate(model: str, recipe: str, output: str, overwrite: bool, calibration
     then uses them instead of calibrating, for this recipe or any other over the same modules of MODEL.
     """
     from kroncompress.cli.main import _quiet_transformers
-    from kroncompress.pipeline_calibrate import run_calibration
+    from kroncompress.pipeline import run_calibration
     from kroncompress.recipe import load_recipe
 
     parsed = load_recipe(recipe)

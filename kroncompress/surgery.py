@@ -32,8 +32,8 @@ from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.recipe import Recipe, RecipeError, as_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
 from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
-    CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
-    _record_plan, _renumber, set_tie_word_embeddings,
+    CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, jsonable, module_entries,
+    record_plan, renumber, set_tie_word_embeddings,
 )
 from kroncompress.strategies.base import replacement, weight_and_bias
 
@@ -298,7 +298,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     else:
         the_plan = plan(model, recipe, calibration)
     before = count_params(model)
-    entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
+    entries = module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
     if calibration is not None:
@@ -313,14 +313,14 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
         else:
             done = _swap_module(model, row, _stats_for(calibration, row.name, row.tied))
             errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
-        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
+        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, errors[0],
                                      time.perf_counter() - t0, note, errors[1]))
         if progress is not None:
             progress(len(report_rows), total, row.name)
     after = count_params(model)
     if hasattr(model, "config"):
-        _record_plan(model, the_plan, entries, before, after)
+        record_plan(model, the_plan, entries, before, after)
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
 
 

@@ -37,6 +37,21 @@ LOSS_TERMS = ("ce", "logits_kl", "hidden_mse", "attention_kl", "embedding_mse")
 _LOG_FLOOR = 1e-30
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Decoder-only LMs attend causally; encoders (BERT-like, no is_decoder) do not."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return False
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
+
+
 # -- the terms -------------------------------------------------------------------------------------
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,6 +226,16 @@ class DistillationLoss:
     @property
     def needs_attentions(self) -> bool:
         return "attention_kl" in self.enabled
+
+    def student_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The student's forward arguments for a batch of token blocks: the labels only when `ce` is on (the
+        model then computes its own next-token loss)."""
+        labels = batch.get("labels") if "ce" in self.enabled else None
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "labels": labels}
+
+    def teacher_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The teacher's forward arguments for a batch (`teacher_forward` adds the extra outputs)."""
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
     def teacher_forward(self, teacher: nn.Module, **inputs: Any) -> Any:
         """The teacher's outputs for the enabled terms (call it under no_grad). Without a logits term only its

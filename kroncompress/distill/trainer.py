@@ -11,6 +11,7 @@ optimizer/scheduler/RNG state, and DDP / FSDP / DeepSpeed under `accelerate laun
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -27,19 +28,16 @@ from kroncompress.distill.checkpoints import (
     verify_settings,
 )
 from kroncompress.distill.data import BlockDataset
-from kroncompress.distill.losses import (
-    LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
-    keep_inference_settings, use_eager_attention,
+from kroncompress.distill.losses import (  # noqa: F401  (NonFiniteLossError: re-exported, raised by the trainer)
+    LOSS_TERMS, DistillationLoss, NonFiniteLossError, check_same_vocabulary, disable_attention_dropout, is_causal,
+    keep_inference_settings, resolve_layer_map, use_eager_attention,
 )
 from kroncompress.recipe import DistillConfig
 
 RESULT_NAME = "distill_result.json"
 DEFAULT_SAVE_EVERY = 500
+EVALS_PER_RUN = 10  # evaluations over a run whose settings give no train.eval_every
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
 
 
 class NonFiniteWeightsError(ValueError):
@@ -134,12 +132,24 @@ def check_training_args(training_args: Any) -> dict[str, Any]:
     return dict(training_args)
 
 
+def eval_every(train: Any, examples: int) -> int:
+    """The evaluation schedule of every run: `train.eval_every` (a TrainConfig's), else about EVALS_PER_RUN
+    evaluations over the steps that `examples` training examples (or blocks) make, across every process."""
+    if train.eval_every:
+        return train.eval_every
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = math.ceil(examples / (train.batch_size * world)) // train.grad_accum or 1
+    steps = train.max_steps or max(1, math.ceil(per_epoch * train.epochs))
+    return max(1, steps // EVALS_PER_RUN)
+
+
 def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, max_steps: int | None = None,
                        has_eval: bool = False, log_every: int = 10, eval_on_start: bool = False,
-                       training_args: Mapping[str, Any] | None = None):
-    """The transformers TrainingArguments a DistillConfig stands for. `train.training_args`, then
-    `training_args`, replace or add keyword arguments (e.g. `report_to`, `logging_steps`; default
-    `report_to="none"`)."""
+                       training_args: Mapping[str, Any] | None = None, save: bool = True):
+    """The transformers TrainingArguments a DistillConfig stands for (every run trains with these: token
+    distillation, task distillation, fine-tuning). `train.training_args`, then `training_args`, replace or add
+    keyword arguments (e.g. `report_to`, `logging_steps`; default `report_to="none"`). `save=False` keeps no
+    checkpoint (a run whose result is saved by its caller)."""
     from transformers import TrainingArguments
 
     train = config.train
@@ -166,7 +176,7 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
         eval_steps=eval_every,
         eval_on_start=bool(has_eval and eval_on_start),
         prediction_loss_only=True,
-        save_strategy="steps",
+        save_strategy="steps" if save else "no",
         save_steps=save_every,
         save_total_limit=2,
         logging_strategy="steps",
@@ -221,7 +231,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
 
     start = time.perf_counter()
     with keep_inference_settings(student, teacher):
-        loss_fn = DistillationLoss(config.losses, causal=_is_causal(student))
+        loss_fn = DistillationLoss(config.losses, causal=is_causal(student))
         if loss_fn.needs_teacher:
             if teacher is None:
                 raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
@@ -301,17 +311,6 @@ def _finished(checkpoint: str, max_steps: int) -> bool:
     state = json.loads(Path(checkpoint, "trainer_state.json").read_text(encoding="utf-8"))
     end = max_steps if max_steps > 0 else state.get("max_steps", 0)
     return end > 0 and state.get("global_step", 0) >= end
-
-
-def _is_causal(model: nn.Module) -> bool:
-    """Decoder-only LMs attend causally; encoders (BERT-like, no is_decoder) do not."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    config = model.config
-    model_type = getattr(config, "model_type", "")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        return False
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
 
 
 def _freeze(teacher: nn.Module) -> None:

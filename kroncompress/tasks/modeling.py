@@ -31,9 +31,9 @@ def is_classifier(model: nn.Module) -> bool:
 def is_decoder(model: nn.Module) -> bool:
     """Decoder-only families (causal attention, last-token pooling); encoders are BERT-like. The same
     rule the distillation engine uses for its attention loss."""
-    from kroncompress.distill.trainer import _is_causal
+    from kroncompress.distill.losses import is_causal
 
-    return _is_causal(model)
+    return is_causal(model)
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path | str:

@@ -1,10 +1,5 @@
-"""The text a `kroncompress compress` run reads: the distillation blocks, the perplexity protocol every
-stage is scored under, and the calibration text (see kroncompress.pipeline for the whole run).
-
-Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
-and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size, stride and `max_tokens` (a block size beyond the model's positions
-is clipped to them, the stride keeping its ratio to the block).
+"""The text a language-model run reads: the distillation settings with the run's overrides, the
+distillation blocks and their held-out validation sample (`RunText`), and the calibration text.
 """
 
 from __future__ import annotations
@@ -13,8 +8,7 @@ import copy
 import dataclasses
 import logging
 import os
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,11 +23,11 @@ MAX_VALIDATION_BLOCKS = 256  # validation is a fixed sample of the held-out bloc
 EVALUATION_SEED = 0
 # Keys that describe the text itself: a `data` override replaces all of them (a recipe's validation_fraction
 # suits its own corpus; the override's own validation split, e.g. Shakespeare's held-out plays, is used instead).
-_SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction",
+SOURCE_KEYS = ("dataset", "config", "files", "source", "split", "fraction", "streaming", "validation_fraction",
                 "column")
 
 
-def _distill_config(recipe, data: Any, max_steps: int | None, training_args: dict | None = None):
+def distill_config(recipe, data: Any, max_steps: int | None, training_args: dict | None = None):
     """The recipe's DistillConfig with the data override, step cap and TrainingArguments keywords applied
     (None: no distillation)."""
     config = recipe.distill
@@ -41,7 +35,7 @@ def _distill_config(recipe, data: Any, max_steps: int | None, training_args: dic
         return None
     config = copy.deepcopy(config)
     if data is not None:
-        config.data = _merged_data(config.data, data)
+        config.data = merged_data(config.data, data)
     if max_steps is not None:
         config.train = dataclasses.replace(config.train, max_steps=max_steps)
     if training_args:
@@ -52,13 +46,13 @@ def _distill_config(recipe, data: Any, max_steps: int | None, training_args: dic
     return config
 
 
-def _merged_data(base, data: Any):
+def merged_data(base, data: Any):
     """A DataConfig: `base`'s settings (block size, ...) with the text of the `data` override; the
-    override replaces every key that describes the text (_SOURCE_KEYS)."""
+    override replaces every key that describes the text (SOURCE_KEYS)."""
     from kroncompress.recipe import DataConfig
 
     override = _data_override(data) if data is not None else {}
-    kept = ({f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in _SOURCE_KEYS}
+    kept = ({f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in SOURCE_KEYS}
             if base is not None else {})
     known = {f.name for f in dataclasses.fields(DataConfig)}
     values = {**kept, **{k: v for k, v in override.items() if k in known}}
@@ -67,7 +61,7 @@ def _merged_data(base, data: Any):
     return DataConfig(**values)
 
 
-def _calibration_data(recipe, explicit: Any, data: Any) -> Any:
+def calibration_text(recipe, explicit: Any, data: Any) -> Any:
     """Calibration text: given explicitly, else the recipe's calibration.data when it names a source, else
     the run's own text (the `data` override, then the recipe's distillation data)."""
     if explicit is not None:
@@ -102,20 +96,14 @@ def _data_override(data: Any) -> dict[str, Any]:
                      f"list of strings or token tensor, got {type(data).__name__}")
 
 
-def _positions(model) -> int | None:
-    from kroncompress.evaluate import max_positions
-
-    return max_positions(model)
-
-
-def _clip(size: int, limit: int | None) -> int:
+def clip_block(size: int, limit: int | None) -> int:
     if limit is not None and size > limit:
         logger.info("block size %d exceeds the model's %d positions: using %d", size, limit, limit)
         return limit
     return size
 
 
-class _DistillData:
+class RunText:
     """The distillation text as (train, validation) token blocks, built once (validation: the data's own
     split, else 5% held out, then a fixed sample of at most MAX_VALIDATION_BLOCKS).
 
@@ -131,11 +119,11 @@ class _DistillData:
 
     @property
     def data_config(self):
-        return self.config.data if self.config is not None else _merged_data(None, self.data)
+        return self.config.data if self.config is not None else merged_data(None, self.data)
 
     @property
     def block_size(self) -> int:
-        return _clip(self.data_config.block_size, self.limit)
+        return clip_block(self.data_config.block_size, self.limit)
 
     @property
     def distilling(self) -> bool:
@@ -162,55 +150,3 @@ class _DistillData:
             self._blocks = (train, validation)
             self.bos = spec_bos(self.data_config, self.tokenizer)
         return self._blocks
-
-
-class _Scorer:
-    """Perplexity under one protocol for every stage: the recipe's `evaluate.perplexity` when there is no
-    data override, else the validation blocks of the distillation data."""
-
-    def __init__(self, recipe, data, distill_data: _DistillData, tokenizer, cache_dir, limit: int | None,
-                 max_tokens: int | None = None, progress: Callable[[int, int, str], None] | None = None):
-        spec = recipe.evaluate.perplexity if recipe.evaluate is not None else None
-        self.spec = spec if data is None else None
-        self.distill_data, self.tokenizer, self.cache_dir = distill_data, tokenizer, cache_dir
-        self.block_size = _clip(spec.block_size if spec is not None else distill_data.block_size, limit)
-        # a clipped block keeps the protocol's stride / block ratio (1024/512 on a 64-position model: 64/32)
-        ratio = spec.stride / spec.block_size if spec is not None else 0.5
-        self.stride = max(1, min(self.block_size, round(self.block_size * ratio)))
-        # the cap on the ids scored, in every stage and whichever text: the run's (eval_tokens), else the recipe's
-        self.max_tokens = max_tokens if max_tokens is not None else spec.max_tokens if spec is not None else None
-        self.progress = progress
-
-    def __call__(self, model, stage: str) -> dict[str, Any] | None:
-        from kroncompress.evaluate import evaluate_perplexity, perplexity
-
-        start = time.perf_counter()
-        bar = (lambda done, total: self.progress(done, total, stage)) if self.progress is not None else None
-        if self.tokenizer is None and not self.distill_data.distilling:
-            logger.warning("the model has no tokenizer: %s perplexity not measured", stage)
-            return None
-        if self.spec is not None:
-            result = evaluate_perplexity(model, self.tokenizer, self.spec, block_size=self.block_size, stride=self.stride,
-                                         max_tokens=self.max_tokens, cache_dir=self.cache_dir, progress=bar)
-            text = _describe_spec(self.spec)
-        elif self.distill_data.available:
-            validation, bos = self.distill_data.blocks()[1], self.distill_data.bos
-            # BOS-led blocks: their text as one stream again, every window led by BOS (BOS is never scored)
-            ids = (validation if bos is None else validation[:, 1:]).reshape(-1)
-            result = perplexity(model, ids, block_size=self.block_size, stride=self.stride, max_tokens=self.max_tokens,
-                                progress=bar, bos_token_id=bos)
-            text = "validation part of the distillation data"
-        else:
-            logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)
-            return None
-        out = {**result.to_dict(), "data": text, "seconds": round(time.perf_counter() - start, 3)}
-        logger.info("%s: %s", stage, result)
-        return out
-
-
-def _describe_spec(spec) -> str:
-    if spec.dataset:
-        return f"{spec.dataset}" + (f":{spec.config}" if spec.config else "") + f" [{spec.split}]"
-    if spec.files:
-        return ", ".join(spec.files)
-    return f"{spec.source or 'default corpus'} [{spec.split}]"
