@@ -41,9 +41,11 @@ def _no_expensive_stage(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an expensive stage ran before the recipe was checked against the model")
 
-    monkeypatch.setattr(pipeline._Scorer, "__call__", refuse)
-    monkeypatch.setattr(pipeline, "_speed", refuse)
-    monkeypatch.setattr(pipeline, "_teacher", refuse)
+    from kroncompress.pipeline import runs
+
+    expensive = {"evaluate_teacher", "speed_teacher", "keep_teacher", "calibrate", "compress", "distill"}
+    monkeypatch.setattr(runs, "COMPRESS", tuple(refuse if s.__name__ in expensive else s for s in runs.COMPRESS))
+    monkeypatch.setattr("kroncompress.pipeline.evaluate.Scorer.__call__", refuse)
     monkeypatch.setattr("kroncompress.calibration.calibrate", refuse)
 
 
@@ -104,11 +106,13 @@ def test_settings_take_the_keyword_arguments_and_a_recipe_object(tmp_path):
 
 
 def test_the_data_override_replaces_the_text_keys_only():
+    from kroncompress.pipeline.text import merged_data
+
     base = kc.load_recipe("kn-gpt2").distill.data
-    merged = pipeline._merged_data(base, {"files": "notes.txt"})
+    merged = merged_data(base, {"files": "notes.txt"})
     assert merged.files == ["notes.txt"] and merged.dataset is None and merged.fraction == 1.0
     assert merged.block_size == base.block_size
-    assert pipeline._merged_data(None, {"source": "shakespeare"}).source == "shakespeare"
+    assert merged_data(None, {"source": "shakespeare"}).source == "shakespeare"
 
 
 SAMPLE_BLOCKS, DATA_BLOCK = 3, 16  # the validation sample shrunk so that it, not the text, bounds the scored ids
@@ -144,9 +148,9 @@ CAP_CASES = [
                          ids=[c[0] for c in CAP_CASES])
 def test_no_perplexity_stage_scores_more_ids_than_the_cap(tiny_folder, tmp_path, monkeypatch, distill, make_data,
                                                           eval_tokens, max_tokens, cap):
-    from kroncompress import pipeline_data
+    from kroncompress.pipeline import text
 
-    monkeypatch.setattr(pipeline_data, "MAX_VALIDATION_BLOCKS", SAMPLE_BLOCKS)
+    monkeypatch.setattr(text, "MAX_VALIDATION_BLOCKS", SAMPLE_BLOCKS)
     folder, text = tiny_folder
     sections = {"distill": {"teacher": "original", "data": {"files": [str(text)], "block_size": DATA_BLOCK},
                             "train": {"batch_size": 2, "grad_accum": 1}}}
