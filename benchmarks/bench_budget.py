@@ -100,7 +100,9 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     segment, resuming from the last checkpoint, and score after each."""
     torch.set_num_threads(args.threads)
     from kroncompress.distill.trainer import distill
-    from kroncompress.pipeline_data import _distill_config, _DistillData, _positions, _Scorer
+    from kroncompress.evaluate import max_positions
+    from kroncompress.pipeline.evaluate import Scorer
+    from kroncompress.pipeline.text import RunText, distill_config
 
     done = cached_rows(cache)
     todo = [s for s in targets if point_key(cell, s) not in done]
@@ -124,10 +126,10 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
         compressed_at = round(time.perf_counter() - start, 1)
     teacher, info = kc.load_model(args.model)
     tokenizer = info.tokenizer
-    config = _distill_config(recipe, args.data, HORIZON)
-    limit = _positions(teacher)
-    data = _DistillData(config, args.data, tokenizer, None, limit)
-    score = _Scorer(recipe, args.data, data, tokenizer, None, limit)
+    config = distill_config(recipe, args.data, HORIZON)
+    limit = max_positions(teacher)
+    data = RunText(config, args.data, tokenizer, None, limit)
+    score = Scorer(recipe, args.data, data, tokenizer, None, limit)
     train, _ = data.blocks()
     student = kc.load_compressed(student_dir)
     params = sum(p.numel() for p in student.parameters())
