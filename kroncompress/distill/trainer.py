@@ -29,9 +29,9 @@ from kroncompress.distill.checkpoints import (
 )
 from kroncompress.distill.data import BlockDataset
 from kroncompress.distill.losses import (  # noqa: F401  (NonFiniteLossError: re-exported, raised by the trainer)
-    LOSS_TERMS, DistillationLoss, NonFiniteLossError, check_same_vocabulary, disable_attention_dropout, is_causal,
-    keep_inference_settings, resolve_layer_map, use_eager_attention,
+    LOSS_TERMS, DistillationLoss, NonFiniteLossError, check_same_vocabulary, resolve_layer_map,
 )
+from kroncompress.distill.models import disable_attention_dropout, is_causal, keep_inference_settings, use_eager_attention
 from kroncompress.recipe import DistillConfig
 
 RESULT_NAME = "distill_result.json"

@@ -31,7 +31,7 @@ def is_classifier(model: nn.Module) -> bool:
 def is_decoder(model: nn.Module) -> bool:
     """Decoder-only families (causal attention, last-token pooling); encoders are BERT-like. The same
     rule the distillation engine uses for its attention loss."""
-    from kroncompress.distill.losses import is_causal
+    from kroncompress.distill.models import is_causal
 
     return is_causal(model)
 

@@ -196,9 +196,8 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
     its `losses`, `layer_map` and `train` settings; its `data` is not used, the task brings its own).
     Returns {"steps", "seconds", "losses" (logged terms per step), "history" ([{"step", "score"}] on the
     first evaluation split, at step 0, every `eval_every` steps and at the end), "layer_map"}."""
-    from kroncompress.distill.losses import (
-        DistillationLoss, disable_attention_dropout, keep_inference_settings, resolve_layer_map, use_eager_attention,
-    )
+    from kroncompress.distill.losses import DistillationLoss, resolve_layer_map
+    from kroncompress.distill.models import disable_attention_dropout, keep_inference_settings, use_eager_attention
     from kroncompress.recipe import LogitsKL, LossWeights
 
     config = copy.deepcopy(config) if config is not None else default_task_distill()
