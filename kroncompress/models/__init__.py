@@ -9,7 +9,7 @@ A config-only folder gives a model on the meta device: shapes only, no memory, e
 `kc.plan`. Errors for bad input are ValueErrors naming the path or id, what is wrong and the fix.
 
 Import every name from `kroncompress.models`; the code lives in submodules by responsibility: `load`
-(`load_model`, `ModelInfo`: folders, config-only folders, hub ids, the demo), `checks` (config.json, weight
+(`load_model`; `info`: `ModelInfo`; folders, config-only folders, hub ids, the demo), `checks` (config.json, weight
 files, the loading report, finiteness) and `tokenizer` (which tokenizer a loaded model gets).
 """
 

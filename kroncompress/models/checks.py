@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from kroncompress.models.load import ModelInfo
+from kroncompress.models.info import ModelInfo
+
 
 
 def read_config_dict(path: Path) -> dict[str, Any]:

@@ -4,13 +4,13 @@ compressed folder, the packaged demo model or a hub id (see kroncompress.models)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kroncompress.demo import demo_model_path, is_demo_name
+from kroncompress.models.info import ModelInfo
 from kroncompress.models.checks import (
     check_finite, check_loading_info, check_weight_files, first_line, quiet_load_report, read_config_dict,
 )
@@ -24,24 +24,6 @@ WEIGHT_FILES = (
 )
 # The key under which io.save_compressed records the per-module plan in config.json.
 COMPRESSED_CONFIG_KEY = "kroncompress"
-
-
-@dataclass
-class ModelInfo:
-    """Where a loaded model came from and what it is."""
-
-    name_or_path: str
-    source: str  # "local" (folder with weights), "config" (config.json only), "hub", "compressed"
-    model_type: str
-    model_class: str
-    meta: bool = False  # True: parameters live on the meta device (shapes only)
-    tokenizer: Any = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def description(self) -> str:
-        text = f"{self.model_class} ({self.model_type}) from {self.source} {self.name_or_path!r}"
-        return text + ("; meta: shapes only" if self.meta else "")
 
 
 def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: str | torch.dtype | None = None,

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kroncompress.models.checks import first_line
+from kroncompress.models.info import ModelInfo
 
-if TYPE_CHECKING:
-    from kroncompress.models.load import ModelInfo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 logger = logging.getLogger("kroncompress.models")
