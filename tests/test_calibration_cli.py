@@ -180,7 +180,7 @@ def test_calibrate_refuses_a_recipe_without_data_aware_modules(env, tmp_path):
 
 
 def test_run_pipeline_takes_a_statistics_object(env, tmp_path):
-    from kroncompress.pipeline_calibrate import run_calibration
+    from kroncompress.pipeline import run_calibration
 
     stats = run_calibration(env["gpt2"], env["recipe"], calibration_data=str(env["text"]), device="cpu")
     report = kc.run_pipeline(env["gpt2"], env["recipe"], tmp_path / "out", calibration_stats=stats, distill=False,
