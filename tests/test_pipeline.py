@@ -177,3 +177,17 @@ def test_a_run_without_distillation_scores_the_same_held_out_ids_as_one_with_it(
                                measure_speed=False, progress=False)["perplexity"]["teacher"] for distill in (True, False)]
     assert teacher[0]["tokens"] == teacher[1]["tokens"] and teacher[0]["block_size"] == teacher[1]["block_size"]
     assert teacher[0]["perplexity"] == teacher[1]["perplexity"]  # the same model on the same ids
+
+
+def test_the_runs_are_stage_lists_over_shared_stages():
+    from kroncompress.pipeline import CALIBRATE, COMPRESS, COMPRESS_TASK
+
+    names = {run: [stage.__name__ for stage in stages]
+             for run, stages in (("compress", COMPRESS), ("task", COMPRESS_TASK), ("calibrate", CALIBRATE))}
+    shared = ["plan", "evaluate_teacher", "keep_teacher", "calibrate", "compress", "evaluate_compressed", "distill",
+              "evaluate_distilled", "save", "report"]
+    for run in ("compress", "task"):
+        assert [n for n in names[run] if n in shared] == shared, run  # the same stages, in the same order
+    assert set(names["task"]) - set(names["compress"]) == {"load_task"}  # only loading is the task's own
+    assert names["calibrate"] == ["load", "plan", "require_calibration", "calibrate"]
+    assert {s for s in CALIBRATE if s.__name__ != "require_calibration"} <= set(COMPRESS)  # the very same functions
