@@ -231,22 +231,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
 
     start = time.perf_counter()
     with keep_inference_settings(student, teacher):
-        loss_fn = DistillationLoss(config.losses, causal=is_causal(student))
-        if loss_fn.needs_teacher:
-            if teacher is None:
-                raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
-                                 "pass the original model as teacher (or keep only ce)")
-            check_same_vocabulary(student, teacher)
-            if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
-                loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
-            _freeze(teacher)
-            if loss_fn.needs_attentions:
-                use_eager_attention(student)
-                use_eager_attention(teacher)
-                disable_attention_dropout(student)
-        else:
-            teacher = None
-
+        loss_fn, teacher = _loss_and_teacher(student, teacher, config)
         check_finite_weights(student, "student")
         if teacher is not None:
             check_finite_weights(teacher, "teacher")
@@ -311,6 +296,27 @@ def _finished(checkpoint: str, max_steps: int) -> bool:
     state = json.loads(Path(checkpoint, "trainer_state.json").read_text(encoding="utf-8"))
     end = max_steps if max_steps > 0 else state.get("max_steps", 0)
     return end > 0 and state.get("global_step", 0) >= end
+
+
+def _loss_and_teacher(student: nn.Module, teacher: nn.Module | None,
+                      config: DistillConfig) -> tuple[DistillationLoss, nn.Module | None]:
+    """The loss of `config` and the teacher it needs (None when only `ce` is on), the teacher frozen and both
+    models set up for the enabled terms (layer map, eager attention, no attention dropout)."""
+    loss_fn = DistillationLoss(config.losses, causal=is_causal(student))
+    if not loss_fn.needs_teacher:
+        return loss_fn, None
+    if teacher is None:
+        raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
+                         "pass the original model as teacher (or keep only ce)")
+    check_same_vocabulary(student, teacher)
+    if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
+        loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
+    _freeze(teacher)
+    if loss_fn.needs_attentions:
+        use_eager_attention(student)
+        use_eager_attention(teacher)
+        disable_attention_dropout(student)
+    return loss_fn, teacher
 
 
 def _freeze(teacher: nn.Module) -> None:
