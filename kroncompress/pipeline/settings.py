@@ -58,6 +58,8 @@ class PipelineSettings(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.output_dir is None:
+            raise TypeError("PipelineSettings: output_dir is required (the folder the compressed model is saved in)")
         self.device = torch.device(self.device) if self.device is not None else default_device()
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
