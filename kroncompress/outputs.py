@@ -6,14 +6,20 @@
 `claim_output` runs every check that needs no model, in this order, before any work:
 
 1. the path: not empty (an unset shell variable), not the current folder or one of its ancestors, not
-   the home folder or `/`, not a folder that holds one of the run's inputs (`sources`), not a file;
+   the home folder or `/`, not a folder that holds one of the run's inputs (`sources`), not a file, not
+   a symbolic link (the final rename would replace the link, not the folder it points to);
 2. what is there: a finished run is replaced only with `overwrite`, an unfinished one (`checkpoints/`)
    only with `overwrite` or continued with `resume`; `overwrite` never replaces a folder kroncompress
-   did not write (`written_by_kroncompress`): the user's own files are never deleted;
+   did not write (`written_by_kroncompress`), nor one holding anything kroncompress did not write
+   (`foreign_entries`: not in the folder's `.kroncompress` manifest): the user's own files are never deleted;
 3. writable: the parent folder is created and must accept the lock file `.<name>.lock`, which is held
    with `fcntl.flock` for the whole run (a second run on the same output is refused at once);
 4. leftovers of an interrupted save next to the output (`.<name>.tmp-<hex8>` folders) are removed, and
    a `.<name>.old-<hex8>` backup is put back when the kill came between its two renames.
+
+Every save goes through `replace_folder`: the whole folder is written next to the output, gets its
+manifest (`write_manifest`: every entry kroncompress wrote) and is renamed into place, the same
+ownership rule checked again at that moment.
 
 Every refusal is an `OutputError` (a ValueError) whose one-line message names the folder and the fix,
 with the flag names of the caller's `style`: "cli" (`--overwrite`) or "api" (`overwrite=True`).

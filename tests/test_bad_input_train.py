@@ -370,3 +370,115 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="kc-bad-train-") as folder:
         for case_id, code, first in table(executable, Path(folder)):
             print(f"| {case_id} | {code} | {first.replace('|', '/')} |", flush=True)
+
+
+# -- what a run writes: ownership, modes, interrupted saves (items 2, 10, 12) ---------------------------
+
+def test_finetune_can_overwrite_its_own_output_and_writes_files_as_the_umask_says(env, tmp_path, quiet_env):
+    out = tmp_path / "teacher"
+    argv = fill(FT_DATA + ["--output", str(out)], env)
+    assert invoke(argv).exit_code == 0
+    manifest = json.loads((out / ".kroncompress").read_text())
+    assert manifest["written_by"] == "kroncompress finetune" and "model.safetensors" in manifest["files"]
+    again = invoke(argv + ["--overwrite"])
+    assert again.exit_code == 0, again.output
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == mode  # not safetensors' own 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher"]  # no .teacher.tmp-* / .old-* left behind
+
+
+def test_the_api_never_replaces_files_kroncompress_did_not_write(tmp_path):
+    import kroncompress as kc
+    from kroncompress.outputs import OutputExistsError
+    from conftest import build_tiny
+
+    out = kc.save_compressed(build_tiny("gpt2"), tmp_path / "out")
+    kc.save_compressed(build_tiny("gpt2"), out, overwrite=True)  # its own folder: replaced
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_text("mine")
+    with pytest.raises(OutputExistsError, match="adapter/"):
+        kc.save_compressed(build_tiny("gpt2"), out, overwrite=True)
+    assert (out / "adapter" / "adapter_model.safetensors").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the refused save left no temporary folder
+
+
+def test_a_folder_written_before_the_manifest_is_judged_by_the_names_kroncompress_writes(tmp_path):
+    from kroncompress.outputs import check_output_state, foreign_entries
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"model_type": "gpt2", "kroncompress": {"modules": {}}}))
+    for name in ("model.safetensors", "report.json", "perplexity.png", "tokenizer.json"):
+        (old / name).write_text("")
+    (old / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    assert foreign_entries(old) == []
+    check_output_state(old, overwrite=True)
+    (old / "notes.txt").write_text("mine")
+    (old / "checkpoints" / "mine.txt").write_text("mine")
+    assert foreign_entries(old) == ["checkpoints/", "notes.txt"]
+
+
+def test_a_leftover_backup_link_is_removed_and_what_it_points_to_kept(tmp_path):
+    from kroncompress.outputs import clean_leftovers
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "model.safetensors").write_text("weights")
+    (tmp_path / "out").mkdir()
+    (tmp_path / ".out.old-0123abcd").symlink_to(tmp_path / "real")  # left by an older kroncompress
+    clean_leftovers(tmp_path / "out")
+    assert not (tmp_path / ".out.old-0123abcd").is_symlink()
+    assert (tmp_path / "real" / "model.safetensors").read_text() == "weights"
+
+
+def test_a_backup_holding_the_users_files_is_kept(tmp_path):
+    from kroncompress.outputs import clean_leftovers
+
+    (tmp_path / "out").mkdir()
+    backup = tmp_path / ".out.old-0123abcd"
+    backup.mkdir()
+    (backup / "notes.txt").write_text("mine")
+    clean_leftovers(tmp_path / "out")
+    assert (backup / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["compress", "compress-task"])
+def test_ctrl_c_while_saving_leaves_no_folder_a_rerun_takes_for_a_finished_run(command, env, tmp_path, quiet_env,
+                                                                                monkeypatch):
+    """SIGINT while the results and the plot are written: before, the folder already stood renamed into place
+    (a rerun said it "already holds a finished run") with a report.json lacking the scores."""
+    import kroncompress.pipeline
+    import kroncompress.tasks.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kroncompress.pipeline, "_plot", interrupted)
+    monkeypatch.setattr(kroncompress.tasks.pipeline, "plot_scores", interrupted)
+    out = tmp_path / "runs" / "out"
+    if command == "compress":
+        argv = fill(COMPRESS + ["--no-distill", "--output", str(out)], env)
+    else:
+        argv = fill(CT + ["--output", str(out)], env)
+    result = invoke(argv)
+    assert result.exit_code == 130, result.output
+    assert not out.exists() and list(out.parent.iterdir()) == [], list(out.parent.iterdir())
+
+
+def test_the_guard_errors_are_one_line_value_errors():
+    from kroncompress.distill import NonFiniteLossError
+    from kroncompress.distill.guards import check_finite_loss, check_finite_weights, check_training_settings
+
+    with pytest.raises(NonFiniteLossError, match=r"step 4 \(ce=nan\)") as info:
+        check_finite_loss({"ce": torch.tensor(float("nan")), "kl": 0.5}, step=4, where="finetune", advice="lower it")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    layer = torch.nn.Linear(2, 2)
+    check_finite_weights(layer, "student", after_training=True)
+    with torch.no_grad():
+        layer.bias[1] = float("inf")
+    with pytest.raises(ValueError, match="diverged: the fine-tuned model's parameter bias holds 1 NaN/inf"):
+        check_finite_weights(layer, "fine-tuned model", after_training=True)
+    for bad in ({"epochs": 0.0}, {"epochs": float("nan")}, {"lr": float("inf")}, {"lr": -1e-5}, {"seed": 2**32},
+                {"seed": -1}, {"seed": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            check_training_settings(**bad)
+    check_training_settings(epochs=0.5, lr=1e-3, seed=2**32 - 1)
