@@ -164,9 +164,11 @@ def _manifest(folder: Path) -> set[str] | None:
 
 
 def _run_checkpoints(entry: Path) -> bool:
-    """A `checkpoints/` folder of a distillation run: only checkpoint-N folders and the run's own files."""
+    """A `checkpoints/` folder of a distillation run: only checkpoint-N folders, the run's own files and the
+    Trainer's `runs/` logs (report_to tensorboard)."""
     return entry.is_dir() and not entry.is_symlink() and all(
         (_CHECKPOINT.match(item.name) and item.is_dir()) or (item.name in RUN_FILES and item.is_file())
+        or (item.name == "runs" and item.is_dir() and not item.is_symlink())
         for item in entry.iterdir())
 
 

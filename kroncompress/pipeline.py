@@ -353,6 +353,6 @@ def _default_device() -> torch.device:
 
 
 def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
-    from kroncompress.outputs import check_output_state
+    from kroncompress.outputs import check_output_path, check_output_state
 
-    check_output_state(target, overwrite=overwrite, resume=resume)
+    check_output_state(check_output_path(target), overwrite=overwrite, resume=resume)

@@ -76,7 +76,7 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     """
     from kroncompress.distill.guards import check_finite_weights
     from kroncompress.io import save_compressed
-    from kroncompress.outputs import check_output_state
+    from kroncompress.outputs import check_output_path, check_output_state
     from kroncompress.surgery import compress, plan
 
     parsed, section = load_task_recipe(recipe)
@@ -91,7 +91,7 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     else:
         raise ValueError("name the task: pass task= (a GLUE name or task fields), give the recipe a task: section, "
                          f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")
-    target = Path(output_dir)
+    target = check_output_path(output_dir)
     check_output_state(target, overwrite=overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
