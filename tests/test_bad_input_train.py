@@ -294,7 +294,7 @@ def _first_line(stderr: str) -> str:
         return ""
     if any(line.startswith("Traceback") for line in lines):
         return "Traceback ... " + lines[-1]
-    return lines[0]
+    return next((line for line in lines if line.startswith("error: ")), lines[0])  # after a library's warning
 
 
 # -- the suite ------------------------------------------------------------------------------------
