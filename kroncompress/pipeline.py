@@ -285,10 +285,14 @@ def _save_stage(run: _Run) -> dict[str, Any]:
     }
     if not settings.main:
         return report
+
+    def finish(folder: Path) -> None:  # into the temporary folder: part of the atomic save
+        report["plot"] = _plot(folder / PLOT_NAME, run.distill_summary, run.perplexity)
+        _write_report(folder, report)
+
     with run.stage("save"):
-        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report, card=_card(run))
-    report["plot"] = _plot(settings.output_dir / PLOT_NAME, run.distill_summary, run.perplexity)
-    _write_report(settings.output_dir, report)
+        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report, card=_card(run),
+              extra=finish)
     return report
 
 
@@ -349,6 +353,6 @@ def _default_device() -> torch.device:
 
 
 def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
-    from kroncompress.outputs import check_output_state
+    from kroncompress.outputs import check_output_path, check_output_state
 
-    check_output_state(target, overwrite=overwrite, resume=resume)
+    check_output_state(check_output_path(target), overwrite=overwrite, resume=resume)

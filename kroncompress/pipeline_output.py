@@ -19,7 +19,7 @@ logger = logging.getLogger("kroncompress.pipeline")
 
 
 def _save(model, target: Path, recipe, compression, tokenizer, report: dict[str, Any],
-          card: dict[str, Any] | None = None) -> None:
+          card: dict[str, Any] | None = None, extra=None) -> None:
     from kroncompress.io import save_compressed
 
     metrics = {}
@@ -35,7 +35,7 @@ def _save(model, target: Path, recipe, compression, tokenizer, report: dict[str,
         metrics["distill steps"] = report["distill"]["steps"]
         metrics["distill seconds"] = report["distill"]["seconds"]
     save_compressed(model, target, recipe=recipe, report=compression, metrics=metrics, tokenizer=tokenizer,
-                    overwrite=True, card=card)  # _check_output already refused what must not be replaced
+                    overwrite=True, card=card, extra=extra)  # _check_output already refused what must not be replaced
 
 
 def _write_report(target: Path, report: dict[str, Any]) -> None:

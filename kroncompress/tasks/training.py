@@ -122,18 +122,19 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     `max_examples` keeps the first examples of every split; `max_eval_examples` scores each evaluation split
     on a seeded sample of that many (`cap_eval_splits`), recorded in finetune.json.
     """
-    from transformers import Trainer
+    from kroncompress.distill.guards import check_finite_weights, check_training_settings
+    from kroncompress.outputs import check_output_path, check_output_state
+    from kroncompress.tasks.trainer import FinetuneTrainer
 
-    from kroncompress.io import OutputExistsError
-
-    target = Path(output_dir) if output_dir is not None else None
-    if target is not None and target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
-                                "(CLI: --overwrite) or pick another folder")
+    check_training_settings(epochs=epochs, lr=lr, seed=seed)
+    target = check_output_path(output_dir) if output_dir is not None else None
+    if target is not None:
+        check_output_state(target, overwrite=overwrite)
     data = data if isinstance(data, TaskData) else load_task(task_spec(task), data, max_examples=max_examples)
     data = cap_eval_splits(data, max_eval_examples)
     torch.manual_seed(seed)  # the new head's initialisation
     model, tokenizer = load_task_model(model, data, tokenizer=tokenizer)
+    check_finite_weights(model, "model to fine-tune")
     train = encode(data.train, tokenizer, data.spec.max_length)
     score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
     callback = _ScoreCallback(score, _eval_every(eval_every, max_steps, epochs, len(train), batch_size, 1))
@@ -141,10 +142,11 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     with _scratch(target) as scratch:
         args = _training_arguments(scratch, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed,
                                    warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
-                          callbacks=[callback])
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
+                                  callbacks=[callback])
         _quiet(trainer)
         trainer.train()
+    check_finite_weights(model, "fine-tuned model", after_training=True, advice="lower the learning rate (--lr / lr=)")
     model.eval()
     seconds = time.perf_counter() - start
     scores = evaluate_task(model, tokenizer, data)
@@ -191,10 +193,13 @@ TASK_FILE = "task.json"
 def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Path, record: dict[str, Any],
                     *, overwrite: bool = False) -> Path:
     """save_pretrained of model and tokenizer plus task.json (the task spec) and finetune.json (`record`),
-    into a temporary folder renamed into place."""
+    into a temporary folder renamed into place with its manifest (`kroncompress.outputs.replace_folder`:
+    an existing `target` is replaced only with `overwrite`, and only when kroncompress wrote all of it)."""
     import json
     import shutil
     import uuid
+
+    from kroncompress.outputs import replace_folder
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,11 +209,7 @@ def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Pa
         tokenizer.save_pretrained(tmp)
         (tmp / TASK_FILE).write_text(json.dumps(data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "finetune.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"output folder {target} already exists; pass overwrite=True")
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_folder(tmp, target, overwrite=overwrite, command="finetune")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
