@@ -328,14 +328,11 @@ def export(directory: Path, dense: bool, output: str, overwrite: bool) -> None:
 
     if not dense:
         raise UserError("export needs a format: pass --dense (a plain HF model with the factors multiplied back)")
-    from kroncompress.outputs import mark_output
-
     if not (directory / "config.json").is_file():
         raise UserError(f"{str(directory)!r} is not a compressed model folder (no config.json); pass a folder written by `kroncompress compress`")
     with _claim_output(output, overwrite=overwrite, sources=[directory]) as output:
         _quiet_transformers()
-        _save(export_dense, directory, output, overwrite=overwrite)
-        mark_output(output, "export")  # so a later --overwrite may replace it
+        _save(export_dense, directory, output, overwrite=overwrite)  # with the manifest a later --overwrite needs
     render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
 
 

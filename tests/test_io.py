@@ -53,8 +53,10 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, arch, strategy):
     assert torch.equal(logits(loaded, inputs), expected)
     assert not loaded.training
     assert {n: p.shape for n, p in loaded.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+    assert sorted(p.name for p in out.iterdir()) == [".kroncompress", "README.md", "config.json", "generation_config.json",
                                                      "model.safetensors", "recipe.yaml", "report.json"]
+    manifest = json.loads((out / ".kroncompress").read_text())  # what a later overwrite may replace
+    assert manifest["files"] == sorted(p.name for p in out.iterdir() if p.name != ".kroncompress")
     section = json.loads((out / "config.json").read_text())["kroncompress"]
     assert section["modules"].keys() == {row.name for row in report.rows}
     assert kc.load_recipe(out / "recipe.yaml") == recipe

@@ -185,7 +185,7 @@ def test_the_runs_are_stage_lists_over_shared_stages():
     names = {run: [stage.__name__ for stage in stages]
              for run, stages in (("compress", COMPRESS), ("task", COMPRESS_TASK), ("calibrate", CALIBRATE))}
     shared = ["plan", "evaluate_teacher", "keep_teacher", "calibrate", "compress", "evaluate_compressed", "distill",
-              "evaluate_distilled", "save", "report"]
+              "evaluate_distilled", "report", "save"]
     for run in ("compress", "task"):
         assert [n for n in names[run] if n in shared] == shared, run  # the same stages, in the same order
     assert set(names["task"]) - set(names["compress"]) == {"load_task"}  # only loading is the task's own

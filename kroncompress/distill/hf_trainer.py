@@ -30,7 +30,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from kroncompress.distill.checkpoints import last_checkpoint
-from kroncompress.distill.losses import DistillationLoss, NonFiniteLossError
+from kroncompress.distill.guards import NonFiniteLossError, check_finite_loss
+from kroncompress.distill.losses import DistillationLoss
 
 # name -> why no public hook can replace it
 PRIVATE_OVERRIDES: dict[str, str] = {
@@ -52,11 +53,13 @@ class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
 
     def __init__(self, *args, teacher: nn.Module | None, loss_fn: DistillationLoss,
-                 score: Callable[[nn.Module], float] | None = None, **kwargs):
+                 score: Callable[[nn.Module], float] | None = None, where: str | None = None,
+                 advice: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_fn = loss_fn
         self.score = score
+        self.where, self.advice = where, advice  # a run without checkpoints: its name and fix in the error
         self.teacher = teacher
         if teacher is not None:
             teacher.to(self.args.device)
@@ -85,16 +88,15 @@ class DistillTrainer(Trainer):
         if bool(torch.isfinite(values).all()):
             return
         step = self.state.global_step + 1
+        if self.where is not None:  # nothing to resume from (task runs keep no checkpoints)
+            check_finite_loss(dict(zip(terms, values.tolist())), step=step, where=self.where, advice=self.advice or "")
         bad = ", ".join(f"{name}={float(v):g}" for name, v in zip(terms, values.tolist()) if not math.isfinite(v))
-        fix = "Lower the learning rate, check the data, or turn on gradient clipping (train.max_grad_norm)"
-        if self.args.save_strategy == "no":  # nothing to resume from (a task run keeps no checkpoints)
-            raise NonFiniteLossError(f"non-finite loss at step {step} of {self.state.max_steps}: loss term {bad}; "
-                                     f"training stopped. {fix}")
         last = last_checkpoint(self.args.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"non-finite loss at step {step} of {self.state.max_steps}: loss term {bad}; training stopped and {kept}. "
-            f"{fix}, then resume from the checkpoint (resume=True / --resume)")
+            "Lower the learning rate, check the data, or turn on gradient clipping (train.max_grad_norm), "
+            "then resume from the checkpoint (resume=True / --resume)")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:

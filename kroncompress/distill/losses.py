@@ -38,10 +38,6 @@ LOSS_TERMS = ("ce", "logits_kl", "hidden_mse", "attention_kl", "embedding_mse")
 _LOG_FLOOR = 1e-30
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
-
-
 # -- the terms -------------------------------------------------------------------------------------
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ from kroncompress.distill.checkpoints import (
     verify_settings,
 )
 from kroncompress.distill.data import BlockDataset
-from kroncompress.distill.losses import (  # noqa: F401  (NonFiniteLossError: re-exported, raised by the trainer)
-    LOSS_TERMS, DistillationLoss, NonFiniteLossError, check_same_vocabulary, resolve_layer_map,
+from kroncompress.distill.guards import (  # noqa: F401  (the errors: public here before guards.py)
+    NonFiniteLossError, NonFiniteWeightsError, check_finite_weights,
 )
+from kroncompress.distill.losses import LOSS_TERMS, DistillationLoss, check_same_vocabulary, resolve_layer_map
 from kroncompress.distill.models import disable_attention_dropout, is_causal, keep_inference_settings, use_eager_attention
 from kroncompress.recipe import DistillConfig
 
@@ -38,10 +39,6 @@ RESULT_NAME = "distill_result.json"
 DEFAULT_SAVE_EVERY = 500
 EVALS_PER_RUN = 10  # evaluations over a run whose settings give no train.eval_every
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-class NonFiniteWeightsError(ValueError):
-    """The student or teacher holds NaN/inf weights before the first step: its source weights are broken."""
 
 
 @dataclass
@@ -270,6 +267,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
             trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         else:
             trainer.train(resume_from_checkpoint=checkpoint)
+            check_finite_weights(student, "student", after_training=True,
+                                 advice="lower the learning rate (train.lr) or turn on gradient clipping (train.max_grad_norm)")
         student.eval()
 
     result = _result(trainer, time.perf_counter() - start, checkpoint if resume else None, output_dir)
@@ -277,18 +276,6 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def check_finite_weights(model: nn.Module, role: str = "model") -> None:
-    """NonFiniteWeightsError naming the first parameter of `model` holding NaN or inf (checked before training:
-    no training setting can repair weights that are already broken)."""
-    for name, param in model.named_parameters():
-        bad = int((~torch.isfinite(param.detach())).sum()) if param.is_floating_point() else 0
-        if bad:
-            fix = ("the model files or their compression" if role == "student" else "the teacher's model files")
-            raise NonFiniteWeightsError(
-                f"the {role}'s parameter {name} holds {bad:,} NaN/inf value(s) of {param.numel():,} before training; "
-                f"its source weights are broken ({fix}): reload or re-download them; lowering the learning rate will not help")
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES
+from kroncompress.io.checks import FOLDER_FILES
 from kroncompress.io.config import QUANT_METHOD, KronCompressConfig
 from kroncompress.io.load import load_compressed
 from kroncompress.io.save import move_into_place
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
-from kroncompress.outputs import OutputExistsError, match_file_mode
+from kroncompress.outputs import OutputExistsError
 from kroncompress.surgery import CONFIG_KEY, set_submodule, set_tie_word_embeddings
 
 
@@ -84,12 +84,10 @@ def export_dense(source: str | os.PathLike, output: str | os.PathLike, overwrite
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(tmp)
-        for weights in tmp.glob("*.safetensors"):
-            match_file_mode(weights, tmp / CONFIG_NAME)
         for item in source.iterdir():
             if item.is_file() and item.name not in FOLDER_FILES and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
-        move_into_place(tmp, target, overwrite)
+        move_into_place(tmp, target, overwrite, command="export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

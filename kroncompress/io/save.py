@@ -9,7 +9,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -18,7 +18,7 @@ from torch import nn
 from kroncompress.io.card import model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
 from kroncompress.io.config import is_factorized, mark_config, saved_section
-from kroncompress.outputs import OutputExistsError, match_file_mode
+from kroncompress.outputs import OutputExistsError, replace_folder
 from kroncompress.surgery import CONFIG_KEY, count_params
 
 
@@ -48,7 +48,7 @@ def _write_weights(model: nn.Module, path: Path) -> None:
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any = None, report: Any = None,
                     metrics: dict[str, Any] | None = None, tokenizer: Any = None, overwrite: bool = False,
-                    card: dict[str, Any] | None = None) -> Path:
+                    card: dict[str, Any] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write `model` to an HF-style folder, atomically: everything goes into a temporary folder next to
     `directory` that is renamed into place at the end, so a crash never leaves a half-written folder.
 
@@ -58,6 +58,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     The model card's front matter says `library_name: kroncompress`, the strategies as tags, and from
     `card` (else what the model knows): `base_model` (default: the config's name_or_path), `license`
     (default: the base model's, from its README.md or config when found locally) and `datasets`.
+    `extra(folder)` is called with the temporary folder before the rename, to add a run's own files (its
+    results in report.json, plots), so those are part of the atomic write too.
     """
     from kroncompress.recipe import Recipe
 
@@ -82,7 +84,6 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
         _write_weights(model, tmp / WEIGHTS_NAME)
-        match_file_mode(tmp / WEIGHTS_NAME, tmp / CONFIG_NAME)  # safetensors writes 0600 whatever the umask
         if recipe is None and section.get("recipe"):
             recipe = Recipe.from_dict(section["recipe"], source="config.json kroncompress.recipe")
         recipe_dict = recipe.to_dict() if recipe is not None else None
@@ -96,6 +97,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         (tmp / "README.md").write_text(model_card(model, section, recipe_dict, report, metrics, card), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,17 +106,6 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     return target
 
 
-def move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    if not overwrite:
-        raise OutputExistsError(f"output folder {target} appeared while saving; pass overwrite=True to replace it")
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+def move_into_place(tmp: Path, target: Path, overwrite: bool, command: str = "save_compressed") -> None:
+    """The rename into place, with its manifest and ownership rule (`kroncompress.outputs.replace_folder`)."""
+    replace_folder(tmp, target, overwrite=overwrite, command=command)

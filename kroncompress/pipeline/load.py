@@ -25,6 +25,7 @@ def load(run: Run) -> None:
 def load_task(run: Run) -> None:
     """The task's labelled examples (each evaluation split capped to `max_eval_examples`, a seeded sample),
     then the fine-tuned model with its classification head, and its tokenizer."""
+    from kroncompress.distill.guards import check_finite_weights
     from kroncompress.tasks.data import cap_eval_splits, load_task as read_task
     from kroncompress.tasks.modeling import load_task_model
 
@@ -36,6 +37,7 @@ def load_task(run: Run) -> None:
         run.task = cap_eval_splits(task, settings.max_eval_examples)
         run.model, run.tokenizer = load_task_model(settings.model, run.task, tokenizer=settings.tokenizer,
                                                    require_head=True)
+        check_finite_weights(run.model, "teacher")  # before scoring and compressing: no recipe option can repair it
         if settings.device is not None:
             run.model.to(settings.device)
 

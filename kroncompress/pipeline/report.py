@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kroncompress.pipeline.load import source_name
 from kroncompress.pipeline.record import Run
 
 logger = logging.getLogger("kroncompress.pipeline")
@@ -20,20 +24,67 @@ TEXT_REPORT_KEYS = ("model", "tokenizer", "perplexity", "distill", "timings", "s
 
 
 def report(run: Run) -> None:
-    settings, result = run.settings, run.report
-    if not settings.main:
-        return
+    """The run's report (returned by its entry point; the save stage writes it into the folder)."""
+    run.report = task_report(run) if run.task is not None else text_report(run)
+
+
+def write_report(run: Run, folder: Path) -> None:
+    """Into `folder` (the save's temporary folder, so they are part of the atomic write): the plot, the run's
+    results added to the report.json save_compressed wrote, and a task run's task.json."""
+    result = run.report
     if run.task is not None:
-        result["plot"] = plot_scores(settings.output_dir / TASK_PLOT_NAME, run.distill_summary, run.scores,
-                                     run.task.spec.name)
+        from kroncompress.tasks.training import TASK_FILE
+
+        (folder / TASK_FILE).write_text(json.dumps(run.task.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+        result["plot"] = plot_scores(folder / TASK_PLOT_NAME, run.distill_summary, run.scores, run.task.spec.name)
         written = {k: v for k, v in result.items() if k not in ("params_before", "params_after", "compression")}
     else:
-        result["plot"] = plot_perplexity(settings.output_dir / PLOT_NAME, run.distill_summary)
+        result["plot"] = plot_perplexity(folder / PLOT_NAME, run.distill_summary)
         written = {k: result[k] for k in TEXT_REPORT_KEYS}
-    path = settings.output_dir / "report.json"
+    path = folder / "report.json"
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     saved.update(written)
     path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def text_report(run: Run) -> dict[str, Any]:
+    """A language-model run's report: perplexity at every stage, distillation, timings, speed, calibration."""
+    settings, compression = run.settings, run.compression
+    return {
+        "model": source_name(settings.model), "recipe": settings.recipe.name, "output_dir": str(settings.output_dir),
+        "params_before": compression.params_before, "params_after": compression.params_after,
+        "perplexity": run.scores, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
+        "calibration": run.calibration, "tokenizer": _tokenizer_source(run.tokenizer),
+        "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
+    }
+
+
+def task_report(run: Run) -> dict[str, Any]:
+    """A task run's report: the task, its data and examples, the score at every stage, distillation, timings."""
+    from kroncompress.tasks.data import EVAL_SAMPLE_SEED
+
+    settings, compression, task = run.settings, run.compression, run.task
+    limit = settings.max_eval_examples
+    model = settings.model
+    return {
+        "model": type(model).__name__ if isinstance(model, torch.nn.Module) else os.fspath(model),
+        "recipe": settings.recipe.name, "task": task.spec.to_dict(), "data": task.source,
+        "examples": {name: len(split) for name, split in task.splits.items()},
+        "max_eval_examples": limit, "eval_examples_available": run.report["eval_examples_available"],
+        "eval_sample": None if limit is None else f"seeded random sample (seed {EVAL_SAMPLE_SEED}) of each "
+                                                  "evaluation split, in the split's order",
+        "tokenizer": _tokenizer_source(run.tokenizer),
+        "params_before": compression.params_before, "params_after": compression.params_after,
+        "scores": run.scores, "distill": run.distill_summary, "timings": run.timings,
+        "compression": compression.to_dict(),
+    }
+
+
+def _tokenizer_source(tokenizer) -> str | None:
+    """Where the run's tokenizer came from (it is saved into the output folder too); None without one."""
+    from kroncompress.models import tokenizer_name
+
+    return tokenizer_name(tokenizer) if tokenizer is not None else None
 
 
 def plot_perplexity(path: Path, distill_summary: dict | None) -> str | None:

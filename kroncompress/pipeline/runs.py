@@ -33,21 +33,22 @@ Stage = Callable[[Run], None]
 
 
 def check_output(run: Run) -> None:
-    """The output folder may be written: new, empty, or replaced / resumed as the settings allow (nothing of
-    the user's is ever deleted)."""
-    from kroncompress.outputs import check_output_state
+    """The output folder may be written: a path that cannot destroy anything (no link, home, root or current
+    folder), new, empty, or replaced / resumed as the settings allow (nothing of the user's is ever deleted)."""
+    from kroncompress.outputs import check_output_path, check_output_state
 
     settings = run.settings
+    settings.output_dir = check_output_path(settings.output_dir)
     check_output_state(settings.output_dir, overwrite=settings.overwrite, resume=settings.resume)
 
 
 COMPRESS: tuple[Stage, ...] = (
     check_output, load, check_language_model, plan, load_text, evaluate("teacher"), speed("teacher"), keep_teacher,
-    calibrate, compress, evaluate("compressed"), distill, evaluate("distilled"), speed("compressed"), save, report,
+    calibrate, compress, evaluate("compressed"), distill, evaluate("distilled"), speed("compressed"), report, save,
 )
 COMPRESS_TASK: tuple[Stage, ...] = (
     check_output, load_task, plan, evaluate("teacher"), keep_teacher, calibrate, compress, evaluate("compressed"),
-    distill, evaluate("distilled"), save, report,
+    distill, evaluate("distilled"), report, save,
 )
 CALIBRATE: tuple[Stage, ...] = (load, plan, require_calibration, calibrate)
 

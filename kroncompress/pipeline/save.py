@@ -1,16 +1,14 @@
-"""The save stage: the run's report, and the compressed folder written through save_compressed (with the
-run's metrics, source model and datasets on its model card; a task run adds task.json, the task spec)."""
+"""The save stage: the compressed folder written atomically through save_compressed, with the run's metrics,
+source model and datasets on its model card, and the report stage's files (report.json, the plot; a task
+run's task.json) written into it before it is renamed into place."""
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
-
-import torch
 
 from kroncompress.pipeline.load import source_name
 from kroncompress.pipeline.record import Run
+from kroncompress.pipeline.report import write_report
 from kroncompress.pipeline.text import calibration_text
 
 
@@ -18,7 +16,6 @@ def save(run: Run) -> None:
     from kroncompress.io import save_compressed
 
     settings = run.settings
-    run.report = task_report(run) if run.task is not None else text_report(run)
     if not settings.main:
         return
     metrics = task_metrics(run) if run.task is not None else text_metrics(run.report)
@@ -26,45 +23,8 @@ def save(run: Run) -> None:
     with run.stage("save"):
         # overwrite: the run's first stage already refused what must not be replaced
         save_compressed(run.model, settings.output_dir, recipe=settings.recipe, report=run.compression,
-                        metrics=metrics, tokenizer=run.tokenizer, overwrite=True, card=card)
-        if run.task is not None:
-            from kroncompress.tasks.training import TASK_FILE
-
-            spec = json.dumps(run.task.spec.to_dict(), indent=2) + "\n"
-            (settings.output_dir / TASK_FILE).write_text(spec, encoding="utf-8")
-
-
-def text_report(run: Run) -> dict[str, Any]:
-    """A language-model run's report: perplexity at every stage, distillation, timings, speed, calibration."""
-    settings, compression = run.settings, run.compression
-    return {
-        "model": source_name(settings.model), "recipe": settings.recipe.name, "output_dir": str(settings.output_dir),
-        "params_before": compression.params_before, "params_after": compression.params_after,
-        "perplexity": run.scores, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
-        "calibration": run.calibration, "tokenizer": _tokenizer_source(run.tokenizer),
-        "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
-    }
-
-
-def task_report(run: Run) -> dict[str, Any]:
-    """A task run's report: the task, its data and examples, the score at every stage, distillation, timings."""
-    from kroncompress.tasks.data import EVAL_SAMPLE_SEED
-
-    settings, compression, task = run.settings, run.compression, run.task
-    limit = settings.max_eval_examples
-    model = settings.model
-    return {
-        "model": type(model).__name__ if isinstance(model, torch.nn.Module) else os.fspath(model),
-        "recipe": settings.recipe.name, "task": task.spec.to_dict(), "data": task.source,
-        "examples": {name: len(split) for name, split in task.splits.items()},
-        "max_eval_examples": limit, "eval_examples_available": run.report["eval_examples_available"],
-        "eval_sample": None if limit is None else f"seeded random sample (seed {EVAL_SAMPLE_SEED}) of each "
-                                                  "evaluation split, in the split's order",
-        "tokenizer": _tokenizer_source(run.tokenizer),
-        "params_before": compression.params_before, "params_after": compression.params_after,
-        "scores": run.scores, "distill": run.distill_summary, "timings": run.timings,
-        "compression": compression.to_dict(),
-    }
+                        metrics=metrics, tokenizer=run.tokenizer, overwrite=True, card=card,
+                        extra=lambda folder: write_report(run, folder))
 
 
 def text_metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -102,13 +62,6 @@ def model_card(run: Run) -> dict[str, Any]:
         section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
         texts.append(calibration_text(settings.recipe, settings.calibration_data, settings.data) or section)
     return {"base_model": source_name(settings.model), "datasets": [d for d in map(hub_dataset, texts) if d]}
-
-
-def _tokenizer_source(tokenizer) -> str | None:
-    """Where the run's tokenizer came from (it is saved into the output folder too); None without one."""
-    from kroncompress.models import tokenizer_name
-
-    return tokenizer_name(tokenizer) if tokenizer is not None else None
 
 
 def hub_dataset(spec) -> str | None:

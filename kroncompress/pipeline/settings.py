@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +121,7 @@ class TaskSettings(RunSettings):
     compress_progress = None
 
     def __post_init__(self):
-        from kroncompress.tasks.data import load_task_recipe, task_spec
+        from kroncompress.tasks.data import load_task_recipe, read_task_file, task_spec
         from kroncompress.tasks.training import TASK_FILE
 
         self.recipe, section = load_task_recipe(self.recipe)
@@ -134,7 +133,7 @@ class TaskSettings(RunSettings):
         elif section:
             self.task = task_spec(section)
         elif saved is not None and saved.is_file():
-            self.task = task_spec(json.loads(saved.read_text(encoding="utf-8")))
+            self.task = read_task_file(saved)
         else:
             raise ValueError("name the task: pass task= (a GLUE name or task fields), give the recipe a task: section, "
                              f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")

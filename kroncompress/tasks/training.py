@@ -34,11 +34,11 @@ MAX_TRAINING_EVAL_EXAMPLES = 512  # the periodic scores during training use the 
 
 
 def _train(model: nn.Module, teacher: nn.Module | None, loss: TaskLoss, config: Any, tokenizer: Any, data: TaskData,
-           *, max_steps: int | None, eval_every: int | None, scratch_near: Path | None):
+           *, max_steps: int | None, eval_every: int | None, scratch_near: Path | None, where: str, advice: str):
     """Train `model` in place with the distillation engine (its TrainingArguments, evaluation schedule and
     trainer) on the task's training examples, scoring it on the evaluation split at the start, every
-    `eval_every` steps (default: the engine's schedule) and at the end. Returns (trainer state, score
-    history, seconds)."""
+    `eval_every` steps (default: the engine's schedule) and at the end. A non-finite loss stops it with an
+    error naming `where` and the fix (`advice`). Returns (trainer state, score history, seconds)."""
     from kroncompress.distill.hf_trainer import DistillTrainer
     from kroncompress.distill.trainer import eval_every as schedule, training_arguments
 
@@ -52,7 +52,8 @@ def _train(model: nn.Module, teacher: nn.Module | None, loss: TaskLoss, config: 
         args = training_arguments(config, scratch, max_steps=steps, has_eval=True, eval_on_start=True, save=False)
         # the examples stand in as eval_dataset (the Trainer wants one to schedule evaluations); `score` reads the split
         trainer = DistillTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
-                                 data_collator=collator(tokenizer), teacher=teacher, loss_fn=loss, score=score)
+                                 data_collator=collator(tokenizer), teacher=teacher, loss_fn=loss, score=score,
+                                 where=where, advice=advice)
         _quiet(trainer)
         trainer.train()
     model.eval()
@@ -92,24 +93,28 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     `max_examples` keeps the first examples of every split; `max_eval_examples` scores each evaluation split
     on a seeded sample of that many (`cap_eval_splits`), recorded in finetune.json.
     """
-    from kroncompress.io import OutputExistsError
+    from kroncompress.distill.guards import check_finite_weights, check_training_settings
+    from kroncompress.outputs import check_output_path, check_output_state
     from kroncompress.recipe import DistillConfig, TrainConfig
 
-    target = Path(output_dir) if output_dir is not None else None
-    if target is not None and target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
-                                "(CLI: --overwrite) or pick another folder")
+    check_training_settings(epochs=epochs, lr=lr, seed=seed)
+    target = check_output_path(output_dir) if output_dir is not None else None
+    if target is not None:
+        check_output_state(target, overwrite=overwrite)
     data = data if isinstance(data, TaskData) else load_task(task_spec(task), data, max_examples=max_examples)
     data = cap_eval_splits(data, max_eval_examples)
     torch.manual_seed(seed)  # the new head's initialisation
     model, tokenizer = load_task_model(model, data, tokenizer=tokenizer)
+    check_finite_weights(model, "model to fine-tune")
     # fine-tuning: the task head's ce term alone, no teacher
     config = DistillConfig(train=TrainConfig(
         lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, schedule="linear", grad_accum=1, bf16=False))
-    state, history, seconds = _train(model, None, TaskLoss({"ce": 1.0}, regression=data.spec.kind == "regression"),
-                                     config, tokenizer, data, max_steps=max_steps, eval_every=eval_every,
-                                     scratch_near=target)
+    loss = TaskLoss({"ce": 1.0}, regression=data.spec.kind == "regression")
+    state, history, seconds = _train(model, None, loss, config, tokenizer, data, max_steps=max_steps,
+                                     eval_every=eval_every, scratch_near=target, where="finetune",
+                                     advice="lower the learning rate (--lr / lr=), or check the data")
+    check_finite_weights(model, "fine-tuned model", after_training=True, advice="lower the learning rate (--lr / lr=)")
     scores = evaluate_task(model, tokenizer, data)
     result = FinetuneResult(model=model, tokenizer=tokenizer, data=data, scores=scores, steps=state.global_step,
                             seconds=round(seconds, 3), history=history)
@@ -154,10 +159,13 @@ TASK_FILE = "task.json"
 def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Path, record: dict[str, Any],
                     *, overwrite: bool = False) -> Path:
     """save_pretrained of model and tokenizer plus task.json (the task spec) and finetune.json (`record`),
-    into a temporary folder renamed into place."""
+    into a temporary folder renamed into place with its manifest (`kroncompress.outputs.replace_folder`:
+    an existing `target` is replaced only with `overwrite`, and only when kroncompress wrote all of it)."""
     import json
     import shutil
     import uuid
+
+    from kroncompress.outputs import replace_folder
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +175,7 @@ def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Pa
         tokenizer.save_pretrained(tmp)
         (tmp / TASK_FILE).write_text(json.dumps(data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "finetune.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"output folder {target} already exists; pass overwrite=True")
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_folder(tmp, target, overwrite=overwrite, command="finetune")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -221,7 +225,10 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
                     use_eager_attention(teacher)
                     disable_attention_dropout(student)
         state, history, seconds = _train(student, teacher if loss.needs_teacher else None, loss, config, tokenizer, data,
-                                         max_steps=max_steps, eval_every=eval_every, scratch_near=scratch_near)
+                                         max_steps=max_steps, eval_every=eval_every, scratch_near=scratch_near,
+                                         where="task distillation",
+                                         advice="lower the recipe's distill.train.lr, turn on train.max_grad_norm, "
+                                                "or check the data")
     losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
               for e in state.log_history if any(k.startswith("loss_") for k in e)]
     return {"steps": int(state.global_step), "seconds": round(seconds, 3), "losses": losses, "history": history,
