@@ -1,0 +1,197 @@
+"""Which `transformers` versions kroncompress truly works with: one clean venv per version, a smoke run in each.
+
+    flock /work/wt/heavy.lock python benchmarks/check_transformers_range.py 4.57.6 5.0.0 5.23.0 5.25.0
+    python benchmarks/check_transformers_range.py --report-only     # rewrite the report from the cached cells
+
+Not part of `make test` (it installs packages from the index; a few minutes per version). For each version:
+
+1. a venv whose .pth adds this interpreter's site-packages (torch and the rest are reused, not copied);
+   `pip install transformers==V <kroncompress's other requirements>` installs into the venv only what
+   that transformers needs besides (an older huggingface_hub or tokenizers shadow the shared ones), and
+   the kroncompress wheel built from this checkout goes in with --no-deps (the pin is what is tested);
+2. from a folder outside the checkout: import, `kroncompress plan`, `compress --no-distill` of the demo,
+   `compress --max-steps 2` (two ILKD steps through transformers' Trainer: embedding, attention, hidden
+   and CE losses), `from_pretrained` of both folders after `import kroncompress` with a forward pass,
+   and the Trainer-adapter tests (tests/test_trainer.py without the installed-version range check).
+
+Each version's result is cached in benchmarks/results/transformers-range/<version>.json; the report is
+benchmarks/results/transformers_range.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ROOT / "benchmarks" / "results" / "transformers-range"
+REPORT = ROOT / "benchmarks" / "results" / "transformers_range.md"
+SKIP = {".venv", ".git", ".site", "site", "runs", "build", "dist", ".pytest_cache", "__pycache__", "benchmarks"}
+STEPS = ["install", "import", "plan", "compress --no-distill", "distill 2 steps", "from_pretrained", "trainer tests"]
+
+LOAD = """
+import sys, torch, kroncompress, transformers
+from pathlib import Path
+assert Path(kroncompress.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()), kroncompress.__file__
+for folder in ("out", "out-distilled"):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(torch.arange(16)[None]).logits
+    assert torch.isfinite(logits).all(), folder
+    print(folder, type(model).__name__, tuple(logits.shape))
+"""
+
+
+def run(command: list, cwd: Path, env: dict | None = None, timeout: float = 900) -> tuple[bool, str]:
+    try:
+        done = subprocess.run([str(part) for part in command], cwd=cwd, env=env, text=True, timeout=timeout,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:.0f} s"
+    return done.returncode == 0, done.stdout
+
+
+def last_error(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or line.startswith(("error:", "FAILED", "E ")):
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def build_wheel(tmp: Path) -> Path:
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [
+        name for name in names if name in SKIP or name.endswith(".egg-info")])
+    code = f"from setuptools import build_meta as b; print(b.build_wheel({str(tmp)!r}))"
+    ok, out = run([sys.executable, "-c", code], cwd=source)
+    if not ok:
+        raise SystemExit(f"wheel build failed: {last_error(out)}")
+    return tmp / out.strip().splitlines()[-1]
+
+
+def dependency_paths() -> list[str]:
+    own = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    return list(dict.fromkeys(p for p in sys.path if p in own or p.rstrip(os.sep).endswith("site-packages")))
+
+
+def other_requirements() -> list[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return [r for r in project["dependencies"] if not r.replace(" ", "").lower().startswith("transformers")]
+
+
+def check(version: str, wheel: Path, tmp: Path) -> dict:
+    cell: dict = {"transformers": version, "steps": {}, "python": platform.python_version()}
+    venv = tmp / f"venv-{version}"
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp)
+    python = venv / "bin" / "python"
+    purelib = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp)[1].strip())
+    (purelib / "zz_dependencies.pth").write_text("".join(f"{p}\n" for p in dependency_paths()))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1",
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    work = tmp / f"work-{version}"
+    work.mkdir()
+    kron = venv / "bin" / "kroncompress"
+    pip = [python, "-m", "pip", "install", "-q"]
+    data = ["--data", "shakespeare", "--eval-tokens", "1024"]
+    steps = [
+        ("install", [*pip, f"transformers=={version}", *other_requirements()], None),
+        ("install", [*pip, "--no-deps", "--ignore-installed", wheel], None),
+        ("import", [python, "-c", "import kroncompress, transformers, huggingface_hub, tokenizers as t; "
+                    "print(transformers.__version__, huggingface_hub.__version__, t.__version__, kroncompress.__file__)"],
+         None),
+        ("plan", [kron, "plan", "shakespeare-gpt2", "--recipe", "kn-gpt2"], None),
+        ("compress --no-distill", [kron, "compress", "--recipe", "kn-gpt2", "-o", "out", "--no-distill", *data], None),
+        ("distill 2 steps", [kron, "compress", "--recipe", "kn-gpt2", "-o", "out-distilled", "--max-steps", "2",
+                             *data], None),
+        ("from_pretrained", [python, "-c", LOAD], None),
+        ("trainer tests", [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", str(ROOT / "tests/test_trainer.py"),
+                           "-k", "not installed_transformers_is_in_the_supported_range"], None),
+    ]
+    for name, command, _ in steps:
+        if cell["steps"].get(name) is False:
+            continue
+        start = time.perf_counter()
+        ok, out = run(command, cwd=work, env=env)
+        cell["steps"][name] = ok
+        cell.setdefault("seconds", {})[name] = round(time.perf_counter() - start + cell.get("seconds", {}).get(name, 0), 1)
+        if name == "import" and ok:
+            cell["installed"] = out.strip().splitlines()[-1]
+        if name == "trainer tests":
+            cell["tests"] = out.strip().splitlines()[-1] if out.strip() else ""
+        if not ok:
+            cell.setdefault("errors", {})[name] = last_error(out)
+            print(f"  {version}: {name} FAILED: {last_error(out)}", flush=True)
+            if name in ("install", "import"):
+                break
+        else:
+            print(f"  {version}: {name} ok", flush=True)
+    shadowed = run([python, "-m", "pip", "list", "--path", purelib, "--format", "freeze"], cwd=work, env=env)[1]
+    cell["installed_in_venv"] = sorted(line for line in shadowed.split() if "==" in line and "kroncompress" not in line)
+    cell["works"] = all(cell["steps"].get(step) for step in STEPS)
+    return cell
+
+
+def report(cells: list[dict]) -> str:
+    pin = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if r.startswith("transformers"))
+    lines = ["# transformers versions kroncompress works with", "",
+             f"Made by `benchmarks/check_transformers_range.py` (a clean venv per version, torch reused; "
+             f"Python {cells[0]['python'] if cells else '?'}). The pin in pyproject.toml: `{pin}`.", "",
+             "| transformers | " + " | ".join(STEPS) + " | works | first failure |",
+             "|---" * (len(STEPS) + 3) + "|"]
+    for cell in sorted(cells, key=lambda c: tuple(int(x) for x in c["transformers"].split("."))):
+        marks = ["ok" if cell["steps"].get(s) else ("FAIL" if s in cell["steps"] else "-") for s in STEPS]
+        errors = cell.get("errors", {})
+        first = next((f"{s}: {errors[s]}" for s in STEPS if s in errors), "")
+        lines.append(f"| {cell['transformers']} | " + " | ".join(marks)
+                     + f" | {'**yes**' if cell['works'] else 'no'} | {first.replace('|', '/')} |")
+    lines += ["", "Packages pip put into each venv beside transformers (what that version needs other than the "
+              "shared environment's):", ""]
+    for cell in cells:
+        lines.append(f"- {cell['transformers']}: {', '.join(cell.get('installed_in_venv', [])) or 'none'}"
+                     f"{'; trainer tests: ' + cell['tests'] if cell.get('tests') else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("versions", nargs="*", help="transformers versions to check, e.g. 4.57.6 5.0.0 5.25.0")
+    parser.add_argument("--again", action="store_true", help="re-check versions that have a cached cell")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    CELLS.mkdir(parents=True, exist_ok=True)
+    if not args.report_only and args.versions:
+        tmp = Path(tempfile.mkdtemp(prefix="kroncompress-tf-"))
+        try:
+            wheel = build_wheel(tmp)
+            for version in args.versions:
+                target = CELLS / f"{version}.json"
+                if target.exists() and not args.again:
+                    print(f"{version}: cached ({target})")
+                    continue
+                print(f"{version}: checking", flush=True)
+                cell = check(version, wheel, tmp)
+                target.write_text(json.dumps(cell, indent=1) + "\n")
+                print(f"{version}: {'works' if cell['works'] else 'does not work'}", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    cells = [json.loads(path.read_text()) for path in sorted(CELLS.glob("*.json"))]
+    REPORT.write_text(report(cells))
+    print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
