@@ -435,3 +435,17 @@ def test_an_unfinished_run_with_its_settings_record_counts_as_ours():
 
     # else --resume would refuse every run the engine started, as a folder kroncompress did not write
     assert {SETTINGS_NAME, RESULT_NAME} <= set(RUN_FILES)
+
+
+@pytest.mark.parametrize("ratio, steps, warmup", [(0.05, 100, 5), (0.1, 40, 4), (0.0, 100, 0)])
+def test_a_warmup_ratio_means_the_same_steps_under_the_installed_transformers(ratio, steps, warmup, tmp_path):
+    """version_arguments picks the keywords the installed TrainingArguments reads as a fraction (4.x: warmup_ratio;
+    5.x: a float warmup_steps): the warmup the Trainer schedules is that fraction of the steps, not 0."""
+    from transformers import TrainingArguments
+
+    from kroncompress.distill.hf_trainer import version_arguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                             **version_arguments(warmup_ratio=ratio, activation_checkpointing=True))
+    assert args.get_warmup_steps(steps) == warmup
+    assert args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)
