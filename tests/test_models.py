@@ -156,7 +156,7 @@ def test_online_is_checked_once_through_huggingface_hub_and_respects_offline_mod
     assert not hub.online() and not hub.online()
     assert calls == [("https://hub.example:8443", hub.CONNECT_TIMEOUT_S)]
     message = hub.offline_message("model", "org/model")
-    assert "https://hub.example:8443 did not answer (ConnectionError: [Errno -2] Name or service not known)" in message
+    assert "no connection to https://hub.example:8443 (ConnectionError: [Errno -2] Name or service not known)" in message
     assert "HTTPS_PROXY" in message
     hub.set_online(None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1 / TRANSFORMERS_OFFLINE=1
