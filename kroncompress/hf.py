@@ -73,6 +73,11 @@ class KronCompressQuantizer(HfQuantizer):
             config._attn_implementation = saved
         return config
 
+    def update_tp_plan(self, config):
+        # transformers before 5.2x calls this hook, not update_attn_implementation, before the weights lookup
+        config = super().update_tp_plan(config) if hasattr(HfQuantizer, "update_tp_plan") else config
+        return self.update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model, **kwargs):
         from kroncompress.io.checks import _check_section, _rebuild_module
         from kroncompress.io.load import _tie_groups

@@ -6,7 +6,7 @@
 The output folder is a `save_compressed` folder (config.json, model.safetensors, recipe.yaml, README.md,
 tokenizer) whose report.json also carries `perplexity`, `distill` (steps, losses, validation history)
 and `timings`; plus perplexity.png (validation perplexity over the distillation steps, the teacher's as a
-horizontal line) when matplotlib is installed. While distillation runs, checkpoints live in
+horizontal line) when matplotlib is installed (the `plot` extra). While distillation runs, checkpoints live in
 `<output>/checkpoints`; `resume=True` continues from the newest one; the finished folder replaces them.
 
 Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one

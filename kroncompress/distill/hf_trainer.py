@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,28 @@ PRIVATE_OVERRIDES: dict[str, str] = {
              "Kronecker factors, modules transformers does not know); save_model's other branches (FSDP, "
              "DeepSpeed, SageMaker) all end in _save, so it is the one place every checkpoint's weights pass",
 }
+
+
+def version_arguments(*, warmup_ratio: float, activation_checkpointing: bool = False) -> dict[str, Any]:
+    """TrainingArguments keywords for warmup and activation checkpointing that mean the same on every supported
+    transformers: from 5.0 a warmup fraction goes in `warmup_steps` (a float below 1; 5.x drops `warmup_ratio`),
+    before it in `warmup_ratio` (4.x's `warmup_steps` counts steps: 0.05 would mean no warmup); checkpointing is
+    `activation_checkpointing` from 5.23, `gradient_checkpointing` before it."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    known = {field.name: field for field in fields(TrainingArguments)}
+    out: dict[str, Any] = {}
+    if not warmup_ratio:
+        out["warmup_steps"] = 0
+    elif "float" in str(known["warmup_steps"].type):
+        out["warmup_steps"] = float(warmup_ratio)
+    else:
+        out["warmup_ratio"] = float(warmup_ratio)
+    key = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    out[key] = bool(activation_checkpointing)
+    return out
 
 
 class DistillTrainer(Trainer):

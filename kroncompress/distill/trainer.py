@@ -137,6 +137,8 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
     `report_to="none"`)."""
     from transformers import TrainingArguments
 
+    from kroncompress.distill.hf_trainer import version_arguments
+
     train = config.train
     steps = max_steps if max_steps is not None else train.max_steps
     eval_every = train.eval_every if has_eval else None
@@ -151,12 +153,11 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
         max_grad_norm=train.max_grad_norm or 0.0,
         optim="adamw_torch",
         lr_scheduler_type=_SCHEDULERS[train.schedule],
-        warmup_steps=float(train.warmup_ratio) if train.warmup_ratio else 0,
         num_train_epochs=train.epochs,
         max_steps=steps if steps is not None else -1,
         seed=train.seed,
         data_seed=train.seed,
-        activation_checkpointing=train.gradient_checkpointing,
+        **version_arguments(warmup_ratio=train.warmup_ratio, activation_checkpointing=train.gradient_checkpointing),
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
         eval_on_start=bool(has_eval and eval_on_start),

@@ -38,12 +38,14 @@ def _training_arguments(output_dir, *, lr: float, batch_size: int, epochs: float
                         grad_accum: int = 1, bf16: bool = False, log_every: int = 10):
     from transformers import TrainingArguments
 
+    from kroncompress.distill.hf_trainer import version_arguments
+
     gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or 0.0, optim="adamw_torch",
         lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule],
-        warmup_steps=float(warmup_ratio) if warmup_ratio else 0, num_train_epochs=epochs,
+        **version_arguments(warmup_ratio=warmup_ratio), num_train_epochs=epochs,
         max_steps=max_steps if max_steps is not None else -1, seed=seed, data_seed=seed,
         eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=log_every,
         logging_first_step=True, disable_tqdm=True, report_to="none", remove_unused_columns=False,
