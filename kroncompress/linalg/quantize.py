@@ -7,7 +7,7 @@ this is per-channel quantization over the remaining axes. Each group stores s = 
 as q * s. Nothing is clipped, so every entry is within s / 2 of its original value.
 
 int8 is stored as an int8 tensor of the original shape; int4 as nibbles packed two per uint8 byte over the
-flattened tensor (axis moved last; an odd count padded with one zero nibble).
+flattened tensor (an odd count padded with one zero nibble).
 """
 
 from __future__ import annotations
@@ -69,11 +69,9 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, group_size: int | None =
     grouped = _grouped(weight.detach().float(), axis, g)
     scale = grouped.abs().amax(dim=-1, keepdim=True) / qmax
     q = torch.round(grouped / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-qmax, qmax).to(torch.int8)
-    q = q.reshape(*q.shape[:-2], -1)  # axis still last
-    scale = scale.squeeze(-1).movedim(-1, axis).to(weight.dtype)
-    if bits == 8:
-        return q.movedim(-1, axis).contiguous(), scale.contiguous()
-    return pack_int4(q.reshape(-1)), scale.contiguous()
+    q = q.reshape(*q.shape[:-2], -1).movedim(-1, axis).contiguous()  # back to weight's layout
+    scale = scale.squeeze(-1).movedim(-1, axis).to(weight.dtype).contiguous()
+    return (q if bits == 8 else pack_int4(q.reshape(-1))), scale
 
 
 def dequantize_symmetric(qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], bits: int,
@@ -81,14 +79,10 @@ def dequantize_symmetric(qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[
     """The tensor of `shape` (in scale's dtype) that quantize_symmetric's (qdata, scale) stand for."""
     axis = axis % len(shape)
     g = group_length(shape[axis], group_size)
-    moved = tuple(n for d, n in enumerate(shape) if d != axis) + (shape[axis],)
-    if bits == 8:
-        q = qdata.movedim(axis, -1)
-    else:
-        q = unpack_int4(qdata, math.prod(shape)).reshape(moved)
-    q = q.reshape(*moved[:-1], moved[-1] // g, g).to(scale.dtype)
-    w = q * scale.movedim(axis, -1).unsqueeze(-1)
-    return w.reshape(moved).movedim(-1, axis).contiguous()
+    q = (qdata if bits == 8 else unpack_int4(qdata, math.prod(shape)).reshape(shape)).to(scale.dtype)
+    if g == shape[axis]:  # one scale per channel: it broadcasts along the axis as it is
+        return q * scale
+    return (q.unflatten(axis, (shape[axis] // g, g)) * scale.unsqueeze(axis + 1)).flatten(axis, axis + 1)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
