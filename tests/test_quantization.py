@@ -230,3 +230,39 @@ def test_cli_quantize_writes_a_folder_that_loads(tmp_path):
     assert bad.exit_code == 2 and "--bits" in bad.output
     bad = CliRunner().invoke(cli, ["quantize", str(source), "--bits", "4", "--group-size", "3", "--output", str(tmp_path / "y")])
     assert bad.exit_code == 2 and "group_size 3 does not divide" in bad.output and not (tmp_path / "y" / "config.json").exists()
+
+
+def test_a_recipe_quantize_section_runs_last_and_reloads(tmp_path):
+    import random
+
+    from kroncompress.tokenizers import byte_tokenizer
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=257, n_positions=64,
+                                     bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(rng.choice("the of and to in is".split()) for _ in range(12))
+                                                 for _ in range(60)))
+    recipe = kc.Recipe.from_dict({"version": 1, "name": "q", "compress": [
+        {"targets": ["role:mlp"], "strategy": "svd", "options": {"rank": 8}}], "quantize": {"bits": 8}})
+    report = kc.run_pipeline(tmp_path / "model", recipe, tmp_path / "out", data=str(tmp_path / "text.txt"),
+                             distill=False, measure_speed=False, eval_tokens=256)
+    assert list(report["timings"]).index("quantize") > list(report["timings"]).index("compress")
+    assert set(report["perplexity"]) == {"teacher", "compressed", "quantized"}
+    assert report["quantization"]["bits"] == 8 and report["bytes_after"] == report["quantization"]["bytes_after"]
+    loaded = kc.load_compressed(tmp_path / "out")
+    assert kc.weight_bytes(loaded) == report["bytes_after"]
+    assert sum(isinstance(m, QuantizedTensor) for m in loaded.modules()) == 2 * 2 * 2  # u, v of c_fc, c_proj per block
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_quantized_model_exports_dense_with_its_rounded_weights(tmp_path, dense):
+    model, inputs = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), build_inputs("gpt2")
+    kc.quantize(model, bits=8, dense=dense)
+    expected = logits(model, inputs)
+    folder = kc.export_dense(kc.save_compressed(model, tmp_path / "q"), tmp_path / "dense")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert not any("_quant" in key for key in plain.state_dict())
+    torch.testing.assert_close(logits(plain, inputs), expected, rtol=1e-4, atol=1e-5)

@@ -156,3 +156,20 @@ def quantize_tensors(module: nn.Module, axes: dict[str, int], bits: int, group_s
     module.__class__ = quantized_class(type(module))
     module.__dict__.pop("_dense_cache", None)
     return module
+
+
+def dequantize_tensors(module: nn.Module) -> nn.Module:
+    """Undo quantize_tensors in place: every QuantizedTensor back to a float Parameter (ParameterList) holding
+    its dequantized values, and the module back to its own class (for a dense export)."""
+    if not is_quantized(module):
+        return module
+    for key in [k for k in module._modules if k.endswith(SUFFIX)]:
+        stored = module._modules.pop(key)
+        name = key[: -len(SUFFIX)]
+        if isinstance(stored, nn.ModuleList):
+            module._modules[name] = nn.ParameterList([nn.Parameter(q.dequantize()) for q in stored])
+        else:
+            module._parameters[name] = nn.Parameter(stored.dequantize())
+    module.__class__ = type(module).__bases__[0]
+    module.__dict__.pop("_dense_cache", None)
+    return module
