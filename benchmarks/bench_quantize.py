@@ -135,10 +135,12 @@ def report(rows: list[dict], args) -> str:
     threads = sorted({r["threads"] for r in rows})
     out = ["# Quantization stacked on decomposition", "",
            "Written by `benchmarks/bench_quantize.py` (see its docstring for the protocol):", "",
-           f"    python benchmarks/bench_quantize.py --output {args.output} --threads {args.threads}", "",
+           f"    python benchmarks/bench_quantize.py --output {args.output} --threads {args.threads} --models "
+           f"{','.join(args.models)} --eval-tokens {args.eval_tokens} --new-tokens {args.new_tokens}", "",
            f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
            f"{', '.join(map(str, threads))} torch thread(s) (torch.set_num_threads), run beside other jobs: "
-           "tokens/s compare rows of one table, not machines.", "",
+           "tokens/s compare rows of one table, not machines, and on a shared, loaded machine they move by about "
+           "30% from run to run (a row faster than its float row is such noise).", "",
            "Every compression is weight-only, right after decomposition (no calibration, no distillation), so "
            "perplexities are those of the undistilled factorization; what matters here is each int row against the "
            "float32 row of the same model. `int8` / `int4`: kc.quantize, symmetric, one scale per output channel "
@@ -156,7 +158,8 @@ def report(rows: list[dict], args) -> str:
                     f"Perplexity on the first {first['eval_tokens']:,} tokens of the Shakespeare test split; generation: "
                     f"{args.new_tokens} new tokens.", "", *lines, ""]
     if not any(r["model"] == "gemma" for r in rows):
-        out += ["Gemma 3 270M: not measured in this run (run `python scripts/fetch_gemma.py --only gemma` first).", ""]
+        out += ["Gemma 3 270M: not measured yet (it needs `python scripts/fetch_gemma.py --only gemma` first; then "
+                "`--models gemma` adds its rows to this report).", ""]
     return "\n".join(out)
 
 
@@ -165,9 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/quantize.md"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="demo,gemma")
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--gemma-eval-tokens", type=int, default=2048)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--scratch", default=str(Path(tempfile.gettempdir()) / "kc-bench-quantize"))
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--report-only", action="store_true")
