@@ -382,10 +382,12 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
 
 # the downstream-task commands (finetune, compress-task) and `calibrate` live in their own modules
 from kroncompress.cli.calibrate import register as _register_calibrate  # noqa: E402
+from kroncompress.cli.quantize import register as _register_quantize  # noqa: E402
 from kroncompress.cli.tasks import register as _register_task_commands  # noqa: E402
 
 _register_task_commands(cli)
 _register_calibrate(cli)
+_register_quantize(cli)
 
 
 def listen_to_ctrl_c() -> None:

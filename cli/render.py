@@ -26,6 +26,11 @@ def count(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else ("" if n is None else str(n))
 
 
+def megabytes(n: int) -> str:
+    """12.35 MB (10^6 bytes) from a byte count."""
+    return f"{n / 1e6:,.2f} MB"
+
+
 def ratio(before: Any, after: Any) -> str:
     if not isinstance(before, int) or not isinstance(after, int) or after <= 0:
         return ""
@@ -103,11 +108,15 @@ def module_table(title: str, rows: Iterable[Mapping[str, Any]], *, with_error: b
 
 
 def totals_line(data: Mapping[str, Any]) -> str:
-    """`params 124,439,808 -> 83,907,506 (1.48x smaller)` from a plan/report dict."""
+    """`params 124,439,808 -> 83,907,506 (1.48x smaller); weights 497.76 MB -> ...` from a plan/report dict."""
     before, after = data.get("params_before"), data.get("params_after")
     line = f"[bold]params[/bold] {count(before)} -> {count(after)}"
     if ratio(before, after):
         line += f" ({ratio(before, after)} smaller)"
+    bytes_before, bytes_after = data.get("bytes_before"), data.get("bytes_after")
+    if isinstance(bytes_before, int) and isinstance(bytes_after, int):
+        line += f"; [bold]weights[/bold] {megabytes(bytes_before)} -> {megabytes(bytes_after)}"
+        line += f" ({ratio(bytes_before, bytes_after)} smaller)" if ratio(bytes_before, bytes_after) else ""
     flops_before, flops_after = data.get("flops_before"), data.get("flops_after")
     if isinstance(flops_before, int) and isinstance(flops_after, int) and flops_before:
         line += f"; [bold]FLOPs/token[/bold] (compressed modules) {count(flops_before)} -> {count(flops_after)}"
@@ -168,6 +177,14 @@ def summary_table(report: Mapping[str, Any]) -> Table:
              ("perplexity, original model", _ppl(perplexity.get("teacher"))),
              ("perplexity, right after decomposition", _ppl(perplexity.get("compressed"))),
              ("perplexity, after distillation", _ppl(perplexity.get("distilled")))]
+    bytes_before, bytes_after = report.get("bytes_before"), report.get("bytes_after")
+    if isinstance(bytes_before, int) and isinstance(bytes_after, int):
+        quantization = report.get("quantization") or {}
+        how = f", factors in int{quantization['bits']}" if quantization.get("bits") else ""
+        items.insert(3, ("weights", f"{megabytes(bytes_before)} -> {megabytes(bytes_after)} "
+                                    f"({ratio(bytes_before, bytes_after)} smaller{how})"))
+    if "quantized" in perplexity:
+        items.insert(7, ("perplexity, factors quantized", _ppl(perplexity.get("quantized"))))
     calibration = report.get("calibration")
     if calibration:
         tokens = max((i["tokens"] for i in calibration["inputs"]), default=0)

@@ -79,7 +79,7 @@ class KronCompressQuantizer(HfQuantizer):
         return self.update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from kroncompress.io.checks import _check_section, _rebuild_module
+        from kroncompress.io.checks import _check_section, _config_error, _rebuild_module
         from kroncompress.io.load import _tie_groups
         from kroncompress.surgery import CONFIG_KEY, install
 
@@ -96,6 +96,9 @@ class KronCompressQuantizer(HfQuantizer):
             install(model, name, new, entry.get("tied", []))
             parts = name.split(".")
             ancestors.update(id(model.get_submodule(".".join(parts[:depth]))) for depth in range(len(parts)))
+        from kroncompress.quantization import apply_saved_quantization
+
+        apply_saved_quantization(model, section, lambda field, problem: _config_error(folder, field, problem))
         _guard_init_weights(model, ancestors)
         shared = section.get("shared_parameters", []) or []
         _tie_groups(model, shared, folder)
@@ -212,10 +215,11 @@ def mark_config(config_path: str | os.PathLike, model: Any = None) -> None:
 
 
 def is_factorized(config: Any) -> bool:
-    """Whether a config describes factorized modules (a model that plain transformers cannot load)."""
+    """Whether a config describes factorized or kc.quantize'd modules (a model plain transformers cannot load)."""
     from kroncompress.plans import CONFIG_KEY
 
-    return bool((getattr(config, CONFIG_KEY, None) or {}).get("modules"))
+    section = getattr(config, CONFIG_KEY, None) or {}
+    return bool(section.get("modules") or (section.get("quantization") or {}).get("modules"))
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):

@@ -115,6 +115,7 @@ class _Run:
     calibration: dict | None = None
     compression: Any = None
     distill_summary: dict | None = None
+    quantization: dict | None = None  # kc.quantize's summary, when the recipe has a `quantize` section
     perplexity: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] = field(default_factory=dict)
 
@@ -195,6 +196,14 @@ def run_stages(settings: PipelineSettings) -> dict[str, Any]:
         _distill_stage(run)
         _evaluate_stage(run, "distilled")
     run.teacher = None
+    if settings.recipe.quantize is not None:  # last: the factors train in float, then are stored as integers
+        with run.stage("quantize"):
+            from kroncompress.quantization import quantize
+
+            options = settings.recipe.quantize
+            run.quantization = quantize(run.model, options.bits, options.group_size, dense=options.dense).to_dict()
+            run.compression.bytes_after = run.quantization["bytes_after"]
+        _evaluate_stage(run, "quantized")
     if settings.measure_speed and settings.main:
         _speed_stage(run, "compressed")
     return _save_stage(run)
@@ -282,6 +291,8 @@ def _save_stage(run: _Run) -> dict[str, Any]:
         "perplexity": run.perplexity, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
         "calibration": run.calibration, "tokenizer": _tokenizer_source(run.tokenizer),
         "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
+        "bytes_before": compression.bytes_before, "bytes_after": compression.bytes_after,
+        "quantization": run.quantization,
     }
     if not settings.main:
         return report

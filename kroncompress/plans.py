@@ -35,6 +35,8 @@ class PlanRow:
     note: str = ""
     config: Any = field(default=None, repr=False)  # the parsed strategy config
     impl: Strategy | None = field(default=None, repr=False, compare=False)  # the strategy instance
+    bytes_before: int | None = None  # weight bytes, the recipe's `quantize` section included (kc.plan sets them)
+    bytes_after: int | None = None
 
     @property
     def strategy_impl(self) -> Strategy:
@@ -54,6 +56,7 @@ class PlanRow:
             "shape": list(plan.shape), "spec": _jsonable(plan.spec), "options": _jsonable(self.options),
             "params_before": plan.params_before, "params_after": plan.params_after,
             "flops_before": plan.flops_before, "flops_after": plan.flops_after,
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "tied": [dict(t) for t in self.tied], "note": notes,
         }
 
@@ -70,6 +73,8 @@ class CompressionPlan:
     skipped: list[str] = field(default_factory=list)  # targets inside blocks that layerdrop removes
     source: Recipe | None = field(default=None, repr=False, compare=False)  # the recipe it was planned from
     calibrated: bool = False  # planned with calibration statistics (data-aware shape choice)
+    bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes), quantize section included
+    bytes_after: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -80,6 +85,7 @@ class CompressionPlan:
         return {
             "recipe": self.recipe, "model_type": self.model_type,
             "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
         }
 
@@ -132,6 +138,8 @@ class CompressionReport:
     params_after: int
     seconds: float
     recipe: str = ""
+    bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes)
+    bytes_after: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -141,6 +149,7 @@ class CompressionReport:
         """JSON-serialisable: totals and a `modules` list of rows."""
         return {
             "recipe": self.recipe, "params_before": self.params_before, "params_after": self.params_after,
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
             "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
         }

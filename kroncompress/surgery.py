@@ -69,8 +69,11 @@ def embedding_scale(module: nn.Module) -> float | None:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of the model, each shared (tied) Parameter counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model, each shared (tied) Parameter counted once; a factor stored as integers
+    (kc.quantize) counts its entries."""
+    from kroncompress.layers.quantized import QuantizedTensor
+
+    return sum(p.numel() for p in model.parameters()) + sum(m.numel for m in model.modules() if isinstance(m, QuantizedTensor))
 
 
 def _is_meta(tensor: torch.Tensor) -> bool:
@@ -212,8 +215,12 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     ordered, skipped = _drop_rows_inside_dropped_blocks(ordered)
     before = count_params(model)
     after = before - sum(r.plan.params_before - r.plan.params_after for r in ordered)
+    from kroncompress.quantization import plan_bytes
+
+    bytes_before, bytes_after = plan_bytes(model, ordered, recipe.quantize)
     return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
-                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None)
+                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None,
+                           bytes_before=bytes_before, bytes_after=bytes_after)
 
 
 def _join(*notes: str) -> str:
@@ -302,7 +309,9 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
         the_plan = _with_statistics(model, recipe, calibration) if calibration is not None and not recipe.calibrated else recipe
     else:
         the_plan = plan(model, recipe, calibration)
-    before = count_params(model)
+    from kroncompress.quantization import weight_bytes
+
+    before, bytes_before = count_params(model), weight_bytes(model)
     entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
@@ -327,7 +336,8 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     if hasattr(model, "config"):
         _record_plan(model, the_plan, entries, before, after)
         hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
-    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
+    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe,
+                             bytes_before=bytes_before, bytes_after=weight_bytes(model))
 
 
 def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -> CompressionPlan:

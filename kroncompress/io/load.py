@@ -16,6 +16,7 @@ from kroncompress import hf  # registers the kroncompress format with transforme
 from kroncompress.io.checks import (
     CONFIG_NAME, WEIGHTS_NAME, _check_section, _config_error, _rebuild_module, check_safetensors, first_nonfinite,
 )
+from kroncompress.quantization import apply_saved_quantization
 from kroncompress.surgery import CONFIG_KEY, install
 
 
@@ -157,6 +158,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
                 install(model, name, new, entry.get("tied", []))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
+        apply_saved_quantization(model, section, lambda field, problem: _config_error(folder, field, problem))
     _tie_groups(model, section.get("shared_parameters", []) or [], folder)
     _load_weights_strict(model, folder / WEIGHTS_NAME)
     hf.mark(model)

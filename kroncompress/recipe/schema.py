@@ -212,6 +212,17 @@ class CalibrationConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """The `quantize` section: after compression (and distillation), store the factor matrices as `bits`-bit
+    integers (4 or 8) with one scale per channel (group_size null) or per `group_size` entries; `dense` also
+    quantizes the remaining nn.Linear / Conv1D weights (see kc.quantize)."""
+
+    bits: int = 8
+    group_size: int | None = None
+    dense: bool = False
+
+
+@dataclass
 class Recipe:
     """A validated recipe. Build it with `load_recipe` or `Recipe.from_dict`."""
 
@@ -225,6 +236,7 @@ class Recipe:
     calibration: CalibrationConfig | None = None
     # a downstream task (kroncompress.tasks validates its fields): the columns, labels and metric to score
     task: dict[str, Any] | None = None
+    quantize: QuantizeConfig | None = None
     source: str = field(default="<python>", compare=False)
 
     def __post_init__(self):
@@ -270,6 +282,8 @@ class Recipe:
             out["calibration"] = _plain(dataclasses.asdict(self.calibration))
         if self.task is not None:
             out["task"] = _plain(self.task)
+        if self.quantize is not None:
+            out["quantize"] = _plain(dataclasses.asdict(self.quantize))
         return out
 
     def to_yaml(self) -> str:

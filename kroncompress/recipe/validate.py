@@ -12,7 +12,7 @@ from kroncompress.recipe.errors import REPR_LIMIT, RecipeError, _error, short_re
 from kroncompress.recipe.patterns import ROLE_NAME, pattern_kind
 from kroncompress.recipe.schema import (
     RECIPE_VERSION, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
-    PerplexityConfig, Recipe, Rule, TrainConfig, training_argument_names,
+    PerplexityConfig, QuantizeConfig, Recipe, Rule, TrainConfig, training_argument_names,
 )
 
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
@@ -336,8 +336,16 @@ def _parse_calibration(node: _Node) -> CalibrationConfig:
     )
 
 
+def _parse_quantize(node: _Node) -> QuantizeConfig:
+    node.mapping(["bits", "group_size", "dense"])
+    bits = node.get("bits", (int,), 8, _Check(lambda v: v in (4, 8), "one of 4, 8"))
+    return QuantizeConfig(bits=bits, group_size=node.get("group_size", (int,), None, _at_least_one),
+                          dense=node.get("dense", (bool,), False))
+
+
 def _parse_recipe(root: _Node) -> Recipe:
-    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task"],
+    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task",
+                  "quantize"],
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
     if version != RECIPE_VERSION:
@@ -357,8 +365,10 @@ def _parse_recipe(root: _Node) -> Recipe:
     evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
     calibration = _parse_calibration(root.child("calibration")) if root.value.get("calibration") is not None else None
     task = _parse_task(root.child("task")) if root.value.get("task") is not None else None
+    quantize = _parse_quantize(root.child("quantize")) if root.value.get("quantize") is not None else None
     return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
-                  distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
+                  distill=distill, evaluate=evaluate, calibration=calibration, task=task, quantize=quantize,
+                  source=root.source)
 
 
 def _parse_task(node: _Node) -> dict[str, Any]:
