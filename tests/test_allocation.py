@@ -78,3 +78,4 @@ def test_sensitivity_moves_parameters_to_the_sensitive_module():
 def test_bad_input_is_refused(curves, budget, match):
     with pytest.raises(ValueError, match=match):
         allocate(curves, budget)
+
