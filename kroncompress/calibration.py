@@ -89,6 +89,8 @@ class CalibrationStats:
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
         self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
         self.path: Path | None = None  # the file `load` read them from (reports name it)
+        # module -> the loss's weight on its squared output error (kroncompress.sensitivity), for a recipe's budget
+        self.sensitivity: dict[str, float] | None = None
 
     def save(self, path) -> Path:
         """Write the statistics to a safetensors file, atomically (`kroncompress.io.calibration`)."""
@@ -348,6 +350,8 @@ def calibration_targets(model: nn.Module, recipe: Any) -> list[str]:
         if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind):
             names.append(row.name)
             names += [tie["name"] for tie in row.tied if tie["as"] == "head"]
+    if planned.allocation is not None:  # a budget allocates over every module of its group, dense ones included
+        names += planned.allocation["group"]
     return list(dict.fromkeys(names))
 
 
@@ -385,8 +389,14 @@ def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, token
         raise ValueError(f"calibration: {s.describe()} gave {ids.numel()} tokens, fewer than one block of {block_size}; "
                          "add text or lower calibration.block_size")
     names = calibration_targets(model, planned)
-    return collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
-                              progress=progress)
+    stats = collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
+                               progress=progress)
+    budget = planned.source.budget if planned.source is not None else None
+    if budget is not None and budget.sensitivity == "measured":
+        from kroncompress.sensitivity import measure_sensitivity
+
+        stats.sensitivity = measure_sensitivity(model, blocks, planned.allocation["group"], batch_size=1)
+    return stats
 
 
 def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,

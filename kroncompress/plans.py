@@ -70,6 +70,7 @@ class CompressionPlan:
     skipped: list[str] = field(default_factory=list)  # targets inside blocks that layerdrop removes
     source: Recipe | None = field(default=None, repr=False, compare=False)  # the recipe it was planned from
     calibrated: bool = False  # planned with calibration statistics (data-aware shape choice)
+    allocation: dict | None = None  # the recipe's budget: what each module got and why (kroncompress.budget)
 
     @property
     def ratio(self) -> float:
@@ -81,6 +82,7 @@ class CompressionPlan:
             "recipe": self.recipe, "model_type": self.model_type,
             "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
             "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
     def module_plans(self) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,8 @@ from transformers.pytorch_utils import Conv1D
 from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
-from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
+from kroncompress.budget import allocate_recipe
+from kroncompress.recipe import Recipe, RecipeError, Rule, load_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
 from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
     CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
@@ -188,14 +189,20 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     modules = [(n, m) for n, m in model.named_modules() if n]
     sharers = _weight_sharers(model)
+    budgeted, allocation = allocate_recipe(model, recipe, calibration) if recipe.budget is not None else ({}, None)
     rows: dict[str, PlanRow] = {}
     for rule in recipe.compress:
         strategy_cls = get_strategy(rule.strategy)
         strategies: dict[int, Strategy] = {}  # one instance per parsed config (the rule's, each override's)
         for name, module, kind in _match_rule(rule, modules, recipe, aliases, strategy_cls, model_type):
-            if name in rows:
-                if rows[name].rule != rule.index:
+            if name in rows or (name in budgeted and budgeted[name] is None):  # first rule wins; or kept dense
+                if name in rows and rows[name].rule != rule.index:
                     rows[name].note = _join(rows[name].note, f"also matched by compress[{rule.index}] (first rule wins)")
+                continue
+            if name in budgeted:
+                row = _plan_budgeted(model, name, module, kind, rule, budgeted[name], sharers, calibration, recipe)
+                row.note = _join(row.note, f"budget: {allocation['modules'][name]['choice']}")
+                rows[name] = row
                 continue
             config = rule.config_for(name, module, aliases)
             strategy = strategies.setdefault(id(config), strategy_cls(config=config))
@@ -213,7 +220,23 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     before = count_params(model)
     after = before - sum(r.plan.params_before - r.plan.params_after for r in ordered)
     return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
-                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None)
+                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None,
+                           allocation=allocation)
+
+
+def _plan_budgeted(model, name, module, kind, rule, picked, sharers, calibration, recipe) -> PlanRow:
+    """The row of a module whose size the recipe's budget chose: `picked` = (strategy, options)."""
+    strategy_name, options = picked
+    config = Rule(targets=[name], strategy=strategy_name, options=options).config
+    strategy = get_strategy(strategy_name)(config=config)
+    if calibration is not None:
+        calibration.check_model(model, [name])
+    try:
+        row = _plan_module(model, name, module, kind, strategy, sharers, _stats_for(calibration, name))
+    except OptionError as exc:
+        raise RecipeError(f"{recipe.source}: budget: module {name}: {exc.problem}") from None
+    row.options, row.rule = options, rule.index
+    return row
 
 
 def _join(*notes: str) -> str:
@@ -298,7 +321,10 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     if any(_is_meta(p) for p in model.parameters()):
         raise ValueError("compress needs the model's weights, but it lives on the meta device; load it with "
                          "from_pretrained (kc.plan works on meta models)")
-    if isinstance(recipe, CompressionPlan):
+    if isinstance(recipe, CompressionPlan) and recipe.allocation is not None and calibration is not None \
+            and not recipe.calibrated:
+        the_plan = plan(model, recipe.source, calibration)  # the budget's preview, allocated anew on the statistics
+    elif isinstance(recipe, CompressionPlan):
         the_plan = _with_statistics(model, recipe, calibration) if calibration is not None and not recipe.calibrated else recipe
     else:
         the_plan = plan(model, recipe, calibration)
