@@ -112,3 +112,12 @@ def test_meta_model_gets_a_uniform_preview(tiny_model):
 def test_bad_budgets_name_the_field(budget, match, tiny_model):
     with pytest.raises(ValueError, match=match):
         kc.plan(tiny_model("gpt2"), _recipe("gpt2", budget))
+
+
+def test_sensitivity_survives_the_statistics_file(tiny_model, tmp_path):
+    model = tiny_model("gpt2")
+    names = kc.plan(model, _recipe("gpt2", {"keep": 0.5})).allocation["group"]
+    stats = _stats(model, names)
+    loaded = kc.CalibrationStats.load(stats.save(tmp_path / "stats.safetensors"))
+    assert loaded.sensitivity == pytest.approx(stats.sensitivity)
+    assert kc.plan(model, _recipe("gpt2", {"keep": 0.5}), loaded).allocation["sensitivity"] == "measured"
