@@ -123,6 +123,7 @@ class ReportRow:
     seconds: float
     note: str = ""
     output_error: float | None = None  # sqrt(tr(D C D^T) / tr(W C W^T)) on calibration inputs, when given
+    output_error_before_refit: float | None = None  # the same before the refit stage (kroncompress.refit)
 
 
 @dataclass

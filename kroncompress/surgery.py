@@ -31,6 +31,8 @@ from kroncompress import hf  # registers the kroncompress format with transforme
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.budget import allocate_recipe
+from kroncompress.linalg.whitening import output_error
+from kroncompress.refit import refit_layer
 from kroncompress.recipe import Recipe, RecipeError, Rule, load_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
 from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
@@ -302,7 +304,8 @@ def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow]
 # -- compress --------------------------------------------------------------------------------------
 
 def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
-             progress: Callable[[int, int, str], None] | None = None, calibration=None) -> CompressionReport:
+             progress: Callable[[int, int, str], None] | None = None, calibration=None,
+             refit: bool | None = None) -> CompressionReport:
     """Compress `model` in place following a plan (from `kc.plan`) or a recipe; returns a per-module report.
 
     Each target is decomposed by its strategy and replaced by the strategy's drop-in module. With
@@ -310,7 +313,9 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     `init: als`, svd `init: whitened`, or `auto`) use each module's input second moment and the report
     gives each module's output error; without it they fall back to weight-only init with a warning;
     tied heads follow their embedding; structural strategies (layerdrop) run last. `progress`, if given,
-    is called as progress(done, total, module_name) after each module.
+    is called as progress(done, total, module_name) after each module. With statistics, `refit` (default:
+    the recipe's `calibration.refit`, else on) re-solves the free factor of each low-rank and Kronecker
+    module by least squares on them (kroncompress.refit); the report gives the output error before and after.
 
     A plan made without statistics and compressed with them has its data-aware rows' shapes re-chosen
     with the statistics (what `kc.plan(model, recipe, calibration)` would give); every other row is
@@ -335,18 +340,33 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     if calibration is not None:
         calibration.check_model(model, [r.name for r in factor_rows])
     _warn_weight_only(factor_rows, calibration)
+    if refit is None:
+        section = the_plan.source.calibration if the_plan.source is not None else None
+        refit = section.refit if section is not None else True
     total, report_rows = len(the_plan.rows), []
     for row in factor_rows + structural_rows:
+        refitted = None
         t0 = time.perf_counter()
         if row.structural:
             row.strategy_impl.apply(model, row.name, row.plan)
             errors, note = (None, None), row.plan.note
         else:
-            done = _swap_module(model, row, _stats_for(calibration, row.name, row.tied))
+            stats = _stats_for(calibration, row.name, row.tied)
+            original = weight_and_bias(model.get_submodule(row.name), row.plan.kind)[0].detach().clone() \
+                if isinstance(stats, torch.Tensor) else None
+            done = _swap_module(model, row, stats)
             errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
+            if original is not None and done.output_error is None:  # a weight-only init: still scored on the statistics
+                errors = (done.error, output_error(original, model.get_submodule(row.name).dense_weight().detach(), stats))
+            refitted = refit_layer(model.get_submodule(row.name), original, stats) if refit and original is not None else None
+            if refitted is not None:
+                refit_before, after = refitted
+                errors = (_weight_error(model.get_submodule(row.name), original), after)
+                note = _join(note, f"refit: output error {refit_before:.4g} -> {after:.4g}")
         report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, errors[0],
-                                     time.perf_counter() - t0, note, errors[1]))
+                                     time.perf_counter() - t0, note, errors[1],
+                                     refitted[0] if refitted is not None else None))
         if progress is not None:
             progress(len(report_rows), total, row.name)
     after = count_params(model)
@@ -354,6 +374,12 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
         _record_plan(model, the_plan, entries, before, after)
         hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
+
+
+def _weight_error(layer: nn.Module, original: torch.Tensor) -> float:
+    approx = layer.dense_weight().detach().to(torch.float32)
+    reference = original.to(torch.float32)
+    return float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
 def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -> CompressionPlan:

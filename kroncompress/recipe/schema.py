@@ -209,6 +209,7 @@ class CalibrationConfig:
     tokens: int = 16384
     block_size: int = 256
     damping: float = 0.01
+    refit: bool = True  # re-solve each module's free factor on the statistics after truncation (kroncompress.refit)
 
 
 @dataclass

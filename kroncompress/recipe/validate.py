@@ -326,13 +326,14 @@ def _parse_evaluate(node: _Node) -> EvaluateConfig:
 
 
 def _parse_calibration(node: _Node) -> CalibrationConfig:
-    node.mapping(["data", "tokens", "block_size", "damping"])
+    node.mapping(["data", "tokens", "block_size", "damping", "refit"])
     d = CalibrationConfig()
     data = _parse_data(node.child("data")) if node.value.get("data") is not None else DataConfig()
     return CalibrationConfig(
         data=data, tokens=node.get("tokens", (int,), d.tokens, _at_least_one),
         block_size=node.get("block_size", (int,), d.block_size, _at_least_one),
         damping=node.get("damping", (int, float), d.damping, _non_negative),
+        refit=node.get("refit", (bool,), d.refit),
     )
 
 
