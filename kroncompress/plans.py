@@ -135,6 +135,7 @@ class CompressionReport:
     params_after: int
     seconds: float
     recipe: str = ""
+    allocation: dict | None = None  # the recipe's budget, as planned (see CompressionPlan.allocation)
 
     @property
     def ratio(self) -> float:
@@ -146,6 +147,7 @@ class CompressionReport:
             "recipe": self.recipe, "params_before": self.params_before, "params_after": self.params_after,
             "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
             "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
+            **({"allocation": _jsonable(self.allocation)} if self.allocation is not None else {}),
         }
 
 

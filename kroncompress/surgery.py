@@ -31,7 +31,7 @@ from kroncompress import hf  # registers the kroncompress format with transforme
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.budget import allocate_recipe
-from kroncompress.linalg.whitening import output_error
+from kroncompress.linalg.refit import CrossMoments, cross_output_error
 from kroncompress.refit import refit_layer
 from kroncompress.recipe import Recipe, RecipeError, Rule, load_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
@@ -305,7 +305,7 @@ def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow]
 
 def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
              progress: Callable[[int, int, str], None] | None = None, calibration=None,
-             refit: bool | None = None) -> CompressionReport:
+             refit: bool | None = None, sequential=None) -> CompressionReport:
     """Compress `model` in place following a plan (from `kc.plan`) or a recipe; returns a per-module report.
 
     Each target is decomposed by its strategy and replaced by the strategy's drop-in module. With
@@ -316,6 +316,8 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     is called as progress(done, total, module_name) after each module. With statistics, `refit` (default:
     the recipe's `calibration.refit`, else on) re-solves the free factor of each low-rank and Kronecker
     module by least squares on them (kroncompress.refit); the report gives the output error before and after.
+    `sequential` (a `kroncompress.sequential.SequentialStatistics`) compresses the modules group by group in
+    forward order, each on statistics taken with the modules before it already compressed.
 
     A plan made without statistics and compressed with them has its data-aware rows' shapes re-chosen
     with the statistics (what `kc.plan(model, recipe, calibration)` would give); every other row is
@@ -339,41 +341,64 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     structural_rows = [r for r in the_plan.rows if r.structural]
     if calibration is not None:
         calibration.check_model(model, [r.name for r in factor_rows])
-    _warn_weight_only(factor_rows, calibration)
+    if sequential is None:
+        _warn_weight_only(factor_rows, calibration)
     if refit is None:
         section = the_plan.source.calibration if the_plan.source is not None else None
         refit = section.refit if section is not None else True
     total, report_rows = len(the_plan.rows), []
-    for row in factor_rows + structural_rows:
-        refitted = None
+    cross: dict[str, Any] = {}
+    ordered, groups = factor_rows, {}
+    if sequential is not None:
+        group_list = sequential.groups([r.name for r in factor_rows if r.plan.kind != "embedding"])
+        groups = {name: group for group in group_list for name in group}
+        rank = {name: i for i, name in enumerate(n for g in group_list for n in g)}
+        ordered = sorted(factor_rows, key=lambda r: rank.get(r.name, -1))  # ungrouped (embeddings) first
+    for row in ordered + structural_rows:
         t0 = time.perf_counter()
         if row.structural:
             row.strategy_impl.apply(model, row.name, row.plan)
-            errors, note = (None, None), row.plan.note
+            errors, note, before_refit = (None, None), row.plan.note, None
         else:
-            stats = _stats_for(calibration, row.name, row.tied)
-            original = weight_and_bias(model.get_submodule(row.name), row.plan.kind)[0].detach().clone() \
-                if isinstance(stats, torch.Tensor) else None
-            done = _swap_module(model, row, stats)
-            errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
-            if original is not None and done.output_error is None:  # a weight-only init: still scored on the statistics
-                errors = (done.error, output_error(original, model.get_submodule(row.name).dense_weight().detach(), stats))
-            refitted = refit_layer(model.get_submodule(row.name), original, stats) if refit and original is not None else None
-            if refitted is not None:
-                refit_before, after = refitted
-                errors = (_weight_error(model.get_submodule(row.name), original), after)
-                note = _join(note, f"refit: output error {refit_before:.4g} -> {after:.4g}")
+            if row.name in groups and row.name not in cross:
+                cross.update(sequential.collect(model, groups[row.name]))
+            moments = cross.pop(row.name, None)
+            errors, note, before_refit = _compress_row(model, row, calibration, refit, moments)
         report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, errors[0],
-                                     time.perf_counter() - t0, note, errors[1],
-                                     refitted[0] if refitted is not None else None))
+                                     time.perf_counter() - t0, note, errors[1], before_refit))
         if progress is not None:
             progress(len(report_rows), total, row.name)
     after = count_params(model)
     if hasattr(model, "config"):
         _record_plan(model, the_plan, entries, before, after)
         hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
-    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
+    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe,
+                             the_plan.allocation)
+
+
+def _compress_row(model: nn.Module, row: PlanRow, calibration, refit: bool, moments=None):
+    """Swap one module; ((weight error, output error), note, output error before the refit or None).
+
+    `moments`: the module's sequential CrossMoments (its init then sees the student's inputs, and the refit
+    aims at the teacher's outputs); else its parallel statistics, if any."""
+    stats = moments.ss if moments is not None else _stats_for(calibration, row.name, row.tied)
+    original = weight_and_bias(model.get_submodule(row.name), row.plan.kind)[0].detach().clone() \
+        if isinstance(stats, torch.Tensor) else None
+    done = _swap_module(model, row, stats)
+    errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
+    if original is None:
+        return errors, note, None
+    layer = model.get_submodule(row.name)
+    target = moments if moments is not None else CrossMoments.parallel(stats)
+    errors = (done.error, cross_output_error(original, layer.dense_weight().detach(), target))
+    if moments is not None:
+        note = _join(note, "sequential statistics")
+    refitted = refit_layer(layer, original, target) if refit else None
+    if refitted is None:
+        return errors, note, None
+    before, after = refitted
+    return (_weight_error(layer, original), after), _join(note, f"refit: output error {before:.4g} -> {after:.4g}"), before
 
 
 def _weight_error(layer: nn.Module, original: torch.Tensor) -> float:

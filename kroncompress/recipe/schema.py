@@ -210,6 +210,7 @@ class CalibrationConfig:
     block_size: int = 256
     damping: float = 0.01
     refit: bool = True  # re-solve each module's free factor on the statistics after truncation (kroncompress.refit)
+    sequential: bool = False  # each module's statistics taken with the modules before it compressed (kroncompress.sequential)
 
 
 @dataclass

@@ -326,7 +326,7 @@ def _parse_evaluate(node: _Node) -> EvaluateConfig:
 
 
 def _parse_calibration(node: _Node) -> CalibrationConfig:
-    node.mapping(["data", "tokens", "block_size", "damping", "refit"])
+    node.mapping(["data", "tokens", "block_size", "damping", "refit", "sequential"])
     d = CalibrationConfig()
     data = _parse_data(node.child("data")) if node.value.get("data") is not None else DataConfig()
     return CalibrationConfig(
@@ -334,6 +334,7 @@ def _parse_calibration(node: _Node) -> CalibrationConfig:
         block_size=node.get("block_size", (int,), d.block_size, _at_least_one),
         damping=node.get("damping", (int, float), d.damping, _non_negative),
         refit=node.get("refit", (bool,), d.refit),
+        sequential=node.get("sequential", (bool,), d.sequential),
     )
 
 
