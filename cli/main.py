@@ -77,18 +77,23 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--recipe", "-r", required=True, help="Bundled recipe name (see `kroncompress recipes`) or a YAML path.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (params_before, params_after, modules) instead of tables.")
+@click.option("--calibration-stats", default=None, type=click.Path(), metavar="FILE",
+              help="Statistics from `kroncompress calibrate`: shapes and a recipe's budget are chosen on them.")
 @user_errors
-def plan(model: str, recipe: str, as_json: bool) -> None:
+def plan(model: str, recipe: str, as_json: bool, calibration_stats: str | None = None) -> None:
     """Dry run: which module gets which strategy, factor shapes and parameter counts.
 
-    Needs shapes only: a folder holding just config.json is planned on the meta device.
+    Needs shapes only: a folder holding just config.json is planned on the meta device. A recipe with a
+    `budget` shows each module's share and why (on weight errors, or on --calibration-stats).
     """
+    from kroncompress.calibration import CalibrationStats
     from kroncompress.recipe import load_recipe
     from kroncompress.surgery import plan as plan_model
 
     parsed = load_recipe(recipe)  # validate before the (slow) model load
-    loaded, info = _load(model, meta_ok=True)
-    data = plan_model(loaded, parsed).to_dict()
+    stats = CalibrationStats.load(calibration_stats) if calibration_stats is not None else None
+    loaded, info = _load(model, meta_ok=stats is None)
+    data = plan_model(loaded, parsed, stats).to_dict()
     if as_json:
         _print_json({"model": model, "recipe": parsed.name, "source": info.source, "meta": info.meta, **data})
         return
@@ -96,6 +101,8 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
     out.print(f"[bold]model[/bold] {info.description}")
     out.print(f"[bold]recipe[/bold] {parsed.name}: {parsed.description}")
     out.print(render.module_table("plan", data.get("modules", [])))
+    if data.get("allocation") is not None:
+        out.print(render.allocation_table(data["allocation"]))
     out.print(render.totals_line(data))
 
 

@@ -123,6 +123,26 @@ def totals_line(data: Mapping[str, Any]) -> str:
     return line
 
 
+def allocation_table(record: Mapping[str, Any]) -> Group:
+    """A recipe budget's allocation: each module's choice, the fraction of its weights it keeps, its share of the
+    budget, its predicted cost (sensitivity x squared output error) and sensitivity; then the totals and why."""
+    table = Table(title="budget", title_justify="left")
+    for column in ("module", "choice", "kept", "share", "cost", "sensitivity"):
+        table.add_column(column, justify="left" if column in ("module", "choice") else "right")
+    for name, entry in record.get("modules", {}).items():
+        cost, s = entry.get("cost"), entry.get("sensitivity")
+        table.add_row(escape(name), escape(str(entry.get("choice"))), f"{100 * entry.get('kept', 0):.1f}%",
+                      f"{100 * entry.get('share', 0):.1f}%", "-" if cost is None else f"{cost:.3g}",
+                      "-" if s is None else f"{s:.3g}")
+    predicted, uniform = record.get("predicted_cost"), record.get("uniform_cost")
+    why = f"{count(record.get('params'))} of {count(record.get('dense_params'))} weight parameters " \
+          f"({100 * record.get('keep', 0):.1f}%, budget {count(record.get('budget'))}) over " \
+          f"{len(record.get('modules', {}))} modules; {record.get('basis')}; sensitivity {record.get('sensitivity')}"
+    if isinstance(predicted, (int, float)) and isinstance(uniform, (int, float)) and uniform > 0:
+        why += f"; predicted cost {predicted:.3g} vs {uniform:.3g} for one uniform svd ratio ({100 * (predicted / uniform - 1):+.0f}%)"
+    return Group(table, Text(why, style="dim"))
+
+
 def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("key", style="bold")

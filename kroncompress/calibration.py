@@ -89,6 +89,8 @@ class CalibrationStats:
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
         self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
         self.path: Path | None = None  # the file `load` read them from (reports name it)
+        # module -> the loss's weight on its squared output error (kroncompress.sensitivity), for a recipe's budget
+        self.sensitivity: dict[str, float] | None = None
 
     def save(self, path) -> Path:
         """Write the statistics to a safetensors file, atomically (`kroncompress.io.calibration`)."""
@@ -348,6 +350,8 @@ def calibration_targets(model: nn.Module, recipe: Any) -> list[str]:
         if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind):
             names.append(row.name)
             names += [tie["name"] for tie in row.tied if tie["as"] == "head"]
+    if planned.allocation is not None:  # a budget allocates over every module of its group, dense ones included
+        names += planned.allocation["group"]
     return list(dict.fromkeys(names))
 
 
@@ -363,30 +367,48 @@ def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, token
     sequence, clipped to the model's positions). Without a section or `data`, reads the offline default
     corpus. Raises ValueError when the text is shorter than one block.
     """
-    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
-    from kroncompress.evaluate import max_positions
     from kroncompress.recipe import CalibrationConfig
     from kroncompress.surgery import CompressionPlan
     from kroncompress.surgery import plan as plan_model
 
     planned = plan if isinstance(plan, CompressionPlan) else plan_model(model, plan)
     section = (planned.source.calibration if planned.source is not None else None) or CalibrationConfig()
+    damping = section.damping if damping is None else damping
+    blocks = calibration_blocks(model, planned, tokenizer, data=data, tokens=tokens, block_size=block_size,
+                                cache_dir=cache_dir)
+    names = calibration_targets(model, planned)
+    stats = collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
+                               progress=progress)
+    budget = planned.source.budget if planned.source is not None else None
+    if budget is not None and budget.sensitivity == "measured":
+        from kroncompress.sensitivity import measure_sensitivity
+
+        stats.sensitivity = measure_sensitivity(model, blocks, planned.allocation["group"], batch_size=1)
+    return stats
+
+
+def calibration_blocks(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, tokens: int | None = None,
+                       block_size: int | None = None, cache_dir=None) -> torch.Tensor:
+    """The (N, T) token blocks of a calibration pass: the recipe's `calibration` section (of `plan`, a
+    CompressionPlan), overridden by the arguments, as `calibrate` reads them."""
+    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
+    from kroncompress.evaluate import max_positions
+    from kroncompress.recipe import CalibrationConfig
+
+    section = (plan.source.calibration if getattr(plan, "source", None) is not None else None) or CalibrationConfig()
     spec = data if data is not None else section.data
     tokens = int(tokens or section.tokens)
     block_size = int(block_size or section.block_size)
     limit = max_positions(model)
     if limit is not None:
         block_size = min(block_size, limit)
-    damping = section.damping if damping is None else damping
     s = text_spec(spec)
     ids = token_stream(s, tokenizer, s.split, max_tokens=tokens, cache_dir=cache_dir)[:tokens]
     blocks = pack_blocks(ids, block_size, spec_bos(s, tokenizer))
     if len(blocks) == 0:
         raise ValueError(f"calibration: {s.describe()} gave {ids.numel()} tokens, fewer than one block of {block_size}; "
                          "add text or lower calibration.block_size")
-    names = calibration_targets(model, planned)
-    return collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
-                              progress=progress)
+    return blocks
 
 
 def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,

@@ -111,6 +111,7 @@ class _Run:
     data: "_DistillData | None" = None
     score: "_Scorer | None" = None
     teacher: Any = None
+    sequential: Any = None  # kroncompress.sequential.SequentialStatistics when calibration.sequential is set
     stats: Any = None
     calibration: dict | None = None
     compression: Any = None
@@ -189,8 +190,9 @@ def run_stages(settings: PipelineSettings) -> dict[str, Any]:
     with run.stage("compress"):
         from kroncompress.surgery import compress
 
-        run.compression = compress(run.model, run.plan, progress=settings.compress_progress, calibration=run.stats)
-    run.stats = None  # the statistics can be large: free them before distillation
+        run.compression = compress(run.model, run.plan, progress=settings.compress_progress, calibration=run.stats,
+                                   sequential=run.sequential)
+    run.stats = run.sequential = None  # the statistics can be large: free them before distillation
     _evaluate_stage(run, "compressed")
     if run.distill_config is not None:
         _distill_stage(run)
@@ -273,6 +275,17 @@ def _calibrate_stage(run: _Run) -> None:
         run.stats = calibrate(run.model, run.plan, run.tokenizer, data=text, tokens=settings.calibration_tokens,
                               progress=settings.calibration_progress, cache_dir=settings.cache_dir)
     run.calibration = describe(run.stats)
+    section = settings.recipe.calibration
+    if section is not None and section.sequential:
+        from kroncompress.calibration import calibration_blocks
+        from kroncompress.sequential import SequentialStatistics
+
+        blocks = calibration_blocks(run.model, run.plan, run.tokenizer, data=text, tokens=settings.calibration_tokens,
+                                    cache_dir=settings.cache_dir)
+        original = run.teacher if run.teacher is not None and run.distill_config.teacher == "original" \
+            else _teacher(run.model, "original", settings.device)
+        run.sequential = SequentialStatistics(original, blocks, damping=section.damping)
+        run.calibration["sequential"] = True
 
 
 def _distill_stage(run: _Run) -> None:

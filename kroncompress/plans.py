@@ -75,6 +75,7 @@ class CompressionPlan:
     calibrated: bool = False  # planned with calibration statistics (data-aware shape choice)
     bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes), quantize section included
     bytes_after: int | None = None
+    allocation: dict | None = None  # the recipe's budget: what each module got and why (kroncompress.budget)
 
     @property
     def ratio(self) -> float:
@@ -87,6 +88,7 @@ class CompressionPlan:
             "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
     def module_plans(self) -> dict[str, dict[str, Any]]:
@@ -127,6 +129,7 @@ class ReportRow:
     seconds: float
     note: str = ""
     output_error: float | None = None  # sqrt(tr(D C D^T) / tr(W C W^T)) on calibration inputs, when given
+    output_error_before_refit: float | None = None  # the same before the refit stage (kroncompress.refit)
 
 
 @dataclass
@@ -140,6 +143,7 @@ class CompressionReport:
     recipe: str = ""
     bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes)
     bytes_after: int | None = None
+    allocation: dict | None = None  # the recipe's budget, as planned (see CompressionPlan.allocation)
 
     @property
     def ratio(self) -> float:
@@ -152,6 +156,7 @@ class CompressionReport:
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
             "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
+            **({"allocation": _jsonable(self.allocation)} if self.allocation is not None else {}),
         }
 
 
