@@ -97,6 +97,8 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
     out.print(f"[bold]recipe[/bold] {parsed.name}: {parsed.description}")
     out.print(render.module_table("plan", data.get("modules", [])))
     out.print(render.totals_line(data))
+    if render.compressed_lines(data).plain:
+        out.print(render.compressed_lines(data))
 
 
 def _report_to(value: str | None) -> dict | None:
@@ -192,6 +194,8 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
             bars.stop()
     compression = report["compression"]
     out.print(render.module_table("compressed modules", compression.get("modules", []), with_error=True))
+    if render.compressed_lines(compression).plain:
+        out.print(render.compressed_lines(compression))
     out.print(render.summary_table(report))
     out.print(f"[green]saved[/green] {output}" + (f"  (plot: {report['plot']})" if report.get("plot") else ""))
 

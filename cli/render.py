@@ -114,6 +114,17 @@ def totals_line(data: Mapping[str, Any]) -> str:
     return line
 
 
+def compressed_lines(data: Mapping[str, Any]) -> Text:
+    """`compressed: <modules, blocks grouped>` and a `note:` line for each thing the recipe names that the model
+    has not got (a plan's or report's `compressed` and `notes`)."""
+    text = Text()
+    if data.get("compressed"):
+        text.append("compressed: ", style="bold").append(str(data["compressed"]))
+    for note in data.get("notes") or []:
+        text.append("\n" if text else "").append("note: ", style="bold yellow").append(str(note))
+    return text
+
+
 def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("key", style="bold")
