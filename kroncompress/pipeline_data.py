@@ -1,9 +1,10 @@
 """The text a `kroncompress compress` run reads: the distillation blocks, the perplexity protocol every
 stage is scored under, and the calibration text (see kroncompress.pipeline for the whole run).
 
-Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
-and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size, stride and `max_tokens` (a block size beyond the model's positions
+Perplexity protocol (`_Scorer`): `evaluate_perplexity`, as `kroncompress eval` runs it, on the recipe's
+`evaluate.perplexity` text when no `data` override is given, else on the override's test split (else its
+validation split); only text with a single split is scored on the validation blocks held out from the
+distillation data. Block size, stride and `max_tokens` are the recipe's (a block size beyond the model's positions
 is clipped to them, the stride keeping its ratio to the block).
 """
 
