@@ -212,14 +212,13 @@ class _Scorer:
             ids = (validation if bos is None else validation[:, 1:]).reshape(-1)
             result = perplexity(model, ids, block_size=self.block_size, stride=self.stride, max_tokens=self.max_tokens,
                                 progress=bar, bos_token_id=bos)
-            text = "validation blocks held out from the distillation data (it has no test or validation split)"
+            text = "validation blocks held out from the distillation data (the text has no test or validation split)"
         else:
             logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)
             return None
         out = {**result.to_dict(), "data": text, "seconds": round(time.perf_counter() - start, 3)}
         logger.info("%s: %s", stage, result)
         return out
-
 
     def held_out(self) -> tuple[Any, str | None]:
         """(the override's text spec, its held-out split or None), worked out once."""

@@ -218,7 +218,7 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
                                                  model_type)]
     return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
                            model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None,
-                           notes=notes, blocks=_block_lists(model, [r.name for r in ordered]))
+                           notes=notes, blocks=block_list_sizes(model, [r.name for r in ordered]))
 
 
 _NUMBERS = re.compile(r"\((\d+(?:\|\d+)+)\)")  # a regex group of numbers, e.g. (1|3|5|7|9|11): block indices
@@ -241,7 +241,7 @@ def _unmatched_alternatives(pattern: str, names: list[str], where: str, model_ty
     return notes
 
 
-def _block_lists(model: nn.Module, names: list[str]) -> dict[str, int]:
+def block_list_sizes(model: nn.Module, names: list[str]) -> dict[str, int]:
     """{name: length} of the block lists (nn.ModuleList) that the compressed modules sit in."""
     out: dict[str, int] = {}
     for name in names:
