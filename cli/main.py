@@ -104,6 +104,8 @@ def plan(model: str, recipe: str, as_json: bool, calibration_stats: str | None =
     if data.get("allocation") is not None:
         out.print(render.allocation_table(data["allocation"]))
     out.print(render.totals_line(data))
+    if render.compressed_lines(data).plain:
+        out.print(render.compressed_lines(data))
 
 
 def _report_to(value: str | None) -> dict | None:
@@ -192,13 +194,15 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
                                   calibration_stats=calibration_stats,
                                   training_args=training_args, eval_tokens=eval_tokens, tokenizer=loaded_tokenizer,
-                                  compress_progress=bars.callback("compressing"),
-                                  calibration_progress=bars.callback("calibrating"),
-                                  eval_progress=lambda done, total, stage: bars.callback(f"perplexity ({stage})")(done, total))
+                                  compress_progress=bars.callback("compressing", "modules"),
+                                  calibration_progress=bars.callback("calibrating", "tokens"),
+                                  eval_progress=lambda done, total, stage: bars.callback(f"perplexity ({stage})", "windows")(done, total))
         finally:
             bars.stop()
     compression = report["compression"]
     out.print(render.module_table("compressed modules", compression.get("modules", []), with_error=True))
+    if render.compressed_lines(compression).plain:
+        out.print(render.compressed_lines(compression))
     out.print(render.summary_table(report))
     out.print(f"[green]saved[/green] {output}" + (f"  (plot: {report['plot']})" if report.get("plot") else ""))
 
@@ -378,7 +382,7 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
     try:
         result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,
                                      max_tokens=max_tokens, batch_size=batch_size, device=device,
-                                     progress=bars.callback("perplexity"))
+                                     progress=bars.callback("perplexity", "windows"))
     finally:
         bars.stop()
     if as_json:

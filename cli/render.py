@@ -143,6 +143,17 @@ def allocation_table(record: Mapping[str, Any]) -> Group:
     return Group(table, Text(why, style="dim"))
 
 
+def compressed_lines(data: Mapping[str, Any]) -> Text:
+    """`compressed: <modules, blocks grouped>` and a `note:` line for each thing the recipe names that the model
+    has not got (a plan's or report's `compressed` and `notes`)."""
+    text = Text()
+    if data.get("compressed"):
+        text.append("compressed: ", style="bold").append(str(data["compressed"]))
+    for note in data.get("notes") or []:
+        text.append("\n" if text else "").append("note: ", style="bold yellow").append(str(note))
+    return text
+
+
 def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("key", style="bold")
@@ -154,12 +165,20 @@ def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
 
 class LazyProgress:
     """One rich progress bar per stage, started on the stage's first callback (two live displays at once
-    would fight, and the distillation engine shows its own)."""
+    would fight, and the distillation engine shows its own). When the console is not a terminal (a log
+    file, CI, nohup), plain lines instead at a steady rhythm, with elapsed time and ETA
+    (kroncompress.progress: every $KRONCOMPRESS_PROGRESS_INTERVAL seconds, default 30)."""
 
     def __init__(self, console: Console):
-        self.console, self.bars = console, {}
+        self.console, self.bars, self.logs = console, {}, {}
 
-    def callback(self, label: str):
+    def callback(self, label: str, unit: str = ""):
+        if not self.console.is_terminal:
+            from kroncompress.progress import progress_interval
+
+            progress_interval()  # a bad $KRONCOMPRESS_PROGRESS_INTERVAL stops the command here, before any work
+            return lambda done, total, description="": self._log(label, unit, done, total, description)
+
         def update(done: int, total: int, description: Any = "") -> None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -175,6 +194,13 @@ class LazyProgress:
                 bar.stop()
 
         return update
+
+    def _log(self, label: str, unit: str, done, total, description: Any = "") -> None:
+        from kroncompress.progress import ProgressLog
+
+        if label not in self.logs:
+            self.logs[label] = ProgressLog(label, unit=unit, stream=self.console.file)
+        self.logs[label].update(done, total, description)
 
     def stop(self) -> None:
         for bar, _ in self.bars.values():

@@ -414,7 +414,8 @@ def calibration_blocks(model: nn.Module, plan: Any, tokenizer, *, data: Any = No
 def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,
                       console=None) -> CalibrationStats | None:
     """What `kroncompress compress` runs: calibrate when the recipe has a `calibration` section or
-    `--calibration-data` is given (None otherwise), with a rich progress bar on `console`. `plan`: a
+    `--calibration-data` is given (None otherwise), with a rich progress bar on `console` (plain lines when
+    it is not a terminal). `plan`: a
     CompressionPlan (or a recipe, planned here)."""
     from kroncompress.surgery import CompressionPlan
     from kroncompress.surgery import plan as plan_model
@@ -431,6 +432,11 @@ def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | Non
                          "save the tokenizer with the model or drop --calibration-data")
     if console is None:
         return calibrate(model, plan, tokenizer, data=data, tokens=tokens)
+    if not console.is_terminal:  # a log file or CI: plain lines at a steady rhythm (kroncompress.progress)
+        from kroncompress.progress import progress_callback
+
+        return calibrate(model, plan, tokenizer, data=data, tokens=tokens,
+                         progress=progress_callback("calibrating", unit="tokens", stream=console.file))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),

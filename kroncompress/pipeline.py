@@ -9,10 +9,12 @@ and `timings`; plus perplexity.png (validation perplexity over the distillation 
 horizontal line) when matplotlib is installed (the `plot` extra). While distillation runs, checkpoints live in
 `<output>/checkpoints`; `resume=True` continues from the newest one; the finished folder replaces them.
 
-Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
-and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size and stride (a block size beyond the model's positions is clipped to
-them, the stride keeping its ratio to the block).
+Perplexity protocol: `kroncompress.evaluate.evaluate_perplexity` (what `kroncompress eval` runs) on the recipe's
+`evaluate.perplexity` text (dataset, block size, stride) when no `data` override is given; otherwise on the
+override's test split (else validation split), as `kroncompress eval --data` scores it; text with a single
+split is scored on validation blocks held out from the distillation data. Block size and stride: the
+recipe's (a block size beyond the model's positions is clipped to them, the stride keeping its ratio to the
+block).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     `data` overrides the recipe's distillation text: a packaged corpus name, a file path/glob, a hub
     dataset name (`name` or `name:config`), a dict of data keys, a DataConfig, a `datasets.Dataset` /
     `IterableDataset` (column "text"), a list of strings or token ids (see kroncompress.distill.data); it then also provides
-    the perplexity text (its validation part). `max_steps` caps the distillation steps. `resume=True`
+    the perplexity text (its test split, else validation split: see the module docs). `max_steps` caps the distillation steps. `resume=True`
     continues an interrupted run from `<output_dir>/checkpoints`; `overwrite=True` replaces a finished
     folder (or an unfinished run's checkpoints). Under torchrun / accelerate launch every process
     compresses and distils; only the main process evaluates and writes. `device` (default: the
@@ -161,7 +163,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     `training_args` (e.g. `{"report_to": ["tensorboard"], "logging_steps": 5}`) are passed to the
     distillation's TrainingArguments over the recipe's `distill.train.training_args`.
     `eval_tokens` caps the token ids every perplexity stage scores (teacher, compressed, distilled; over
-    the recipe's `evaluate.perplexity.max_tokens`, and for the held-out part of `data` too);
+    the recipe's `evaluate.perplexity.max_tokens`, and for the held-out text of `data` too);
     `eval_progress(windows done, windows, stage)` is called after each of their forward passes.
     The same run from a `PipelineSettings`: `run_stages(settings)`.
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,14 @@ class CompressionPlan:
     bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes), quantize section included
     bytes_after: int | None = None
     allocation: dict | None = None  # the recipe's budget: what each module got and why (kroncompress.budget)
+    notes: list[str] = field(default_factory=list)  # what the recipe names but this model has not (see surgery)
+    blocks: dict[str, int] = field(default_factory=dict)  # block list (ModuleList) name -> its length, for `compressed`
+
+    @property
+    def compressed(self) -> str:
+        """The modules compressed, blocks grouped: `transformer.wte; transformer.h blocks 1, 3, 5 of 6 (0-5):
+        attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj` (from the rows: what is done, not what the recipe says)."""
+        return describe_modules([row.name for row in self.rows], self.blocks)
 
     @property
     def ratio(self) -> float:
@@ -88,6 +97,7 @@ class CompressionPlan:
             "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
+            "compressed": self.compressed, "notes": list(self.notes),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
@@ -144,6 +154,8 @@ class CompressionReport:
     bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes)
     bytes_after: int | None = None
     allocation: dict | None = None  # the recipe's budget, as planned (see CompressionPlan.allocation)
+    compressed: str = ""  # the plan's `compressed`: the modules, blocks grouped
+    notes: list[str] = field(default_factory=list)  # the plan's notes
 
     @property
     def ratio(self) -> float:
@@ -156,8 +168,38 @@ class CompressionReport:
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
             "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
+            "compressed": self.compressed, "notes": list(self.notes),
             **({"allocation": _jsonable(self.allocation)} if self.allocation is not None else {}),
         }
+
+
+_BLOCK = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+
+
+def describe_modules(names: list[str], blocks: dict[str, int] | None = None) -> str:
+    """Module names in a line, the blocks of a block list grouped: `transformer.wte; transformer.h blocks
+    1, 3, 5 of 6 (0-5): attn.c_attn, mlp.c_fc`. `blocks` gives a block list's length (shown when known)."""
+    blocks = blocks or {}
+    singles: list[str] = []
+    grouped: dict[str, dict[int, list[str]]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        if match is None:
+            singles.append(name)
+            continue
+        grouped.setdefault(match["prefix"], {}).setdefault(int(match["index"]), []).append(match["rest"] or "")
+    parts = list(singles)
+    for prefix, by_index in grouped.items():
+        by_parts: dict[tuple[str, ...], list[int]] = {}
+        for index, rest in sorted(by_index.items()):
+            by_parts.setdefault(tuple(rest), []).append(index)
+        for rest, indices in by_parts.items():
+            count = blocks.get(prefix)
+            of = f" of {count} (0-{count - 1})" if count else ""
+            what = ", ".join(r for r in rest if r) or "the whole block"
+            word = "block" if len(indices) == 1 else "blocks"
+            parts.append(f"{prefix} {word} {', '.join(map(str, indices))}{of}: {what}")
+    return "; ".join(parts)
 
 
 def _renumber(modules: dict[str, Any], layers_name: str, keep: list[int]) -> dict[str, Any]:

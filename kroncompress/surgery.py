@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import time
 import warnings
 from typing import Any, Callable
@@ -227,10 +228,13 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     from kroncompress.quantization import plan_bytes
 
     bytes_before, bytes_after = plan_bytes(model, ordered, recipe.quantize)
+    notes = [note for rule in recipe.compress for i, pattern in enumerate(rule.targets)
+             for note in _unmatched_alternatives(pattern, [n for n, _ in modules], f"compress[{rule.index}].targets[{i}]",
+                                                 model_type)]
     return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
                            model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None,
-                           bytes_before=bytes_before, bytes_after=bytes_after,
-                           allocation=allocation)
+                           bytes_before=bytes_before, bytes_after=bytes_after, allocation=allocation,
+                           notes=notes, blocks=block_list_sizes(model, [r.name for r in ordered]))
 
 
 def _plan_budgeted(model, name, module, kind, rule, picked, sharers, calibration, recipe) -> PlanRow:
@@ -246,6 +250,45 @@ def _plan_budgeted(model, name, module, kind, rule, picked, sharers, calibration
         raise RecipeError(f"{recipe.source}: budget: module {name}: {exc.problem}") from None
     row.options, row.rule = options, rule.index
     return row
+
+
+_NUMBERS = re.compile(r"\((\d+(?:\|\d+)+)\)")  # a regex group of numbers, e.g. (1|3|5|7|9|11): block indices
+
+
+def _unmatched_alternatives(pattern: str, names: list[str], where: str, model_type: str) -> list[str]:
+    """For a `re:` target with a group of numbers, a note naming the numbers that select no module of this
+    model (kn-gpt2's blocks 1|3|5|7|9|11 on a 6-block model compress only 1, 3 and 5), else nothing."""
+    if pattern_kind(pattern) != "regex":
+        return []
+    body, notes = pattern[3:], []
+    for group in _NUMBERS.finditer(body):
+        numbers = group.group(1).split("|")
+        present = [n for n in numbers
+                   if any(re.fullmatch(f"{body[:group.start()]}({n}){body[group.end():]}", name) for name in names)]
+        missing = [n for n in numbers if n not in present]
+        if missing and present:
+            notes.append(f"{where} names {'|'.join(numbers)}, but this {model_type or 'model'} has no module for "
+                         f"{', '.join(missing)}: only {', '.join(present)} {'is' if len(present) == 1 else 'are'} compressed")
+    return notes
+
+
+def block_list_sizes(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """{name: length} of the block lists (nn.ModuleList) that the compressed modules sit in."""
+    out: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if parts[i].isdigit():
+                prefix = ".".join(parts[:i])
+                if prefix not in out:
+                    try:
+                        container = model.get_submodule(prefix)
+                    except AttributeError:
+                        break
+                    if isinstance(container, (nn.ModuleList, nn.Sequential)):
+                        out[prefix] = len(container)
+                break
+    return out
 
 
 def _join(*notes: str) -> str:
@@ -384,7 +427,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
         hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe,
                              bytes_before=bytes_before, bytes_after=weight_bytes(model),
-                             allocation=the_plan.allocation)
+                             allocation=the_plan.allocation, compressed=the_plan.compressed, notes=list(the_plan.notes))
 
 
 def _compress_row(model: nn.Module, row: PlanRow, calibration, refit: bool, moments=None):

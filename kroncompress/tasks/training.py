@@ -146,7 +146,7 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
                                    warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
                                   callbacks=[callback])
-        _quiet(trainer)
+        _quiet(trainer, "finetune", callback.history)
         trainer.train()
     check_finite_weights(model, "fine-tuned model", after_training=True, advice="lower the learning rate (--lr / lr=)")
     model.eval()
@@ -161,11 +161,17 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     return result
 
 
-def _quiet(trainer) -> None:
+def _quiet(trainer, label: str, history: list | None = None) -> None:
+    """No tqdm bar nor printed log dicts; plain progress lines instead (step, ETA, loss, the last score), at
+    the rhythm of kroncompress.progress, which a log file or CI output shows too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from kroncompress.distill.hf_trainer import LogProgress
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    score = (lambda: f"score {history[-1]['score']:.4g}" if history else "") if history is not None else None
+    trainer.add_callback(LogProgress(label, status=score))
 
 
 class _scratch:
@@ -279,7 +285,7 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
                                          callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
                                          temperature=weights.logits_kl.temperature,
                                          regression=data.spec.kind == "regression", inner=inner)
-            _quiet(trainer)
+            _quiet(trainer, "task distill", callback.history)
             trainer.train()
         student.eval()
     losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
