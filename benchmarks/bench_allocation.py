@@ -1,7 +1,7 @@
 """One global budget against one uniform ratio, zero-shot, at equal block parameters.
 
 Every attention and MLP matrix of every block of a model is compressed so that the blocks keep a fraction
-(80%, 2/3, 1/2) of their weight parameters, three ways:
+(80%, 2/3, 1/2, 1/4, 1/8) of their weight parameters, these ways:
 
 - uniform: whitened SVD at one rank ratio for every matrix (the recipes' `ratio` today);
 - global svd: whitened SVD with each matrix's rank chosen by the allocation (kroncompress.budget), its error
@@ -34,7 +34,7 @@ from kroncompress.evaluate import evaluate_perplexity
 from kroncompress.layers.base import dense_weight_of
 from kroncompress.sensitivity import measure_sensitivity
 
-KEEP = {"80%": 0.8, "2/3": 2 / 3, "1/2": 0.5}
+KEEP = {"80%": 0.8, "2/3": 2 / 3, "1/2": 0.5, "1/4": 0.25, "1/8": 0.125}
 METHODS = ("uniform", "global svd, uniform s", "global svd", "global svd+kron")
 
 
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="run only cells whose 'method @ keep' contains this")
+    parser.add_argument("--skip", default="\x00", help="skip cells whose 'method @ keep' contains this")
     parser.add_argument("--output", default="benchmarks/results/allocation-demo.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,7 +145,8 @@ def main() -> None:
     cache: dict = {}
     for keep_name in KEEP:
         for method in METHODS:
-            if (method, keep_name) in done or args.only not in f"{method} @ {keep_name}":
+            cell_name = f"{method} @ {keep_name}"
+            if (method, keep_name) in done or args.only not in cell_name or args.skip in cell_name:
                 continue
             cell = run_cell(args, method, keep_name, blocks, tokenizer, cache)
             cell.update(model=args.model, threads=args.threads, machine=platform.machine())
