@@ -62,8 +62,13 @@ class KronCompressQuantizer(HfQuantizer):
             config._attn_implementation = saved
         return config
 
+    def update_tp_plan(self, config):
+        # transformers before 5.2x calls this hook, not update_attn_implementation, before the weights lookup
+        config = super().update_tp_plan(config) if hasattr(HfQuantizer, "update_tp_plan") else config
+        return self.update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from kroncompress.io.checks import check_section, rebuild_module
+        from kroncompress.io.checks import check_section, config_error, rebuild_module
         from kroncompress.io.load import tie_groups
         from kroncompress.surgery import CONFIG_KEY, install
 
@@ -80,6 +85,9 @@ class KronCompressQuantizer(HfQuantizer):
             install(model, name, new, entry.get("tied", []))
             parts = name.split(".")
             ancestors.update(id(model.get_submodule(".".join(parts[:depth]))) for depth in range(len(parts)))
+        from kroncompress.quantization import apply_saved_quantization
+
+        apply_saved_quantization(model, section, lambda field, problem: config_error(folder, field, problem))
         _guard_init_weights(model, ancestors)
         shared = section.get("shared_parameters", []) or []
         tie_groups(model, shared, folder)
@@ -180,12 +188,14 @@ def register() -> None:
 
 
 
-def compress(model, recipe, progress: Callable[[int, int, str], None] | None = None, calibration=None):
+def compress(model, recipe, progress: Callable[[int, int, str], None] | None = None, calibration=None,
+             refit: bool | None = None, sequential=None):
     """kc.compress: `kroncompress.surgery.compress` (see there), then the model is marked as a kroncompress
     checkpoint, so its save_pretrained / push_to_hub write a folder that from_pretrained loads back."""
     from kroncompress.surgery import compress as compress_modules
 
-    report = compress_modules(model, recipe, progress=progress, calibration=calibration)
+    report = compress_modules(model, recipe, progress=progress, calibration=calibration, refit=refit,
+                              sequential=sequential)
     if hasattr(model, "config"):
         mark(model)
     return report

@@ -13,7 +13,7 @@
    did not write (`written_by_kroncompress`), nor one holding anything kroncompress did not write
    (`foreign_entries`: not in the folder's `.kroncompress` manifest): the user's own files are never deleted;
 3. writable: the parent folder is created and must accept the lock file `.<name>.lock`, which is held
-   with `fcntl.flock` for the whole run (a second run on the same output is refused at once);
+   with `filelock` for the whole run (a second run on the same output is refused at once, on any OS);
 4. leftovers of an interrupted save next to the output (`.<name>.tmp-<hex8>` folders) are removed, and
    a `.<name>.old-<hex8>` backup is put back when the kill came between its two renames.
 
@@ -28,7 +28,6 @@ with the flag names of the caller's `style`: "cli" (`--overwrite`) or "api" (`ov
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -251,39 +250,54 @@ def _unwritable(path: Path, action: str, exc: OSError, style: str) -> OutputErro
 
 @contextlib.contextmanager
 def _locked(path: Path, style: str) -> Iterator[None]:
-    import fcntl
+    from filelock import FileLock, Timeout
 
     lock = lock_path(path)
     while True:
+        # our own handle on the lock file: it reads the holder's pid, writes ours, and pins the file's identity
         try:
             handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise _unwritable(path, f"write the lock file {lock.name} into {str(path.parent)!r}", exc, style) from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(handle, 64, 0).decode("ascii", "replace").strip()
+            holder = os.read(handle, 64).decode("ascii", "replace").strip()
+        except OSError:  # Windows: the holder's lock covers the file's first byte
+            holder = ""
+        held = FileLock(str(lock), timeout=0)
+        try:
+            held.acquire()
+        except Timeout:
             os.close(handle)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"output folder {str(path)!r} is in use by another kroncompress run"
-                                  f"{f' (pid {holder})' if holder.isdigit() else ''}, which holds {str(lock)!r}; "
-                                  "wait for it to finish, or give another folder") from None
+            raise OutputError(f"output folder {str(path)!r} is in use by another kroncompress run"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}, which holds {str(lock)!r}; "
+                              "wait for it to finish, or give another folder") from None
+        except OSError as exc:
+            os.close(handle)
             raise _unwritable(path, f"lock {str(lock)!r}", exc, style) from None
-        try:  # the file may have been unlinked by the run that just released it: lock the one on disk
+        # the run that just released may have removed the file (below) after we opened it: the lock counts only
+        # on the file the path names now (an open handle keeps its inode from being reused)
+        try:
             same = os.stat(lock).st_ino == os.fstat(handle).st_ino
         except FileNotFoundError:
             same = False
         if same:
             break
+        held.release()
         os.close(handle)
     try:
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is a hint for the message above; Windows may refuse it
+            os.ftruncate(handle, 0)
+            os.lseek(handle, 0, os.SEEK_SET)
+            os.write(handle, f"{os.getpid()}\n".encode())
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(lock)  # while still holding it: a waiter re-checks the inode above
+            os.unlink(lock)  # while still holding it: a waiter re-checks the file above (Windows refuses: below)
+        held.release()
         os.close(handle)
+        if os.name == "nt":
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
 
 
 def _check_writable_inside(path: Path, style: str) -> None:

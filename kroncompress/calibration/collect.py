@@ -187,6 +187,8 @@ def calibration_targets(model: nn.Module, recipe: Any) -> list[str]:
         if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind):
             names.append(row.name)
             names += [tie["name"] for tie in row.tied if tie["as"] == "head"]
+    if planned.allocation is not None:  # a budget allocates over every module of its group, dense ones included
+        names += planned.allocation["group"]
     return list(dict.fromkeys(names))
 
 
@@ -202,36 +204,55 @@ def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, token
     sequence, clipped to the model's positions). Without a section or `data`, reads the offline default
     corpus. Raises ValueError when the text is shorter than one block.
     """
-    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
-    from kroncompress.evaluate import max_positions
     from kroncompress.recipe import CalibrationConfig
     from kroncompress.surgery import CompressionPlan
     from kroncompress.surgery import plan as plan_model
 
     planned = plan if isinstance(plan, CompressionPlan) else plan_model(model, plan)
     section = (planned.source.calibration if planned.source is not None else None) or CalibrationConfig()
+    damping = section.damping if damping is None else damping
+    blocks = calibration_blocks(model, planned, tokenizer, data=data, tokens=tokens, block_size=block_size,
+                                cache_dir=cache_dir)
+    names = calibration_targets(model, planned)
+    stats = collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
+                               progress=progress)
+    budget = planned.source.budget if planned.source is not None else None
+    if budget is not None and budget.sensitivity == "measured":
+        from kroncompress.sensitivity import measure_sensitivity
+
+        stats.sensitivity = measure_sensitivity(model, blocks, planned.allocation["group"], batch_size=1)
+    return stats
+
+
+def calibration_blocks(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, tokens: int | None = None,
+                       block_size: int | None = None, cache_dir=None) -> torch.Tensor:
+    """The (N, T) token blocks of a calibration pass: the recipe's `calibration` section (of `plan`, a
+    CompressionPlan), overridden by the arguments, as `calibrate` reads them."""
+    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
+    from kroncompress.evaluate import max_positions
+    from kroncompress.recipe import CalibrationConfig
+
+    section = (plan.source.calibration if getattr(plan, "source", None) is not None else None) or CalibrationConfig()
     spec = data if data is not None else section.data
     tokens = int(tokens or section.tokens)
     block_size = int(block_size or section.block_size)
     limit = max_positions(model)
     if limit is not None:
         block_size = min(block_size, limit)
-    damping = section.damping if damping is None else damping
     s = text_spec(spec)
     ids = token_stream(s, tokenizer, s.split, max_tokens=tokens, cache_dir=cache_dir)[:tokens]
     blocks = pack_blocks(ids, block_size, spec_bos(s, tokenizer))
     if len(blocks) == 0:
         raise ValueError(f"calibration: {s.describe()} gave {ids.numel()} tokens, fewer than one block of {block_size}; "
                          "add text or lower calibration.block_size")
-    names = calibration_targets(model, planned)
-    return collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
-                              progress=progress)
+    return blocks
 
 
 def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,
                       console=None) -> CalibrationStats | None:
     """What `kroncompress compress` runs: calibrate when the recipe has a `calibration` section or
-    `--calibration-data` is given (None otherwise), with a rich progress bar on `console`. `plan`: a
+    `--calibration-data` is given (None otherwise), with a rich progress bar on `console` (plain lines when
+    it is not a terminal). `plan`: a
     CompressionPlan (or a recipe, planned here)."""
     from kroncompress.surgery import CompressionPlan
     from kroncompress.surgery import plan as plan_model
@@ -248,6 +269,11 @@ def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | Non
                          "save the tokenizer with the model or drop --calibration-data")
     if console is None:
         return calibrate(model, plan, tokenizer, data=data, tokens=tokens)
+    if not console.is_terminal:  # a log file or CI: plain lines at a steady rhythm (kroncompress.progress)
+        from kroncompress.progress import progress_callback
+
+        return calibrate(model, plan, tokenizer, data=data, tokens=tokens,
+                         progress=progress_callback("calibrating", unit="tokens", stream=console.file))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),

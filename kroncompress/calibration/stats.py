@@ -85,6 +85,8 @@ class CalibrationStats:
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
         self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
         self.path: Path | None = None  # the file `load` read them from (reports name it)
+        # module -> the loss's weight on its squared output error (kroncompress.sensitivity), for a recipe's budget
+        self.sensitivity: dict[str, float] | None = None
 
     def save(self, path) -> Path:
         """Write the statistics to a safetensors file, atomically (`save_calibration`)."""
@@ -205,6 +207,8 @@ def save_calibration(stats, path: str | os.PathLike) -> Path:
                                for s in stats.token_counts]}
     metadata = {"format": FORMAT, "version": str(VERSION), "damping": repr(float(stats.damping)),
                 "groups": json.dumps(groups)}
+    if getattr(stats, "sensitivity", None) is not None:  # a budget's measured module weights (optional)
+        metadata["sensitivity"] = json.dumps({name: float(s) for name, s in stats.sensitivity.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(handle)
@@ -319,8 +323,29 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
     if tensors:
         raise bad(f"tensor {sorted(tensors)[0]!r}", "no group refers to it")
     stats = CalibrationStats(inputs, damping, counts)
+    stats.sensitivity = _sensitivity(path, bad)
     stats.path = path
     return stats
+
+
+def _sensitivity(path: Path, bad) -> dict[str, float] | None:
+    """The optional `sensitivity` metadata: module name -> a finite weight >= 0."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("sensitivity")
+    if raw is None:
+        return None
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        raise bad("sensitivity", "is not JSON") from None
+    if not isinstance(values, dict) or not all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
+                                               and v >= 0 for k, v in values.items()):
+        raise bad("sensitivity", "must map module names to finite numbers >= 0")
+    return {k: float(v) for k, v in values.items()}
 
 
 def _list(groups: dict, key: str, bad) -> list:

@@ -86,6 +86,7 @@ def as_dataset(data: Any, *, tokenizer: Any = None, block_size: int = 1024,
 # -- progress -----------------------------------------------------------------------------------------
 
 def _show_progress(progress: bool | None) -> bool:
+    """Whether to draw rich's bar: on a terminal (or forced by KRONCOMPRESS_FORCE_PROGRESS), rich installed."""
     if progress is False:
         return False
     try:
@@ -93,6 +94,16 @@ def _show_progress(progress: bool | None) -> bool:
     except ImportError:
         return False
     return sys.stderr.isatty() or bool(progress and os.environ.get("KRONCOMPRESS_FORCE_PROGRESS"))
+
+
+def _progress_callback(progress: bool | None):
+    """rich's bar on a terminal; plain lines at a steady rhythm otherwise (a log file, CI: see
+    kroncompress.progress); None for progress=False."""
+    from kroncompress.distill.hf_trainer import LogProgress, RichProgress
+
+    if progress is False:
+        return None
+    return RichProgress() if _show_progress(progress) else LogProgress("distill")
 
 
 # -- the public entry point ----------------------------------------------------------------------------
@@ -149,6 +160,8 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
     checkpoint (a run whose result is saved by its caller)."""
     from transformers import TrainingArguments
 
+    from kroncompress.distill.hf_trainer import version_arguments
+
     train = config.train
     steps = max_steps if max_steps is not None else train.max_steps
     eval_every = train.eval_every if has_eval else None
@@ -163,12 +176,11 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
         max_grad_norm=train.max_grad_norm or 0.0,
         optim="adamw_torch",
         lr_scheduler_type=_SCHEDULERS[train.schedule],
-        warmup_steps=float(train.warmup_ratio) if train.warmup_ratio else 0,
         num_train_epochs=train.epochs,
         max_steps=steps if steps is not None else -1,
         seed=train.seed,
         data_seed=train.seed,
-        activation_checkpointing=train.gradient_checkpointing,
+        **version_arguments(warmup_ratio=train.warmup_ratio, activation_checkpointing=train.gradient_checkpointing),
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
         eval_on_start=bool(has_eval and eval_on_start),
@@ -215,7 +227,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     run records its settings (the config, step budget, student layout, data hash and `run_settings`, e.g.
     the recipe's fingerprint) in `output_dir`/run_settings.json; a resumed one must match them. With
     `eval_data` and `train.eval_every`, the validation perplexity is measured before training, every
-    `eval_every` steps and at the end.
+    `eval_every` steps and at the end. `progress` (default True): rich's bar on a terminal, else plain lines
+    (step, ETA, loss terms) every $KRONCOMPRESS_PROGRESS_INTERVAL seconds (see kroncompress.progress);
+    False: neither.
 
     Raises NonFiniteWeightsError (a ValueError) naming the first NaN/inf tensor of the student or teacher
     before training; NonFiniteLossError naming the step and loss term when a term turns NaN/inf;
@@ -224,7 +238,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     """
     from transformers.trainer_callback import PrinterCallback
 
-    from kroncompress.distill.hf_trainer import DistillTrainer, RichProgress
+    from kroncompress.distill.hf_trainer import DistillTrainer
 
     start = time.perf_counter()
     with keep_inference_settings(student, teacher):
@@ -257,8 +271,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
         if checkpoint is None and trainer.args.should_save:
             record_settings(output_dir, settings)
         trainer.remove_callback(PrinterCallback)
-        if _show_progress(progress):
-            trainer.add_callback(RichProgress())
+        bar = _progress_callback(progress)
+        if bar is not None:
+            trainer.add_callback(bar)
         if checkpoint and _finished(checkpoint, args.max_steps):
             # the Trainer would run one step past the end; a finished run only reloads its final weights
             from transformers import TrainerState

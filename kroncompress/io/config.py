@@ -68,8 +68,9 @@ def mark_config(config_path: str | os.PathLike, model: Any = None) -> None:
 
 
 def is_factorized(config: Any) -> bool:
-    """Whether a config describes factorized modules (a model that plain transformers cannot load)."""
-    return bool((getattr(config, CONFIG_KEY, None) or {}).get("modules"))
+    """Whether a config describes factorized or kc.quantize'd modules (a model plain transformers cannot load)."""
+    section = getattr(config, CONFIG_KEY, None) or {}
+    return bool(section.get("modules") or (section.get("quantization") or {}).get("modules"))
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):

@@ -17,6 +17,7 @@ from kroncompress.io.load import load_compressed
 from kroncompress.io.save import move_into_place
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
+from kroncompress.layers.quantized import dequantize_tensors
 from kroncompress.outputs import OutputExistsError
 from kroncompress.surgery import CONFIG_KEY, set_submodule, set_tie_word_embeddings
 
@@ -30,6 +31,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     kroncompress config section is dropped, so `save_pretrained` gives a folder that
     `AutoModelForCausalLM.from_pretrained` loads without kroncompress.
     """
+    for module in model.modules():  # integer factors (kc.quantize) back to float first
+        dequantize_tensors(module)
     replaced: dict[int, nn.Module] = {}
     heads = []
     for name, module in list(model.named_modules()):

@@ -16,6 +16,7 @@ from kroncompress.io.checks import (
     CONFIG_NAME, WEIGHTS_NAME, check_safetensors, check_section, config_error, first_nonfinite, rebuild_module,
 )
 from kroncompress.io.config import REFUSAL, mark
+from kroncompress.quantization import apply_saved_quantization
 from kroncompress.surgery import CONFIG_KEY, install
 
 
@@ -157,6 +158,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
                 install(model, name, new, entry.get("tied", []))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
+        apply_saved_quantization(model, section, lambda field, problem: config_error(folder, field, problem))
     tie_groups(model, section.get("shared_parameters", []) or [], folder)
     _load_weights_strict(model, folder / WEIGHTS_NAME)
     mark(model)

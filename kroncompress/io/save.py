@@ -18,6 +18,7 @@ from torch import nn
 from kroncompress.io.card import model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
 from kroncompress.io.config import is_factorized, mark_config, saved_section
+from kroncompress.quantization import check_foreign_quantization, weight_bytes
 from kroncompress.outputs import OutputExistsError, replace_folder
 from kroncompress.surgery import CONFIG_KEY, count_params
 
@@ -68,6 +69,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
     if not hasattr(model, "config"):
         raise ValueError(f"save_compressed expects a transformers model with a config, got {type(model).__name__}")
+    check_foreign_quantization(model)  # torch.ao / torchao modules: a clear error, not a crash in safetensors
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -91,6 +93,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
             (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         summary = {
             "params_before": section.get("params_before"), "params_after": count_params(model),
+            "weight_bytes": weight_bytes(model),
             "report": report.to_dict() if report is not None else None, "metrics": metrics or {},
         }
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")

@@ -9,6 +9,7 @@ would collect.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -48,6 +49,17 @@ def calibrate(run: Run) -> None:
         run.stats = collect_text(run.model, run.plan, run.tokenizer, data=text, tokens=settings.calibration_tokens,
                                  progress=settings.calibration_progress, cache_dir=settings.cache_dir)
     run.calibration = describe(run.stats)
+    section = settings.recipe.calibration
+    if section is not None and section.sequential and run.text is not None:  # the compress run: as modules are compressed
+        from kroncompress.calibration import calibration_blocks
+        from kroncompress.sequential import SequentialStatistics
+
+        blocks = calibration_blocks(run.model, run.plan, run.tokenizer, data=text, tokens=settings.calibration_tokens,
+                                    cache_dir=settings.cache_dir)
+        original = run.teacher if run.teacher is not None and run.text.config.teacher == "original" \
+            else copy.deepcopy(run.model)
+        run.sequential = SequentialStatistics(original, blocks, damping=section.damping)
+        run.calibration["sequential"] = True
 
 
 def require_calibration(run: Run) -> None:

@@ -24,9 +24,11 @@ class Run:
     task: Any = None  # kroncompress.tasks.data.TaskData
     teacher: Any = None
     stats: Any = None
+    sequential: Any = None  # kroncompress.sequential.SequentialStatistics when calibration.sequential is set
     calibration: dict | None = None
     compression: Any = None
     distill_summary: dict | None = None
+    quantization: dict | None = None  # kc.quantize's summary, when the recipe has a `quantize` section
     scores: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] | None = None

@@ -56,6 +56,8 @@ def text_report(run: Run) -> dict[str, Any]:
         "perplexity": run.scores, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
         "calibration": run.calibration, "tokenizer": _tokenizer_source(run.tokenizer),
         "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
+        "bytes_before": compression.bytes_before, "bytes_after": compression.bytes_after,
+        "quantization": run.quantization,
     }
 
 
@@ -111,14 +113,15 @@ def plot_scores(path: Path, summary: dict | None, scores: dict[str, Any], task_n
 def plot_history(path: Path, steps: list, values: list, teacher: float | None, *, label: str, ylabel: str,
                  title: str, log: bool = False) -> str | None:
     """A metric over the optimizer steps with the teacher's value as a dashed line, saved to `path`;
-    returns the file name, or None when matplotlib is not installed."""
+    returns the file name, or None when matplotlib is not installed (the `plot` extra): one warning line says so."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        logger.warning("note: matplotlib is not installed, so no %s was drawn (pip install 'kroncompress[plot]')",
+                       path.name)
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot(steps, values, marker="o", label=label)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from kroncompress.pipeline.calibrate import calibrate, require_calibration
-from kroncompress.pipeline.compress import compress
+from kroncompress.pipeline.compress import compress, quantize
 from kroncompress.pipeline.distill import distill
 from kroncompress.pipeline.evaluate import evaluate, speed
 from kroncompress.pipeline.load import check_language_model, keep_teacher, load, load_task, load_text
@@ -44,7 +44,8 @@ def check_output(run: Run) -> None:
 
 COMPRESS: tuple[Stage, ...] = (
     check_output, load, check_language_model, plan, load_text, evaluate("teacher"), speed("teacher"), keep_teacher,
-    calibrate, compress, evaluate("compressed"), distill, evaluate("distilled"), speed("compressed"), report, save,
+    calibrate, compress, evaluate("compressed"), distill, evaluate("distilled"), quantize, evaluate("quantized"),
+    speed("compressed"), report, save,
 )
 COMPRESS_TASK: tuple[Stage, ...] = (
     check_output, load_task, plan, evaluate("teacher"), keep_teacher, calibrate, compress, evaluate("compressed"),
@@ -110,7 +111,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     The output folder is a `save_compressed` folder (config.json, model.safetensors, recipe.yaml, README.md,
     tokenizer) whose report.json also carries `perplexity`, `distill` (steps, losses, validation history)
     and `timings`; plus perplexity.png (validation perplexity over the distillation steps, the teacher's as
-    a horizontal line) when matplotlib is installed. While distillation runs, checkpoints live in
+    a horizontal line) when matplotlib is installed (the `plot` extra). While distillation runs, checkpoints live in
     `<output>/checkpoints`; `resume=True` continues from the newest one; the finished folder replaces them.
     """
     return run_stages(PipelineSettings(

@@ -51,7 +51,7 @@ def merged_data(base, data: Any):
     override replaces every key that describes the text (SOURCE_KEYS)."""
     from kroncompress.recipe import DataConfig
 
-    override = _data_override(data) if data is not None else {}
+    override = data_override(data) if data is not None else {}
     kept = ({f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in SOURCE_KEYS}
             if base is not None else {})
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -81,7 +81,7 @@ def calibration_text(recipe, explicit: Any, data: Any) -> Any:
     return None
 
 
-def _data_override(data: Any) -> dict[str, Any]:
+def data_override(data: Any) -> dict[str, Any]:
     from kroncompress.distill.data import in_memory, parse_data_arg
 
     if in_memory(data):  # a datasets.Dataset, list of strings or token tensor (see kroncompress.distill.data)

@@ -13,7 +13,7 @@ import yaml
 from kroncompress.recipe.errors import _error
 from kroncompress.recipe.patterns import match_any
 from kroncompress.recipe.schema import (
-    RECIPE_VERSION, CalibrationConfig, DistillConfig, EvaluateConfig, Rule,
+    RECIPE_VERSION, BudgetConfig, CalibrationConfig, DistillConfig, EvaluateConfig, QuantizeConfig, Rule,
 )
 from kroncompress.recipe.validate import recipe_fields
 
@@ -30,8 +30,10 @@ class Recipe:
     distill: DistillConfig | None = None
     evaluate: EvaluateConfig | None = None
     calibration: CalibrationConfig | None = None
+    budget: BudgetConfig | None = None
     # a downstream task (kroncompress.tasks validates its fields): the columns, labels and metric to score
     task: dict[str, Any] | None = None
+    quantize: QuantizeConfig | None = None
     source: str = field(default="<python>", compare=False)
 
     def __post_init__(self):
@@ -73,8 +75,12 @@ class Recipe:
             out["evaluate"] = _plain(dataclasses.asdict(self.evaluate))
         if self.calibration is not None:
             out["calibration"] = _plain(dataclasses.asdict(self.calibration))
+        if self.budget is not None:
+            out["budget"] = {k: _plain(v) for k, v in dataclasses.asdict(self.budget).items() if v is not None}
         if self.task is not None:
             out["task"] = _plain(self.task)
+        if self.quantize is not None:
+            out["quantize"] = _plain(dataclasses.asdict(self.quantize))
         return out
 
     def to_yaml(self) -> str:

@@ -6,8 +6,8 @@
     report["scores"]["distilled"]["score"]
 
 Submodules: `spec` (the task spec, GLUE presets), `data` (loading and checking labelled data), `sources`
-(where the rows come from: hub, folders, csv / tsv / jsonl files), `metrics` (GLUE's metrics via
-scikit-learn / scipy), `modeling` (classification heads, padding, scoring), `loss` (the loss head of training
+(where the rows come from: hub, folders, csv / tsv / jsonl files), `metrics` (GLUE's metrics, computed
+with numpy), `modeling` (classification heads, padding, scoring), `loss` (the loss head of training
 on a task), `training` (fine-tuning and task distillation on the distillation engine). The whole run
 (`run_task_pipeline`) is the COMPRESS_TASK stage list of kroncompress.pipeline, handed on here.
 """

@@ -34,7 +34,8 @@ MAX_TRAINING_EVAL_EXAMPLES = 512  # the periodic scores during training use the 
 
 
 def _train(model: nn.Module, teacher: nn.Module | None, loss: TaskLoss, config: Any, tokenizer: Any, data: TaskData,
-           *, max_steps: int | None, eval_every: int | None, scratch_near: Path | None, where: str, advice: str):
+           *, max_steps: int | None, eval_every: int | None, scratch_near: Path | None, label: str, where: str,
+           advice: str):
     """Train `model` in place with the distillation engine (its TrainingArguments, evaluation schedule and
     trainer) on the task's training examples, scoring it on the evaluation split at the start, every
     `eval_every` steps (default: the engine's schedule) and at the end. A non-finite loss stops it with an
@@ -54,7 +55,7 @@ def _train(model: nn.Module, teacher: nn.Module | None, loss: TaskLoss, config: 
         trainer = DistillTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
                                  data_collator=collator(tokenizer), teacher=teacher, loss_fn=loss, score=score,
                                  where=where, advice=advice)
-        _quiet(trainer)
+        _quiet(trainer, label)
         trainer.train()
     model.eval()
     history = [{"step": int(e["step"]), "score": float(e["eval_score"])} for e in trainer.state.log_history
@@ -112,7 +113,7 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, schedule="linear", grad_accum=1, bf16=False))
     loss = TaskLoss({"ce": 1.0}, regression=data.spec.kind == "regression")
     state, history, seconds = _train(model, None, loss, config, tokenizer, data, max_steps=max_steps,
-                                     eval_every=eval_every, scratch_near=target, where="finetune",
+                                     eval_every=eval_every, scratch_near=target, label="finetune", where="finetune",
                                      advice="lower the learning rate (--lr / lr=), or check the data")
     check_finite_weights(model, "fine-tuned model", after_training=True, advice="lower the learning rate (--lr / lr=)")
     scores = evaluate_task(model, tokenizer, data)
@@ -125,11 +126,16 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     return result
 
 
-def _quiet(trainer) -> None:
+def _quiet(trainer, label: str) -> None:
+    """No tqdm bar nor printed log dicts; plain progress lines instead (step, ETA, loss, the last score), at
+    the rhythm of kroncompress.progress, which a log file or CI output shows too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from kroncompress.distill.hf_trainer import LogProgress
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LogProgress(label))  # it shows the last score from the logged eval_score
 
 
 class _scratch:
@@ -226,7 +232,7 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
                     disable_attention_dropout(student)
         state, history, seconds = _train(student, teacher if loss.needs_teacher else None, loss, config, tokenizer, data,
                                          max_steps=max_steps, eval_every=eval_every, scratch_near=scratch_near,
-                                         where="task distillation",
+                                         label="task distill", where="task distillation",
                                          advice="lower the recipe's distill.train.lr, turn on train.max_grad_norm, "
                                                 "or check the data")
     losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
