@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -283,9 +284,12 @@ def prepare(case: Case, root: Path, env: dict) -> tuple[Path, list[str]]:
     return work, fill(case.argv, values)
 
 
+PLAIN_PROGRESS = re.compile(r"^[\w ./-]+: [\d,.]+(/[\d,.]+)?( \w+)?( \(\d+%\))?, [\d:]+ elapsed")
+
+
 def _progress(line: str) -> bool:
-    """A progress bar of transformers' loading (stderr), not an error line."""
-    return "it/s]" in line or "%|" in line
+    """A progress bar of transformers' loading, or a kroncompress.progress line (stderr), not an error line."""
+    return "it/s]" in line or "%|" in line or PLAIN_PROGRESS.match(line) is not None
 
 
 def _first_line(stderr: str) -> str:
