@@ -36,7 +36,7 @@ from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and repor
     CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
     _record_plan, _renumber, set_tie_word_embeddings,
 )
-from kroncompress.strategies.base import replacement, weight_and_bias
+from kroncompress.strategies.base import config_error, replacement, weight_and_bias
 
 
 
@@ -244,6 +244,14 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
     layer_plan = _plan_layer(strategy, module, kind, stats)
     if isinstance(strategy, StructuralStrategy):
         return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config, impl=strategy)
+    if layer_plan.params_after >= layer_plan.params_before:
+        given = next((k for k in ("b_shape", "a_shape", "rank", "ranks", "ratio")
+                      if getattr(strategy.config, k, None) not in (None, "auto")), None)
+        raise config_error(strategy.name, given, (
+            f"the plan {_jsonable(layer_plan.spec)} keeps {layer_plan.params_after:,} parameters of the "
+            f"{' x '.join(map(str, layer_plan.shape))} weight's {layer_plan.params_before:,}: it does not compress it; "
+            "pick a smaller rank, a b_shape strictly inside the weight's shape (a_shape and b_shape both above 1 x 1), "
+            "or leave the module out of the rule's targets"))
     tied, note = [], ""
     others = [n for n in sharers.get(id(module.weight), []) if n != name]
     for other in others:
@@ -306,8 +314,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
-    if calibration is not None:
-        calibration.check_model(model, [r.name for r in factor_rows])
+    check_statistics(model, factor_rows, calibration)
     _warn_weight_only(factor_rows, calibration)
     total, report_rows = len(the_plan.rows), []
     for row in factor_rows + structural_rows:
@@ -341,6 +348,37 @@ def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -
         rows.append(row)
     after = the_plan.params_before - sum(r.plan.params_before - r.plan.params_after for r in rows)
     return dataclasses.replace(the_plan, rows=rows, params_after=after, calibrated=True)
+
+
+def check_statistics(model: nn.Module, rows: list[PlanRow], calibration, will_calibrate: bool = False) -> None:
+    """Raise ValueError, naming the module, unless the statistics fit the plan: given statistics fit the model
+    (`CalibrationStats.check_model`) and cover every module whose init uses them (statistics of another recipe
+    would silently leave those weight-only); without statistics (and no calibration pass to come,
+    `will_calibrate`), no module asks explicitly for a data-aware init (`init: whitened` / `als`)."""
+    wanting = [row for row in rows if not row.structural
+               and _module_stats(row.strategy_impl, row.plan.kind, True) is not None]
+    if calibration is not None:
+        calibration.check_model(model, [row.name for row in rows])
+        uncovered = [row.name for row in wanting if _stats_for(calibration, row.name) is None]
+        if uncovered:
+            source = f" in {calibration.path}" if getattr(calibration, "path", None) is not None else ""
+            covered = calibration.modules
+            shown = ", ".join(covered[:3]) + (f" and {len(covered) - 3} more" if len(covered) > 3 else "")
+            raise ValueError(f"calibration: the statistics{source} have no tokens for {uncovered[0]!r}"
+                             + (f" (and {len(uncovered) - 1} more modules)" if len(uncovered) > 1 else "")
+                             + f", which the recipe initialises from statistics; they cover {shown or 'no module'}: "
+                             "they were collected for another recipe or model. Calibrate this model with this "
+                             "recipe (kroncompress calibrate MODEL --recipe R / kc.calibrate), or set init: svd / nkp")
+        return
+    if will_calibrate:
+        return
+    explicit = [row for row in wanting if getattr(row.strategy_impl.config, "init", "auto") != "auto"]
+    if explicit:
+        row = explicit[0]
+        raise ValueError(f"module {row.name}: {row.strategy} init: {row.strategy_impl.config.init} needs calibration "
+                         "statistics, and none were given: add a `calibration:` section to the recipe, pass "
+                         "--calibration-data or --calibration-stats (calibration= in Python), or use init: auto "
+                         "(weight-only with a warning when there are none)")
 
 
 def _warn_weight_only(rows: list[PlanRow], calibration) -> None:
