@@ -82,10 +82,28 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
     one and finite values; a ValueError names the config field, module or tensor otherwise. Returns the model in eval mode, on `device`, in `dtype` (default: the
     saved dtype), with logits identical to the model that was saved.
     """
-    import transformers
     from transformers.initialization import no_init_weights
 
     folder = Path(directory)
+    cls, config, section, dtype, kwargs, specs = check_structure(folder, dtype, attn_implementation)
+    with no_init_weights():  # every weight is overwritten from the file; skip the random init
+        model = _build(cls, config, dtype, kwargs, folder)
+        rebuilt = rebuild_modules(model, section, folder, dtype)
+    _load_weights_strict(model, folder / WEIGHTS_NAME, specs, rebuilt.shared)
+    hf.mark(model)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def check_structure(folder: Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+    """Everything of a folder but the tensors' values, checked without allocating: the files, config.json and
+    its plans, and the weights file's header against the model rebuilt on the meta device (an edited config,
+    e.g. a huge n_embd, is refused before anything is allocated). Returns what `load_compressed` builds from:
+    (class, config, kroncompress section, dtype, build kwargs, stored tensor specs)."""
+    import transformers
+
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; give a folder written by kc.save_compressed (config.json + model.safetensors)")
@@ -103,22 +121,11 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
     dtype = dtype or _file_dtype(folder / WEIGHTS_NAME)
     implementation = attn_implementation or section.get("attn_implementation")
     kwargs = {"attn_implementation": implementation} if implementation else {}
-    # first on the meta device: an edited config (a huge n_embd, a wrong plan) is refused from the file's
-    # header before anything is allocated
     with torch.device("meta"):
         skeleton = _build(cls, config, dtype, kwargs, folder)
         rebuilt = rebuild_modules(skeleton, section, folder, dtype)
     check_stored(skeleton, specs, str(folder / WEIGHTS_NAME), rebuilt.modules)
-    del skeleton
-    with no_init_weights():  # every weight is overwritten from the file; skip the random init
-        model = _build(cls, config, dtype, kwargs, folder)
-        rebuilt = rebuild_modules(model, section, folder, dtype)
-    _load_weights_strict(model, folder / WEIGHTS_NAME, specs, rebuilt.shared)
-    hf.mark(model)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+    return cls, config, section, dtype, kwargs, specs
 
 
 def _build(cls, config, dtype, kwargs, folder: Path) -> nn.Module:
