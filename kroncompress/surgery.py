@@ -244,14 +244,7 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
     layer_plan = _plan_layer(strategy, module, kind, stats)
     if isinstance(strategy, StructuralStrategy):
         return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config, impl=strategy)
-    if layer_plan.params_after >= layer_plan.params_before:
-        given = next((k for k in ("b_shape", "a_shape", "rank", "ranks", "ratio")
-                      if getattr(strategy.config, k, None) not in (None, "auto")), None)
-        raise config_error(strategy.name, given, (
-            f"the plan {_jsonable(layer_plan.spec)} keeps {layer_plan.params_after:,} parameters of the "
-            f"{' x '.join(map(str, layer_plan.shape))} weight's {layer_plan.params_before:,}: it does not compress it; "
-            "pick a smaller rank, a b_shape strictly inside the weight's shape (a_shape and b_shape both above 1 x 1), "
-            "or leave the module out of the rule's targets"))
+    _check_reduces(name, strategy, layer_plan)
     tied, note = [], ""
     others = [n for n in sharers.get(id(module.weight), []) if n != name]
     for other in others:
@@ -267,6 +260,26 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
                 f"Compress the embedding instead (the tied head follows it), or add {name!r} to ignore"
             )
     return PlanRow(name, strategy.name, {}, layer_plan, 0, tied=tied, note=note, config=strategy.config, impl=strategy)
+
+
+def _check_reduces(name: str, strategy: Strategy, layer_plan: LayerPlan) -> None:
+    """A factor as large as the weight (a Kronecker A or B of 1 x 1) is the weight itself plus one scalar:
+    refused, with the fix. Any other plan that keeps at least the weight's parameters (a full-rank SVD, an
+    exact but larger factorisation) is allowed, with a warning: it changes the structure, not the size."""
+    spec = layer_plan.spec
+    whole = [key for key in ("a_shape", "b_shape") if isinstance(spec.get(key), (list, tuple)) and all(d == 1 for d in spec[key])]
+    if whole or layer_plan.params_after < layer_plan.params_before:
+        if whole:
+            other = "b_shape" if whole[0] == "a_shape" else "a_shape"
+            raise config_error(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
+                f"module {name}: {other} {list(spec[other])} is the whole {' x '.join(map(str, layer_plan.shape))} "
+                f"weight ({whole[0]} {list(spec[whole[0]])}), so the plan keeps {layer_plan.params_after:,} parameters "
+                f"of {layer_plan.params_before:,}: it does not compress it; pick a b_shape strictly inside the weight's "
+                "shape (e.g. ratio: 2 picks one), or leave the module out of the rule's targets"))
+        return
+    warnings.warn(f"plan: module {name}: {_jsonable(spec)} keeps {layer_plan.params_after:,} parameters of the "
+                  f"weight's {layer_plan.params_before:,}: it does not compress it (pick a smaller rank or larger "
+                  "factors)", UserWarning, stacklevel=4)
 
 
 def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow], list[str]]:
