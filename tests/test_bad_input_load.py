@@ -161,6 +161,14 @@ def _edit_config(folder: Path, **values) -> Path:
     return folder
 
 
+def _config_round_trip(folder: Path) -> Path:
+    """`AutoConfig.from_pretrained(f).save_pretrained(f)`: transformers drops `transformers_weights`."""
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
 def _recipe(tmp: Path, strategy: str, options: dict) -> Path:
     path = tmp / "recipe.yaml"
     path.write_text(json.dumps({"version": 1, "name": "case", "compress": [
@@ -259,6 +267,8 @@ CASES = [
     Case("export-tied-is-a-string", lambda b, t: _export(_edit_section(
         _copy(b, "compressed", t), lambda s: s["modules"][SVD_MODULE].__setitem__("tied", "lm_head")), t), 2,
          (SVD_MODULE, ".tied", "must be a list")),
+    Case("inspect-marker-lost-by-config-round-trip", lambda b, t: ["inspect", _config_round_trip(_copy(b, "compressed", t))],
+         2, ("lacks the kroncompress checkpoint marker", "random weights", "mark_config")),
     Case("plan-b-shape-whole-weight", lambda b, t: _plan(b["model"], _recipe(t, "kronecker", {
         "a_shape": [1, 1], "b_shape": [256, 64]})), 2, ("b_shape", "16,641", "whole 256 x 64 weight", "does not compress")),
 ]

@@ -136,6 +136,25 @@ def _build(cls, config, dtype, kwargs, folder: Path) -> nn.Module:
                          "restore it or compress again") from None
 
 
+def _marker_problems(folder: Path) -> list[str]:
+    """A folder with factorized modules whose config.json lost the marker that makes plain transformers refuse
+    it (a folder saved before the marker existed, or `AutoConfig.from_pretrained(f).save_pretrained(f)`, which
+    drops `transformers_weights`): kroncompress still loads it, but without kroncompress transformers would
+    load random weights, with only a warning."""
+    import json
+
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return []  # reported by the load
+    section = config.get(CONFIG_KEY) if isinstance(config, dict) else None
+    if not isinstance(section, dict) or not section.get("modules") or config.get("transformers_weights") == hf.REFUSAL:
+        return []
+    return [f"{folder / CONFIG_NAME} lacks the kroncompress checkpoint marker (`transformers_weights`, dropped by a "
+            "config round trip through transformers): kroncompress loads the folder, but plain transformers would load "
+            f"random weights; restore it with: python -c \"import kroncompress.hf as h; h.mark_config('{folder / CONFIG_NAME}')\""]
+
+
 def verify_folder(directory: str | os.PathLike, load: bool = True) -> list[str]:
     """Problems of a folder written by `save_compressed`, one line each (empty list: none found).
 
@@ -155,6 +174,8 @@ def verify_folder(directory: str | os.PathLike, load: bool = True) -> list[str]:
             check_safetensors(folder / WEIGHTS_NAME)
         except (ValueError, OSError) as exc:
             problems.append(str(exc))
+    if not problems:
+        problems += _marker_problems(folder)
     if problems or not load:
         return problems
     try:
