@@ -21,6 +21,11 @@ incorrect: ...: <REFUSAL>" before building anything. Our quantizer clears that f
 transformers' own `config.save_pretrained` drops `transformers_weights`, so `kc.save_compressed` and the
 `save_pretrained` of every compressed model (see `mark`) write it back into config.json.
 
+A config that lost its `quantization_config` (saved before it existed, or edited) but keeps the
+`kroncompress` plan is routed here all the same (`route_unmarked`, called from transformers'
+`get_hf_quantizer`), so it loads its factors, never random weights. The quantizer runs the loader check
+of `kc.load_compressed` (kroncompress.io.verify) on the files' headers before any value is read.
+
 Registration happens when kroncompress.io / kroncompress.surgery load (kc.compress, kc.load_compressed, ...),
 on `import kroncompress.hf`, and, after a bare `import kroncompress`, as soon as transformers loads its
 quantizer registry (`from_pretrained` does; a tokenizer-only use of transformers does not pay for it).
