@@ -107,7 +107,13 @@ class CalibrationStats:
 
     def check_model(self, model: nn.Module, names: Iterable[str]) -> None:
         """Raise ValueError naming the module if the statistics of any of `names` do not fit it (statistics
-        collected on another model, or a file saved for one)."""
+        collected on another model, or a file saved for one), or if they name a module the model lacks."""
+        known = dict(model.named_modules())
+        stranger = next((m for m in self.modules if m not in known), None)
+        if stranger is not None:
+            raise ValueError(f"calibration{self._source}: module {stranger!r} of the statistics is not in the "
+                             f"{type(model).__name__}; they were collected on another model (or the file was edited): "
+                             "calibrate this model (kc.calibrate) and pass those")
         for name in names:
             stat = self._by_module.get(name) or self._counts_of.get(name)
             if stat is None:
@@ -123,6 +129,10 @@ class CalibrationStats:
                 raise ValueError(f"calibration: module {name!r}: the {what} have size {size} but the module reads "
                                  f"{expected} {'token ids' if isinstance(stat, TokenCount) else 'features'}; they were "
                                  "collected on another model: calibrate this model (kc.calibrate) and pass those")
+
+    @property
+    def _source(self) -> str:
+        return f" ({self.path})" if self.path is not None else ""
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_module or name in self._counts_of
@@ -174,7 +184,14 @@ class CalibrationStats:
             return None
         key = (id(stat), stat.tokens, self.damping)
         if key not in self._recent:
-            self._recent[key] = damp(stat.sum_xxt / stat.tokens, self.damping)
+            moment = damp(stat.sum_xxt / stat.tokens, self.damping)
+            # squared later (whitening): refuse here what would overflow there, blaming the statistics, not W
+            if not bool(torch.isfinite(moment).all()) or moment.abs().max().item() > 1e150:
+                raise ValueError(f"calibration{self._source}: module {name!r}: the input second moment (damping "
+                                 f"{self.damping:g}) is not finite or too large to whiten (max |C| = "
+                                 f"{moment.abs().max().item():.3g}); the statistics were edited or damaged: collect "
+                                 "them again (kc.calibrate / kroncompress calibrate)")
+            self._recent[key] = moment
             while len(self._recent) > 2:
                 self._recent.pop(next(iter(self._recent)))
         return self._recent[key]

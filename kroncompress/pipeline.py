@@ -215,7 +215,7 @@ def run_stages(settings: PipelineSettings) -> dict[str, Any]:
 
 def _load_stage(run: _Run) -> None:
     """Load the model and tokenizer, plan the recipe on it, and set up the data and the scoring protocol."""
-    from kroncompress.surgery import plan
+    from kroncompress.surgery import check_statistics, plan
 
     settings = run.settings
     with run.stage("load"):
@@ -225,7 +225,8 @@ def _load_stage(run: _Run) -> None:
         run.plan = plan(run.model, settings.recipe)
     if settings.calibration_stats is not None:  # a damaged file or another model's statistics: before any expensive stage
         run.stats = load_calibration_stats(settings.calibration_stats, settings.device)
-        run.stats.check_model(run.model, [row.name for row in run.plan.rows])
+    # statistics of another recipe, or an explicit data-aware init without any: before any expensive stage
+    check_statistics(run.model, run.plan.rows, run.stats, will_calibrate=settings.calibrates)
     # built with distillation off too: its data settings block the held-out text the same way either way
     config = _distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
     run.distill_config = config if settings.distill else None

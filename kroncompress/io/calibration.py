@@ -14,6 +14,7 @@ values), with an error naming the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 FORMAT = "kroncompress-calibration"
 VERSION = 1
+MAX_TOKENS = 2**53  # token totals are exact in float64 up to here
 
 
 def save_calibration(stats, path: str | os.PathLike) -> Path:
@@ -84,8 +86,8 @@ def check_calibration_file(path: str | os.PathLike) -> tuple[float, dict]:
         groups = json.loads(metadata["groups"])
     except (KeyError, ValueError) as exc:
         raise _bad(path, "metadata", f"missing or malformed damping/groups ({exc})") from None
-    if not damping >= 0:
-        raise _bad(path, "damping", f"must be a number >= 0, got {metadata['damping']!r}")
+    if not 0 <= damping < math.inf:
+        raise _bad(path, "damping", f"must be a finite number >= 0, got {metadata['damping']!r}")
     if not isinstance(groups, dict):
         raise _bad(path, "groups", "is not a JSON object")
     return damping, groups
@@ -129,8 +131,8 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         modules, tokens = item.get("modules"), item.get("tokens")
         if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
             raise bad(f"{field}.modules", "must be a non-empty list of module names")
-        if type(tokens) is not int or tokens < 0:
-            raise bad(f"{field}.tokens", f"must be an integer >= 0, got {tokens!r}")
+        if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
+            raise bad(f"{field}.tokens", f"must be an integer from 0 to 2**53 (the tokens seen), got {tokens!r}")
         twice = seen.intersection(modules)
         if twice:
             raise bad(f"{field}.modules", f"module {sorted(twice)[0]!r} is listed twice")
@@ -141,7 +143,14 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         if tensor.dim() != dims or (dims == 2 and tensor.shape[0] != tensor.shape[1]) or tensor.numel() == 0:
             raise bad(tensor_name, f"has shape {tuple(tensor.shape)}; expected "
                                    + ("a square n x n matrix" if dims == 2 else "a non-empty vector"))
-        return modules, tokens, tensor.to(device=device, dtype=torch.float64)
+        tensor = tensor.to(dtype=torch.float64)
+        if dims == 1 and float(tensor.sum()) != tokens:  # a token histogram counts every token once
+            raise bad(f"{field}.tokens", f"is {tokens} but the token counts add up to {float(tensor.sum()):.0f}")
+        if dims == 2 and tokens == 0 and bool(tensor.any()):
+            raise bad(f"{field}.tokens", "is 0 but the statistics are not empty")
+        if dims == 2 and bool((tensor.diagonal() < 0).any()):  # a sum of x x^T has a non-negative diagonal
+            raise bad(tensor_name, "has negative diagonal entries: not a sum of x x^T")
+        return modules, tokens, tensor.to(device=device)
 
     inputs, counts = [], []
     for i, item in enumerate(_list(groups, "inputs", bad)):
