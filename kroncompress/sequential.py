@@ -57,12 +57,12 @@ class SequentialStatistics:
         modules the forward never reaches are left out (the caller compresses them without statistics)."""
         wanted = set(names)
         modules = dict(self.teacher.named_modules())
-        order: list[tuple[str, int]] = []
+        order: list[tuple[str, torch.Tensor]] = []  # the inputs are kept alive: a freed one's address could be reused
 
         def hook(name):
             def record(module, args):
                 if name not in {n for n, _ in order}:
-                    order.append((name, args[0].data_ptr()))
+                    order.append((name, args[0]))
             return record
 
         handles = [modules[n].register_forward_pre_hook(hook(n)) for n in wanted if n in modules]
@@ -74,12 +74,12 @@ class SequentialStatistics:
                 h.remove()
         groups: list[list[str]] = []
         last = None
-        for name, pointer in order:
-            if groups and pointer == last:
+        for name, tensor in order:
+            if groups and tensor is last:
                 groups[-1].append(name)
             else:
                 groups.append([name])
-            last = pointer
+            last = tensor
         return groups
 
     @torch.no_grad()

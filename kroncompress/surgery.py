@@ -39,7 +39,7 @@ from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and repor
     CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, jsonable, module_entries,
     record_plan, renumber, set_tie_word_embeddings,
 )
-from kroncompress.strategies.base import replacement, weight_and_bias
+from kroncompress.strategies.base import config_error, replacement, weight_and_bias
 
 
 
@@ -313,6 +313,7 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
     layer_plan = _plan_layer(strategy, module, kind, stats)
     if isinstance(strategy, StructuralStrategy):
         return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config, impl=strategy)
+    _check_reduces(name, strategy, layer_plan)
     tied, note = [], ""
     others = [n for n in sharers.get(id(module.weight), []) if n != name]
     for other in others:
@@ -328,6 +329,26 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
                 f"Compress the embedding instead (the tied head follows it), or add {name!r} to ignore"
             )
     return PlanRow(name, strategy.name, {}, layer_plan, 0, tied=tied, note=note, config=strategy.config, impl=strategy)
+
+
+def _check_reduces(name: str, strategy: Strategy, layer_plan: LayerPlan) -> None:
+    """A factor as large as the weight (a Kronecker A or B of 1 x 1) is the weight itself plus one scalar:
+    refused, with the fix. Any other plan that keeps at least the weight's parameters (a full-rank SVD, an
+    exact but larger factorisation) is allowed, with a warning: it changes the structure, not the size."""
+    spec = layer_plan.spec
+    whole = [key for key in ("a_shape", "b_shape") if isinstance(spec.get(key), (list, tuple)) and all(d == 1 for d in spec[key])]
+    if whole or layer_plan.params_after < layer_plan.params_before:
+        if whole:
+            other = "b_shape" if whole[0] == "a_shape" else "a_shape"
+            raise config_error(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
+                f"module {name}: {other} {list(spec[other])} is the whole {' x '.join(map(str, layer_plan.shape))} "
+                f"weight ({whole[0]} {list(spec[whole[0]])}), so the plan keeps {layer_plan.params_after:,} parameters "
+                f"of {layer_plan.params_before:,}: it does not compress it; pick a b_shape strictly inside the weight's "
+                "shape (e.g. ratio: 2 picks one), or leave the module out of the rule's targets"))
+        return
+    warnings.warn(f"plan: module {name}: {jsonable(spec)} keeps {layer_plan.params_after:,} parameters of the "
+                  f"weight's {layer_plan.params_before:,}: it does not compress it (pick a smaller rank or larger "
+                  "factors)", UserWarning, stacklevel=4)
 
 
 def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow], list[str]]:
@@ -386,8 +407,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     entries = module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
-    if calibration is not None:
-        calibration.check_model(model, [r.name for r in factor_rows])
+    check_statistics(model, factor_rows, calibration, will_calibrate=sequential is not None)
     if sequential is None:
         _warn_weight_only(factor_rows, calibration)
     if refit is None:
@@ -465,6 +485,37 @@ def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -
         rows.append(row)
     after = the_plan.params_before - sum(r.plan.params_before - r.plan.params_after for r in rows)
     return dataclasses.replace(the_plan, rows=rows, params_after=after, calibrated=True)
+
+
+def check_statistics(model: nn.Module, rows: list[PlanRow], calibration, will_calibrate: bool = False) -> None:
+    """Raise ValueError, naming the module, unless the statistics fit the plan: given statistics fit the model
+    (`CalibrationStats.check_model`) and cover every module whose init uses them (statistics of another recipe
+    would silently leave those weight-only); without statistics (and no calibration pass to come,
+    `will_calibrate`), no module asks explicitly for a data-aware init (`init: whitened` / `als`)."""
+    wanting = [row for row in rows if not row.structural
+               and _module_stats(row.strategy_impl, row.plan.kind, True) is not None]
+    if calibration is not None:
+        calibration.check_model(model, [row.name for row in rows])
+        uncovered = [row.name for row in wanting if _stats_for(calibration, row.name) is None]
+        if uncovered:
+            source = f" in {calibration.path}" if getattr(calibration, "path", None) is not None else ""
+            covered = calibration.modules
+            shown = ", ".join(covered[:3]) + (f" and {len(covered) - 3} more" if len(covered) > 3 else "")
+            raise ValueError(f"calibration: the statistics{source} have no tokens for {uncovered[0]!r}"
+                             + (f" (and {len(uncovered) - 1} more modules)" if len(uncovered) > 1 else "")
+                             + f", which the recipe initialises from statistics; they cover {shown or 'no module'}: "
+                             "they were collected for another recipe or model. Calibrate this model with this "
+                             "recipe (kroncompress calibrate MODEL --recipe R / kc.calibrate), or set init: svd / nkp")
+        return
+    if will_calibrate:
+        return
+    explicit = [row for row in wanting if getattr(row.strategy_impl.config, "init", "auto") != "auto"]
+    if explicit:
+        row = explicit[0]
+        raise ValueError(f"module {row.name}: {row.strategy} init: {row.strategy_impl.config.init} needs calibration "
+                         "statistics, and none were given: add a `calibration:` section to the recipe, pass "
+                         "--calibration-data or --calibration-stats (calibration= in Python), or use init: auto "
+                         "(weight-only with a warning when there are none)")
 
 
 def _warn_weight_only(rows: list[PlanRow], calibration) -> None:

@@ -15,6 +15,7 @@ values), with an error naming the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -99,7 +100,13 @@ class CalibrationStats:
 
     def check_model(self, model: nn.Module, names: Iterable[str]) -> None:
         """Raise ValueError naming the module if the statistics of any of `names` do not fit it (statistics
-        collected on another model, or a file saved for one)."""
+        collected on another model, or a file saved for one), or if they name a module the model lacks."""
+        known = dict(model.named_modules())
+        stranger = next((m for m in self.modules if m not in known), None)
+        if stranger is not None:
+            raise ValueError(f"calibration{self._source}: module {stranger!r} of the statistics is not in the "
+                             f"{type(model).__name__}; they were collected on another model (or the file was edited): "
+                             "calibrate this model (kc.calibrate) and pass those")
         for name in names:
             stat = self._by_module.get(name) or self._counts_of.get(name)
             if stat is None:
@@ -115,6 +122,10 @@ class CalibrationStats:
                 raise ValueError(f"calibration: module {name!r}: the {what} have size {size} but the module reads "
                                  f"{expected} {'token ids' if isinstance(stat, TokenCount) else 'features'}; they were "
                                  "collected on another model: calibrate this model (kc.calibrate) and pass those")
+
+    @property
+    def _source(self) -> str:
+        return f" ({self.path})" if self.path is not None else ""
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_module or name in self._counts_of
@@ -166,7 +177,14 @@ class CalibrationStats:
             return None
         key = (id(stat), stat.tokens, self.damping)
         if key not in self._recent:
-            self._recent[key] = damp(stat.sum_xxt / stat.tokens, self.damping)
+            moment = damp(stat.sum_xxt / stat.tokens, self.damping)
+            # squared later (whitening): refuse here what would overflow there, blaming the statistics, not W
+            if not bool(torch.isfinite(moment).all()) or moment.abs().max().item() > 1e150:
+                raise ValueError(f"calibration{self._source}: module {name!r}: the input second moment (damping "
+                                 f"{self.damping:g}) is not finite or too large to whiten (max |C| = "
+                                 f"{moment.abs().max().item():.3g}); the statistics were edited or damaged: collect "
+                                 "them again (kc.calibrate / kroncompress calibrate)")
+            self._recent[key] = moment
             while len(self._recent) > 2:
                 self._recent.pop(next(iter(self._recent)))
         return self._recent[key]
@@ -191,6 +209,7 @@ def in_features_or_none(module: nn.Module) -> int | None:
 
 FORMAT = "kroncompress-calibration"
 VERSION = 1
+MAX_TOKENS = 2**53  # token totals are exact in float64 up to here
 
 
 def save_calibration(stats, path: str | os.PathLike) -> Path:
@@ -252,8 +271,8 @@ def check_calibration_file(path: str | os.PathLike) -> tuple[float, dict]:
         groups = json.loads(metadata["groups"])
     except (KeyError, ValueError) as exc:
         raise _damaged(path, "metadata", f"missing or malformed damping/groups ({exc})") from None
-    if not damping >= 0:
-        raise _damaged(path, "damping", f"must be a number >= 0, got {metadata['damping']!r}")
+    if not 0 <= damping < math.inf:
+        raise _damaged(path, "damping", f"must be a finite number >= 0, got {metadata['damping']!r}")
     if not isinstance(groups, dict):
         raise _damaged(path, "groups", "is not a JSON object")
     return damping, groups
@@ -296,8 +315,8 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         modules, tokens = item.get("modules"), item.get("tokens")
         if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
             raise bad(f"{field}.modules", "must be a non-empty list of module names")
-        if type(tokens) is not int or tokens < 0:
-            raise bad(f"{field}.tokens", f"must be an integer >= 0, got {tokens!r}")
+        if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
+            raise bad(f"{field}.tokens", f"must be an integer from 0 to 2**53 (the tokens seen), got {tokens!r}")
         twice = seen.intersection(modules)
         if twice:
             raise bad(f"{field}.modules", f"module {sorted(twice)[0]!r} is listed twice")
@@ -308,7 +327,14 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         if tensor.dim() != dims or (dims == 2 and tensor.shape[0] != tensor.shape[1]) or tensor.numel() == 0:
             raise bad(tensor_name, f"has shape {tuple(tensor.shape)}; expected "
                                    + ("a square n x n matrix" if dims == 2 else "a non-empty vector"))
-        return modules, tokens, tensor.to(device=device, dtype=torch.float64)
+        tensor = tensor.to(dtype=torch.float64)
+        if dims == 1 and float(tensor.sum()) != tokens:  # a token histogram counts every token once
+            raise bad(f"{field}.tokens", f"is {tokens} but the token counts add up to {float(tensor.sum()):.0f}")
+        if dims == 2 and tokens == 0 and bool(tensor.any()):
+            raise bad(f"{field}.tokens", "is 0 but the statistics are not empty")
+        if dims == 2 and bool((tensor.diagonal() < 0).any()):  # a sum of x x^T has a non-negative diagonal
+            raise bad(tensor_name, "has negative diagonal entries: not a sum of x x^T")
+        return modules, tokens, tensor.to(device=device)
 
     inputs, counts = [], []
     for i, item in enumerate(_list(groups, "inputs", bad)):

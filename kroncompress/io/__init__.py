@@ -26,7 +26,8 @@ from kroncompress.calibration.stats import check_calibration_file, load_calibrat
 from kroncompress.io.card import source_license
 from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES, WEIGHTS_NAME, check_safetensors, first_nonfinite
 from kroncompress.io.dense import export_dense, to_dense
-from kroncompress.io.load import load_compressed, model_key_names, verify_folder
+from kroncompress.io.load import load_compressed, verify_folder
+from kroncompress.io.verify import model_key_names
 from kroncompress.io.config import saved_section
 from kroncompress.io.save import save_compressed
 from kroncompress.outputs import OutputExistsError  # noqa: F401  (re-exported, as before; documented there)

@@ -18,8 +18,10 @@ from torch import nn
 from kroncompress.io.card import model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
 from kroncompress.io.config import is_factorized, mark_config, saved_section
-from kroncompress.quantization import check_foreign_quantization, weight_bytes
+from kroncompress.io.load import check_structure
+from kroncompress.io.verify import check_finite
 from kroncompress.outputs import OutputExistsError, replace_folder
+from kroncompress.quantization import check_foreign_quantization, weight_bytes
 from kroncompress.surgery import CONFIG_KEY, count_params
 
 
@@ -44,7 +46,19 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_weights(model: nn.Module, path: Path) -> None:
-    save_file(unique_state(model), str(path), metadata={"format": "pt"})
+    state = unique_state(model)
+    check_finite(state, "save_compressed: the model")  # a folder holding NaN would not reload
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    """A model still wrapped in LoRA layers: its modules no longer match the plan config.json records."""
+    wrapped = next((name for name, module in model.named_modules() if type(module).__module__.startswith("peft.")
+                    or type(module).__name__ == "FactorizedLoraLinear"), None)
+    if wrapped is not None:
+        raise ValueError(f"save_compressed: {wrapped} is a LoRA (PEFT) layer; merge the adapters first "
+                         "(kc.lora.merge), or save the adapter alone with peft_model.save_pretrained and the base "
+                         "model with save_compressed")
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any = None, report: Any = None,
@@ -70,6 +84,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     if not hasattr(model, "config"):
         raise ValueError(f"save_compressed expects a transformers model with a config, got {type(model).__name__}")
     check_foreign_quantization(model)  # torch.ao / torchao modules: a clear error, not a crash in safetensors
+    _refuse_adapters(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -102,6 +117,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
+        try:  # what load_compressed checks before reading values: never put a folder in place that cannot reload
+            check_structure(tmp)
+        except ValueError as exc:
+            raise ValueError(f"save_compressed: not writing {target}: the folder would not reload ("
+                             f"{str(exc).replace(str(tmp), str(target))})") from None
         move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The plan stage: the recipe planned on the loaded model, right after loading, so a recipe error that needs
 the model (a target matching nothing, a shape that does not divide) is raised before any expensive stage;
-the same plan is then calibrated and compressed. Saved calibration statistics are loaded and checked against
-the planned modules here too (a damaged file or another model's statistics stop the run as early)."""
+the same plan is then calibrated and compressed. Saved calibration statistics are loaded here too, and
+`check_statistics` checks them against the plan (a damaged file or another model's statistics stop the run
+as early)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ def plan(run: Run) -> None:
         run.plan = plan_model(run.model, settings.recipe)
     if settings.calibration_stats is not None:
         run.stats = load_calibration_stats(settings.calibration_stats, settings.device)
-        run.stats.check_model(run.model, [row.name for row in run.plan.rows])
+
+
+def check_statistics(run: Run) -> None:
+    """Statistics of another recipe or model, or an explicit data-aware init with no statistics to come:
+    refused before any expensive stage (`kroncompress.surgery.check_statistics`)."""
+    from kroncompress.surgery import check_statistics as check
+
+    check(run.model, run.plan.rows, run.stats, will_calibrate=run.settings.calibrates)
 
 
 def load_calibration_stats(stats: Any, device: str | torch.device | None = None):

@@ -23,7 +23,7 @@ from kroncompress.pipeline.compress import compress, quantize
 from kroncompress.pipeline.distill import distill
 from kroncompress.pipeline.evaluate import evaluate, speed
 from kroncompress.pipeline.load import check_language_model, keep_teacher, load, load_task, load_text
-from kroncompress.pipeline.plan import plan
+from kroncompress.pipeline.plan import check_statistics, plan
 from kroncompress.pipeline.record import Run
 from kroncompress.pipeline.report import report
 from kroncompress.pipeline.save import save
@@ -43,7 +43,7 @@ def check_output(run: Run) -> None:
 
 
 COMPRESS: tuple[Stage, ...] = (
-    check_output, load, check_language_model, plan, load_text, evaluate("teacher"), speed("teacher"), keep_teacher,
+    check_output, load, check_language_model, plan, check_statistics, load_text, evaluate("teacher"), speed("teacher"), keep_teacher,
     calibrate, compress, evaluate("compressed"), distill, evaluate("distilled"), quantize, evaluate("quantized"),
     speed("compressed"), report, save,
 )
