@@ -76,9 +76,13 @@ class KronCompressQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         from kroncompress.io.checks import _check_section, _rebuild_module
         from kroncompress.io.load import _tie_groups
+        from kroncompress.io.metadata import check_weights_metadata
         from kroncompress.surgery import CONFIG_KEY, install
 
         self._checkpoint_files = list(kwargs.get("checkpoint_files") or [])
+        for path in self._checkpoint_files:  # a folder of a newer kroncompress format: say so before any shape error
+            if str(path).endswith(".safetensors"):
+                check_weights_metadata(path)
         folder = Path(str(getattr(model.config, "name_or_path", "") or "."))
         section = getattr(model.config, CONFIG_KEY, None) or {}
         modules = _check_section(section, folder)

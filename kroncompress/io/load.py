@@ -16,6 +16,7 @@ from kroncompress import hf  # registers the kroncompress format with transforme
 from kroncompress.io.checks import (
     CONFIG_NAME, WEIGHTS_NAME, _check_section, _config_error, _rebuild_module, check_safetensors, first_nonfinite,
 )
+from kroncompress.io.metadata import check_weights_metadata
 from kroncompress.surgery import CONFIG_KEY, install
 
 
@@ -130,6 +131,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; give a folder written by kc.save_compressed (config.json + model.safetensors)")
     check_safetensors(folder / WEIGHTS_NAME)
+    check_weights_metadata(folder / WEIGHTS_NAME)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError, OSError, TypeError) as exc:

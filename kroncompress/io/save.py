@@ -18,6 +18,7 @@ from torch import nn
 from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.io.card import _model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
+from kroncompress.io.metadata import weights_metadata
 from kroncompress.outputs import OutputExistsError, match_file_mode
 from kroncompress.surgery import CONFIG_KEY, count_params
 
@@ -62,7 +63,7 @@ def saved_section(model: nn.Module) -> dict[str, Any]:
 
 
 def _write_weights(model: nn.Module, path: Path) -> None:
-    save_file(_unique_state(model), str(path), metadata={"format": "pt"})
+    save_file(_unique_state(model), str(path), metadata=weights_metadata())
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any = None, report: Any = None,
@@ -74,9 +75,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     `recipe` (a Recipe; default: the one recorded by `compress`) is written resolved as recipe.yaml,
     `report` (a CompressionReport) and `metrics` into report.json and the README.md model card,
     `tokenizer` with its own save_pretrained. An existing `directory` is replaced only with overwrite=True.
-    The model card's front matter says `library_name: kroncompress`, the strategies as tags, and from
-    `card` (else what the model knows): `base_model` (default: the config's name_or_path), `license`
-    (default: the base model's, from its README.md or config when found locally) and `datasets`.
+    The model card's front matter says `library_name: kroncompress`, the strategies and model type as tags,
+    the `pipeline_tag` of the model class, and from `card` (else what the model knows): `base_model`
+    (default: the config's name_or_path; written only when it is a hub id, see `io.card.hub_model_id`),
+    `license` (default: the source model's, from its README.md or config when found locally) and `datasets`.
+    model.safetensors carries metadata naming the writer (see `io.metadata`).
     """
     from kroncompress.recipe import Recipe
 
