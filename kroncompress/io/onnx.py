@@ -109,6 +109,10 @@ def _optimize(model: Any) -> None:
     from onnxscript import optimizer
 
     optimizer.optimize_ir(model, output_size_limit=_FOLD_ANY)
+    # the exporter's debug notes on every node (the FX node, the module path, the Python stack) take more
+    # bytes than a small model's weights; runtimes never read them
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
 
 
 _FOLD_ANY = 1024
