@@ -73,17 +73,26 @@ def _after_import(target: str, then: str) -> None:
     from importlib.util import find_spec
 
     class _AfterImport(MetaPathFinder):
+        busy = False
+
         def find_spec(self, fullname, path=None, target_=None):
-            if fullname != target:
+            # a bare find_spec (e.g. transformers' is_peft_available) also lands here without importing:
+            # the hook stays in place until the module is really executed
+            if fullname != target or self.busy:
                 return None
-            sys.meta_path.remove(self)
-            spec = find_spec(fullname)
+            self.busy = True
+            try:
+                spec = find_spec(fullname)
+            finally:
+                self.busy = False
             if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return spec
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 try:
                     importlib.import_module(then)
                 except Exception:  # noqa: BLE001  never break the library's import; kc.* paths register again

@@ -48,11 +48,15 @@ def test_stock_from_pretrained_matches_load_adapter(saved, case):
     assert not torch.equal(got, logits(kc.load_compressed(folder), inputs))  # the trained adapter is applied
 
 
-@pytest.mark.parametrize("peft_first", [False, True])
-def test_a_fresh_interpreter_needs_only_import_kroncompress(saved, peft_first):
+@pytest.mark.parametrize("imports", [
+    ["import kroncompress", "from peft import PeftModel"],
+    ["from peft import PeftModel", "import kroncompress"],
+    # transformers' is_peft_available() looks peft up without importing it: the hook must wait for the import
+    ["import kroncompress", "import importlib.util", "assert importlib.util.find_spec('peft')", "from peft import PeftModel"],
+], ids=["kroncompress-first", "peft-first", "find-spec-first"])
+def test_a_fresh_interpreter_needs_only_import_kroncompress(saved, imports):
     folder, adapter = saved["kronecker"]
-    imports = ["import kroncompress", "from peft import PeftModel"]
-    code = "\n".join(imports[::-1] if peft_first else imports) + textwrap.dedent(f"""
+    code = "\n".join(imports) + textwrap.dedent(f"""
         import sys
         assert "kroncompress.lora" not in sys.modules
         from transformers import AutoModelForCausalLM
