@@ -16,6 +16,7 @@ from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME, check_safetensors,
 from kroncompress.io.config import REFUSAL, mark
 from kroncompress.io.verify import check_finite, check_shared, check_stored, read_specs
 from kroncompress.surgery import CONFIG_KEY
+from kroncompress.io.metadata import check_weights_metadata
 
 
 def _model_class(config: Any, folder: Path):
@@ -90,6 +91,7 @@ def check_structure(folder: Path, dtype: torch.dtype | None = None, attn_impleme
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; give a folder written by kc.save_compressed (config.json + model.safetensors)")
     specs = read_specs([folder / WEIGHTS_NAME])
+    check_weights_metadata(folder / WEIGHTS_NAME)  # a newer kroncompress format: say so before any shape error
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from kroncompress.pipeline.load import source_name
 from kroncompress.pipeline.record import Run
 from kroncompress.pipeline.report import write_report
@@ -61,7 +63,9 @@ def model_card(run: Run) -> dict[str, Any]:
     if settings.calibrates and settings.calibration_stats is None:  # saved statistics do not record their text
         section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
         texts.append(calibration_text(settings.recipe, settings.calibration_data, settings.data) or section)
-    return {"base_model": source_name(settings.model), "datasets": [d for d in map(hub_dataset, texts) if d]}
+    source = settings.model  # a model object without name_or_path has no source to name (not its class name)
+    base = getattr(source, "name_or_path", None) if isinstance(source, torch.nn.Module) else source_name(source)
+    return {"base_model": base or None, "datasets": [d for d in map(hub_dataset, texts) if d]}
 
 
 def hub_dataset(spec) -> str | None:
