@@ -31,6 +31,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from kroncompress.errors import OutputError, OutputExistsError
+
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "kroncompress"  # the config.json section a compressed folder carries (surgery.CONFIG_KEY)
@@ -42,14 +44,6 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")  # io
 
 # files the distillation engine keeps beside its checkpoint-N folders (checkpoints.SETTINGS_NAME, trainer.RESULT_NAME)
 RUN_FILES = ("run_settings.json", "distill_result.json")
-
-
-class OutputError(ValueError):
-    """A refused output folder: the message is one line naming the folder and the fix."""
-
-
-class OutputExistsError(FileExistsError, OutputError):
-    """The output folder exists and must not be written as asked (finished, unfinished or not ours)."""
 
 
 _FLAGS = {

@@ -31,6 +31,7 @@ from kroncompress.distill.losses import (
     LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
     keep_inference_settings, use_eager_attention,
 )
+from kroncompress.errors import CheckpointError
 from kroncompress.recipe import DistillConfig
 
 RESULT_NAME = "distill_result.json"
@@ -42,7 +43,7 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(CheckpointError):
     """The student or teacher holds NaN/inf weights before the first step: its source weights are broken."""
 
 

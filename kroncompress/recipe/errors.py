@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kroncompress.errors import RecipeError
 
-class RecipeError(ValueError):
-    """An invalid recipe: the message names the source, the YAML path, what is wrong and the fix."""
+__all__ = ["REPR_LIMIT", "RecipeError", "short_repr"]
 
 
 REPR_LIMIT = 200  # characters of a value quoted in an error message

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kroncompress.errors import OptionError
 from kroncompress.layers.base import FORWARD_MODES, FactorizedLinear, dense_weight_of
 
 KINDS = ("linear", "conv1d", "embedding")
@@ -63,14 +64,6 @@ class LayerPlan:
 @dataclass
 class StrategyConfig:
     """Base of every strategy's options; subclasses add fields and validate them in __post_init__."""
-
-
-class OptionError(ValueError):
-    """An invalid strategy option; `field` names the option, so a recipe can point at its YAML path."""
-
-    def __init__(self, strategy: str, field: str | None, problem: str):
-        self.strategy, self.field, self.problem = strategy, field, problem
-        super().__init__(f"strategy {strategy!r}, option {field!r}: {problem}" if field else f"strategy {strategy!r}: {problem}")
 
 
 def config_error(strategy: str, field_name: str | None, problem: str) -> OptionError:
