@@ -232,8 +232,7 @@ def _plan_layer(strategy: Strategy, module: nn.Module, kind: str, stats=None) ->
     usable = None if _is_meta(weight) else weight.detach()
     stats = _module_stats(strategy, kind, stats) if usable is not None else None
     try:
-        extra = {"stats": stats} if strategy.uses_calibration else {}  # the declared contract, see strategies.base
-        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
+        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, stats=stats)
     except OptionError:
         raise
     except ValueError as exc:  # a strategy's own check without a field: point at the rule's options
