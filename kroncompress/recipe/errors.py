@@ -23,7 +23,3 @@ def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
     text = shortener.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def _error(source: str, path: str, problem: str, fix: str | None = None) -> RecipeError:
-    where = f"{source}: {path}: " if path else f"{source}: "
-    return RecipeError(where + problem + (f"; {fix}" if fix else ""))

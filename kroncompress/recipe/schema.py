@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from kroncompress.recipe.errors import RecipeError, _error
+from kroncompress.recipe.errors import RecipeError
 from kroncompress.recipe.patterns import match_any
 
 RECIPE_VERSION = 1
@@ -229,7 +229,8 @@ class Recipe:
 
     def __post_init__(self):
         if not self.compress:
-            raise _error(self.source, "compress", "is empty", "add a rule, e.g. Rule(targets=[...], strategy=\"kronecker\", "
+            raise RecipeError("is empty", where=f"{self.source}: compress",
+                              fix="add a rule, e.g. Rule(targets=[...], strategy=\"kronecker\", "
                          "config=KroneckerConfig(ratio=2))")
         for i, rule in enumerate(self.compress):
             rule.index = i

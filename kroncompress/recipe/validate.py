@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from kroncompress.recipe.errors import REPR_LIMIT, RecipeError, _error, short_repr
+from kroncompress.recipe.errors import REPR_LIMIT, RecipeError, short_repr
 from kroncompress.recipe.patterns import ROLE_NAME, pattern_kind
 from kroncompress.recipe.schema import (
     RECIPE_VERSION, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
@@ -30,24 +30,29 @@ class _Node:
             return _Node(value, f"{self.path}[{key}]", self.source)
         return _Node(value, f"{self.path}.{key}" if self.path else key, self.source)
 
-    def error(self, problem: str, fix: str | None = None, key: str | None = None) -> RecipeError:
+    def where(self, key: str | None = None) -> str:
+        """`<source>: <yaml path>` of this value (or of its `key`), for a RecipeError's `where`."""
         path = (f"{self.path}.{key}" if self.path else key) if key else (self.path or "top level")
-        return _error(self.source, path, problem, fix)
+        return f"{self.source}: {path}"
 
     def mapping(self, allowed: Iterable[str], required: Iterable[str] = ()) -> "_Node":
         """Check this is a mapping with only `allowed` keys (did-you-mean) and all `required` ones."""
         allowed = list(allowed)
         if not isinstance(self.value, Mapping):
-            raise self.error(f"expected a mapping with keys {', '.join(allowed)}, got {_describe(self.value)}",
-                             "write it as `key: value` lines")
+            raise RecipeError(f"expected a mapping with keys {', '.join(allowed)}, got {_describe(self.value)}",
+                              where=self.where(),
+                              fix="write it as `key: value` lines")
         for key in self.value:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 fix = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
-                raise self.error(f"unknown key {short_repr(key)}", fix, key=key[:REPR_LIMIT] if isinstance(key, str) else short_repr(key))
+                raise RecipeError(f"unknown key {short_repr(key)}",
+                                  where=self.where(key[:REPR_LIMIT] if isinstance(key, str) else short_repr(key)),
+                                  fix=fix)
         for key in required:
             if self.value.get(key) is None:
-                raise self.error(f"missing required key {key!r}", f"add `{key}:` here ({', '.join(allowed)})")
+                raise RecipeError(f"missing required key {key!r}", where=self.where(),
+                                  fix=f"add `{key}:` here ({', '.join(allowed)})")
         return self
 
     def get(self, key: str, kinds: tuple[type, ...], default: Any = None, check: "_Check | None" = None) -> Any:
@@ -59,9 +64,11 @@ class _Node:
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
             wanted = "a number" if float in kinds else " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-            raise node.error(f"expected {wanted}, got {_describe(value)}", f"write {key} as {wanted}")
+            raise RecipeError(f"expected {wanted}, got {_describe(value)}", where=node.where(),
+                              fix=f"write {key} as {wanted}")
         if check is not None and not check.holds(value):
-            raise node.error(f"must be {check.requirement}, got {short_repr(value)}", f"set {key} to {check.requirement}" if check.requirement.startswith("one of")
+            raise RecipeError(f"must be {check.requirement}, got {short_repr(value)}", where=node.where(),
+                              fix=f"set {key} to {check.requirement}" if check.requirement.startswith("one of")
                              else f"set {key} to a value {check.requirement}")
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -71,18 +78,21 @@ class _Node:
         """A list of non-empty strings (a single string is accepted as a one-item list)."""
         if key not in self.value or self.value[key] is None:
             if required:
-                raise self.error(f"missing required key {key!r}", f'add `{key}: ["pattern", ...]`')
+                raise RecipeError(f"missing required key {key!r}", where=self.where(),
+                                  fix=f'add `{key}: ["pattern", ...]`')
             return []
         node = self.child(key)
         items = [node.value] if isinstance(node.value, str) else node.value
         if not isinstance(items, list):
-            raise node.error(f"expected a list of strings, got {_describe(node.value)}", f'write {key}: ["...", "..."]')
+            raise RecipeError(f"expected a list of strings, got {_describe(node.value)}", where=node.where(),
+                              fix=f'write {key}: ["...", "..."]')
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item.strip():
-                raise _Node(item, f"{node.path}[{i}]", self.source).error(
-                    f"expected a non-empty string, got {_describe(item)}", "quote the pattern")
+                raise RecipeError(f"expected a non-empty string, got {_describe(item)}",
+                                  where=_Node(item, f"{node.path}[{i}]", self.source).where(),
+                                  fix="quote the pattern")
         if required and not items:
-            raise node.error("is empty", "list at least one pattern")
+            raise RecipeError("is empty", where=node.where(), fix="list at least one pattern")
         return list(items)
 
 
@@ -118,10 +128,11 @@ def _check_targets(node: _Node, key: str, required: bool) -> list[str]:
             try:
                 re.compile(pattern[3:])
             except re.error as exc:
-                raise where.error(f"invalid regular expression {pattern[3:]!r} ({exc})",
-                                  "fix the regex; in YAML prefer single quotes so backslashes stay literal") from None
+                raise RecipeError(f"invalid regular expression {pattern[3:]!r} ({exc})", where=where.where(),
+                                  fix="fix the regex; in YAML prefer single quotes so backslashes stay literal") from None
         elif kind == "role" and not ROLE_NAME.fullmatch(pattern[5:]):
-            raise where.error(f"invalid role pattern {pattern!r}", "write role:<name>, e.g. role:attention or role:mlp")
+            raise RecipeError(f"invalid role pattern {pattern!r}", where=where.where(),
+                              fix="write role:<name>, e.g. role:attention or role:mlp")
     return patterns
 
 
@@ -143,7 +154,7 @@ def _check_options(strategy_cls, options: dict, node: _Node, override_options: d
             path = override_node.path
             problem = f"merged with {node.path}, option {field_name!r}: {problem}" if field_name else problem
             fix = (fix + "; " if fix else "") + "an override may clear a rule option with null (e.g. ratio: null)"
-        raise _error(node.source, path, problem, fix) from None
+        raise RecipeError(problem, where=f"{node.source}: {path}", fix=fix) from None
 
 
 def _parse_options(parent: _Node) -> tuple[dict, _Node]:
@@ -151,7 +162,8 @@ def _parse_options(parent: _Node) -> tuple[dict, _Node]:
         return {}, _Node({}, f"{parent.path}.options", parent.source)
     node = parent.child("options")
     if not isinstance(node.value, Mapping):
-        raise node.error(f"expected a mapping of strategy options, got {_describe(node.value)}", "e.g. options: {ratio: 2}")
+        raise RecipeError(f"expected a mapping of strategy options, got {_describe(node.value)}", where=node.where(),
+                          fix="e.g. options: {ratio: 2}")
     return dict(node.value), node
 
 
@@ -164,7 +176,8 @@ def _parse_rule(node: _Node, index: int) -> Rule:
     try:
         strategy_cls = get_strategy(strategy)
     except ValueError as exc:
-        raise node.child("strategy").error(str(exc), "pick one of the registered strategies") from None
+        raise RecipeError(str(exc), where=node.child("strategy").where(),
+                          fix="pick one of the registered strategies") from None
     options, options_node = _parse_options(node)
     config = _check_options(strategy_cls, options, options_node)
 
@@ -172,7 +185,8 @@ def _parse_rule(node: _Node, index: int) -> Rule:
     if node.value.get("overrides") is not None:
         list_node = node.child("overrides")
         if not isinstance(list_node.value, list):
-            raise list_node.error(f"expected a list, got {_describe(list_node.value)}", "write overrides: [{targets: [...], options: {...}}]")
+            raise RecipeError(f"expected a list, got {_describe(list_node.value)}", where=list_node.where(),
+                              fix="write overrides: [{targets: [...], options: {...}}]")
         for j in range(len(list_node.value)):
             item = list_node.child(j).mapping(["targets", "options"], required=["targets", "options"])
             override_options, override_node = _parse_options(item)
@@ -198,7 +212,8 @@ def _parse_losses(node: _Node) -> LossWeights:
             logits_kl = LogitsKL(weight=node.get("logits_kl", (int, float), 0.0, _non_negative))
     losses = LossWeights(logits_kl=logits_kl, **weights)
     if not any([losses.ce, losses.logits_kl.weight, losses.hidden_mse, losses.attention_kl, losses.embedding_mse]):
-        raise node.error("all loss weights are zero", "give at least one loss a positive weight, e.g. ce: 1.0")
+        raise RecipeError("all loss weights are zero", where=node.where(),
+                          fix="give at least one loss a positive weight, e.g. ce: 1.0")
     return losses
 
 
@@ -220,9 +235,11 @@ def _parse_data(node: _Node) -> DataConfig:
 def _check_one_text_source(node: _Node, section) -> None:
     given = [k for k in ("dataset", "files", "source") if getattr(section, k)]
     if len(given) > 1:
-        raise node.error(f"gives {' and '.join(given)}", "give only one text source: dataset, files or source")
+        raise RecipeError(f"gives {' and '.join(given)}", where=node.where(),
+                          fix="give only one text source: dataset, files or source")
     if section.config and not section.dataset:
-        raise node.error("config is set without dataset", "add dataset (config names a configuration of a hub dataset)")
+        raise RecipeError("config is set without dataset", where=node.where(),
+                          fix="add dataset (config names a configuration of a hub dataset)")
 
 
 def _parse_train(node: _Node) -> TrainConfig:
@@ -278,7 +295,7 @@ def _parse_training_args(node: _Node) -> dict[str, Any]:
     child = node.child("training_args").mapping(training_argument_names())
     problem = report_to_problem(child.value.get("report_to"))
     if problem:
-        raise child.child("report_to").error(problem, "e.g. report_to: [tensorboard], or none")
+        raise RecipeError(problem, where=child.child("report_to").where(), fix="e.g. report_to: [tensorboard], or none")
     return dict(child.value)
 
 
@@ -288,10 +305,13 @@ def _parse_distill(node: _Node) -> DistillConfig:
     if node.value.get("layer_map") is not None:
         lm = node.child("layer_map")
         if not isinstance(lm.value, list) or not lm.value:
-            raise lm.error(f"expected a non-empty list of teacher layer indices, got {_describe(lm.value)}", "e.g. layer_map: [0, 2, 4, 7, 9, 11]")
+            raise RecipeError(f"expected a non-empty list of teacher layer indices, got {_describe(lm.value)}",
+                              where=lm.where(),
+                              fix="e.g. layer_map: [0, 2, 4, 7, 9, 11]")
         for i, v in enumerate(lm.value):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise lm.child(i).error(f"expected a teacher layer index >= 0, got {_describe(v)}", "one teacher layer per student layer")
+                raise RecipeError(f"expected a teacher layer index >= 0, got {_describe(v)}", where=lm.child(i).where(),
+                                  fix="one teacher layer per student layer")
         layer_map = list(lm.value)
     section = lambda key, parse, default: parse(node.child(key)) if node.value.get(key) is not None else default()
     return DistillConfig(
@@ -313,8 +333,9 @@ def _parse_perplexity(node: _Node) -> PerplexityConfig:
         max_tokens=node.get("max_tokens", (int,), None, _at_least_one),
     )
     if ppl.stride > ppl.block_size:
-        raise node.child("stride").error(f"stride {ppl.stride} exceeds block_size {ppl.block_size} (tokens would be skipped)",
-                                         "use a stride <= block_size, e.g. half of it")
+        raise RecipeError(f"stride {ppl.stride} exceeds block_size {ppl.block_size} (tokens would be skipped)",
+                          where=node.child("stride").where(),
+                          fix="use a stride <= block_size, e.g. half of it")
     _check_one_text_source(node, ppl)
     return ppl
 
@@ -341,16 +362,18 @@ def _parse_recipe(root: _Node) -> Recipe:
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
     if version != RECIPE_VERSION:
-        raise root.child("version").error(f"unsupported recipe version {version}",
-                                          f"this kroncompress reads version {RECIPE_VERSION}; write version: {RECIPE_VERSION}")
+        raise RecipeError(f"unsupported recipe version {version}", where=root.child("version").where(),
+                          fix=f"this kroncompress reads version {RECIPE_VERSION}; write version: {RECIPE_VERSION}")
     name = root.get("name", (str,), check=_not_blank)
     description = root.get("description", (str,), "")
     if "\n" in description.strip():
-        raise root.child("description").error("spans several lines", "keep the description to one line")
+        raise RecipeError("spans several lines", where=root.child("description").where(),
+                          fix="keep the description to one line")
     rules_node = root.child("compress")
     if not isinstance(rules_node.value, list) or not rules_node.value:
-        raise rules_node.error(f"expected a non-empty list of rules, got {_describe(rules_node.value)}",
-                               "add a rule: - {targets: [...], strategy: kronecker, options: {ratio: 2}}")
+        raise RecipeError(f"expected a non-empty list of rules, got {_describe(rules_node.value)}",
+                          where=rules_node.where(),
+                          fix="add a rule: - {targets: [...], strategy: kronecker, options: {ratio: 2}}")
     rules = [_parse_rule(rules_node.child(i), i) for i in range(len(rules_node.value))]
     ignore = _check_targets(root, "ignore", required=False)
     distill = _parse_distill(root.child("distill")) if root.value.get("distill") is not None else None
@@ -366,6 +389,7 @@ def _parse_task(node: _Node) -> dict[str, Any]:
     if isinstance(node.value, str):
         return {"glue": node.value}
     if not isinstance(node.value, Mapping):
-        raise node.error(f"expected a GLUE task name or a mapping of task fields, got {_describe(node.value)}",
-                         "write e.g. task: {glue: sst2} or task: {text: sentence, label: label, labels: [neg, pos]}")
+        raise RecipeError(f"expected a GLUE task name or a mapping of task fields, got {_describe(node.value)}",
+                          where=node.where(),
+                          fix="write e.g. task: {glue: sst2} or task: {text: sentence, label: label, labels: [neg, pos]}")
     return dict(node.value)

@@ -133,14 +133,15 @@ def _mode_gram(T: torch.Tensor, k: int) -> torch.Tensor:
 def _leading_vectors(T: torch.Tensor, k: int, rank: int) -> torch.Tensor:
     """The `rank` leading left singular vectors of T's mode-k unfolding (short and wide): eigenvectors of
     its Gram (see _mode_gram), eigensolved in float64 (at most a few hundred rows: microseconds)."""
-    from kroncompress.linalg.svd import GRAM_LIMIT, non_finite_error, top_singular_triplets
+    from kroncompress.errors import DataError
+    from kroncompress.linalg.svd import GRAM_LIMIT, non_finite_problem, top_singular_triplets
 
     rows, cols = T.shape[k], T.numel() // max(T.shape[k], 1)
     if rows > min(cols, GRAM_LIMIT):  # not short and wide (e.g. order 1): the general solver
         return top_singular_triplets(T.movedim(k, 0).reshape(rows, cols), rank, name="tucker_decompose")[0]
     G = _mode_gram(T, k)
     if not bool(torch.isfinite(G).all()):
-        raise non_finite_error("tucker_decompose", T.movedim(k, 0).reshape(rows, cols))
+        raise DataError(non_finite_problem(T.movedim(k, 0).reshape(rows, cols)), where="tucker_decompose")
     _, vectors = torch.linalg.eigh(G)  # ascending
     return vectors.flip(1)[:, :rank].to(T.dtype)
 
