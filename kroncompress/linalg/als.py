@@ -174,7 +174,7 @@ def _b_step(A: torch.Tensor, V4: torch.Tensor, C4: torch.Tensor) -> torch.Tensor
     return _solve_spd(H, rhs).reshape(A.shape[0], n2, -1).permute(0, 2, 1)
 
 
-def _balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale A_r by c and B_r by 1/c so ||A_r|| = ||B_r|| (W^ unchanged; keeps the systems well scaled)."""
     a_norm = A.flatten(1).norm(dim=1).clamp_min(1e-300)
     b_norm = B.flatten(1).norm(dim=1).clamp_min(1e-300)
@@ -311,7 +311,7 @@ def kronecker_als(W: torch.Tensor, C: "torch.Tensor | MomentCache", a_shape: Sha
         return ALSResult(A.to(W.dtype), B.to(W.dtype), history, done, False)
     V4 = problem.V.reshape(m1, m2, n1, n2)
     Ca = problem.moments.a_view(n1, n2)
-    A, B = _balance(A, B)
+    A, B = balance(A, B)
     converged, sweeps = False, done
     for sweeps in range(done + 1, max_sweeps + 1):
         G, rhs = _a_system(B, V4, Ca)
@@ -322,7 +322,7 @@ def kronecker_als(W: torch.Tensor, C: "torch.Tensor | MomentCache", a_shape: Sha
         x = _solve_spd(H, rhs)
         B = x.reshape(rank, n2, m2).permute(0, 2, 1)
         history.append(problem.relative(_quadratic_error(problem.total, H, rhs, x)))
-        A, B = _balance(A, B)
+        A, B = balance(A, B)
         if history[-2] - history[-1] <= tol * history[-2]:
             converged = True
             break

@@ -12,7 +12,7 @@ import math
 import torch
 
 from kroncompress.errors import DataError
-from kroncompress.linalg.svd import _CHUNK_ELEMENTS, top_singular_triplets
+from kroncompress.linalg.svd import CHUNK_ELEMENTS, top_singular_triplets
 
 Shape = tuple[int, int]
 
@@ -34,7 +34,7 @@ def _shape_pair(name: str, shape):
     return pair
 
 
-def _infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
+def infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
     if a_shape is None and b_shape is None:
         raise DataError(
             f"nearest_kronecker: give a_shape or b_shape for a {m} x {n} matrix "
@@ -103,7 +103,7 @@ def nearest_kronecker(
         raise DataError(f"nearest_kronecker: W is complex ({W.dtype}); only real matrices are supported "
                          "(fit W.real and W.imag separately if that is what you mean)")
     m, n = W.shape
-    a_shape, b_shape = _infer_shapes(m, n, a_shape, b_shape)
+    a_shape, b_shape = infer_shapes(m, n, a_shape, b_shape)
     max_rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise DataError(
@@ -133,7 +133,7 @@ def _residual(R: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     """
     p, q = R.shape
     Vt, S = V.to(torch.float64).T, S.to(torch.float64)
-    step = max(1, _CHUNK_ELEMENTS // max(q, 1))
+    step = max(1, CHUNK_ELEMENTS // max(q, 1))
     total = torch.zeros((), dtype=torch.float64, device=R.device)
     for start in range(0, p, step):
         rows = slice(start, start + step)

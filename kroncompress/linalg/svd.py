@@ -19,7 +19,7 @@ import torch
 from kroncompress.errors import DataError
 
 GRAM_LIMIT = 4096  # largest short side for which the Gram eigensolve is used
-_CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
+CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
 _GRAM_CHUNK_ELEMENTS = 1 << 22  # the Gram's chunks: 32 MiB in float64, few parallel regions (see _gram)
 # R with at most this many columns (the (1 x k) factors of KnGPT2: 2 columns) is streamed on one thread
 # in cache-sized float64 chunks (_THIN_CHUNK_ELEMENTS, 1 MiB): see _thin
@@ -78,7 +78,7 @@ def _gram(R: torch.Tensor) -> torch.Tensor:
         return R.T @ R
     G = torch.zeros(q, q, dtype=torch.float64, device=R.device)
     # Wide R: chunks of several q rows keep each addmm compute-bound rather than re-writing G per chunk.
-    step = max(1, _GRAM_CHUNK_ELEMENTS // max(q, 1), min(4 * q, _CHUNK_ELEMENTS // max(q, 1)))
+    step = max(1, _GRAM_CHUNK_ELEMENTS // max(q, 1), min(4 * q, CHUNK_ELEMENTS // max(q, 1)))
     if q <= THIN_COLUMNS:  # run on one thread (_thin): cache-sized chunks
         step = _THIN_CHUNK_ELEMENTS // q
     # The buffer holds chunk^T (q x rows, rows contiguous): MKL runs G += C C^T far faster than C^T C

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kroncompress.errors import DataError
-from kroncompress.linalg.als import ALSResult, _balance
+from kroncompress.linalg.als import ALSResult, balance
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
 from kroncompress.linalg.svd import lapack_threads
 
@@ -237,13 +237,13 @@ def weighted_kronecker_als(E: torch.Tensor, stats: TokenStatistics, a_shape: Sha
     F4 = (w[:, None] * E64 + (E64 @ Ch if Ch is not None else 0)).reshape(v1, v2, d1, d2)
     w2 = w.reshape(v1, v2)
     C4 = None if Ch is None else Ch.reshape(d1, d2, d1, d2)
-    A, B = _balance(A, B)
+    A, B = balance(A, B)
     history = [objective(A, B)]
     converged, sweeps = False, 0
     for sweeps in range(1, max_sweeps + 1):
         A = _a_step(B, F4, w2, C4)
         B = _b_step(A, F4, w2, C4)
-        A, B = _balance(A, B)
+        A, B = balance(A, B)
         history.append(objective(A, B))
         if history[-2] - history[-1] <= tol * history[-2]:
             converged = True

@@ -15,19 +15,19 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; anything near this is not on
 MAX_YAML_NODES = 10_000  # values after expanding YAML aliases (the bundled recipes have a few hundred)
 
 
-class _RecipeLoader(yaml.SafeLoader):
+class RecipeLoader(yaml.SafeLoader):
     """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4) and refuses duplicate keys."""
 
 
-_RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_RecipeLoader.add_implicit_resolver(
+RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
 
 
-def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False):
+def _construct_mapping(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False):
     seen = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
@@ -38,7 +38,7 @@ def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
 
-_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _expanded_nodes(root: yaml.Node, source: str) -> int:
@@ -71,12 +71,12 @@ def _expanded_nodes(root: yaml.Node, source: str) -> int:
 
 
 def _load_yaml(text: str, source: str) -> Any:
-    """yaml.load with _RecipeLoader, refusing oversized text and alias-heavy documents before building them."""
+    """yaml.load with RecipeLoader, refusing oversized text and alias-heavy documents before building them."""
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError(f"is {len(text):,} characters long, not a recipe (at most {MAX_RECIPE_BYTES:,})",
                           where=source,
                           fix="give a recipe YAML file")
-    loader = _RecipeLoader(text)
+    loader = RecipeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

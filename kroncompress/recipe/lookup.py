@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import yaml
 
 from kroncompress.recipe.errors import RecipeError
-from kroncompress.recipe.loading import _RecipeLoader, parse_yaml, read_recipe_text
+from kroncompress.recipe.loading import RecipeLoader, parse_yaml, read_recipe_text
 from kroncompress.recipe.schema import Recipe
 
 
@@ -32,7 +32,7 @@ def list_recipes() -> list[tuple[str, str]]:
     out = []
     for name, entry in sorted(_bundled_files().items()):
         try:
-            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=RecipeLoader) or {}
         except yaml.YAMLError:
             data = {}
         description = data.get("description", "") if isinstance(data, Mapping) else ""

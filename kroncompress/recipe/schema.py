@@ -238,9 +238,9 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "Recipe":
         """Validate a parsed recipe (e.g. from `yaml.safe_load`); raises RecipeError."""
-        from kroncompress.recipe.validate import _Node, _parse_recipe  # late: validate builds these classes
+        from kroncompress.recipe.validate import RecipeNode, parse_recipe  # late: validate builds these classes
 
-        return _parse_recipe(_Node(data, "", source))
+        return parse_recipe(RecipeNode(data, "", source))
 
     def is_ignored(self, module_name: str, module: Any = None, aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
         """Whether the global `ignore` list excludes the module."""

@@ -18,24 +18,24 @@ from kroncompress.recipe.schema import (
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
 
 
-class _Node:
+class RecipeNode:
     """A value in the parsed YAML with its path, so every error can name where it happened."""
 
     def __init__(self, value: Any, path: str, source: str):
         self.value, self.path, self.source = value, path, source
 
-    def child(self, key: str | int) -> "_Node":
+    def child(self, key: str | int) -> "RecipeNode":
         value = self.value[key]
         if isinstance(key, int):
-            return _Node(value, f"{self.path}[{key}]", self.source)
-        return _Node(value, f"{self.path}.{key}" if self.path else key, self.source)
+            return RecipeNode(value, f"{self.path}[{key}]", self.source)
+        return RecipeNode(value, f"{self.path}.{key}" if self.path else key, self.source)
 
     def where(self, key: str | None = None) -> str:
         """`<source>: <yaml path>` of this value (or of its `key`), for a RecipeError's `where`."""
         path = (f"{self.path}.{key}" if self.path else key) if key else (self.path or "top level")
         return f"{self.source}: {path}"
 
-    def mapping(self, allowed: Iterable[str], required: Iterable[str] = ()) -> "_Node":
+    def mapping(self, allowed: Iterable[str], required: Iterable[str] = ()) -> "RecipeNode":
         """Check this is a mapping with only `allowed` keys (did-you-mean) and all `required` ones."""
         allowed = list(allowed)
         if not isinstance(self.value, Mapping):
@@ -89,7 +89,7 @@ class _Node:
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item.strip():
                 raise RecipeError(f"expected a non-empty string, got {_describe(item)}",
-                                  where=_Node(item, f"{node.path}[{i}]", self.source).where(),
+                                  where=RecipeNode(item, f"{node.path}[{i}]", self.source).where(),
                                   fix="quote the pattern")
         if required and not items:
             raise RecipeError("is empty", where=node.where(), fix="list at least one pattern")
@@ -119,10 +119,10 @@ _bos = _Check(lambda v: v == "auto" or isinstance(v, bool), "one of auto, true, 
 _not_blank = _Check(lambda v: bool(v.strip()), "a non-empty string")
 
 
-def _check_targets(node: _Node, key: str, required: bool) -> list[str]:
+def _check_targets(node: RecipeNode, key: str, required: bool) -> list[str]:
     patterns = node.string_list(key, required=required)
     for i, pattern in enumerate(patterns):
-        where = _Node(pattern, f"{node.path}.{key}[{i}]" if node.path else f"{key}[{i}]", node.source)
+        where = RecipeNode(pattern, f"{node.path}.{key}[{i}]" if node.path else f"{key}[{i}]", node.source)
         kind = pattern_kind(pattern)
         if kind == "regex":
             try:
@@ -136,8 +136,8 @@ def _check_targets(node: _Node, key: str, required: bool) -> list[str]:
     return patterns
 
 
-def _check_options(strategy_cls, options: dict, node: _Node, override_options: dict | None = None,
-                   override_node: _Node | None = None):
+def _check_options(strategy_cls, options: dict, node: RecipeNode, override_options: dict | None = None,
+                   override_node: RecipeNode | None = None):
     """The strategy's Config for options (merged with an override's); errors re-raised at their YAML path."""
     from kroncompress.strategies import OptionError
 
@@ -157,9 +157,9 @@ def _check_options(strategy_cls, options: dict, node: _Node, override_options: d
         raise RecipeError(problem, where=f"{node.source}: {path}", fix=fix) from None
 
 
-def _parse_options(parent: _Node) -> tuple[dict, _Node]:
+def _parse_options(parent: RecipeNode) -> tuple[dict, RecipeNode]:
     if "options" not in parent.value or parent.value["options"] is None:
-        return {}, _Node({}, f"{parent.path}.options", parent.source)
+        return {}, RecipeNode({}, f"{parent.path}.options", parent.source)
     node = parent.child("options")
     if not isinstance(node.value, Mapping):
         raise RecipeError(f"expected a mapping of strategy options, got {_describe(node.value)}", where=node.where(),
@@ -167,7 +167,7 @@ def _parse_options(parent: _Node) -> tuple[dict, _Node]:
     return dict(node.value), node
 
 
-def _parse_rule(node: _Node, index: int) -> Rule:
+def _parse_rule(node: RecipeNode, index: int) -> Rule:
     from kroncompress.strategies import get_strategy  # late: recipes load without touching torch until here
 
     node.mapping(["targets", "strategy", "options", "overrides"], required=["targets", "strategy"])
@@ -196,7 +196,7 @@ def _parse_rule(node: _Node, index: int) -> Rule:
     return Rule(targets=targets, strategy=strategy, options=options, overrides=overrides, index=index, config=config)
 
 
-def _parse_losses(node: _Node) -> LossWeights:
+def _parse_losses(node: RecipeNode) -> LossWeights:
     names = [f.name for f in dataclasses.fields(LossWeights)]
     node.mapping(names)
     defaults = LossWeights()
@@ -217,7 +217,7 @@ def _parse_losses(node: _Node) -> LossWeights:
     return losses
 
 
-def _parse_data(node: _Node) -> DataConfig:
+def _parse_data(node: RecipeNode) -> DataConfig:
     node.mapping([f.name for f in dataclasses.fields(DataConfig)])
     data = DataConfig(
         dataset=node.get("dataset", (str,)), config=node.get("config", (str,)), split=node.get("split", (str,), "train"),
@@ -232,7 +232,7 @@ def _parse_data(node: _Node) -> DataConfig:
     return data
 
 
-def _check_one_text_source(node: _Node, section) -> None:
+def _check_one_text_source(node: RecipeNode, section) -> None:
     given = [k for k in ("dataset", "files", "source") if getattr(section, k)]
     if len(given) > 1:
         raise RecipeError(f"gives {' and '.join(given)}", where=node.where(),
@@ -242,7 +242,7 @@ def _check_one_text_source(node: _Node, section) -> None:
                           fix="add dataset (config names a configuration of a hub dataset)")
 
 
-def _parse_train(node: _Node) -> TrainConfig:
+def _parse_train(node: RecipeNode) -> TrainConfig:
     node.mapping([f.name for f in dataclasses.fields(TrainConfig)])
     d = TrainConfig()
     return TrainConfig(
@@ -287,7 +287,7 @@ def report_to_problem(value: Any) -> str | None:
     return None
 
 
-def _parse_training_args(node: _Node) -> dict[str, Any]:
+def _parse_training_args(node: RecipeNode) -> dict[str, Any]:
     """`train.training_args`: a mapping of TrainingArguments keyword arguments (unknown keys: did-you-mean;
     `report_to` names known integrations)."""
     if node.value.get("training_args") is None:
@@ -299,7 +299,7 @@ def _parse_training_args(node: _Node) -> dict[str, Any]:
     return dict(child.value)
 
 
-def _parse_distill(node: _Node) -> DistillConfig:
+def _parse_distill(node: RecipeNode) -> DistillConfig:
     node.mapping(["teacher", "losses", "layer_map", "data", "train"])
     layer_map = None
     if node.value.get("layer_map") is not None:
@@ -323,7 +323,7 @@ def _parse_distill(node: _Node) -> DistillConfig:
     )
 
 
-def _parse_perplexity(node: _Node) -> PerplexityConfig:
+def _parse_perplexity(node: RecipeNode) -> PerplexityConfig:
     node.mapping([f.name for f in dataclasses.fields(PerplexityConfig)])
     ppl = PerplexityConfig(
         dataset=node.get("dataset", (str,)), config=node.get("config", (str,)), split=node.get("split", (str,), "test"),
@@ -340,13 +340,13 @@ def _parse_perplexity(node: _Node) -> PerplexityConfig:
     return ppl
 
 
-def _parse_evaluate(node: _Node) -> EvaluateConfig:
+def _parse_evaluate(node: RecipeNode) -> EvaluateConfig:
     node.mapping(["perplexity"])
     perplexity = _parse_perplexity(node.child("perplexity")) if node.value.get("perplexity") is not None else None
     return EvaluateConfig(perplexity=perplexity)
 
 
-def _parse_calibration(node: _Node) -> CalibrationConfig:
+def _parse_calibration(node: RecipeNode) -> CalibrationConfig:
     node.mapping(["data", "tokens", "block_size", "damping"])
     d = CalibrationConfig()
     data = _parse_data(node.child("data")) if node.value.get("data") is not None else DataConfig()
@@ -357,7 +357,7 @@ def _parse_calibration(node: _Node) -> CalibrationConfig:
     )
 
 
-def _parse_recipe(root: _Node) -> Recipe:
+def parse_recipe(root: RecipeNode) -> Recipe:
     root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task"],
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
@@ -384,7 +384,7 @@ def _parse_recipe(root: _Node) -> Recipe:
                   distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
 
 
-def _parse_task(node: _Node) -> dict[str, Any]:
+def _parse_task(node: RecipeNode) -> dict[str, Any]:
     """The `task:` section: a GLUE name, or a mapping of task fields that kroncompress.tasks checks."""
     if isinstance(node.value, str):
         return {"glue": node.value}

@@ -272,6 +272,11 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
     return Replacement(new, error, output_error, strategy.init_for(kind, stats))
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's `true` is not a rank)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_ratio(value: Any) -> bool:
     """A compression ratio: a finite number > 1 (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 1

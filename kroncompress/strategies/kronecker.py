@@ -13,7 +13,7 @@ import torch
 from kroncompress.errors import OptionError
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerLinear
 from kroncompress.linalg.als import KroneckerProblem, MomentCache, content_key, kronecker_als
-from kroncompress.linalg.kronecker import _infer_shapes, kron_matmul_flops, nearest_kronecker
+from kroncompress.linalg.kronecker import infer_shapes, kron_matmul_flops, nearest_kronecker
 from kroncompress.linalg.shapes import divisors, is_degenerate, kronecker_shapes
 from kroncompress.linalg.weighted_kronecker import TokenStatistics, weighted_kronecker_als
 from kroncompress.strategies.base import (
@@ -111,7 +111,7 @@ class KroneckerStrategy(Strategy):
         m, n = shape
         if cfg.ratio is None:
             try:
-                a_shape, b_shape = _infer_shapes(m, n, cfg.a_shape, cfg.b_shape)
+                a_shape, b_shape = infer_shapes(m, n, cfg.a_shape, cfg.b_shape)
             except ValueError as exc:
                 field_name = "b_shape" if cfg.b_shape is not None else "a_shape"
                 raise OptionError("kronecker", field_name, str(exc).removeprefix("nearest_kronecker: ")) from None

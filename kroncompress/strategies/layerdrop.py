@@ -14,17 +14,13 @@ from typing import Any
 from torch import nn
 
 from kroncompress.errors import CheckpointError, OptionError, RecipeError
-from kroncompress.strategies.base import LayerPlan, StrategyConfig, StructuralStrategy
+from kroncompress.strategies.base import LayerPlan, StrategyConfig, StructuralStrategy, is_int
 from kroncompress.strategies.registry import register_strategy
 
 # Config attributes that hold the number of blocks (GPT-2 maps num_hidden_layers to n_layer itself).
 LAYER_COUNT_ATTRIBUTES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Attributes of modules inside a block that store the block's own index (KV caches, layer scaling).
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id")
-
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -38,10 +34,10 @@ class LayerDropConfig(StrategyConfig):
     def __post_init__(self):
         if (self.keep is None) == (self.every is None):
             raise OptionError("layerdrop", "keep", "give either keep (e.g. [0, 2, 4, 7, 9, 11]) or every (e.g. 2), exactly one of them")
-        if self.every is not None and (not _is_index(self.every) or self.every < 1):
+        if self.every is not None and (not is_int(self.every) or self.every < 1):
             raise OptionError("layerdrop", "every", f"must be a positive int (2 keeps blocks 0, 2, 4, ...), got {self.every!r}")
         if self.keep is not None:
-            ok = isinstance(self.keep, (list, tuple)) and len(self.keep) > 0 and all(_is_index(i) and i >= 0 for i in self.keep)
+            ok = isinstance(self.keep, (list, tuple)) and len(self.keep) > 0 and all(is_int(i) and i >= 0 for i in self.keep)
             if not ok:
                 raise OptionError("layerdrop", "keep", f"must be a non-empty list of block indices >= 0, got {self.keep!r}")
             if list(self.keep) != sorted(set(self.keep)):
@@ -94,7 +90,7 @@ def drop_layers(model: nn.Module, layers_name: str, keep: list[int]) -> None:
     for new_index, block in enumerate(kept):
         for module in block.modules():
             for attribute in LAYER_INDEX_ATTRIBUTES:
-                if _is_index(getattr(module, attribute, None)):
+                if is_int(getattr(module, attribute, None)):
                     setattr(module, attribute, new_index)
     parent_name, _, child = layers_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, kept)

@@ -24,12 +24,10 @@ from kroncompress.linalg.tensorized import (
     balanced_factors, solve_ranks, tucker_ranks_problem, tucker_decompose, tucker_matmul_flops, tucker_max_ranks, tucker_params,
     tucker_params_grid,
 )
-from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, dense_flops, is_ratio, linear_params
+from kroncompress.strategies.base import (
+    LayerPlan, Strategy, StrategyConfig, check_forward_mode, dense_flops, is_int, is_ratio, linear_params,
+)
 from kroncompress.strategies.registry import register_strategy
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_tensor_options(strategy: str, cfg, rank_field: str, min_order: int = 1) -> None:
@@ -38,19 +36,19 @@ def check_tensor_options(strategy: str, cfg, rank_field: str, min_order: int = 1
         raise OptionError(strategy, rank_field, f"give either {rank_field} or ratio (e.g. 2), exactly one of them")
     if cfg.ratio is not None and not is_ratio(cfg.ratio):
         raise OptionError(strategy, "ratio", f"must be a finite number > 1 (2 halves the parameters), got {cfg.ratio!r}")
-    if not _is_int(cfg.order) or cfg.order < min_order:
+    if not is_int(cfg.order) or cfg.order < min_order:
         raise OptionError(strategy, "order", f"must be an int >= {min_order} (factors per side), got {cfg.order!r}")
     for name in ("out_shape", "in_shape"):
         value = getattr(cfg, name)
         if value is None:
             continue
-        if not isinstance(value, (list, tuple)) or len(value) < min_order or not all(_is_int(v) and v >= 1 for v in value):
+        if not isinstance(value, (list, tuple)) or len(value) < min_order or not all(is_int(v) and v >= 1 for v in value):
             raise OptionError(strategy, name, f"expected a list of at least {min_order} positive ints, e.g. [48, 64], got {value!r}")
     if cfg.out_shape is not None and cfg.in_shape is not None and len(cfg.out_shape) != len(cfg.in_shape):
         raise OptionError(strategy, "in_shape", f"needs as many factors as out_shape {list(cfg.out_shape)} "
                            f"(got {list(cfg.in_shape)}); pad with 1s")
     for name in ("n_iter_max",):
-        if hasattr(cfg, name) and (not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 1):
+        if hasattr(cfg, name) and (not is_int(getattr(cfg, name)) or getattr(cfg, name) < 1):
             raise OptionError(strategy, name, f"must be a positive int, got {getattr(cfg, name)!r}")
 
 
@@ -84,7 +82,7 @@ def ranks_for_ratio(strategy: str, cfg, shape, params_of, max_ranks, params_of_g
 
 
 def check_explicit_ranks(strategy: str, field: str, ranks, max_ranks, what: str, problem=None) -> list[int]:
-    if not isinstance(ranks, (list, tuple)) or len(ranks) != len(max_ranks) or not all(_is_int(r) for r in ranks):
+    if not isinstance(ranks, (list, tuple)) or len(ranks) != len(max_ranks) or not all(is_int(r) for r in ranks):
         raise OptionError(strategy, field, f"needs {len(max_ranks)} ints ({what}), got {ranks!r}")
     bad = [(k, r, mr) for k, (r, mr) in enumerate(zip(ranks, max_ranks)) if not 1 <= r <= mr]
     if bad:

@@ -96,17 +96,17 @@ def solve_ranks(params_of: Callable[[Sequence[int]], int], max_ranks: Sequence[i
 
 
 # -- decompositions (tensorly) ------------------------------------------------------------------------
-def _work_tensor(weight: torch.Tensor, out_shape, in_shape) -> torch.Tensor:
+def work_tensor(weight: torch.Tensor, out_shape, in_shape) -> torch.Tensor:
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return weight.detach().to(dtype).reshape(*out_shape, *in_shape).contiguous()
 
 
-def _tensorly_pytorch():
+def tensorly_pytorch():
     import tensorly as tl
 
     # Thread-local and restored on exit: other code keeps whatever backend it had.
     return tl.backend_context("pytorch", local_threadsafe=True)
 
 
-def _cast(tensors, like: torch.Tensor) -> list[torch.Tensor]:
+def cast_like(tensors, like: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device=like.device, dtype=like.dtype).contiguous() for t in tensors]

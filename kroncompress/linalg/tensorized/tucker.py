@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from kroncompress.linalg.tensorized.common import _cast, _work_tensor
+from kroncompress.linalg.tensorized.common import cast_like, work_tensor
 
 
 # -- parameter counts and rank limits ----------------------------------------------------------------
@@ -66,7 +66,7 @@ def tucker_decompose(weight: torch.Tensor, out_shape, in_shape, ranks, n_iter_ma
         # of copying its transpose, then move the small core's modes back
         core, factors = tucker_decompose(weight.T, in_shape, out_shape, [*ranks[d:], *ranks[:d]], n_iter_max, tol)
         return core.permute(*range(d, 2 * d), *range(d)).contiguous(), [*factors[d:], *factors[:d]]
-    T = _work_tensor(weight, out_shape, in_shape)
+    T = work_tensor(weight, out_shape, in_shape)
     modes = list(range(T.dim()))
     half = max(1, len(modes) // 2)
     groups = [modes[:half], modes[half:]] if len(modes) > 1 else [modes]
@@ -85,7 +85,7 @@ def tucker_decompose(weight: torch.Tensor, out_shape, in_shape, ranks, n_iter_ma
             if previous is not None and previous - error <= tol * max(error, 1e-30 * total ** 0.5):
                 break
             previous = error
-    return _cast([core], weight)[0], _cast(factors, weight)
+    return cast_like([core], weight)[0], cast_like(factors, weight)
 
 
 def _split(T: torch.Tensor, k: int) -> tuple[int, int, int]:
