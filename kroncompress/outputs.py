@@ -160,10 +160,16 @@ def lock_path(path: Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
-def _unwritable(path: Path, action: str, exc: OSError, style: str) -> OutputError:
-    reason = exc.strerror or type(exc).__name__
-    return OutputError(f"{_flag(style, 'output')} {str(path)!r}: cannot {action} ({reason}); "
-                       "give a folder you can write to")
+def _output(path: Path, style: str) -> str:
+    """How an error names the output folder: `--output 'runs/x'` (CLI) or `output_dir 'runs/x'` (API)."""
+    return f"{_flag(style, 'output')} {str(path)!r}"
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+UNWRITABLE = "give a folder you can write to"  # the fix of every refused write
 
 
 @contextlib.contextmanager
@@ -175,7 +181,8 @@ def _locked(path: Path, style: str) -> Iterator[None]:
         try:
             handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise _unwritable(path, f"write the lock file {lock.name} into {str(path.parent)!r}", exc, style) from None
+            raise OutputError(f"cannot write the lock file {lock.name} into {str(path.parent)!r} ({_reason(exc)})",
+                              where=_output(path, style), fix=UNWRITABLE) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -185,7 +192,7 @@ def _locked(path: Path, style: str) -> Iterator[None]:
                 raise OutputError(f"output folder {str(path)!r} is in use by another kroncompress run"
                                   f"{f' (pid {holder})' if holder.isdigit() else ''}, which holds {str(lock)!r}; "
                                   "wait for it to finish, or give another folder") from None
-            raise _unwritable(path, f"lock {str(lock)!r}", exc, style) from None
+            raise OutputError(f"cannot lock {str(lock)!r} ({_reason(exc)})", where=_output(path, style), fix=UNWRITABLE) from None
         try:  # the file may have been unlinked by the run that just released it: lock the one on disk
             same = os.stat(lock).st_ino == os.fstat(handle).st_ino
         except FileNotFoundError:
@@ -213,7 +220,7 @@ def _check_writable_inside(path: Path, style: str) -> None:
         with tempfile.TemporaryFile(dir=path, prefix=".kroncompress-probe-"):
             pass
     except OSError as exc:
-        raise _unwritable(path, "write into it", exc, style) from None
+        raise OutputError(f"cannot write into it ({_reason(exc)})", where=_output(path, style), fix=UNWRITABLE) from None
 
 
 # -- 4. leftovers of an interrupted save ---------------------------------------------------------
@@ -257,7 +264,8 @@ def claim_output(output: str | os.PathLike, *, overwrite: bool = False, resume: 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unwritable(path, f"create its parent folder {str(path.parent)!r}", exc, style) from None
+        raise OutputError(f"cannot create its parent folder {str(path.parent)!r} ({_reason(exc)})", where=_output(path, style),
+                          fix=UNWRITABLE) from None
     with _locked(path, style):
         check_output_state(path, overwrite=overwrite, resume=resume, style=style)  # changed while we waited?
         if path.exists():

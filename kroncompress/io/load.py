@@ -157,7 +157,10 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
                 install(model, name, new, entry.get("tied", []))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
-    _tie_groups(model, section.get("shared_parameters", []) or [], folder)
+    if "shared_parameters" in section:
+        _tie_groups(model, section["shared_parameters"] or [], folder)
+    else:  # a folder transformers' own save_pretrained wrote (e.g. a layer-dropped model): its config's ties
+        model.tie_weights()
     _load_weights_strict(model, folder / WEIGHTS_NAME)
     hf.mark(model)
     model.eval()
