@@ -99,7 +99,8 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     segment, resuming from the last checkpoint, and score after each."""
     torch.set_num_threads(args.threads)
     from kroncompress.distill.trainer import distill
-    from kroncompress.pipeline_data import _distill_config, _DistillData, _positions, _Scorer
+    from kroncompress.evaluate import max_positions
+    from kroncompress.pipeline_data import _distill_config, _DistillData, _Scorer
 
     done = cached_rows(cache)
     todo = [s for s in targets if point_key(cell, s) not in done]
@@ -124,7 +125,7 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     teacher, info = kc.load_model(args.model)
     tokenizer = info.tokenizer
     config = _distill_config(recipe, args.data, HORIZON)
-    limit = _positions(teacher)
+    limit = max_positions(teacher)
     data = _DistillData(config, args.data, tokenizer, None, limit)
     score = _Scorer(recipe, args.data, data, tokenizer, None, limit)
     train, _ = data.blocks()
