@@ -90,7 +90,7 @@ def check_forward_mode(strategy: str, value) -> None:
     """The `forward_mode` option of a factorising strategy (see FactorizedLinear)."""
     if value not in FORWARD_MODES:
         raise OptionError(strategy, "forward_mode", f"must be one of {', '.join(FORWARD_MODES)} (\"dense\" builds W once "
-                           f"next to the factors: memory for speed), got {value!r}")
+                          f"next to the factors: memory for speed), got {value!r}")
 
 
 def with_forward_mode(strategy: "Strategy", module: nn.Module) -> nn.Module:
@@ -289,8 +289,8 @@ def check_ratio_met(strategy: str, ratio: float, shape: tuple[int, int], factor_
     if factor_params < budget * (1 - RATIO_BAND):
         achieved = shape[0] * shape[1] / max(factor_params, 1)
         raise OptionError(strategy, "ratio", f"{ratio:g} cannot be met for a {shape[0]} x {shape[1]} weight: the "
-                           f"closest plan keeps {factor_params:,} of the {budget:,.0f} parameters the ratio allows "
-                           f"(ratio {achieved:.3g}); {reach}")
+                          f"closest plan keeps {factor_params:,} of the {budget:,.0f} parameters the ratio allows "
+                          f"(ratio {achieved:.3g}); {reach}")
 
 
 def linear_params(shape: tuple[int, int], kind: str, bias: bool) -> int:

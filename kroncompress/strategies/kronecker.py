@@ -164,8 +164,8 @@ class KroneckerStrategy(Strategy):
             smallest = min((m1 * n1 + (m // m1) * (n // n1), m1, n1) for m1 in divisors(m) for n1 in divisors(n)
                            if cfg.allow_degenerate or not is_degenerate((m1, n1), (m // m1, n // n1)))
             raise OptionError("kronecker", "ratio", f"{cfg.ratio:g} is too high for a {m} x {n} weight: the smallest "
-                               f"Kronecker factors need {smallest[0]:,} parameters (ratio {m * n / smallest[0]:.4g}); "
-                               "lower the ratio")
+                              f"Kronecker factors need {smallest[0]:,} parameters (ratio {m * n / smallest[0]:.4g}); "
+                              "lower the ratio")
         if cfg.rank == "auto":
             reach = "no Kronecker shape comes closer; pick a ratio they reach, or use strategy svd"
         else:

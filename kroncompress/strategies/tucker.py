@@ -46,7 +46,7 @@ def check_tensor_options(strategy: str, cfg, rank_field: str, min_order: int = 1
             raise OptionError(strategy, name, f"expected a list of at least {min_order} positive ints, e.g. [48, 64], got {value!r}")
     if cfg.out_shape is not None and cfg.in_shape is not None and len(cfg.out_shape) != len(cfg.in_shape):
         raise OptionError(strategy, "in_shape", f"needs as many factors as out_shape {list(cfg.out_shape)} "
-                           f"(got {list(cfg.in_shape)}); pad with 1s")
+                          f"(got {list(cfg.in_shape)}); pad with 1s")
     for name in ("n_iter_max",):
         if hasattr(cfg, name) and (not is_int(getattr(cfg, name)) or getattr(cfg, name) < 1):
             raise OptionError(strategy, name, f"must be a positive int, got {getattr(cfg, name)!r}")
@@ -62,8 +62,8 @@ def resolve_tensorization(strategy: str, cfg, shape) -> tuple[tuple[int, ...], t
             result.append(balanced_factors(size, order))
         elif math.prod(given) != size:
             raise OptionError(strategy, name, f"{list(given)} multiplies to {math.prod(given)}, but the weight "
-                               f"{m} x {n} has {size}; use factors of {size}, e.g. {list(balanced_factors(size, order))}, "
-                               "or leave it out to choose automatically")
+                              f"{m} x {n} has {size}; use factors of {size}, e.g. {list(balanced_factors(size, order))}, "
+                              "or leave it out to choose automatically")
         else:
             result.append(tuple(given))
     return result[0], result[1]
@@ -75,8 +75,8 @@ def ranks_for_ratio(strategy: str, cfg, shape, params_of, max_ranks, params_of_g
     ranks = solve_ranks(params_of, max_ranks, budget, params_of_grid=params_of_grid)
     if ranks is None:
         raise OptionError(strategy, "ratio", f"{cfg.ratio} is too high for a {shape[0]} x {shape[1]} weight: the "
-                           f"smallest ranks need {params_of([1] * len(max_ranks))} parameters > budget {budget:.0f}; "
-                           "lower the ratio or use more factors (order)")
+                          f"smallest ranks need {params_of([1] * len(max_ranks))} parameters > budget {budget:.0f}; "
+                          "lower the ratio or use more factors (order)")
     used = params_of(ranks) / budget
     return ranks, f"ranks from ratio {cfg.ratio}: {used:.2%} of the budget of {budget:.0f} parameters"
 
