@@ -23,6 +23,9 @@ def test_option_error_keeps_its_signature_and_fields():
     assert str(error) == "strategy 'kronecker', option 'ratio': must be in (0, 1], got 2"
     assert (error.strategy, error.field, error.problem) == ("kronecker", "ratio", "must be in (0, 1], got 2")
     assert str(OptionError("svd", None, "no rank")) == "strategy 'svd': no rank"
+    from kroncompress.strategies.base import config_error  # the builder plugins used before: now the class itself
+
+    assert config_error is OptionError
 
 
 @pytest.mark.parametrize("error", [
