@@ -206,7 +206,8 @@ class KroneckerStrategy(Strategy):
     def decompose(self, weight, plan, stats=None):
         """Factors {"a": (r, m1, n1), "b": (r, m2, n2)}; with `stats` (the damped n x n input second
         moment, or an embedding's TokenStatistics) and init als/auto, minimise the output error by ALS
-        instead of the weight error."""
+        instead of the weight error. An ALS fit that plan() finished for this weight and these statistics
+        (`plan.fit`) is taken as it is, the same factors a fresh run gives, and cleared from the plan."""
         spec = plan.spec
         if self.init_for(plan.kind, stats).startswith("als-freq"):
             result = weighted_kronecker_als(weight, stats, spec["a_shape"], spec["b_shape"], spec["rank"],
