@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test docs bench clean
+.PHONY: setup demo test docs wheel bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 	$(MAKE) docs
+	$(MAKE) wheel
+
+# Build the sdist and the wheel into dist/, install the wheel (not editable) in a clean venv, run the CLI
+# and from_pretrained from it outside the checkout (about a minute on 2 cores; scripts/check_wheel.py)
+wheel: $(STAMP)
+	$(BIN)/python scripts/check_wheel.py --dist dist
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet --site-dir .site

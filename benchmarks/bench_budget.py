@@ -5,7 +5,7 @@ budgets. Each (recipe, seed) is ONE distillation run with a schedule that does n
 (linear warmup, then a constant learning rate: the stable phase of a warmup-stable-decay schedule, no decay),
 evaluated at the checkpoints `--steps` (e.g. 40, 160, 640): a run's prefix is the curve, and extending it
 resumes from its last checkpoint. Every evaluation scores the same held-out text as bench_quality (the
-pipeline's own scorer: the validation plays, block 256, stride 128).
+pipeline's own scorer: since the one-protocol change the test plays, before it the validation plays; block 256, stride 128).
 
     python benchmarks/bench_budget.py --steps 40 160 640 --seeds 0 1 [--until 160] [--only REGEX] [--report-only]
 

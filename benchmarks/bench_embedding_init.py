@@ -82,7 +82,7 @@ def report(rows: list[dict], args) -> str:
         f"each under the heavy lock); {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
         f"Model: the packaged `{MODEL}` ({first['teacher_params']:,} parameters, teacher perplexity "
-        f"{first['teacher']:.2f}). Perplexity: held-out validation plays, block {first['protocol']['block_size']}, "
+        f"{first['teacher']:.2f}). Perplexity: held-out plays (validation plays for cells before the one-protocol change, test plays after), block {first['protocol']['block_size']}, "
         f"stride {first['protocol']['stride']}, {first['protocol']['tokens']:,} tokens. Calibration: {args.tokens:,} "
         f"tokens of the train plays (token counts for the embedding, second moments for every factored matrix and the "
         f"tied head). Distillation: {first['steps']} ILKD steps with the kn-gpt2 losses and the bench_quality budget.", "",

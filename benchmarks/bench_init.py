@@ -1,6 +1,6 @@
 """Weight-only vs data-aware initialisation on the packaged demo teacher (issue 6's measurement).
 
-For each recipe: perplexity on the held-out Shakespeare validation plays right after decomposition,
+For each recipe: perplexity on the held-out Shakespeare text (the pipeline's protocol) right after decomposition,
 with weight-only init (no calibration) and with data-aware init (calibration on the train plays:
 ALS for kronecker, whitened SVD for svd); and, for kn-gpt2, perplexity after the same short ILKD
 budget from each init. Writes a markdown report.
@@ -55,7 +55,7 @@ def main() -> None:
             report = run(recipe, data_aware, None, args.tokens)
             ppl = report["perplexity"]
             teacher = ppl["teacher"]["perplexity"]
-            protocol = f"block {ppl['teacher']['block_size']}, stride {ppl['teacher']['stride']}, {ppl['teacher']['tokens']:,} tokens"
+            protocol = f"{ppl['teacher'].get('data', 'validation plays')}, block {ppl['teacher']['block_size']}, stride {ppl['teacher']['stride']}, {ppl['teacher']['tokens']:,} tokens"
             errors = [m.get("output_error") for m in report["compression"]["modules"] if m.get("output_error") is not None]
             rows.append((recipe, "data-aware" if data_aware else "weight-only", report["params_after"],
                          ppl["compressed"]["perplexity"], sum(errors) / len(errors) if errors else None, report["seconds"]))
@@ -74,7 +74,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
         f"Model: the packaged `shakespeare-gpt2` (teacher perplexity {teacher:.2f}). Perplexity: held-out "
-        f"validation plays, {protocol}. Calibration: {args.tokens:,} tokens of the train plays.", "",
+        f"text ({protocol}). Calibration: {args.tokens:,} tokens of the train plays.", "",
         "## Zero-shot, right after decomposition", "",
         "| recipe | init | params after | perplexity | mean output error (calibrated modules) | seconds |",
         "|---|---|---|---|---|---|",

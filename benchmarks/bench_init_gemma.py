@@ -63,7 +63,7 @@ def run_cell(name: str, folder: Path, texts: dict, args) -> dict:
     # the teacher's weights, to score every init's output error alike (weight-only inits report none of their own)
     weights = {n: dense_weight_of(model.get_submodule(n))[0].detach().clone() for n in names}
     start = time.perf_counter()
-    report = kc.compress(model, recipe, calibration=stats)
+    report = kc.compress(model, recipe, calibration=stats, refit=False)  # each init as it is, not refit
     seconds = time.perf_counter() - start
     rows = report.rows
     oerr = [output_error(weights[n], model.get_submodule(n).dense_weight().detach(), stats.matrix(n)) for n in names]

@@ -93,6 +93,7 @@ def run_cell(cell: Cell, model: str, data: str, steps: int, calibration_tokens: 
                                  calibration_tokens=calibration_tokens if data_aware else None)
     ppl = report["perplexity"]
     protocol = {k: ppl["teacher"][k] for k in ("block_size", "stride", "tokens")}
+    protocol["data"] = ppl["teacher"].get("data")  # the text scored (cells before it was recorded: the validation plays)
     embedding = any(t.endswith(".wte") for rule in recipe["compress"] for t in rule["targets"])
     return {**asdict(cell), "key": cell.key, "line": cell.line, "embedding_compressed": embedding,
             "params": report["params_after"],
@@ -267,9 +268,14 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float, missing: lis
         + f" ({args.jobs} at a time, one torch thread each).", "",
         "## Protocol", "",
         f"- Teacher: `{args.model}`, {teacher_params:,} parameters, perplexity {teacher:.2f}.",
-        f"- Perplexity: the held-out text of `{args.data}` (for Shakespeare: the validation plays), a fixed sample, "
-        f"block {protocol['block_size']}, stride {protocol['stride']}, {protocol['tokens']:,} scored tokens; the same "
-        "text for every cell and seed.",
+        (f"- Perplexity: the held-out text of `{args.data}` ({protocol['data']}, what `kroncompress eval --data "
+         f"{args.data}` scores), "
+         if protocol.get("data") else
+         f"- Perplexity: the held-out text of `{args.data}` (for Shakespeare: the validation plays), a fixed sample, ")
+        + f"block {protocol['block_size']}, stride {protocol['stride']}, {protocol['tokens']:,} scored tokens; the same "
+        "text for every cell and seed."
+        + (" **Not so here: the cells were scored under different protocols (text, windows or tokens); rerun the older "
+           "ones before comparing them.**" if len({json.dumps(r["protocol"], sort_keys=True) for r in rows}) > 1 else ""),
         f"- Distillation budget, identical for every cell: {first['steps']} steps x {TRAIN['batch_size']} sequences x "
         f"{TRAIN['grad_accum']} accumulation x {protocol['block_size']} tokens = {tokens:,} tokens; AdamW lr "
         f"{TRAIN['lr']}, {TRAIN['warmup_ratio']:.0%} warmup then {TRAIN['schedule']}, clip {TRAIN['max_grad_norm']}, "

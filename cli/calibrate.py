@@ -102,7 +102,7 @@ def calibrate(model: str, recipe: str, output: str, overwrite: bool, calibration
     bars = render.LazyProgress(render.console(stderr=True))
     try:
         stats = run_calibration(model, parsed, calibration_data=calibration_data, tokens=calibration_tokens,
-                                tokenizer=given, device=device, dtype=dtype, progress=bars.callback("calibrating"))
+                                tokenizer=given, device=device, dtype=dtype, progress=bars.callback("calibrating", "tokens"))
     finally:
         bars.stop()
     stats.save(path)

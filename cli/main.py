@@ -77,18 +77,23 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--recipe", "-r", required=True, help="Bundled recipe name (see `kroncompress recipes`) or a YAML path.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (params_before, params_after, modules) instead of tables.")
+@click.option("--calibration-stats", default=None, type=click.Path(), metavar="FILE",
+              help="Statistics from `kroncompress calibrate`: shapes and a recipe's budget are chosen on them.")
 @user_errors
-def plan(model: str, recipe: str, as_json: bool) -> None:
+def plan(model: str, recipe: str, as_json: bool, calibration_stats: str | None = None) -> None:
     """Dry run: which module gets which strategy, factor shapes and parameter counts.
 
-    Needs shapes only: a folder holding just config.json is planned on the meta device.
+    Needs shapes only: a folder holding just config.json is planned on the meta device. A recipe with a
+    `budget` shows each module's share and why (on weight errors, or on --calibration-stats).
     """
+    from kroncompress.calibration import CalibrationStats
     from kroncompress.recipe import load_recipe
     from kroncompress.surgery import plan as plan_model
 
     parsed = load_recipe(recipe)  # validate before the (slow) model load
-    loaded, info = _load(model, meta_ok=True)
-    data = plan_model(loaded, parsed).to_dict()
+    stats = CalibrationStats.load(calibration_stats) if calibration_stats is not None else None
+    loaded, info = _load(model, meta_ok=stats is None)
+    data = plan_model(loaded, parsed, stats).to_dict()
     if as_json:
         _print_json({"model": model, "recipe": parsed.name, "source": info.source, "meta": info.meta, **data})
         return
@@ -96,7 +101,11 @@ def plan(model: str, recipe: str, as_json: bool) -> None:
     out.print(f"[bold]model[/bold] {info.description}")
     out.print(f"[bold]recipe[/bold] {parsed.name}: {parsed.description}")
     out.print(render.module_table("plan", data.get("modules", [])))
+    if data.get("allocation") is not None:
+        out.print(render.allocation_table(data["allocation"]))
     out.print(render.totals_line(data))
+    if render.compressed_lines(data).plain:
+        out.print(render.compressed_lines(data))
 
 
 def _report_to(value: str | None) -> dict | None:
@@ -185,13 +194,15 @@ def compress(model: str, recipe: str, output: str, overwrite: bool, data: str | 
                                   distill=not no_distill, calibration_tokens=calibration_tokens,
                                   calibration_stats=calibration_stats,
                                   training_args=training_args, eval_tokens=eval_tokens, tokenizer=loaded_tokenizer,
-                                  compress_progress=bars.callback("compressing"),
-                                  calibration_progress=bars.callback("calibrating"),
-                                  eval_progress=lambda done, total, stage: bars.callback(f"perplexity ({stage})")(done, total))
+                                  compress_progress=bars.callback("compressing", "modules"),
+                                  calibration_progress=bars.callback("calibrating", "tokens"),
+                                  eval_progress=lambda done, total, stage: bars.callback(f"perplexity ({stage})", "windows")(done, total))
         finally:
             bars.stop()
     compression = report["compression"]
     out.print(render.module_table("compressed modules", compression.get("modules", []), with_error=True))
+    if render.compressed_lines(compression).plain:
+        out.print(render.compressed_lines(compression))
     out.print(render.summary_table(report))
     out.print(f"[green]saved[/green] {output}" + (f"  (plot: {report['plot']})" if report.get("plot") else ""))
 
@@ -328,14 +339,11 @@ def export(directory: Path, dense: bool, output: str, overwrite: bool) -> None:
 
     if not dense:
         raise UserError("export needs a format: pass --dense (a plain HF model with the factors multiplied back)")
-    from kroncompress.outputs import mark_output
-
     if not (directory / "config.json").is_file():
         raise UserError(f"{str(directory)!r} is not a compressed model folder (no config.json); pass a folder written by `kroncompress compress`")
     with _claim_output(output, overwrite=overwrite, sources=[directory]) as output:
         _quiet_transformers()
-        _save(export_dense, directory, output, overwrite=overwrite)
-        mark_output(output, "export")  # so a later --overwrite may replace it
+        _save(export_dense, directory, output, overwrite=overwrite)  # with the manifest a later --overwrite needs
     render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
 
 
@@ -374,7 +382,7 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
     try:
         result = evaluate_perplexity(loaded, tokenizer, data, split=split, block_size=block_size, stride=stride,
                                      max_tokens=max_tokens, batch_size=batch_size, device=device,
-                                     progress=bars.callback("perplexity"))
+                                     progress=bars.callback("perplexity", "windows"))
     finally:
         bars.stop()
     if as_json:
@@ -385,10 +393,12 @@ def evaluate(model: str, data: str, split, block_size, stride, max_tokens, batch
 
 # the downstream-task commands (finetune, compress-task) and `calibrate` live in their own modules
 from kroncompress.cli.calibrate import register as _register_calibrate  # noqa: E402
+from kroncompress.cli.quantize import register as _register_quantize  # noqa: E402
 from kroncompress.cli.tasks import register as _register_task_commands  # noqa: E402
 
 _register_task_commands(cli)
 _register_calibrate(cli)
+_register_quantize(cli)
 
 
 def listen_to_ctrl_c() -> None:

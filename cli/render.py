@@ -26,6 +26,11 @@ def count(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else ("" if n is None else str(n))
 
 
+def megabytes(n: int) -> str:
+    """12.35 MB (10^6 bytes) from a byte count."""
+    return f"{n / 1e6:,.2f} MB"
+
+
 def ratio(before: Any, after: Any) -> str:
     if not isinstance(before, int) or not isinstance(after, int) or after <= 0:
         return ""
@@ -103,15 +108,50 @@ def module_table(title: str, rows: Iterable[Mapping[str, Any]], *, with_error: b
 
 
 def totals_line(data: Mapping[str, Any]) -> str:
-    """`params 124,439,808 -> 83,907,506 (1.48x smaller)` from a plan/report dict."""
+    """`params 124,439,808 -> 83,907,506 (1.48x smaller); weights 497.76 MB -> ...` from a plan/report dict."""
     before, after = data.get("params_before"), data.get("params_after")
     line = f"[bold]params[/bold] {count(before)} -> {count(after)}"
     if ratio(before, after):
         line += f" ({ratio(before, after)} smaller)"
+    bytes_before, bytes_after = data.get("bytes_before"), data.get("bytes_after")
+    if isinstance(bytes_before, int) and isinstance(bytes_after, int):
+        line += f"; [bold]weights[/bold] {megabytes(bytes_before)} -> {megabytes(bytes_after)}"
+        line += f" ({ratio(bytes_before, bytes_after)} smaller)" if ratio(bytes_before, bytes_after) else ""
     flops_before, flops_after = data.get("flops_before"), data.get("flops_after")
     if isinstance(flops_before, int) and isinstance(flops_after, int) and flops_before:
         line += f"; [bold]FLOPs/token[/bold] (compressed modules) {count(flops_before)} -> {count(flops_after)}"
     return line
+
+
+def allocation_table(record: Mapping[str, Any]) -> Group:
+    """A recipe budget's allocation: each module's choice, the fraction of its weights it keeps, its share of the
+    budget, its predicted cost (sensitivity x squared output error) and sensitivity; then the totals and why."""
+    table = Table(title="budget", title_justify="left")
+    for column in ("module", "choice", "kept", "share", "cost", "sensitivity"):
+        table.add_column(column, justify="left" if column in ("module", "choice") else "right")
+    for name, entry in record.get("modules", {}).items():
+        cost, s = entry.get("cost"), entry.get("sensitivity")
+        table.add_row(escape(name), escape(str(entry.get("choice"))), f"{100 * entry.get('kept', 0):.1f}%",
+                      f"{100 * entry.get('share', 0):.1f}%", "-" if cost is None else f"{cost:.3g}",
+                      "-" if s is None else f"{s:.3g}")
+    predicted, uniform = record.get("predicted_cost"), record.get("uniform_cost")
+    why = f"{count(record.get('params'))} of {count(record.get('dense_params'))} weight parameters " \
+          f"({100 * record.get('keep', 0):.1f}%, budget {count(record.get('budget'))}) over " \
+          f"{len(record.get('modules', {}))} modules; {record.get('basis')}; sensitivity {record.get('sensitivity')}"
+    if isinstance(predicted, (int, float)) and isinstance(uniform, (int, float)) and uniform > 0:
+        why += f"; predicted cost {predicted:.3g} vs {uniform:.3g} for one uniform svd ratio ({100 * (predicted / uniform - 1):+.0f}%)"
+    return Group(table, Text(why, style="dim"))
+
+
+def compressed_lines(data: Mapping[str, Any]) -> Text:
+    """`compressed: <modules, blocks grouped>` and a `note:` line for each thing the recipe names that the model
+    has not got (a plan's or report's `compressed` and `notes`)."""
+    text = Text()
+    if data.get("compressed"):
+        text.append("compressed: ", style="bold").append(str(data["compressed"]))
+    for note in data.get("notes") or []:
+        text.append("\n" if text else "").append("note: ", style="bold yellow").append(str(note))
+    return text
 
 
 def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
@@ -125,12 +165,20 @@ def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
 
 class LazyProgress:
     """One rich progress bar per stage, started on the stage's first callback (two live displays at once
-    would fight, and the distillation engine shows its own)."""
+    would fight, and the distillation engine shows its own). When the console is not a terminal (a log
+    file, CI, nohup), plain lines instead at a steady rhythm, with elapsed time and ETA
+    (kroncompress.progress: every $KRONCOMPRESS_PROGRESS_INTERVAL seconds, default 30)."""
 
     def __init__(self, console: Console):
-        self.console, self.bars = console, {}
+        self.console, self.bars, self.logs = console, {}, {}
 
-    def callback(self, label: str):
+    def callback(self, label: str, unit: str = ""):
+        if not self.console.is_terminal:
+            from kroncompress.progress import progress_interval
+
+            progress_interval()  # a bad $KRONCOMPRESS_PROGRESS_INTERVAL stops the command here, before any work
+            return lambda done, total, description="": self._log(label, unit, done, total, description)
+
         def update(done: int, total: int, description: Any = "") -> None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -146,6 +194,13 @@ class LazyProgress:
                 bar.stop()
 
         return update
+
+    def _log(self, label: str, unit: str, done, total, description: Any = "") -> None:
+        from kroncompress.progress import ProgressLog
+
+        if label not in self.logs:
+            self.logs[label] = ProgressLog(label, unit=unit, stream=self.console.file)
+        self.logs[label].update(done, total, description)
 
     def stop(self) -> None:
         for bar, _ in self.bars.values():
@@ -168,6 +223,14 @@ def summary_table(report: Mapping[str, Any]) -> Table:
              ("perplexity, original model", _ppl(perplexity.get("teacher"))),
              ("perplexity, right after decomposition", _ppl(perplexity.get("compressed"))),
              ("perplexity, after distillation", _ppl(perplexity.get("distilled")))]
+    bytes_before, bytes_after = report.get("bytes_before"), report.get("bytes_after")
+    if isinstance(bytes_before, int) and isinstance(bytes_after, int):
+        quantization = report.get("quantization") or {}
+        how = f", factors in int{quantization['bits']}" if quantization.get("bits") else ""
+        items.insert(3, ("weights", f"{megabytes(bytes_before)} -> {megabytes(bytes_after)} "
+                                    f"({ratio(bytes_before, bytes_after)} smaller{how})"))
+    if "quantized" in perplexity:
+        items.insert(7, ("perplexity, factors quantized", _ppl(perplexity.get("quantized"))))
     calibration = report.get("calibration")
     if calibration:
         tokens = max((i["tokens"] for i in calibration["inputs"]), default=0)

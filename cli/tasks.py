@@ -64,7 +64,12 @@ def _spec(task: str | None, text_column, text_pair_column, label_column, labels,
         if path.is_file():
             import yaml
 
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text(encoding="utf-8"))
+            try:
+                text = path.read_text(encoding="utf-8")
+                loaded = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+            except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise click.UsageError(f"--task {task}: not a readable task file ({first})") from None
             base = loaded.get("task", loaded) if isinstance(loaded, dict) else loaded
         else:
             base = task
@@ -109,8 +114,10 @@ def finetune(model: str, task, data, text_column, text_pair_column, label_column
              seed: int, overwrite: bool) -> None:
     """Fine-tune MODEL on a task (a new classification head when it has none): the teacher to compress."""
     from kroncompress.cli import render
+    from kroncompress.distill.guards import check_training_settings
     from kroncompress.tasks import finetune as run
 
+    check_training_settings(epochs=epochs, lr=lr, seed=seed, flags=True)  # before the data and the model load
     found = _spec(task, text_column, text_pair_column, label_column, labels, metrics, regression, max_length)
     if found is None:
         raise click.UsageError("name the task: --task (a GLUE name or a task file) or its columns (--text-column, --label-column ...)")

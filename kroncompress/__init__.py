@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("CalibrationStats", "calibrate", "collect_statistics"), "kroncompress.calibration"),
     **dict.fromkeys(("export_dense", "load_compressed", "save_compressed", "to_dense"), "kroncompress.io"),
     "perplexity": "kroncompress.evaluate",
+    **dict.fromkeys(("QuantizationSummary", "quantize", "weight_bytes"), "kroncompress.quantization"),
     "DistillResult": "kroncompress.distill",
     "run_pipeline": "kroncompress.pipeline",
     "load_model": "kroncompress.models",
@@ -53,6 +54,7 @@ __all__ = [
     "save_compressed", "to_dense",
     "CPLinear", "TTLinear", "TuckerLinear",
     "perplexity",
+    "QuantizationSummary", "quantize", "weight_bytes",
     "distill", "DistillResult", "run_pipeline",
     "CalibrationStats", "calibrate", "collect_statistics",
     "load_model",
@@ -136,6 +138,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
     from kroncompress.linalg import kron_matmul, kron_sum, kronecker_shapes, nearest_kronecker, truncated_svd
     from kroncompress.models import load_model
     from kroncompress.pipeline import run_pipeline
+    from kroncompress.quantization import QuantizationSummary, quantize, weight_bytes
     from kroncompress.recipe import (
         DistillConfig, EvaluateConfig, Override, Recipe, Rule, list_recipes, load_recipe, match_pattern,
     )

@@ -89,6 +89,8 @@ class CalibrationStats:
         self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
         self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
         self.path: Path | None = None  # the file `load` read them from (reports name it)
+        # module -> the loss's weight on its squared output error (kroncompress.sensitivity), for a recipe's budget
+        self.sensitivity: dict[str, float] | None = None
 
     def save(self, path) -> Path:
         """Write the statistics to a safetensors file, atomically (`kroncompress.io.calibration`)."""
@@ -105,7 +107,13 @@ class CalibrationStats:
 
     def check_model(self, model: nn.Module, names: Iterable[str]) -> None:
         """Raise ValueError naming the module if the statistics of any of `names` do not fit it (statistics
-        collected on another model, or a file saved for one)."""
+        collected on another model, or a file saved for one), or if they name a module the model lacks."""
+        known = dict(model.named_modules())
+        stranger = next((m for m in self.modules if m not in known), None)
+        if stranger is not None:
+            raise ValueError(f"calibration{self._source}: module {stranger!r} of the statistics is not in the "
+                             f"{type(model).__name__}; they were collected on another model (or the file was edited): "
+                             "calibrate this model (kc.calibrate) and pass those")
         for name in names:
             stat = self._by_module.get(name) or self._counts_of.get(name)
             if stat is None:
@@ -121,6 +129,10 @@ class CalibrationStats:
                 raise ValueError(f"calibration: module {name!r}: the {what} have size {size} but the module reads "
                                  f"{expected} {'token ids' if isinstance(stat, TokenCount) else 'features'}; they were "
                                  "collected on another model: calibrate this model (kc.calibrate) and pass those")
+
+    @property
+    def _source(self) -> str:
+        return f" ({self.path})" if self.path is not None else ""
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_module or name in self._counts_of
@@ -172,7 +184,14 @@ class CalibrationStats:
             return None
         key = (id(stat), stat.tokens, self.damping)
         if key not in self._recent:
-            self._recent[key] = damp(stat.sum_xxt / stat.tokens, self.damping)
+            moment = damp(stat.sum_xxt / stat.tokens, self.damping)
+            # squared later (whitening): refuse here what would overflow there, blaming the statistics, not W
+            if not bool(torch.isfinite(moment).all()) or moment.abs().max().item() > 1e150:
+                raise ValueError(f"calibration{self._source}: module {name!r}: the input second moment (damping "
+                                 f"{self.damping:g}) is not finite or too large to whiten (max |C| = "
+                                 f"{moment.abs().max().item():.3g}); the statistics were edited or damaged: collect "
+                                 "them again (kc.calibrate / kroncompress calibrate)")
+            self._recent[key] = moment
             while len(self._recent) > 2:
                 self._recent.pop(next(iter(self._recent)))
         return self._recent[key]
@@ -348,6 +367,8 @@ def calibration_targets(model: nn.Module, recipe: Any) -> list[str]:
         if not row.structural and row.strategy_impl.uses_calibration and row.strategy_impl.wants_statistics(row.plan.kind):
             names.append(row.name)
             names += [tie["name"] for tie in row.tied if tie["as"] == "head"]
+    if planned.allocation is not None:  # a budget allocates over every module of its group, dense ones included
+        names += planned.allocation["group"]
     return list(dict.fromkeys(names))
 
 
@@ -363,36 +384,55 @@ def calibrate(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, token
     sequence, clipped to the model's positions). Without a section or `data`, reads the offline default
     corpus. Raises ValueError when the text is shorter than one block.
     """
-    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
-    from kroncompress.evaluate import max_positions
     from kroncompress.recipe import CalibrationConfig
     from kroncompress.surgery import CompressionPlan
     from kroncompress.surgery import plan as plan_model
 
     planned = plan if isinstance(plan, CompressionPlan) else plan_model(model, plan)
     section = (planned.source.calibration if planned.source is not None else None) or CalibrationConfig()
+    damping = section.damping if damping is None else damping
+    blocks = calibration_blocks(model, planned, tokenizer, data=data, tokens=tokens, block_size=block_size,
+                                cache_dir=cache_dir)
+    names = calibration_targets(model, planned)
+    stats = collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
+                               progress=progress)
+    budget = planned.source.budget if planned.source is not None else None
+    if budget is not None and budget.sensitivity == "measured":
+        from kroncompress.sensitivity import measure_sensitivity
+
+        stats.sensitivity = measure_sensitivity(model, blocks, planned.allocation["group"], batch_size=1)
+    return stats
+
+
+def calibration_blocks(model: nn.Module, plan: Any, tokenizer, *, data: Any = None, tokens: int | None = None,
+                       block_size: int | None = None, cache_dir=None) -> torch.Tensor:
+    """The (N, T) token blocks of a calibration pass: the recipe's `calibration` section (of `plan`, a
+    CompressionPlan), overridden by the arguments, as `calibrate` reads them."""
+    from kroncompress.distill.data import pack_blocks, spec_bos, text_spec, token_stream
+    from kroncompress.evaluate import max_positions
+    from kroncompress.recipe import CalibrationConfig
+
+    section = (plan.source.calibration if getattr(plan, "source", None) is not None else None) or CalibrationConfig()
     spec = data if data is not None else section.data
     tokens = int(tokens or section.tokens)
     block_size = int(block_size or section.block_size)
     limit = max_positions(model)
     if limit is not None:
         block_size = min(block_size, limit)
-    damping = section.damping if damping is None else damping
     s = text_spec(spec)
     ids = token_stream(s, tokenizer, s.split, max_tokens=tokens, cache_dir=cache_dir)[:tokens]
     blocks = pack_blocks(ids, block_size, spec_bos(s, tokenizer))
     if len(blocks) == 0:
         raise ValueError(f"calibration: {s.describe()} gave {ids.numel()} tokens, fewer than one block of {block_size}; "
                          "add text or lower calibration.block_size")
-    names = calibration_targets(model, planned)
-    return collect_statistics(model, blocks, names, batch_size=batch_size, damping=damping, device=device,
-                              progress=progress)
+    return blocks
 
 
 def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | None = None, tokens: int | None = None,
                       console=None) -> CalibrationStats | None:
     """What `kroncompress compress` runs: calibrate when the recipe has a `calibration` section or
-    `--calibration-data` is given (None otherwise), with a rich progress bar on `console`. `plan`: a
+    `--calibration-data` is given (None otherwise), with a rich progress bar on `console` (plain lines when
+    it is not a terminal). `plan`: a
     CompressionPlan (or a recipe, planned here)."""
     from kroncompress.surgery import CompressionPlan
     from kroncompress.surgery import plan as plan_model
@@ -409,6 +449,11 @@ def calibrate_for_cli(model: nn.Module, plan: Any, tokenizer, *, data: str | Non
                          "save the tokenizer with the model or drop --calibration-data")
     if console is None:
         return calibrate(model, plan, tokenizer, data=data, tokens=tokens)
+    if not console.is_terminal:  # a log file or CI: plain lines at a steady rhythm (kroncompress.progress)
+        from kroncompress.progress import progress_callback
+
+        return calibrate(model, plan, tokenizer, data=data, tokens=tokens,
+                         progress=progress_callback("calibrating", unit="tokens", stream=console.file))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),

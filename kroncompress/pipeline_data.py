@@ -1,9 +1,10 @@
 """The text a `kroncompress compress` run reads: the distillation blocks, the perplexity protocol every
 stage is scored under, and the calibration text (see kroncompress.pipeline for the whole run).
 
-Perplexity protocol: the recipe's `evaluate.perplexity` (dataset, block size, stride) when it has one
-and no `data` override is given; otherwise the held-out validation text of the distillation data,
-scored with the recipe's block size, stride and `max_tokens` (a block size beyond the model's positions
+Perplexity protocol (`_Scorer`): `evaluate_perplexity`, as `kroncompress eval` runs it, on the recipe's
+`evaluate.perplexity` text when no `data` override is given, else on the override's test split (else its
+validation split); only text with a single split is scored on the validation blocks held out from the
+distillation data. Block size, stride and `max_tokens` are the recipe's (a block size beyond the model's positions
 is clipped to them, the stride keeping its ratio to the block).
 """
 
@@ -165,13 +166,18 @@ class _DistillData:
 
 
 class _Scorer:
-    """Perplexity under one protocol for every stage: the recipe's `evaluate.perplexity` when there is no
-    data override, else the validation blocks of the distillation data."""
+    """Perplexity under one protocol for every stage, `kroncompress.evaluate.evaluate_perplexity` (what
+    `kroncompress eval` runs): the recipe's `evaluate.perplexity` text when there is no data override, else
+    the override's held-out split (test, else validation: what `kroncompress eval --data` scores by
+    default); only text with a single split (files, in-memory data) is scored on the validation blocks
+    held out from the distillation data, which `kroncompress eval` cannot know."""
 
     def __init__(self, recipe, data, distill_data: _DistillData, tokenizer, cache_dir, limit: int | None,
                  max_tokens: int | None = None, progress: Callable[[int, int, str], None] | None = None):
         spec = recipe.evaluate.perplexity if recipe.evaluate is not None else None
         self.spec = spec if data is None else None
+        self.data = data
+        self._held_out: tuple | None = None
         self.distill_data, self.tokenizer, self.cache_dir = distill_data, tokenizer, cache_dir
         self.block_size = _clip(spec.block_size if spec is not None else distill_data.block_size, limit)
         # a clipped block keeps the protocol's stride / block ratio (1024/512 on a 64-position model: 64/32)
@@ -193,19 +199,38 @@ class _Scorer:
             result = evaluate_perplexity(model, self.tokenizer, self.spec, block_size=self.block_size, stride=self.stride,
                                          max_tokens=self.max_tokens, cache_dir=self.cache_dir, progress=bar)
             text = _describe_spec(self.spec)
+        elif self.tokenizer is not None and self.held_out()[1] is not None:
+            # the override as `kroncompress eval --data` reads it: its own text settings, BOS as the tokenizer adds it
+            spec, split = self.held_out()
+            result = evaluate_perplexity(model, self.tokenizer, spec, split=split, block_size=self.block_size,
+                                         stride=self.stride, max_tokens=self.max_tokens, cache_dir=self.cache_dir,
+                                         progress=bar)
+            text = spec.describe(split) + (f" ({split})" if spec.kind == "files" else "")  # files: a split folder's
         elif self.distill_data.available:
             validation, bos = self.distill_data.blocks()[1], self.distill_data.bos
             # BOS-led blocks: their text as one stream again, every window led by BOS (BOS is never scored)
             ids = (validation if bos is None else validation[:, 1:]).reshape(-1)
             result = perplexity(model, ids, block_size=self.block_size, stride=self.stride, max_tokens=self.max_tokens,
                                 progress=bar, bos_token_id=bos)
-            text = "validation part of the distillation data"
+            text = "validation blocks held out from the distillation data (the text has no test or validation split)"
         else:
             logger.info("no evaluate.perplexity and no data: %s perplexity not measured", stage)
             return None
         out = {**result.to_dict(), "data": text, "seconds": round(time.perf_counter() - start, 3)}
         logger.info("%s: %s", stage, result)
         return out
+
+    def held_out(self) -> tuple[Any, str | None]:
+        """(the override's text spec, its held-out split or None), worked out once."""
+        if self._held_out is None:
+            from kroncompress.distill.data import held_out_split, in_memory, text_spec
+
+            if self.data is None or in_memory(self.data):
+                self._held_out = (None, None)
+            else:
+                spec = text_spec(_data_override(self.data))
+                self._held_out = (spec, held_out_split(spec))
+        return self._held_out
 
 
 def _describe_spec(spec) -> str:

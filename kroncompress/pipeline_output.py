@@ -19,7 +19,7 @@ logger = logging.getLogger("kroncompress.pipeline")
 
 
 def _save(model, target: Path, recipe, compression, tokenizer, report: dict[str, Any],
-          card: dict[str, Any] | None = None) -> None:
+          card: dict[str, Any] | None = None, extra=None) -> None:
     from kroncompress.io import save_compressed
 
     metrics = {}
@@ -35,7 +35,7 @@ def _save(model, target: Path, recipe, compression, tokenizer, report: dict[str,
         metrics["distill steps"] = report["distill"]["steps"]
         metrics["distill seconds"] = report["distill"]["seconds"]
     save_compressed(model, target, recipe=recipe, report=compression, metrics=metrics, tokenizer=tokenizer,
-                    overwrite=True, card=card)  # _check_output already refused what must not be replaced
+                    overwrite=True, card=card, extra=extra)  # _check_output already refused what must not be replaced
 
 
 def _write_report(target: Path, report: dict[str, Any]) -> None:
@@ -60,14 +60,15 @@ def _plot(path: Path, distill_summary: dict | None, perplexity: dict[str, Any]) 
 def plot_history(path: Path, steps: list, values: list, teacher: float | None, *, label: str, ylabel: str,
                  title: str, log: bool = False) -> str | None:
     """A metric over the optimizer steps with the teacher's value as a dashed line, saved to `path`;
-    returns the file name, or None when matplotlib is not installed."""
+    returns the file name, or None when matplotlib is not installed (the `plot` extra): one warning line says so."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        logger.warning("note: matplotlib is not installed, so no %s was drawn (pip install 'kroncompress[plot]')",
+                       path.name)
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot(steps, values, marker="o", label=label)

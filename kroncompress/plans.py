@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ class PlanRow:
     note: str = ""
     config: Any = field(default=None, repr=False)  # the parsed strategy config
     impl: Strategy | None = field(default=None, repr=False, compare=False)  # the strategy instance
+    bytes_before: int | None = None  # weight bytes, the recipe's `quantize` section included (kc.plan sets them)
+    bytes_after: int | None = None
 
     @property
     def strategy_impl(self) -> Strategy:
@@ -54,6 +57,7 @@ class PlanRow:
             "shape": list(plan.shape), "spec": _jsonable(plan.spec), "options": _jsonable(self.options),
             "params_before": plan.params_before, "params_after": plan.params_after,
             "flops_before": plan.flops_before, "flops_after": plan.flops_after,
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "tied": [dict(t) for t in self.tied], "note": notes,
         }
 
@@ -70,6 +74,17 @@ class CompressionPlan:
     skipped: list[str] = field(default_factory=list)  # targets inside blocks that layerdrop removes
     source: Recipe | None = field(default=None, repr=False, compare=False)  # the recipe it was planned from
     calibrated: bool = False  # planned with calibration statistics (data-aware shape choice)
+    bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes), quantize section included
+    bytes_after: int | None = None
+    allocation: dict | None = None  # the recipe's budget: what each module got and why (kroncompress.budget)
+    notes: list[str] = field(default_factory=list)  # what the recipe names but this model has not (see surgery)
+    blocks: dict[str, int] = field(default_factory=dict)  # block list (ModuleList) name -> its length, for `compressed`
+
+    @property
+    def compressed(self) -> str:
+        """The modules compressed, blocks grouped: `transformer.wte; transformer.h blocks 1, 3, 5 of 6 (0-5):
+        attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj` (from the rows: what is done, not what the recipe says)."""
+        return describe_modules([row.name for row in self.rows], self.blocks)
 
     @property
     def ratio(self) -> float:
@@ -80,7 +95,10 @@ class CompressionPlan:
         return {
             "recipe": self.recipe, "model_type": self.model_type,
             "params_before": self.params_before, "params_after": self.params_after, "ratio": round(self.ratio, 4),
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "modules": [row.to_dict() for row in self.rows], "skipped": list(self.skipped),
+            "compressed": self.compressed, "notes": list(self.notes),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
     def module_plans(self) -> dict[str, dict[str, Any]]:
@@ -121,6 +139,7 @@ class ReportRow:
     seconds: float
     note: str = ""
     output_error: float | None = None  # sqrt(tr(D C D^T) / tr(W C W^T)) on calibration inputs, when given
+    output_error_before_refit: float | None = None  # the same before the refit stage (kroncompress.refit)
 
 
 @dataclass
@@ -132,6 +151,11 @@ class CompressionReport:
     params_after: int
     seconds: float
     recipe: str = ""
+    bytes_before: int | None = None  # weight bytes (kroncompress.quantization.weight_bytes)
+    bytes_after: int | None = None
+    allocation: dict | None = None  # the recipe's budget, as planned (see CompressionPlan.allocation)
+    compressed: str = ""  # the plan's `compressed`: the modules, blocks grouped
+    notes: list[str] = field(default_factory=list)  # the plan's notes
 
     @property
     def ratio(self) -> float:
@@ -141,9 +165,41 @@ class CompressionReport:
         """JSON-serialisable: totals and a `modules` list of rows."""
         return {
             "recipe": self.recipe, "params_before": self.params_before, "params_after": self.params_after,
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
             "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
+            "compressed": self.compressed, "notes": list(self.notes),
+            **({"allocation": _jsonable(self.allocation)} if self.allocation is not None else {}),
         }
+
+
+_BLOCK = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+
+
+def describe_modules(names: list[str], blocks: dict[str, int] | None = None) -> str:
+    """Module names in a line, the blocks of a block list grouped: `transformer.wte; transformer.h blocks
+    1, 3, 5 of 6 (0-5): attn.c_attn, mlp.c_fc`. `blocks` gives a block list's length (shown when known)."""
+    blocks = blocks or {}
+    singles: list[str] = []
+    grouped: dict[str, dict[int, list[str]]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        if match is None:
+            singles.append(name)
+            continue
+        grouped.setdefault(match["prefix"], {}).setdefault(int(match["index"]), []).append(match["rest"] or "")
+    parts = list(singles)
+    for prefix, by_index in grouped.items():
+        by_parts: dict[tuple[str, ...], list[int]] = {}
+        for index, rest in sorted(by_index.items()):
+            by_parts.setdefault(tuple(rest), []).append(index)
+        for rest, indices in by_parts.items():
+            count = blocks.get(prefix)
+            of = f" of {count} (0-{count - 1})" if count else ""
+            what = ", ".join(r for r in rest if r) or "the whole block"
+            word = "block" if len(indices) == 1 else "blocks"
+            parts.append(f"{prefix} {word} {', '.join(map(str, indices))}{of}: {what}")
+    return "; ".join(parts)
 
 
 def _renumber(modules: dict[str, Any], layers_name: str, keep: list[int]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import time
 import warnings
 from typing import Any, Callable
@@ -30,7 +31,10 @@ from transformers.pytorch_utils import Conv1D
 from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
-from kroncompress.recipe import Recipe, RecipeError, load_recipe, match_pattern, pattern_kind
+from kroncompress.budget import allocate_recipe
+from kroncompress.linalg.refit import CrossMoments, cross_output_error
+from kroncompress.refit import refit_layer
+from kroncompress.recipe import Recipe, RecipeError, Rule, load_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
 from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
     CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
@@ -69,8 +73,11 @@ def embedding_scale(module: nn.Module) -> float | None:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of the model, each shared (tied) Parameter counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model, each shared (tied) Parameter counted once; a factor stored as integers
+    (kc.quantize) counts its entries."""
+    from kroncompress.layers.quantized import QuantizedTensor
+
+    return sum(p.numel() for p in model.parameters()) + sum(m.numel for m in model.modules() if isinstance(m, QuantizedTensor))
 
 
 def _is_meta(tensor: torch.Tensor) -> bool:
@@ -188,14 +195,20 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     modules = [(n, m) for n, m in model.named_modules() if n]
     sharers = _weight_sharers(model)
+    budgeted, allocation = allocate_recipe(model, recipe, calibration) if recipe.budget is not None else ({}, None)
     rows: dict[str, PlanRow] = {}
     for rule in recipe.compress:
         strategy_cls = get_strategy(rule.strategy)
         strategies: dict[int, Strategy] = {}  # one instance per parsed config (the rule's, each override's)
         for name, module, kind in _match_rule(rule, modules, recipe, aliases, strategy_cls, model_type):
-            if name in rows:
-                if rows[name].rule != rule.index:
+            if name in rows or (name in budgeted and budgeted[name] is None):  # first rule wins; or kept dense
+                if name in rows and rows[name].rule != rule.index:
                     rows[name].note = _join(rows[name].note, f"also matched by compress[{rule.index}] (first rule wins)")
+                continue
+            if name in budgeted:
+                row = _plan_budgeted(model, name, module, kind, rule, budgeted[name], sharers, calibration, recipe)
+                row.note = _join(row.note, f"budget: {allocation['modules'][name]['choice']}")
+                rows[name] = row
                 continue
             config = rule.config_for(name, module, aliases)
             strategy = strategies.setdefault(id(config), strategy_cls(config=config))
@@ -212,8 +225,70 @@ def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> Compressio
     ordered, skipped = _drop_rows_inside_dropped_blocks(ordered)
     before = count_params(model)
     after = before - sum(r.plan.params_before - r.plan.params_after for r in ordered)
+    from kroncompress.quantization import plan_bytes
+
+    bytes_before, bytes_after = plan_bytes(model, ordered, recipe.quantize)
+    notes = [note for rule in recipe.compress for i, pattern in enumerate(rule.targets)
+             for note in _unmatched_alternatives(pattern, [n for n, _ in modules], f"compress[{rule.index}].targets[{i}]",
+                                                 model_type)]
     return CompressionPlan(rows=ordered, params_before=before, params_after=after, recipe=recipe.name,
-                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None)
+                           model_type=model_type, skipped=skipped, source=recipe, calibrated=calibration is not None,
+                           bytes_before=bytes_before, bytes_after=bytes_after, allocation=allocation,
+                           notes=notes, blocks=block_list_sizes(model, [r.name for r in ordered]))
+
+
+def _plan_budgeted(model, name, module, kind, rule, picked, sharers, calibration, recipe) -> PlanRow:
+    """The row of a module whose size the recipe's budget chose: `picked` = (strategy, options)."""
+    strategy_name, options = picked
+    config = Rule(targets=[name], strategy=strategy_name, options=options).config
+    strategy = get_strategy(strategy_name)(config=config)
+    if calibration is not None:
+        calibration.check_model(model, [name])
+    try:
+        row = _plan_module(model, name, module, kind, strategy, sharers, _stats_for(calibration, name))
+    except OptionError as exc:
+        raise RecipeError(f"{recipe.source}: budget: module {name}: {exc.problem}") from None
+    row.options, row.rule = options, rule.index
+    return row
+
+
+_NUMBERS = re.compile(r"\((\d+(?:\|\d+)+)\)")  # a regex group of numbers, e.g. (1|3|5|7|9|11): block indices
+
+
+def _unmatched_alternatives(pattern: str, names: list[str], where: str, model_type: str) -> list[str]:
+    """For a `re:` target with a group of numbers, a note naming the numbers that select no module of this
+    model (kn-gpt2's blocks 1|3|5|7|9|11 on a 6-block model compress only 1, 3 and 5), else nothing."""
+    if pattern_kind(pattern) != "regex":
+        return []
+    body, notes = pattern[3:], []
+    for group in _NUMBERS.finditer(body):
+        numbers = group.group(1).split("|")
+        present = [n for n in numbers
+                   if any(re.fullmatch(f"{body[:group.start()]}({n}){body[group.end():]}", name) for name in names)]
+        missing = [n for n in numbers if n not in present]
+        if missing and present:
+            notes.append(f"{where} names {'|'.join(numbers)}, but this {model_type or 'model'} has no module for "
+                         f"{', '.join(missing)}: only {', '.join(present)} {'is' if len(present) == 1 else 'are'} compressed")
+    return notes
+
+
+def block_list_sizes(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """{name: length} of the block lists (nn.ModuleList) that the compressed modules sit in."""
+    out: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if parts[i].isdigit():
+                prefix = ".".join(parts[:i])
+                if prefix not in out:
+                    try:
+                        container = model.get_submodule(prefix)
+                    except AttributeError:
+                        break
+                    if isinstance(container, (nn.ModuleList, nn.Sequential)):
+                        out[prefix] = len(container)
+                break
+    return out
 
 
 def _join(*notes: str) -> str:
@@ -243,6 +318,7 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
     layer_plan = _plan_layer(strategy, module, kind, stats)
     if isinstance(strategy, StructuralStrategy):
         return PlanRow(name, strategy.name, {}, layer_plan, 0, config=strategy.config, impl=strategy)
+    _check_reduces(name, strategy, layer_plan)
     tied, note = [], ""
     others = [n for n in sharers.get(id(module.weight), []) if n != name]
     for other in others:
@@ -258,6 +334,26 @@ def _plan_module(model, name, module, kind, strategy: Strategy, sharers, stats=N
                 f"Compress the embedding instead (the tied head follows it), or add {name!r} to ignore"
             )
     return PlanRow(name, strategy.name, {}, layer_plan, 0, tied=tied, note=note, config=strategy.config, impl=strategy)
+
+
+def _check_reduces(name: str, strategy: Strategy, layer_plan: LayerPlan) -> None:
+    """A factor as large as the weight (a Kronecker A or B of 1 x 1) is the weight itself plus one scalar:
+    refused, with the fix. Any other plan that keeps at least the weight's parameters (a full-rank SVD, an
+    exact but larger factorisation) is allowed, with a warning: it changes the structure, not the size."""
+    spec = layer_plan.spec
+    whole = [key for key in ("a_shape", "b_shape") if isinstance(spec.get(key), (list, tuple)) and all(d == 1 for d in spec[key])]
+    if whole or layer_plan.params_after < layer_plan.params_before:
+        if whole:
+            other = "b_shape" if whole[0] == "a_shape" else "a_shape"
+            raise OptionError(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
+                f"module {name}: {other} {list(spec[other])} is the whole {' x '.join(map(str, layer_plan.shape))} "
+                f"weight ({whole[0]} {list(spec[whole[0]])}), so the plan keeps {layer_plan.params_after:,} parameters "
+                f"of {layer_plan.params_before:,}: it does not compress it; pick a b_shape strictly inside the weight's "
+                "shape (e.g. ratio: 2 picks one), or leave the module out of the rule's targets"))
+        return
+    warnings.warn(f"plan: module {name}: {_jsonable(spec)} keeps {layer_plan.params_after:,} parameters of the "
+                  f"weight's {layer_plan.params_before:,}: it does not compress it (pick a smaller rank or larger "
+                  "factors)", UserWarning, stacklevel=4)
 
 
 def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow], list[str]]:
@@ -278,7 +374,8 @@ def _drop_rows_inside_dropped_blocks(rows: list[PlanRow]) -> tuple[list[PlanRow]
 # -- compress --------------------------------------------------------------------------------------
 
 def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
-             progress: Callable[[int, int, str], None] | None = None, calibration=None) -> CompressionReport:
+             progress: Callable[[int, int, str], None] | None = None, calibration=None,
+             refit: bool | None = None, sequential=None) -> CompressionReport:
     """Compress `model` in place following a plan (from `kc.plan`) or a recipe; returns a per-module report.
 
     Each target is decomposed by its strategy and replaced by the strategy's drop-in module. With
@@ -286,7 +383,11 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     `init: als`, svd `init: whitened`, or `auto`) use each module's input second moment and the report
     gives each module's output error; without it they fall back to weight-only init with a warning;
     tied heads follow their embedding; structural strategies (layerdrop) run last. `progress`, if given,
-    is called as progress(done, total, module_name) after each module.
+    is called as progress(done, total, module_name) after each module. With statistics, `refit` (default:
+    the recipe's `calibration.refit`, else on) re-solves the free factor of each low-rank and Kronecker
+    module by least squares on them (kroncompress.refit); the report gives the output error before and after.
+    `sequential` (a `kroncompress.sequential.SequentialStatistics`) compresses the modules group by group in
+    forward order, each on statistics taken with the modules before it already compressed.
 
     A plan made without statistics and compressed with them has its data-aware rows' shapes re-chosen
     with the statistics (what `kc.plan(model, recipe, calibration)` would give); every other row is
@@ -297,36 +398,85 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     if any(_is_meta(p) for p in model.parameters()):
         raise ValueError("compress needs the model's weights, but it lives on the meta device; load it with "
                          "from_pretrained (kc.plan works on meta models)")
-    if isinstance(recipe, CompressionPlan):
+    if isinstance(recipe, CompressionPlan) and recipe.allocation is not None and calibration is not None \
+            and not recipe.calibrated:
+        the_plan = plan(model, recipe.source, calibration)  # the budget's preview, allocated anew on the statistics
+    elif isinstance(recipe, CompressionPlan):
         the_plan = _with_statistics(model, recipe, calibration) if calibration is not None and not recipe.calibrated else recipe
     else:
         the_plan = plan(model, recipe, calibration)
-    before = count_params(model)
+    from kroncompress.quantization import weight_bytes
+
+    before, bytes_before = count_params(model), weight_bytes(model)
     entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
-    if calibration is not None:
-        calibration.check_model(model, [r.name for r in factor_rows])
-    _warn_weight_only(factor_rows, calibration)
+    check_statistics(model, factor_rows, calibration, will_calibrate=sequential is not None)
+    if sequential is None:
+        _warn_weight_only(factor_rows, calibration)
+    if refit is None:
+        section = the_plan.source.calibration if the_plan.source is not None else None
+        refit = section.refit if section is not None else True
     total, report_rows = len(the_plan.rows), []
-    for row in factor_rows + structural_rows:
+    cross: dict[str, Any] = {}
+    ordered, groups = factor_rows, {}
+    if sequential is not None:
+        group_list = sequential.groups([r.name for r in factor_rows if r.plan.kind != "embedding"])
+        groups = {name: group for group in group_list for name in group}
+        rank = {name: i for i, name in enumerate(n for g in group_list for n in g)}
+        ordered = sorted(factor_rows, key=lambda r: rank.get(r.name, -1))  # ungrouped (embeddings) first
+    for row in ordered + structural_rows:
         t0 = time.perf_counter()
         if row.structural:
             row.strategy_impl.apply(model, row.name, row.plan)
-            errors, note = (None, None), row.plan.note
+            errors, note, before_refit = (None, None), row.plan.note, None
         else:
-            done = _swap_module(model, row, _stats_for(calibration, row.name, row.tied))
-            errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
+            if row.name in groups and row.name not in cross:
+                cross.update(sequential.collect(model, groups[row.name]))
+            moments = cross.pop(row.name, None)
+            errors, note, before_refit = _compress_row(model, row, calibration, refit, moments)
         report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, errors[0],
-                                     time.perf_counter() - t0, note, errors[1]))
+                                     time.perf_counter() - t0, note, errors[1], before_refit))
         if progress is not None:
             progress(len(report_rows), total, row.name)
     after = count_params(model)
     if hasattr(model, "config"):
         _record_plan(model, the_plan, entries, before, after)
         hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
-    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe)
+    return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe,
+                             bytes_before=bytes_before, bytes_after=weight_bytes(model),
+                             allocation=the_plan.allocation, compressed=the_plan.compressed, notes=list(the_plan.notes))
+
+
+def _compress_row(model: nn.Module, row: PlanRow, calibration, refit: bool, moments=None):
+    """Swap one module; ((weight error, output error), note, output error before the refit or None).
+
+    `moments`: the module's sequential CrossMoments (its init then sees the student's inputs, and the refit
+    aims at the teacher's outputs); else its parallel statistics, if any."""
+    stats = moments.ss if moments is not None else _stats_for(calibration, row.name, row.tied)
+    original = weight_and_bias(model.get_submodule(row.name), row.plan.kind)[0].detach().clone() \
+        if isinstance(stats, torch.Tensor) else None
+    done = _swap_module(model, row, stats)
+    errors, note = (done.error, done.output_error), _join(row.plan.note, row.note, done.init and f"init {done.init}")
+    if original is None:
+        return errors, note, None
+    layer = model.get_submodule(row.name)
+    target = moments if moments is not None else CrossMoments.parallel(stats)
+    errors = (done.error, cross_output_error(original, layer.dense_weight().detach(), target))
+    if moments is not None:
+        note = _join(note, "sequential statistics")
+    refitted = refit_layer(layer, original, target) if refit else None
+    if refitted is None:
+        return errors, note, None
+    before, after = refitted
+    return (_weight_error(layer, original), after), _join(note, f"refit: output error {before:.4g} -> {after:.4g}"), before
+
+
+def _weight_error(layer: nn.Module, original: torch.Tensor) -> float:
+    approx = layer.dense_weight().detach().to(torch.float32)
+    reference = original.to(torch.float32)
+    return float((approx - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
 def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -> CompressionPlan:
@@ -340,6 +490,37 @@ def _with_statistics(model: nn.Module, the_plan: CompressionPlan, calibration) -
         rows.append(row)
     after = the_plan.params_before - sum(r.plan.params_before - r.plan.params_after for r in rows)
     return dataclasses.replace(the_plan, rows=rows, params_after=after, calibrated=True)
+
+
+def check_statistics(model: nn.Module, rows: list[PlanRow], calibration, will_calibrate: bool = False) -> None:
+    """Raise ValueError, naming the module, unless the statistics fit the plan: given statistics fit the model
+    (`CalibrationStats.check_model`) and cover every module whose init uses them (statistics of another recipe
+    would silently leave those weight-only); without statistics (and no calibration pass to come,
+    `will_calibrate`), no module asks explicitly for a data-aware init (`init: whitened` / `als`)."""
+    wanting = [row for row in rows if not row.structural
+               and _module_stats(row.strategy_impl, row.plan.kind, True) is not None]
+    if calibration is not None:
+        calibration.check_model(model, [row.name for row in rows])
+        uncovered = [row.name for row in wanting if _stats_for(calibration, row.name) is None]
+        if uncovered:
+            source = f" in {calibration.path}" if getattr(calibration, "path", None) is not None else ""
+            covered = calibration.modules
+            shown = ", ".join(covered[:3]) + (f" and {len(covered) - 3} more" if len(covered) > 3 else "")
+            raise ValueError(f"calibration: the statistics{source} have no tokens for {uncovered[0]!r}"
+                             + (f" (and {len(uncovered) - 1} more modules)" if len(uncovered) > 1 else "")
+                             + f", which the recipe initialises from statistics; they cover {shown or 'no module'}: "
+                             "they were collected for another recipe or model. Calibrate this model with this "
+                             "recipe (kroncompress calibrate MODEL --recipe R / kc.calibrate), or set init: svd / nkp")
+        return
+    if will_calibrate:
+        return
+    explicit = [row for row in wanting if getattr(row.strategy_impl.config, "init", "auto") != "auto"]
+    if explicit:
+        row = explicit[0]
+        raise ValueError(f"module {row.name}: {row.strategy} init: {row.strategy_impl.config.init} needs calibration "
+                         "statistics, and none were given: add a `calibration:` section to the recipe, pass "
+                         "--calibration-data or --calibration-stats (calibration= in Python), or use init: auto "
+                         "(weight-only with a warning when there are none)")
 
 
 def _warn_weight_only(rows: list[PlanRow], calibration) -> None:

@@ -14,7 +14,6 @@ Run as a script to print the table of exit codes and first error lines of any `k
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Callable
 
 import pytest
 import torch
+from filelock import FileLock
 
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40
 
@@ -94,13 +94,13 @@ def unfinished_run(work: Path, env: dict) -> dict:
     return {}
 
 
-_HELD: list = []  # lock handles stay open while the case runs
+_HELD: list = []  # locks stay held while the case runs
 
 
 def locked_output(work: Path, env: dict) -> dict:
-    handle = open(work / ".out.lock", "w")
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    _HELD.append(handle)
+    held = FileLock(str(work / ".out.lock"), timeout=0)
+    held.acquire()
+    _HELD.append(held)
     return {}
 
 
@@ -293,7 +293,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(case, env, tmp_path, m
         seconds = time.perf_counter() - start
     finally:
         while _HELD:
-            _HELD.pop().close()
+            _HELD.pop().release()
     assert "Traceback" not in result.output
     check_error(case, result.exit_code, result.stderr, result.stdout)
     assert seconds < 30, f"{case.id} took {seconds:.1f} s: the check should come before any work"
@@ -494,7 +494,7 @@ def table(executable: str, root: Path) -> list[tuple[str, str, str]]:
             code, first = "timeout", "(killed after 300 s)"
         finally:
             while _HELD:
-                _HELD.pop().close()
+                _HELD.pop().release()
         lost = ""
         if case.check:
             try:

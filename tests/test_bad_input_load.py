@@ -151,6 +151,31 @@ def _garbage(folder: Path) -> Path:
     return folder
 
 
+INDEPENDENT = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
+
+
+def _edit_config(folder: Path, **values) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(values)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _config_round_trip(folder: Path) -> Path:
+    """`AutoConfig.from_pretrained(f).save_pretrained(f)`: transformers drops `transformers_weights`."""
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
+def _recipe(tmp: Path, strategy: str, options: dict) -> Path:
+    path = tmp / "recipe.yaml"
+    path.write_text(json.dumps({"version": 1, "name": "case", "compress": [
+        {"targets": [SVD_MODULE], "strategy": strategy, "options": options}]}))
+    return path
+
+
 # -- the table ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -233,6 +258,19 @@ CASES = [
          ("damaged", "truncated")),
     Case("inspect-int32-factors", lambda b, t: ["inspect", _int32_factor(_copy(b, "compressed", t))], 2,
          ("damaged", "int32")),
+    # issue 27: tampered folders (one loader check, kroncompress.io.verify), sizes checked before allocating
+    Case("inspect-huge-n-embd", lambda b, t: ["inspect", _edit_config(_copy(b, "compressed", t), n_embd=10**7)], 2,
+         ("damaged", "40000000")),
+    Case("export-shared-parameters-tie-independent", lambda b, t: _export(_edit_section(
+        _copy(b, "compressed", t), lambda s: s["shared_parameters"].append(INDEPENDENT)), t), 2,
+         ("shared_parameters", INDEPENDENT[1], "different tensors")),
+    Case("export-tied-is-a-string", lambda b, t: _export(_edit_section(
+        _copy(b, "compressed", t), lambda s: s["modules"][SVD_MODULE].__setitem__("tied", "lm_head")), t), 2,
+         (SVD_MODULE, ".tied", "must be a list")),
+    Case("inspect-marker-lost-by-config-round-trip", lambda b, t: ["inspect", _config_round_trip(_copy(b, "compressed", t))],
+         2, ("lacks the kroncompress checkpoint marker", "random weights", "mark_config")),
+    Case("plan-b-shape-whole-weight", lambda b, t: _plan(b["model"], _recipe(t, "kronecker", {
+        "a_shape": [1, 1], "b_shape": [256, 64]})), 2, ("b_shape", "16,641", "whole 256 x 64 weight", "does not compress")),
 ]
 
 
@@ -283,6 +321,144 @@ def test_bad_load_input(case, bases, tmp_path):
     for word in case.words:
         assert word in text, (word, text)
     assert not (tmp_path / "PWNED").exists()  # nothing was unpickled
+
+
+# -- the Python API: from_pretrained, save_compressed and LoRA (issue 27, items 3, 4, 5, 9, 12) ---------------
+# Each setup returns a call that must raise one ValueError line holding every word: the same check as
+# kc.load_compressed (kroncompress.io.verify) now runs inside from_pretrained.
+
+def _from_pretrained(folder: Path, **kwargs) -> Callable[[], object]:
+    from transformers import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def _bin_only(folder: Path, drop: str) -> Path:
+    state = load_file(str(folder / "model.safetensors"))
+    state.pop(drop)
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def _wrong_factor_shape(folder: Path) -> Path:
+    name = SVD_MODULE + ".u"
+    return _edit_tensors(folder, lambda d: d.__setitem__(name, torch.zeros(d[name].shape[0], d[name].shape[1] + 1)))
+
+
+def _stale_plan(bases, tmp: Path):
+    """A model whose layers hold rank 5 while its recorded plan says 4 (what a half-done merge left)."""
+    import kroncompress as kc
+    from kroncompress.layers.lowrank import LowRankLinear
+
+    model = kc.load_compressed(bases["compressed"])
+    layer = model.get_submodule(SVD_MODULE)
+    assert isinstance(layer, LowRankLinear)
+    layer.u = torch.nn.Parameter(torch.cat([layer.u.data, torch.zeros(layer.u.shape[0], 1)], 1))
+    layer.v = torch.nn.Parameter(torch.cat([layer.v.data, torch.zeros(1, layer.v.shape[1])], 0))
+    return lambda: kc.save_compressed(model, tmp / "saved")
+
+
+def _mixed_peft(bases, nan: bool = False):
+    """SVD attention + Kronecker MLP, LoRA on every factorised layer (B non-zero, as after training)."""
+    import kroncompress as kc
+    from kroncompress.recipe import Recipe
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY, **BYTE_VOCAB)).eval()
+    rules = [{"targets": ["role:attention"], "strategy": "svd", "options": {"rank": 4, "init": "svd"}}]
+    if not nan:
+        rules.append({"targets": ["role:mlp"], "strategy": "kronecker", "options": {"ratio": 2, "init": "nkp"}})
+    kc.compress(model, Recipe.from_dict({"version": 1, "name": "mixed", "compress": rules}))
+    peft_model = get_peft_model(model, kc.lora.lora_config(r=8, target_modules=kc.lora.lora_targets(model)))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+        if nan and "lora_A" in name:
+            param.data.view(-1)[0] = float("nan")
+    return peft_model
+
+
+def _merge_mixed(bases, tmp):
+    import kroncompress as kc
+    from kroncompress.layers.lowrank import LowRankLinear
+
+    peft_model = _mixed_peft(bases)
+
+    def call():
+        try:
+            kc.lora.merge(peft_model)
+        finally:  # all or nothing: no layer merged, the plan still matches the layers
+            model = peft_model.base_model.model
+            assert all(m.rank == 4 for m in model.modules() if isinstance(m, LowRankLinear))
+            assert {e["plan"]["spec"].get("rank") for n, e in model.config.kroncompress["modules"].items() if "attn" in n} == {4}
+    return call
+
+
+def _nan_adapter(bases, tmp):
+    import kroncompress as kc
+
+    peft_model = _mixed_peft(bases, nan=False)
+    peft_model.save_pretrained(tmp / "adapter")
+    path = tmp / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    _set_nan(sorted(tensors)[0])(tensors)
+    save_file(tensors, str(path))
+    return lambda: kc.lora.load_adapter(_mixed_peft(bases).unload(), str(tmp / "adapter"))
+
+
+def _merge_nan(bases, tmp):
+    import kroncompress as kc
+
+    return lambda: kc.lora.merge(_mixed_peft(bases, nan=True))
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    id: str
+    setup: Callable[[dict, Path], Callable[[], object]]
+    words: tuple[str, ...]
+
+
+API_CASES = [
+    ApiCase("from-pretrained-nan-factor", lambda b, t: _from_pretrained(_nan_factor(_copy(b, "compressed", t))),
+            ("model.safetensors", SVD_MODULE, "NaN")),
+    ApiCase("from-pretrained-int32-factor", lambda b, t: _from_pretrained(_int32_factor(_copy(b, "compressed", t))),
+            (SVD_MODULE, "int32", "float32")),
+    ApiCase("from-pretrained-factor-shape-ignore-mismatched-sizes", lambda b, t: _from_pretrained(
+        _wrong_factor_shape(_copy(b, "compressed", t)), ignore_mismatched_sizes=True), (SVD_MODULE, "has shape")),
+    ApiCase("from-pretrained-bin-only-missing-factor", lambda b, t: _from_pretrained(
+        _bin_only(_copy(b, "compressed", t), SVD_MODULE + ".u")), ("pytorch_model.bin", "missing keys", SVD_MODULE + ".u")),
+    ApiCase("from-pretrained-shared-parameters-tie-independent", lambda b, t: _from_pretrained(_edit_section(
+        _copy(b, "compressed", t), lambda s: s["shared_parameters"].append(INDEPENDENT))),
+            ("shared_parameters", INDEPENDENT[1], "different tensors")),
+    ApiCase("from-pretrained-section-a-list", lambda b, t: _from_pretrained(_edit_config(
+        _copy(b, "compressed", t), kroncompress=["x"])), ("config.json", "kroncompress", "not an object")),
+    ApiCase("from-pretrained-tied-a-string", lambda b, t: _from_pretrained(_edit_section(
+        _copy(b, "compressed", t), lambda s: s["modules"][SVD_MODULE].__setitem__("tied", "lm_head"))), (".tied", "must be a list")),
+    ApiCase("from-pretrained-truncated", lambda b, t: _from_pretrained(_truncate(_copy(b, "compressed", t))),
+            ("model.safetensors", "truncated")),
+    ApiCase("from-pretrained-another-quantization-config", lambda b, t: _from_pretrained(_edit_config(
+        _copy(b, "compressed", t), quantization_config={"quant_method": "bitsandbytes"})), ("quantization_config", "kroncompress")),
+    ApiCase("save-compressed-plan-disagrees-with-layers", _stale_plan, ("would not reload", SVD_MODULE, "has shape")),
+    ApiCase("lora-merge-mixed-model", _merge_mixed, ("KroneckerLinear", "nothing was merged")),
+    ApiCase("lora-load-nan-adapter", _nan_adapter, ("adapter", "NaN")),
+    ApiCase("lora-merge-nan-adapter", _merge_nan, ("lora_A", "NaN", "nothing was merged")),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c.id for c in API_CASES])
+def test_bad_api_input(case, bases, tmp_path):
+    pytest.importorskip("peft") if case.id.startswith("lora") else None
+    call = case.setup(bases, tmp_path)
+    with pytest.raises(ValueError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in case.words:
+        assert word in message, (word, message)
+    assert not (tmp_path / "saved").exists()  # save_compressed put nothing in place
 
 
 def test_offline_hub_id_fails_at_once_with_one_line():

@@ -187,3 +187,70 @@ def test_run_pipeline_takes_a_statistics_object(env, tmp_path):
                              measure_speed=False, device="cpu", eval_tokens=64)
     assert report["calibration"]["inputs"] and "file" not in report["calibration"]
     assert all(row["output_error"] is not None for row in report["compression"]["modules"])
+
+
+# -- statistics that do not fit the run: refused before any expensive stage (issue 27, items 8, 9, 11) --------
+
+def _edited(env, tmp_path, edit) -> Path:
+    """A good statistics file with its header (metadata) or tensors edited, as a careless user might."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = calibrate(env, "gpt2", tmp_path / "good.safetensors", "--calibration-data", env["text"])
+    with safe_open(str(good), framework="pt") as handle:
+        metadata, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+    groups = json.loads(metadata["groups"])
+    edit(metadata, groups, tensors)
+    metadata["groups"] = json.dumps(groups)
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=metadata)
+    return tmp_path / "edited.safetensors"
+
+
+def _tokens(value):
+    return lambda env, tmp: _edited(env, tmp, lambda m, g, t: g["inputs"][0].__setitem__("tokens", value))
+
+
+def _unknown_module(env, tmp):
+    return _edited(env, tmp, lambda m, g, t: g["inputs"][0]["modules"].append("transformer.h.9.mlp.c_fc"))
+
+
+def _damping(value):
+    return lambda env, tmp: _edited(env, tmp, lambda m, g, t: m.__setitem__("damping", value))
+
+
+def _huge_moments(env, tmp):
+    return _edited(env, tmp, lambda m, g, t: t.__setitem__("inputs.0.sum_xxt", t["inputs.0.sum_xxt"] * 1e200))
+
+
+def _mlp_stats(env, tmp):
+    return calibrate(env, "gpt2", tmp / "mlp.safetensors", "--calibration-data", env["text"])
+
+
+ATTENTION = [{"targets": ["role:attention"], "strategy": "svd", "options": {"ratio": 2}}]
+WHITENED = [{"targets": ["role:mlp"], "strategy": "svd", "options": {"ratio": 2, "init": "whitened"}}]
+
+
+@pytest.mark.parametrize("make, rules, expected", [
+    (_mlp_stats, ATTENTION, ["mlp.safetensors", "no tokens for 'transformer.h.0.attn.c_attn'", "another recipe"]),
+    (None, WHITENED, ["transformer.h.0.mlp.c_fc", "init: whitened needs calibration statistics", "calibration:"]),
+    (_tokens(0), None, ["edited.safetensors", "groups.inputs[0].tokens", "is 0 but"]),
+    (_tokens(10**30), None, ["edited.safetensors", "groups.inputs[0].tokens", "2**53"]),
+    (_unknown_module, None, ["edited.safetensors", "'transformer.h.9.mlp.c_fc'", "not in the GPT2LMHeadModel"]),
+    (_damping("inf"), None, ["edited.safetensors", "damping", "finite"]),
+    (_huge_moments, None, ["edited.safetensors", "transformer.h.0.mlp.c_fc", "too large to whiten"]),
+], ids=["another recipe's statistics", "explicit whitened without statistics", "tokens 0", "tokens 1e30",
+        "unknown module", "infinite damping", "huge moments"])
+def test_statistics_that_do_not_fit_the_run_are_one_error_line(env, tmp_path, make, rules, expected):
+    recipe = env["recipe"]
+    if rules is not None:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"version": 1, "name": "other", "compress": rules}))
+    stats = ["--calibration-stats", make(env, tmp_path)] if make is not None else []
+    result = CliRunner(env={"COLUMNS": "220"}).invoke(cli, [str(a) for a in [
+        "compress", env["gpt2"], "--recipe", recipe, "--output", tmp_path / "out", "--no-distill", *stats]])
+    assert result.exit_code == 2, (result.output, result.exception)
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in result.output
+    assert all(word in line for word in expected), line
+    assert "W has" not in line and "weights are corrupt" not in line  # the statistics are blamed, not W
+    assert not (tmp_path / "out").exists()

@@ -151,8 +151,10 @@ def test_compress(strategy, arch):
 def test_save(strategy, arch, saved):
     _, report, _ = compressed(strategy, arch)
     out = saved(strategy, arch)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+    assert sorted(p.name for p in out.iterdir()) == [".kroncompress", "README.md", "config.json", "generation_config.json",
                                                      "model.safetensors", "recipe.yaml", "report.json"]
+    manifest = json.loads((out / ".kroncompress").read_text())  # what a later overwrite may replace
+    assert manifest["files"] == sorted(p.name for p in out.iterdir() if p.name != ".kroncompress")
     section = json.loads((out / "config.json").read_text())["kroncompress"]
     assert section["modules"].keys() == {row.name for row in report.rows if row.kind != "layers"}
     assert kc.load_recipe(out / "recipe.yaml") == recipe_for(strategy)

@@ -147,7 +147,7 @@ def test_pipeline_on_tiny_gemma_with_calibration_ilkd_and_reload(recipe, tiny_ge
     losses = report["distill"]["loss_history"][-1]
     assert {"attention_kl", "hidden_mse", "logits_kl", "ce"} <= set(losses)  # attention maps came back (eager)
     stages = report["perplexity"]
-    assert stages["teacher"]["data"] == "validation part of the distillation data"
+    assert stages["teacher"]["data"] == f"{data} (validation)"  # the folder's held-out split, as `eval --data` scores it
     assert stages["teacher"]["tokens"] == stages["distilled"]["tokens"] <= 16384  # the recipe's max_tokens
     reloaded = kc.load_compressed(output)
     inputs = {"input_ids": torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))}

@@ -112,7 +112,7 @@ def test_from_pretrained_refuses_a_file_missing_a_factor(tmp_path):
     weights = load_file(folder / "model.safetensors")
     del weights["transformer.h.0.mlp.c_fc.u"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks transformer\.h\.0\.mlp\.c_fc\.u"):
+    with pytest.raises(ValueError, match=r"missing keys: transformer\.h\.0\.mlp\.c_fc\.u"):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -257,3 +257,39 @@ def test_finetune_is_a_top_level_name():
     from kroncompress.tasks import finetune
 
     assert kc.finetune is finetune
+
+
+@pytest.mark.parametrize("edit", ["marker removed", "AutoConfig round trip"])
+def test_from_pretrained_loads_a_folder_whose_marker_is_gone(tmp_path, edit):
+    """A `kroncompress` plan in config.json makes a folder a kroncompress checkpoint, marker or not: a folder
+    saved before the marker existed, or after `AutoConfig.from_pretrained(f).save_pretrained(f)` (which drops
+    `transformers_weights`), loads its factors, never the bare architecture with random weights."""
+    model, inputs = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8})]), build_inputs("gpt2")
+    folder = kc.save_compressed(model, tmp_path / "out")
+    if edit == "marker removed":
+        config = json.loads((folder / "config.json").read_text())
+        del config["quantization_config"], config["transformers_weights"]
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        transformers.AutoConfig.from_pretrained(folder).save_pretrained(folder)
+        assert "transformers_weights" not in json.loads((folder / "config.json").read_text())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(loaded.transformer.h[0].mlp.c_fc, FactorizedLinear)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+
+
+def test_a_compressed_causal_lm_loads_as_its_base_model_and_under_a_new_head(tmp_path):
+    """AutoModel gives the compressed LM's body (the same hidden states); AutoModelForSequenceClassification the
+    same body under a new head (transformers warns that `score` is newly initialised), the tied head dropped."""
+    model = compressed("gpt2", [(["role:mlp"], "svd", {"rank": 8}), (["transformer.wte"], "kronecker", {"b_shape": [1, 2]})])
+    inputs = build_inputs("gpt2")
+    folder = kc.save_compressed(model, tmp_path / "out")
+    with torch.no_grad():
+        want = model.transformer(**inputs).last_hidden_state
+    body = transformers.AutoModel.from_pretrained(folder)
+    assert type(body) is transformers.GPT2Model and isinstance(body.h[0].mlp.c_fc, FactorizedLinear)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(body(**inputs).last_hidden_state, want)
+        assert torch.equal(classifier.transformer(**inputs).last_hidden_state, want)
+        assert torch.isfinite(classifier(**inputs).logits).all()

@@ -132,28 +132,85 @@ def test_offline_hub_id_fails_fast_without_touching_the_network(monkeypatch):
         raise AssertionError("network touched")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(ValueError, match="'org/model' is not a local folder and could not be fetched"):
         load_model("org/model")
 
 
-def test_online_is_checked_once_and_respects_offline_mode(monkeypatch):
-    import socket
+def test_online_is_checked_once_through_huggingface_hub_and_respects_offline_mode(monkeypatch):
+    import huggingface_hub.constants
+    import huggingface_hub.utils
 
     calls = []
 
-    def refuse(address, timeout):
-        calls.append((address, timeout))
-        raise OSError("unreachable")
+    class Unreachable:
+        def head(self, url, timeout):
+            calls.append((url, timeout))
+            raise ConnectionError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", Unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example:8443")
     hub.set_online(None)
     assert not hub.online() and not hub.online()
-    assert calls == [(("hub.example", 8443), hub.CONNECT_TIMEOUT_S)]
+    assert calls == [("https://hub.example:8443", hub.CONNECT_TIMEOUT_S)]
+    message = hub.offline_message("model", "org/model")
+    assert "no connection to https://hub.example:8443 (ConnectionError: [Errno -2] Name or service not known)" in message
+    assert "HTTPS_PROXY" in message
     hub.set_online(None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1 / TRANSFORMERS_OFFLINE=1
     assert not hub.online() and len(calls) == 1
+    assert "offline mode is set (HF_HUB_OFFLINE)" in hub.offline_message("model", "org/model")
+    hub.set_online(None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert not hub.online() and len(calls) == 1
+
+
+def test_online_goes_through_the_proxy_the_environment_names(monkeypatch):
+    """The hub host does not resolve; only a client that honours HTTP_PROXY reaches it (through our proxy)."""
+    import http.server
+    import threading
+
+    import huggingface_hub.constants
+    import huggingface_hub.utils
+
+    seen = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            seen.append(self.path)  # a proxy gets the absolute URL
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    close = getattr(huggingface_hub.utils, "close_session", None)  # the shared client reads proxies when made
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://hub.invalid")
+        if close:
+            close()
+        hub.set_online(None)
+        assert hub.online(), hub._state
+        assert seen and seen[0].startswith("http://hub.invalid")
+    finally:
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        if close:
+            close()
+        server.shutdown()
+        server.server_close()
+        hub.set_online(None)
 
 
 def test_require_dataset_offline(tmp_path, monkeypatch):

@@ -129,3 +129,29 @@ def test_three_class_f1_is_the_macro_average():
     y, p = [0, 1, 2, 2], [0, 2, 2, 1]
     per_class = [1.0, 0.0, 0.5]  # F1 of classes 0, 1, 2
     assert compute_metrics(["f1"], p, y)["f1"] == pytest.approx(sum(per_class) / 3, abs=1e-12)
+
+
+@pytest.mark.parametrize("classes, n, seed", [(2, 7, 0), (2, 200, 1), (3, 50, 2), (5, 300, 3), (2, 40, 4)])
+def test_metrics_agree_with_scikit_learn_and_scipy(classes, n, seed):
+    """The numpy metrics against the libraries GLUE's scores are usually computed with (dev extra)."""
+    skm = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    p = np.where(rng.random(n) < 0.6, y, rng.integers(0, classes, n))
+    scores = compute_metrics(["accuracy", "f1", "matthews"], p, y, num_labels=classes)
+    average = "binary" if classes == 2 else "macro"
+    assert scores["accuracy"] == pytest.approx(skm.accuracy_score(y, p), abs=1e-12)
+    assert scores["f1"] == pytest.approx(skm.f1_score(y, p, average=average, zero_division=0.0), abs=1e-12)
+    assert scores["matthews"] == pytest.approx(skm.matthews_corrcoef(y, p), abs=1e-12)
+    x = np.round(rng.normal(size=n), 1)  # rounded: ties, which Spearman ranks by their average
+    t = np.round(x + rng.normal(size=n), 1)
+    scores = compute_metrics(["pearson", "spearman"], x, t)
+    assert scores["pearson"] == pytest.approx(stats.pearsonr(x, t)[0], abs=1e-12)
+    assert scores["spearman"] == pytest.approx(stats.spearmanr(x, t)[0], abs=1e-12)
+
+
+def test_degenerate_metrics_are_zero_not_nan():
+    assert compute_metrics(["matthews"], [1, 1, 1], [1, 1, 1])["matthews"] == 0.0  # one class only
+    assert compute_metrics(["f1"], [0, 0, 0], [0, 0, 0])["f1"] == 0.0  # no positive class anywhere
+    assert compute_metrics(["spearman"], [0.5, 0.5], [0.1, 0.2])["spearman"] == 0.0

@@ -291,8 +291,11 @@ def test_the_trainer_adapter_overrides_only_listed_private_methods_that_still_ex
     for name in PRIVATE_OVERRIDES:
         ours, theirs = (inspect.signature(getattr(cls, name)).parameters.values() for cls in (DistillTrainer, Trainer))
         assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs], name
-    for hook in ("compute_loss", "log", "evaluation_loop", "loss_is_scaled_for_ga"):  # the public hooks used
+    for hook in ("compute_loss", "log", "evaluation_loop"):  # the public hooks used
         assert hasattr(Trainer, hook), hook
+    # loss_is_scaled_for_ga is new in 5.2x; before it, model_accepts_loss_kwargs = False (set in __init__) is what
+    # makes the Trainer divide our per-batch mean by the accumulation steps, as loss_is_scaled_for_ga = False does
+    assert hasattr(Trainer, "loss_is_scaled_for_ga") or "model_accepts_loss_kwargs" in inspect.getsource(Trainer.training_step)
 
 
 # -- resume: the same run, an intact checkpoint, sound weights ----------------------------------------
@@ -435,3 +438,17 @@ def test_an_unfinished_run_with_its_settings_record_counts_as_ours():
 
     # else --resume would refuse every run the engine started, as a folder kroncompress did not write
     assert {SETTINGS_NAME, RESULT_NAME} <= set(RUN_FILES)
+
+
+@pytest.mark.parametrize("ratio, steps, warmup", [(0.05, 100, 5), (0.1, 40, 4), (0.0, 100, 0)])
+def test_a_warmup_ratio_means_the_same_steps_under_the_installed_transformers(ratio, steps, warmup, tmp_path):
+    """version_arguments picks the keywords the installed TrainingArguments reads as a fraction (4.x: warmup_ratio;
+    5.x: a float warmup_steps): the warmup the Trainer schedules is that fraction of the steps, not 0."""
+    from transformers import TrainingArguments
+
+    from kroncompress.distill.hf_trainer import version_arguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                             **version_arguments(warmup_ratio=ratio, activation_checkpointing=True))
+    assert args.get_warmup_steps(steps) == warmup
+    assert args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)

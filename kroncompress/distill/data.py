@@ -39,8 +39,8 @@ import torch
 # re-exported: every name is importable from kroncompress.distill.data, as before the split
 from kroncompress.distill.bos import block_bos
 from kroncompress.distill.documents import (  # noqa: F401
-    SPLIT_NAMES, TEXT_SUFFIXES, check_spec_files, check_text_files, file_split, folder_splits, load_text, resolve_files,
-    validation_split,
+    SPLIT_NAMES, TEXT_SUFFIXES, check_spec_files, check_text_files, file_split, folder_splits, held_out_split, load_text,
+    resolve_files, validation_split,
 )
 from kroncompress.distill.spec import (  # noqa: F401
     CACHE_ENV, DEFAULT_SOURCE, JSON_SUFFIXES, TEXT_COLUMN, TextSpec, default_cache_dir, in_memory, model_tokenizer,

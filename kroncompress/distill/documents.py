@@ -231,3 +231,25 @@ def validation_split(spec: Any) -> str | None:
     except Exception:  # offline or unknown: no separate validation split
         return None
     return "validation" if "validation" in names else None
+
+
+def held_out_split(spec: Any) -> str | None:
+    """The split a perplexity is scored on when none is named (`kroncompress eval --data` and the stages of
+    `kroncompress compress --data`): "test" where the text has one, else "validation"; None when the text has
+    a single split (files outside a split folder, in-memory data) or a hub dataset's splits cannot be listed
+    (offline)."""
+    s = text_spec(spec)
+    if s.kind == "inline":
+        return None
+    if s.kind == "source":
+        return "test"
+    if s.kind == "files":
+        splits = [folder_splits(f) for f in s.files]
+        return next((name for name in ("test", "validation") if splits and all(name in f for f in splits)), None)
+    try:
+        import datasets
+
+        names = datasets.get_dataset_split_names(s.dataset, s.config)
+    except Exception:  # offline or unknown
+        return None
+    return next((name for name in ("test", "validation") if name in names), None)

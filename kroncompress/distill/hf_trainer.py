@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,28 @@ PRIVATE_OVERRIDES: dict[str, str] = {
              "Kronecker factors, modules transformers does not know); save_model's other branches (FSDP, "
              "DeepSpeed, SageMaker) all end in _save, so it is the one place every checkpoint's weights pass",
 }
+
+
+def version_arguments(*, warmup_ratio: float, activation_checkpointing: bool = False) -> dict[str, Any]:
+    """TrainingArguments keywords for warmup and activation checkpointing that mean the same on every supported
+    transformers: from 5.0 a warmup fraction goes in `warmup_steps` (a float below 1; 5.x drops `warmup_ratio`),
+    before it in `warmup_ratio` (4.x's `warmup_steps` counts steps: 0.05 would mean no warmup); checkpointing is
+    `activation_checkpointing` from 5.23, `gradient_checkpointing` before it."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    known = {field.name: field for field in fields(TrainingArguments)}
+    out: dict[str, Any] = {}
+    if not warmup_ratio:
+        out["warmup_steps"] = 0
+    elif "float" in str(known["warmup_steps"].type):
+        out["warmup_steps"] = float(warmup_ratio)
+    else:
+        out["warmup_ratio"] = float(warmup_ratio)
+    key = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    out[key] = bool(activation_checkpointing)
+    return out
 
 
 class DistillTrainer(Trainer):
@@ -168,3 +191,43 @@ class RichProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class LogProgress(TrainerCallback):
+    """Plain progress lines on the main process for logs that are not a terminal (CI, nohup, a cluster job):
+    `label: step/max steps (pct%), elapsed, ETA`, the loss terms and the rate, at the rhythm of
+    `kroncompress.progress.ProgressLog` ($KRONCOMPRESS_PROGRESS_INTERVAL seconds, default 30)."""
+
+    def __init__(self, label: str = "distill", interval: float | None = None, stream=None, status=None):
+        from kroncompress.progress import ProgressLog
+
+        self.log = ProgressLog(label, unit="steps", interval=interval, stream=stream)
+        self.status = status  # a callable giving more to show (e.g. the last task score), or None
+        self.terms = ""
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_tokens = state.num_input_tokens_seen
+        if state.is_world_process_zero:
+            self.log.update(state.global_step, state.max_steps, "started")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        elapsed = max(self.log.timer() - (self.log.start or self.log.timer()), 1e-9)
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        rate = f"{tokens / elapsed:,.0f} tok/s" if tokens else f"{(state.global_step - self.log.start_done) / elapsed:.2f} it/s"
+        extra = self.status() if self.status is not None else ""
+        self.log.update(state.global_step, state.max_steps, " | ".join(p for p in (self.terms, extra, rate) if p))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        parts = [f"{k[5:]} {v:.4g}" for k, v in logs.items() if k.startswith("loss_")]
+        if not parts and isinstance(logs.get("loss"), (int, float)):
+            parts.append(f"loss {logs['loss']:.4g}")
+        for key in ("eval_perplexity", "eval_score"):
+            if key in logs:
+                parts.append(f"{'val ppl' if key == 'eval_perplexity' else 'score'} {logs[key]:.4g}")
+        if parts:
+            self.terms = " | ".join(parts)

@@ -27,24 +27,18 @@ from kroncompress.distill.checkpoints import (
     verify_settings,
 )
 from kroncompress.distill.data import BlockDataset
+from kroncompress.distill.guards import (  # noqa: F401  (the errors: public here before guards.py)
+    NonFiniteLossError, NonFiniteWeightsError, check_finite_weights,
+)
 from kroncompress.distill.losses import (
     LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
     keep_inference_settings, use_eager_attention,
 )
-from kroncompress.errors import CheckpointError
 from kroncompress.recipe import DistillConfig
 
 RESULT_NAME = "distill_result.json"
 DEFAULT_SAVE_EVERY = 500
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf: training stopped; the message names the step and the term(s)."""
-
-
-class NonFiniteWeightsError(CheckpointError):
-    """The student or teacher holds NaN/inf weights before the first step: its source weights are broken."""
 
 
 @dataclass
@@ -92,6 +86,7 @@ def as_dataset(data: Any, *, tokenizer: Any = None, block_size: int = 1024,
 # -- progress -----------------------------------------------------------------------------------------
 
 def _show_progress(progress: bool | None) -> bool:
+    """Whether to draw rich's bar: on a terminal (or forced by KRONCOMPRESS_FORCE_PROGRESS), rich installed."""
     if progress is False:
         return False
     try:
@@ -99,6 +94,16 @@ def _show_progress(progress: bool | None) -> bool:
     except ImportError:
         return False
     return sys.stderr.isatty() or bool(progress and os.environ.get("KRONCOMPRESS_FORCE_PROGRESS"))
+
+
+def _progress_callback(progress: bool | None):
+    """rich's bar on a terminal; plain lines at a steady rhythm otherwise (a log file, CI: see
+    kroncompress.progress); None for progress=False."""
+    from kroncompress.distill.hf_trainer import LogProgress, RichProgress
+
+    if progress is False:
+        return None
+    return RichProgress() if _show_progress(progress) else LogProgress("distill")
 
 
 # -- the public entry point ----------------------------------------------------------------------------
@@ -143,6 +148,8 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
     `report_to="none"`)."""
     from transformers import TrainingArguments
 
+    from kroncompress.distill.hf_trainer import version_arguments
+
     train = config.train
     steps = max_steps if max_steps is not None else train.max_steps
     eval_every = train.eval_every if has_eval else None
@@ -157,12 +164,11 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
         max_grad_norm=train.max_grad_norm or 0.0,
         optim="adamw_torch",
         lr_scheduler_type=_SCHEDULERS[train.schedule],
-        warmup_steps=float(train.warmup_ratio) if train.warmup_ratio else 0,
         num_train_epochs=train.epochs,
         max_steps=steps if steps is not None else -1,
         seed=train.seed,
         data_seed=train.seed,
-        activation_checkpointing=train.gradient_checkpointing,
+        **version_arguments(warmup_ratio=train.warmup_ratio, activation_checkpointing=train.gradient_checkpointing),
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
         eval_on_start=bool(has_eval and eval_on_start),
@@ -209,7 +215,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     run records its settings (the config, step budget, student layout, data hash and `run_settings`, e.g.
     the recipe's fingerprint) in `output_dir`/run_settings.json; a resumed one must match them. With
     `eval_data` and `train.eval_every`, the validation perplexity is measured before training, every
-    `eval_every` steps and at the end.
+    `eval_every` steps and at the end. `progress` (default True): rich's bar on a terminal, else plain lines
+    (step, ETA, loss terms) every $KRONCOMPRESS_PROGRESS_INTERVAL seconds (see kroncompress.progress);
+    False: neither.
 
     Raises NonFiniteWeightsError (a ValueError) naming the first NaN/inf tensor of the student or teacher
     before training; NonFiniteLossError naming the step and loss term when a term turns NaN/inf;
@@ -218,7 +226,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
     """
     from transformers.trainer_callback import PrinterCallback
 
-    from kroncompress.distill.hf_trainer import DistillTrainer, RichProgress
+    from kroncompress.distill.hf_trainer import DistillTrainer
 
     start = time.perf_counter()
     with keep_inference_settings(student, teacher):
@@ -266,8 +274,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
         if checkpoint is None and trainer.args.should_save:
             record_settings(output_dir, settings)
         trainer.remove_callback(PrinterCallback)
-        if _show_progress(progress):
-            trainer.add_callback(RichProgress())
+        bar = _progress_callback(progress)
+        if bar is not None:
+            trainer.add_callback(bar)
         if checkpoint and _finished(checkpoint, args.max_steps):
             # the Trainer would run one step past the end; a finished run only reloads its final weights
             from transformers import TrainerState
@@ -276,6 +285,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
             trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         else:
             trainer.train(resume_from_checkpoint=checkpoint)
+            check_finite_weights(student, "student", after_training=True,
+                                 advice="lower the learning rate (train.lr) or turn on gradient clipping (train.max_grad_norm)")
         student.eval()
 
     result = _result(trainer, time.perf_counter() - start, checkpoint if resume else None, output_dir)
@@ -283,18 +294,6 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def check_finite_weights(model: nn.Module, role: str = "model") -> None:
-    """NonFiniteWeightsError naming the first parameter of `model` holding NaN or inf (checked before training:
-    no training setting can repair weights that are already broken)."""
-    for name, param in model.named_parameters():
-        bad = int((~torch.isfinite(param.detach())).sum()) if param.is_floating_point() else 0
-        if bad:
-            fix = ("the model files or their compression" if role == "student" else "the teacher's model files")
-            raise NonFiniteWeightsError(
-                f"the {role}'s parameter {name} holds {bad:,} NaN/inf value(s) of {param.numel():,} before training; "
-                f"its source weights are broken ({fix}): reload or re-download them; lowering the learning rate will not help")
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:

@@ -14,6 +14,7 @@ values), with an error naming the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 FORMAT = "kroncompress-calibration"
 VERSION = 1
+MAX_TOKENS = 2**53  # token totals are exact in float64 up to here
 
 
 def save_calibration(stats, path: str | os.PathLike) -> Path:
@@ -39,6 +41,8 @@ def save_calibration(stats, path: str | os.PathLike) -> Path:
                                for s in stats.token_counts]}
     metadata = {"format": FORMAT, "version": str(VERSION), "damping": repr(float(stats.damping)),
                 "groups": json.dumps(groups)}
+    if getattr(stats, "sensitivity", None) is not None:  # a budget's measured module weights (optional)
+        metadata["sensitivity"] = json.dumps({name: float(s) for name, s in stats.sensitivity.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(handle)
@@ -82,8 +86,8 @@ def check_calibration_file(path: str | os.PathLike) -> tuple[float, dict]:
         groups = json.loads(metadata["groups"])
     except (KeyError, ValueError) as exc:
         raise _bad(path, "metadata", f"missing or malformed damping/groups ({exc})") from None
-    if not damping >= 0:
-        raise _bad(path, "damping", f"must be a number >= 0, got {metadata['damping']!r}")
+    if not 0 <= damping < math.inf:
+        raise _bad(path, "damping", f"must be a finite number >= 0, got {metadata['damping']!r}")
     if not isinstance(groups, dict):
         raise _bad(path, "groups", "is not a JSON object")
     return damping, groups
@@ -127,8 +131,8 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         modules, tokens = item.get("modules"), item.get("tokens")
         if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
             raise bad(f"{field}.modules", "must be a non-empty list of module names")
-        if type(tokens) is not int or tokens < 0:
-            raise bad(f"{field}.tokens", f"must be an integer >= 0, got {tokens!r}")
+        if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
+            raise bad(f"{field}.tokens", f"must be an integer from 0 to 2**53 (the tokens seen), got {tokens!r}")
         twice = seen.intersection(modules)
         if twice:
             raise bad(f"{field}.modules", f"module {sorted(twice)[0]!r} is listed twice")
@@ -139,7 +143,14 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
         if tensor.dim() != dims or (dims == 2 and tensor.shape[0] != tensor.shape[1]) or tensor.numel() == 0:
             raise bad(tensor_name, f"has shape {tuple(tensor.shape)}; expected "
                                    + ("a square n x n matrix" if dims == 2 else "a non-empty vector"))
-        return modules, tokens, tensor.to(device=device, dtype=torch.float64)
+        tensor = tensor.to(dtype=torch.float64)
+        if dims == 1 and float(tensor.sum()) != tokens:  # a token histogram counts every token once
+            raise bad(f"{field}.tokens", f"is {tokens} but the token counts add up to {float(tensor.sum()):.0f}")
+        if dims == 2 and tokens == 0 and bool(tensor.any()):
+            raise bad(f"{field}.tokens", "is 0 but the statistics are not empty")
+        if dims == 2 and bool((tensor.diagonal() < 0).any()):  # a sum of x x^T has a non-negative diagonal
+            raise bad(tensor_name, "has negative diagonal entries: not a sum of x x^T")
+        return modules, tokens, tensor.to(device=device)
 
     inputs, counts = [], []
     for i, item in enumerate(_list(groups, "inputs", bad)):
@@ -154,8 +165,29 @@ def load_calibration(path: str | os.PathLike, device: str | torch.device | None 
     if tensors:
         raise bad(f"tensor {sorted(tensors)[0]!r}", "no group refers to it")
     stats = CalibrationStats(inputs, damping, counts)
+    stats.sensitivity = _sensitivity(path, bad)
     stats.path = path
     return stats
+
+
+def _sensitivity(path: Path, bad) -> dict[str, float] | None:
+    """The optional `sensitivity` metadata: module name -> a finite weight >= 0."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("sensitivity")
+    if raw is None:
+        return None
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        raise bad("sensitivity", "is not JSON") from None
+    if not isinstance(values, dict) or not all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
+                                               and v >= 0 for k, v in values.items()):
+        raise bad("sensitivity", "must map module names to finite numbers >= 0")
+    return {k: float(v) for k, v in values.items()}
 
 
 def _list(groups: dict, key: str, bad) -> list:

@@ -96,6 +96,13 @@ def _model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | N
         lines.append(f"- parameters: {before:,} before, {after:,} after ({before / max(after, 1):.2f}x smaller)")
     else:
         lines.append(f"- parameters: {after:,}")
+    if section.get("modules"):
+        from kroncompress.plans import describe_modules
+        from kroncompress.surgery import block_list_sizes
+
+        names = list(section["modules"])
+        lines.append(f"- compressed: {describe_modules(names, block_list_sizes(model, names))}")
+    lines += [f"- note: {note}" for note in (getattr(report, "notes", None) or [])]
     if section.get("tied_head"):
         lines.append(f"- `{section['tied_head']['head']}` stays tied to `{section['tied_head']['embedding']}` (logits through the same factors)")
     by_strategy: dict[str, list[int]] = {}

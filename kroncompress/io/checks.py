@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ _SAFETENSORS_ITEMSIZE = {
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
-def check_safetensors(path: str | os.PathLike) -> None:
-    """Raise ValueError (one line naming the file) unless `path` is a complete safetensors file.
+def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Raise ValueError (one line naming the file) unless `path` is a complete safetensors file; returns
+    its header ({tensor name: {dtype, shape, data_offsets}}, and "__metadata__").
 
     Reads only the header (8-byte length + JSON) and compares the byte ranges it declares with the file
     size, so a truncated download or a file of another format is caught before any tensor is read.
@@ -61,6 +63,8 @@ def check_safetensors(path: str | os.PathLike) -> None:
             start, stop = (int(v) for v in entry["data_offsets"])
             count = 1
             for dim in entry["shape"]:
+                if int(dim) < 0:
+                    raise ValueError
                 count *= int(dim)
             itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])  # None: a newer dtype, its size unchecked
         except (KeyError, TypeError, ValueError):
@@ -70,6 +74,7 @@ def check_safetensors(path: str | os.PathLike) -> None:
         end = max(end, stop)
     if 8 + length + end != size:
         raise bad(f"the header describes {8 + length + end:,} bytes but the file has {size:,}")
+    return header
 
 
 def first_nonfinite(tensors) -> tuple[str, int, int] | None:
@@ -117,6 +122,18 @@ def _check_section(section: Any, folder: Path) -> dict[str, Any]:
                 raise _config_error(folder, field, f"has no {key!r} key")
         if not isinstance(entry["plan"], dict):
             raise _config_error(folder, f"{field}.plan", "is not an object")
+        if not isinstance(entry.get("options", {}) or {}, dict):
+            raise _config_error(folder, f"{field}.options", "is not an object")
+        tied = entry.get("tied", []) or []
+        if not isinstance(tied, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("as") in ("head", "alias") for t in tied):
+            raise _config_error(folder, f"{field}.tied", 'must be a list of {"name": module, "as": "head" or "alias"}')
+        padding = entry.get("padding_idx")
+        if padding is not None and (type(padding) is not int or padding < 0):
+            raise _config_error(folder, f"{field}.padding_idx", f"must be null or a token id, got {padding!r}")
+    implementation = section.get("attn_implementation")
+    if implementation is not None and not isinstance(implementation, str):
+        raise _config_error(folder, f"{CONFIG_KEY}.attn_implementation", f"must be a name, got {implementation!r}")
     shared = section.get("shared_parameters", []) or []
     if not isinstance(shared, list) or not all(
             isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) for n in g) for g in shared):
@@ -124,9 +141,10 @@ def _check_section(section: Any, folder: Path) -> dict[str, Any]:
     return modules
 
 
-def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype) -> nn.Module:
+def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype,
+                    saved_name: str | None = None) -> nn.Module:
     """The compressed module `name` rebuilt from its saved plan, after checking the plan against the model."""
-    field = f"{CONFIG_KEY}.modules[{name!r}]"
+    field = f"{CONFIG_KEY}.modules[{saved_name or name!r}]"
     try:
         old = model.get_submodule(name)
     except AttributeError:
@@ -157,3 +175,126 @@ def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: 
         raise _config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
                                                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return new
+
+
+def _local_name(model: nn.Module, name: str) -> str | None:
+    """`name` (as saved from the folder's own class) as `model` names it: the same, without the base model's
+    prefix when `model` is the bare base model (AutoModel), with it when the folder was saved from the base
+    model; None when `model` has no such module or parameter (e.g. a head another class lacks)."""
+    def exists(candidate: str) -> bool:
+        try:
+            model.get_submodule(candidate)
+            return True
+        except AttributeError:
+            try:
+                model.get_parameter(candidate)
+                return True
+            except AttributeError:
+                return False
+
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1:])
+    elif prefix and hasattr(model, prefix):
+        candidates.append(f"{prefix}.{name}")
+    return next((c for c in candidates if exists(c)), None)
+
+
+def _base_model_test(model: nn.Module, section: dict[str, Any]):
+    """name -> whether the saved name lies inside the base model (not in a task head). A folder saved from
+    a head class names the base model's modules under its prefix (`transformer.h.0...`), its head outside
+    it (`lm_head`); one saved from the base model itself names everything without the prefix."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    saved = [*(section.get("modules", {}) or {}), *(n for g in section.get("shared_parameters", []) or [] for n in g)]
+    from_head = bool(prefix) and any(n.startswith(prefix + ".") for n in saved)
+    return lambda name: not from_head or name.startswith(prefix + ".")
+
+
+def rebuild_modules(model: nn.Module, section: Any, folder: Path, dtype, other_class: bool = False) -> "Rebuilt":
+    """Rebuild every factorized module of a folder's `kroncompress` section on `model` (the one routine of
+    both loaders): each plan checked against the model, the module rebuilt and installed with its tied
+    modules, then the shared parameter groups tied. `other_class`: `model` is another class than the one
+    saved (AutoModel, or another head, on a causal LM folder): names are mapped to the model's, and modules
+    of a head the model lacks are skipped (transformers warns about the head it adds or drops)."""
+    from kroncompress.surgery import install
+
+    modules = _check_section(section, folder)
+    _in_base = _base_model_test(model, section)
+    rebuilt: list[str] = []
+    for saved_name, entry in modules.items():
+        name = _local_name(model, saved_name) if other_class else saved_name
+        if name is None:
+            if _in_base(saved_name):
+                name = saved_name  # reported as "no module" below
+            else:
+                continue
+        new = _rebuild_module(model, name, entry, folder, dtype, saved_name)
+        if entry.get("padding_idx") is not None:
+            new.padding_idx = entry["padding_idx"]
+        tied = []
+        for tie in entry.get("tied", []) or []:
+            local = _local_name(model, tie["name"]) if other_class else tie["name"]
+            if local is not None:
+                tied.append({**tie, "name": local})
+            elif not other_class or _in_base(tie["name"]):
+                raise _config_error(folder, f"{CONFIG_KEY}.modules[{saved_name!r}].tied",
+                                    f"the {type(model).__name__} has no module {tie['name']!r}")
+        try:
+            install(model, name, new, tied)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise _config_error(folder, f"{CONFIG_KEY}.modules[{saved_name!r}].tied", f"{type(exc).__name__}: {exc}") from None
+        rebuilt.append(name)
+    if (section.get("quantization") or {}).get("modules"):
+        if other_class:
+            raise _config_error(folder, f"{CONFIG_KEY}.quantization", f"a kc.quantize'd folder loads only as the class it "
+                                f"was saved as, not as a {type(model).__name__}")
+        from kroncompress.quantization import apply_saved_quantization
+
+        apply_saved_quantization(model, section, lambda field, problem: _config_error(folder, field, problem))
+    groups = []
+    for group in section.get("shared_parameters", []) or []:
+        local = []
+        for saved in group:
+            name = _local_name(model, saved) if other_class else saved
+            if name is not None or _in_base(saved):
+                local.append(name or saved)  # a name the model lacks is reported by tie_groups
+        if len(local) > 1:
+            groups.append(local)
+    if "shared_parameters" not in section and hasattr(model, "tie_weights"):
+        model.tie_weights()  # transformers' own save_pretrained wrote the folder (a layer-dropped model): its config's ties
+    tie_groups(model, groups, folder)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    # the model's own names: in a head class, its head lies outside the base model's prefix
+    head = bool(prefix) and hasattr(model, prefix)
+    # a tensor of a head: one this class adds (outside its base model) or one the saved class had
+    optional = (lambda name: (head and not name.startswith(prefix + ".")) or not _in_base(name)) if other_class \
+        else (lambda name: False)
+    return Rebuilt(rebuilt, groups, optional)
+
+
+@dataclass
+class Rebuilt:
+    """What `rebuild_modules` did: the rebuilt modules' names, the tied groups (the model's names), and
+    which tensor names may be absent from the file (a head of another class)."""
+
+    modules: list[str]
+    shared: list[list[str]]
+    optional: Any
+
+
+def tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None:
+    """Make every parameter of a group the same Parameter object as the group's first."""
+    for names in groups:
+        try:
+            params = [model.get_parameter(name) for name in names]
+        except AttributeError as exc:
+            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
+        if len({tuple(p.shape) for p in params}) > 1:
+            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters",
+                                f"{', '.join(names)} have different shapes and cannot be one parameter")
+        shared = params[0]
+        for name in names[1:]:
+            owner, _, attribute = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            setattr(module, attribute, shared)

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
-from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES
+from kroncompress.io.checks import FOLDER_FILES
 from kroncompress.io.load import load_compressed
 from kroncompress.io.save import _move_into_place
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
-from kroncompress.outputs import OutputExistsError, match_file_mode
+from kroncompress.layers.quantized import dequantize_tensors
+from kroncompress.outputs import OutputExistsError
 from kroncompress.surgery import CONFIG_KEY, _set_submodule, set_tie_word_embeddings
 
 
@@ -30,6 +31,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     kroncompress config section is dropped, so `save_pretrained` gives a folder that
     `AutoModelForCausalLM.from_pretrained` loads without kroncompress.
     """
+    for module in model.modules():  # integer factors (kc.quantize) back to float first
+        dequantize_tensors(module)
     replaced: dict[int, nn.Module] = {}
     heads = []
     for name, module in list(model.named_modules()):
@@ -84,12 +87,10 @@ def export_dense(source: str | os.PathLike, output: str | os.PathLike, overwrite
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(tmp)
-        for weights in tmp.glob("*.safetensors"):
-            match_file_mode(weights, tmp / CONFIG_NAME)
         for item in source.iterdir():
             if item.is_file() and item.name not in FOLDER_FILES and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
-        _move_into_place(tmp, target, overwrite)
+        _move_into_place(tmp, target, overwrite, command="export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,10 +13,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
-from kroncompress.io.checks import (
-    CONFIG_NAME, WEIGHTS_NAME, _check_section, _config_error, _rebuild_module, check_safetensors, first_nonfinite,
-)
-from kroncompress.surgery import CONFIG_KEY, install
+from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME, _check_section, check_safetensors, rebuild_modules
+from kroncompress.io.verify import check_finite, check_shared, check_stored, read_specs
+from kroncompress.surgery import CONFIG_KEY
 
 
 def _model_class(config: Any, folder: Path):
@@ -41,23 +40,6 @@ def _file_dtype(path: Path) -> torch.dtype:
     return torch.float32
 
 
-def _tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None:
-    """Make every parameter of a group the same Parameter object as the group's first."""
-    for names in groups:
-        try:
-            params = [model.get_parameter(name) for name in names]
-        except AttributeError as exc:
-            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
-        if len({tuple(p.shape) for p in params}) > 1:
-            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters",
-                                f"{', '.join(names)} have different shapes and cannot be one parameter")
-        shared = params[0]
-        for name in names[1:]:
-            owner, _, attribute = name.rpartition(".")
-            module = model.get_submodule(owner) if owner else model
-            setattr(module, attribute, shared)
-
-
 def model_key_names(model: nn.Module, keys) -> dict[str, str]:
     """{stored key: the model's name for it}. transformers' save_pretrained writes some architectures (ViT,
     GPT-NeoX ...) under their legacy checkpoint names and renames them when loading; this applies the same
@@ -76,36 +58,14 @@ def model_key_names(model: nn.Module, keys) -> dict[str, str]:
     return {key: key if key in names else rename_source_key(key, renamings, [], prefix, meta)[0] for key in keys}
 
 
-def _load_weights_strict(model: nn.Module, path: Path) -> None:
+def _load_weights_strict(model: nn.Module, path: Path, specs: dict, shared: list[list[str]]) -> None:
+    """Load the checked file (see kroncompress.io.verify) into the rebuilt model: its keys, shapes and
+    dtypes were checked on the meta model; here the tied groups and the values."""
     loaded = load_file(str(path))
-    loaded = {new: loaded[old] for old, new in model_key_names(model, loaded).items()}
-    expected = model.state_dict()
-    alias_of: dict[str, list[str]] = {}
-    groups: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-    for names in groups.values():
-        for name in names:
-            alias_of[name] = names
-    missing = [n for n in expected if n not in loaded and not any(a in loaded for a in alias_of.get(n, [n]))]
-    unexpected = [n for n in loaded if n not in expected]
-    if missing or unexpected:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
-        raise ValueError(f"{path}: the weights do not match the model rebuilt from config.json: missing keys: {show(missing)}; "
-                         f"unexpected keys: {show(unexpected)}. The folder is damaged or was written by another version")
-    for name, tensor in loaded.items():
-        want = expected[name]
-        if tensor.is_floating_point() != want.is_floating_point():
-            raise ValueError(f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, the model needs "
-                             f"{str(want.dtype).removeprefix('torch.')}; the folder was edited or damaged: compress again")
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the plan in config.json gives "
-                             f"{tuple(want.shape)}; the weights and config.json do not belong together: compress again")
-    bad = first_nonfinite(loaded)
-    if bad is not None:
-        raise ValueError(f"{path}: tensor {bad[0]!r} holds NaN or inf values ({bad[1]:,} of {bad[2]:,}); the folder "
-                         "is damaged (or the run diverged): compress again")
+    names = check_stored(model, specs, str(path))
+    loaded = {names[old]: tensor for old, tensor in loaded.items()}
+    check_shared(shared, specs, names, lambda old: loaded[names[old]], path.parent)
+    check_finite(loaded, str(path))
     try:
         model.load_state_dict(loaded, strict=False)
     except RuntimeError as exc:
@@ -122,51 +82,77 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
     one and finite values; a ValueError names the config field, module or tensor otherwise. Returns the model in eval mode, on `device`, in `dtype` (default: the
     saved dtype), with logits identical to the model that was saved.
     """
-    import transformers
     from transformers.initialization import no_init_weights
 
     folder = Path(directory)
+    cls, config, section, dtype, kwargs, specs = check_structure(folder, dtype, attn_implementation)
+    with no_init_weights():  # every weight is overwritten from the file; skip the random init
+        model = _build(cls, config, dtype, kwargs, folder)
+        rebuilt = rebuild_modules(model, section, folder, dtype)
+    _load_weights_strict(model, folder / WEIGHTS_NAME, specs, rebuilt.shared)
+    hf.mark(model)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def check_structure(folder: Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+    """Everything of a folder but the tensors' values, checked without allocating: the files, config.json and
+    its plans, and the weights file's header against the model rebuilt on the meta device (an edited config,
+    e.g. a huge n_embd, is refused before anything is allocated). Returns what `load_compressed` builds from:
+    (class, config, kroncompress section, dtype, build kwargs, stored tensor specs)."""
+    import transformers
+
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; give a folder written by kc.save_compressed (config.json + model.safetensors)")
-    check_safetensors(folder / WEIGHTS_NAME)
+    specs = read_specs([folder / WEIGHTS_NAME])
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError, OSError, TypeError) as exc:
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as exc:
         raise ValueError(f"{folder / CONFIG_NAME}: not a readable model config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                          "restore it or compress again") from None
     cls = _model_class(config, folder)
     if getattr(config, "transformers_weights", None) == hf.REFUSAL:
         delattr(config, "transformers_weights")  # the plain-transformers refusal marker (see kroncompress.hf)
     section = getattr(config, CONFIG_KEY, None) or {}
-    modules = _check_section(section, folder)
+    _check_section(section, folder)
     dtype = dtype or _file_dtype(folder / WEIGHTS_NAME)
     implementation = attn_implementation or section.get("attn_implementation")
     kwargs = {"attn_implementation": implementation} if implementation else {}
-    with no_init_weights():  # every weight is overwritten from the file; skip the random init
-        try:
-            model = cls._from_config(config, dtype=dtype, **kwargs)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ValueError(f"{folder / CONFIG_NAME}: cannot build the {cls.__name__} from it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                             "restore it or compress again") from None
-        for name, entry in modules.items():
-            new = _rebuild_module(model, name, entry, folder, dtype)
-            if "padding_idx" in entry:
-                new.padding_idx = entry["padding_idx"]
-            try:
-                install(model, name, new, entry.get("tied", []))
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise _config_error(folder, f"{CONFIG_KEY}.modules[{name!r}].tied", f"{type(exc).__name__}: {exc}") from None
-    if "shared_parameters" in section:
-        _tie_groups(model, section["shared_parameters"] or [], folder)
-    else:  # a folder transformers' own save_pretrained wrote (e.g. a layer-dropped model): its config's ties
-        model.tie_weights()
-    _load_weights_strict(model, folder / WEIGHTS_NAME)
-    hf.mark(model)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+    with torch.device("meta"):
+        skeleton = _build(cls, config, dtype, kwargs, folder)
+        rebuilt = rebuild_modules(skeleton, section, folder, dtype)
+    check_stored(skeleton, specs, str(folder / WEIGHTS_NAME), rebuilt.modules)
+    return cls, config, section, dtype, kwargs, specs
+
+
+def _build(cls, config, dtype, kwargs, folder: Path) -> nn.Module:
+    try:
+        return cls._from_config(config, dtype=dtype, **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{folder / CONFIG_NAME}: cannot build the {cls.__name__} from it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                         "restore it or compress again") from None
+
+
+def _marker_problems(folder: Path) -> list[str]:
+    """A folder with factorized modules whose config.json lost the marker that makes plain transformers refuse
+    it (a folder saved before the marker existed, or `AutoConfig.from_pretrained(f).save_pretrained(f)`, which
+    drops `transformers_weights`): kroncompress still loads it, but without kroncompress transformers would
+    load random weights, with only a warning."""
+    import json
+
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return []  # reported by the load
+    section = config.get(CONFIG_KEY) if isinstance(config, dict) else None
+    if not isinstance(section, dict) or not section.get("modules") or config.get("transformers_weights") == hf.REFUSAL:
+        return []
+    return [f"{folder / CONFIG_NAME} lacks the kroncompress checkpoint marker (`transformers_weights`, dropped by a "
+            "config round trip through transformers): kroncompress loads the folder, but plain transformers would load "
+            f"random weights; restore it with: python -c \"import kroncompress.hf as h; h.mark_config('{folder / CONFIG_NAME}')\""]
 
 
 def verify_folder(directory: str | os.PathLike, load: bool = True) -> list[str]:
@@ -188,6 +174,8 @@ def verify_folder(directory: str | os.PathLike, load: bool = True) -> list[str]:
             check_safetensors(folder / WEIGHTS_NAME)
         except (ValueError, OSError) as exc:
             problems.append(str(exc))
+    if not problems:
+        problems += _marker_problems(folder)
     if problems or not load:
         return problems
     try:

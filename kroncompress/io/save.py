@@ -9,7 +9,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -18,7 +18,10 @@ from torch import nn
 from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.io.card import _model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
-from kroncompress.outputs import OutputExistsError, match_file_mode
+from kroncompress.io.load import check_structure
+from kroncompress.io.verify import check_finite
+from kroncompress.outputs import OutputExistsError, replace_folder
+from kroncompress.quantization import check_foreign_quantization, weight_bytes
 from kroncompress.surgery import CONFIG_KEY, count_params
 
 
@@ -62,12 +65,24 @@ def saved_section(model: nn.Module) -> dict[str, Any]:
 
 
 def _write_weights(model: nn.Module, path: Path) -> None:
-    save_file(_unique_state(model), str(path), metadata={"format": "pt"})
+    state = _unique_state(model)
+    check_finite(state, "save_compressed: the model")  # a folder holding NaN would not reload
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    """A model still wrapped in LoRA layers: its modules no longer match the plan config.json records."""
+    wrapped = next((name for name, module in model.named_modules() if type(module).__module__.startswith("peft.")
+                    or type(module).__name__ == "FactorizedLoraLinear"), None)
+    if wrapped is not None:
+        raise ValueError(f"save_compressed: {wrapped} is a LoRA (PEFT) layer; merge the adapters first "
+                         "(kc.lora.merge), or save the adapter alone with peft_model.save_pretrained and the base "
+                         "model with save_compressed")
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any = None, report: Any = None,
                     metrics: dict[str, Any] | None = None, tokenizer: Any = None, overwrite: bool = False,
-                    card: dict[str, Any] | None = None) -> Path:
+                    card: dict[str, Any] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write `model` to an HF-style folder, atomically: everything goes into a temporary folder next to
     `directory` that is renamed into place at the end, so a crash never leaves a half-written folder.
 
@@ -77,6 +92,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     The model card's front matter says `library_name: kroncompress`, the strategies as tags, and from
     `card` (else what the model knows): `base_model` (default: the config's name_or_path), `license`
     (default: the base model's, from its README.md or config when found locally) and `datasets`.
+    `extra(folder)` is called with the temporary folder before the rename, to add a run's own files (its
+    results in report.json, plots), so those are part of the atomic write too.
     """
     from kroncompress.recipe import Recipe
 
@@ -85,6 +102,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         raise OutputExistsError(f"output folder {target} already exists; pass overwrite=True or pick another folder")
     if not hasattr(model, "config"):
         raise ValueError(f"save_compressed expects a transformers model with a config, got {type(model).__name__}")
+    check_foreign_quantization(model)  # torch.ao / torchao modules: a clear error, not a crash in safetensors
+    _refuse_adapters(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -101,7 +120,6 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
         _write_weights(model, tmp / WEIGHTS_NAME)
-        match_file_mode(tmp / WEIGHTS_NAME, tmp / CONFIG_NAME)  # safetensors writes 0600 whatever the umask
         if recipe is None and section.get("recipe"):
             recipe = Recipe.from_dict(section["recipe"], source="config.json kroncompress.recipe")
         recipe_dict = recipe.to_dict() if recipe is not None else None
@@ -109,12 +127,20 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
             (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         summary = {
             "params_before": section.get("params_before"), "params_after": count_params(model),
+            "weight_bytes": weight_bytes(model),
             "report": report.to_dict() if report is not None else None, "metrics": metrics or {},
         }
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(model, section, recipe_dict, report, metrics, card), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        try:  # what load_compressed checks before reading values: never put a folder in place that cannot reload
+            check_structure(tmp)
+        except ValueError as exc:
+            raise ValueError(f"save_compressed: not writing {target}: the folder would not reload ("
+                             f"{str(exc).replace(str(tmp), str(target))})") from None
         _move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,17 +148,6 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     return target
 
 
-def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    if not overwrite:
-        raise OutputExistsError(f"output folder {target} appeared while saving; pass overwrite=True to replace it")
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+def _move_into_place(tmp: Path, target: Path, overwrite: bool, command: str = "save_compressed") -> None:
+    """The rename into place, with its manifest and ownership rule (`kroncompress.outputs.replace_folder`)."""
+    replace_folder(tmp, target, overwrite=overwrite, command=command)

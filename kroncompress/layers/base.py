@@ -103,7 +103,7 @@ class FactorizedLinear(nn.Module):
     def _forward_weight(self) -> torch.Tensor:
         """W for forward_mode "dense": rebuilt while the factors train or under torch.compile, else cached
         and keyed on every parameter's storage and version counter (an in-place update or .to() rebuilds)."""
-        params = [p for name, p in self.named_parameters() if name != "bias"]
+        params = [p for name, p in self.named_parameters() if name != "bias"] + list(self.buffers())  # + integer factors
         if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
             return self.dense_weight()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)

@@ -20,6 +20,8 @@ class CPLinear(FactorizedLinear):
     2 R (in + out) FLOPs per token, like a rank-R low-rank layer, while the parameters are R * sum(dims).
     """
 
+    FACTOR_AXES = {"factors": 1}  # quantization axis (kc.quantize): along the rank, one scale per mode index
+
     def __init__(self, out_shape, in_shape, rank: int, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         out_shape, in_shape = tuple(out_shape), tuple(in_shape)
         if len(out_shape) != len(in_shape):

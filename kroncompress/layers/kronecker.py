@@ -35,6 +35,7 @@ class KroneckerLinear(FactorizedLinear):
     more FLOPs per token than the dense matrix (benchmarks/results/layers.md).
     """
 
+    FACTOR_AXES = {"a": 2, "b": 2}  # quantization axis of each factor (kc.quantize): the input side
     order: str | None = None  # None: the cheaper of "b_first" / "a_first" by FLOPs (see kron_matmul)
 
     def __init__(self, a_shape, b_shape, rank: int = 1, bias: bool = True, layout: str = "linear", device=None, dtype=None):
@@ -83,6 +84,7 @@ class KroneckerEmbedding(nn.Module):
     uses E itself): the surgery copies it from the module it replaces, so it is not saved.
     """
 
+    FACTOR_AXES = {"a": 2, "b": 2}  # one scale per table row of each factor (kc.quantize)
     scale: float = 1.0
 
     def __init__(self, a_shape, b_shape, rank: int = 1, padding_idx: int | None = None, device=None, dtype=None):

@@ -13,6 +13,8 @@ from kroncompress.layers.base import FactorizedLinear
 class LowRankLinear(FactorizedLinear):
     """Drop-in for nn.Linear / Conv1D with W (out x in) = U @ V; forward is x V^T U^T (two thin GEMMs)."""
 
+    FACTOR_AXES = {"u": 1, "v": 1}  # quantization axis (kc.quantize): one scale per row of U and of V
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         super().__init__(in_features, out_features, bias, layout, device, dtype)
         self.rank = rank

@@ -19,6 +19,8 @@ class TTLinear(FactorizedLinear):
     Forward sweeps the cores right to left or left to right, whichever costs fewer FLOPs for the shapes.
     """
 
+    FACTOR_AXES = {"cores": 2}  # quantization axis (kc.quantize): each core's input mode i_k
+
     def __init__(self, out_shape, in_shape, ranks, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         out_shape, in_shape, ranks = tuple(out_shape), tuple(in_shape), tuple(ranks)
         if len(out_shape) != len(in_shape) or len(ranks) != len(out_shape) - 1:

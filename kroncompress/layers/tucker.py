@@ -20,6 +20,8 @@ class TuckerLinear(FactorizedLinear):
     the core as one GEMM and expands the output modes, each side in its cheapest mode order.
     """
 
+    FACTOR_AXES = {"core": -1, "factors": 1}  # quantization axes (kc.quantize): the last core mode; factors along the rank
+
     def __init__(self, out_shape, in_shape, ranks, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         out_shape, in_shape, ranks = tuple(out_shape), tuple(in_shape), tuple(ranks)
         dims = out_shape + in_shape

@@ -261,6 +261,35 @@ class KroneckerProblem:
         total = self.total
         return (f / total) ** 0.5 if total > 0 else (0.0 if f == 0 else float("inf"))
 
+    @classmethod
+    def with_targets(cls, W: torch.Tensor, C: "torch.Tensor | MomentCache", V: torch.Tensor, total: float) -> "KroneckerProblem":
+        """The problem min tr(W^ C W^^T) - 2 tr(W^ V^T) + total, for a V other than W C: the refit against the
+        teacher's outputs on the student's inputs (`kroncompress.linalg.refit`: C = Css, V = W Cts,
+        total = tr(W Ctt W^T))."""
+        problem = cls(W, C)
+        if tuple(V.shape) != tuple(problem.W.shape):
+            raise ValueError(f"KroneckerProblem: V must have W's shape {tuple(problem.W.shape)}, got {tuple(V.shape)}")
+        problem._V, problem._total = V.to(device=problem.W.device, dtype=torch.float64), float(total)
+        return problem
+
+    def a_step(self, B: torch.Tensor, n1: int, A: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float | None]:
+        """The exact A given B (r, m2, n2): (A (r, m1, n1), relative error after, relative error of `A` before)."""
+        r, m2, n2 = B.shape
+        m1 = self.W.shape[0] // m2
+        G, rhs = _a_system(B, self.V.reshape(m1, m2, n1, n2), self.moments.a_view(n1, n2))
+        before = None if A is None else self.relative(
+            _quadratic_error(self.total, G, rhs, A.permute(0, 2, 1).reshape(r * n1, m1)))
+        x = _solve_spd(G, rhs)
+        return x.reshape(r, n1, m1).permute(0, 2, 1), self.relative(_quadratic_error(self.total, G, rhs, x)), before
+
+    def b_step(self, A: torch.Tensor, n2: int) -> tuple[torch.Tensor, float]:
+        """The exact B given A (r, m1, n1): (B (r, m2, n2), relative error after)."""
+        r, m1, n1 = A.shape
+        m2 = self.W.shape[0] // m1
+        H, rhs = _b_system(A, self.V.reshape(m1, m2, n1, n2), self.moments.a_view(n1, n2).T)
+        x = _solve_spd(H, rhs)
+        return x.reshape(r, n2, m2).permute(0, 2, 1), self.relative(_quadratic_error(self.total, H, rhs, x))
+
 
 def kronecker_als(W: torch.Tensor, C: "torch.Tensor | MomentCache", a_shape: Shape, b_shape: Shape, rank: int = 1, *,
                   start: "str | tuple[torch.Tensor, torch.Tensor] | ALSResult" = "whitened", max_sweeps: int = 6,

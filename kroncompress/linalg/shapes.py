@@ -154,7 +154,21 @@ def kronecker_shapes(
     found.sort(key=lambda s: (-s.params, s.b_shape[0] * s.b_shape[1], s.b_shape[0]))
     found = found[:max_candidates]
     if weight is not None and stats is not None:
-        return rank_by_output_error(weight, stats, found, shortlist=shortlist, sweeps=sweeps, problem=problem)
+        ranked = rank_by_output_error(weight, stats, found, shortlist=shortlist, sweeps=sweeps, problem=problem)
+        if rank != "auto":
+            return ranked
+        # More terms are a guess the proxy can get wrong: the measured best one-term layout at the same budget
+        # (from all one-term candidates: their ALS is cheap) competes with the measured many-term ones, so
+        # "auto" never loses to its own one-term candidate.
+        try:
+            single = kronecker_shapes(m, n, budget=budget, rank=1, weight=weight, criterion=criterion,
+                                      allow_degenerate=allow_degenerate, tolerance=tolerance, band=band,
+                                      stats=stats, shortlist=shortlist, sweeps=sweeps, problem=problem)
+        except ValueError:
+            return ranked  # no one-term layout fits this budget
+        measured = [s for s in ranked if s.fit is not None] + [s for s in single[:1] if s not in ranked]
+        measured.sort(key=lambda s: -s.score)
+        return measured + [s for s in ranked if s.fit is None]
     if weight is not None and criterion is not None:
         scored = [KroneckerShape(s.a_shape, s.b_shape, s.rank, s.params, criterion(weight, s)) for s in found]
         found = sorted(scored, key=lambda s: -s.score)

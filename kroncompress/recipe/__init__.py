@@ -28,8 +28,8 @@ from kroncompress.recipe.loading import MAX_RECIPE_BYTES, MAX_YAML_NODES, parse_
 from kroncompress.recipe.lookup import list_recipes, load_recipe
 from kroncompress.recipe.patterns import CLASS_NAME, ROLE_NAME, match_any, match_pattern, pattern_kind
 from kroncompress.recipe.schema import (
-    RECIPE_VERSION, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
-    PerplexityConfig, Recipe, Rule, TrainConfig, training_argument_names,
+    RECIPE_VERSION, BudgetConfig, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
+    PerplexityConfig, QuantizeConfig, Recipe, Rule, TrainConfig, training_argument_names,
 )
 from kroncompress.recipe.validate import report_to_problem
 
@@ -38,6 +38,6 @@ __all__ = [
     "RECIPE_VERSION", "CLASS_NAME", "ROLE_NAME", "RecipeError", "REPR_LIMIT", "MAX_RECIPE_BYTES", "MAX_YAML_NODES",
     "short_repr", "pattern_kind", "match_pattern", "match_any",
     "Override", "Rule", "LogitsKL", "LossWeights", "DataConfig", "TrainConfig", "training_argument_names",
-    "DistillConfig", "PerplexityConfig", "EvaluateConfig", "CalibrationConfig", "Recipe",
+    "DistillConfig", "PerplexityConfig", "EvaluateConfig", "CalibrationConfig", "BudgetConfig", "QuantizeConfig", "Recipe",
     "report_to_problem", "parse_yaml", "list_recipes", "read_recipe_text", "load_recipe",
 ]

@@ -209,6 +209,34 @@ class CalibrationConfig:
     tokens: int = 16384
     block_size: int = 256
     damping: float = 0.01
+    refit: bool = True  # re-solve each module's free factor on the statistics after truncation (kroncompress.refit)
+    sequential: bool = False  # each module's statistics taken with the modules before it compressed (kroncompress.sequential)
+
+
+@dataclass
+class BudgetConfig:
+    """The `budget` section: one parameter budget for the modules of some compress rules (`rules`, indices;
+    default: every rule whose strategy can be allocated). Exactly one of `keep` (the fraction of their weight
+    parameters kept) and `params` (a count). `strategies`: what each module may become besides dense
+    (default: the strategies of those rules); `sensitivity`: "measured" (the loss's Fisher weight of each
+    module's output error, from the calibration text) or "uniform". See kroncompress.budget."""
+
+    keep: float | None = None
+    params: int | None = None
+    strategies: list[str] | None = None
+    sensitivity: str = "measured"
+    rules: list[int] | None = None
+
+
+@dataclass
+class QuantizeConfig:
+    """The `quantize` section: after compression (and distillation), store the factor matrices as `bits`-bit
+    integers (4 or 8) with one scale per channel (group_size null) or per `group_size` entries; `dense` also
+    quantizes the remaining nn.Linear / Conv1D weights (see kc.quantize)."""
+
+    bits: int = 8
+    group_size: int | None = None
+    dense: bool = False
 
 
 @dataclass
@@ -223,8 +251,10 @@ class Recipe:
     distill: DistillConfig | None = None
     evaluate: EvaluateConfig | None = None
     calibration: CalibrationConfig | None = None
+    budget: BudgetConfig | None = None
     # a downstream task (kroncompress.tasks validates its fields): the columns, labels and metric to score
     task: dict[str, Any] | None = None
+    quantize: QuantizeConfig | None = None
     source: str = field(default="<python>", compare=False)
 
     def __post_init__(self):
@@ -269,8 +299,12 @@ class Recipe:
             out["evaluate"] = _plain(dataclasses.asdict(self.evaluate))
         if self.calibration is not None:
             out["calibration"] = _plain(dataclasses.asdict(self.calibration))
+        if self.budget is not None:
+            out["budget"] = {k: _plain(v) for k, v in dataclasses.asdict(self.budget).items() if v is not None}
         if self.task is not None:
             out["task"] = _plain(self.task)
+        if self.quantize is not None:
+            out["quantize"] = _plain(dataclasses.asdict(self.quantize))
         return out
 
     def to_yaml(self) -> str:

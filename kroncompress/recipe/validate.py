@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Mapping
 from kroncompress.recipe.errors import REPR_LIMIT, RecipeError, short_repr
 from kroncompress.recipe.patterns import ROLE_NAME, pattern_kind
 from kroncompress.recipe.schema import (
-    RECIPE_VERSION, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
-    PerplexityConfig, Recipe, Rule, TrainConfig, training_argument_names,
+    RECIPE_VERSION, BudgetConfig, CalibrationConfig, DataConfig, DistillConfig, EvaluateConfig, LogitsKL, LossWeights, Override,
+    PerplexityConfig, QuantizeConfig, Recipe, Rule, TrainConfig, training_argument_names,
 )
 
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
@@ -347,18 +347,62 @@ def _parse_evaluate(node: RecipeNode) -> EvaluateConfig:
 
 
 def _parse_calibration(node: RecipeNode) -> CalibrationConfig:
-    node.mapping(["data", "tokens", "block_size", "damping"])
+    node.mapping(["data", "tokens", "block_size", "damping", "refit", "sequential"])
     d = CalibrationConfig()
     data = _parse_data(node.child("data")) if node.value.get("data") is not None else DataConfig()
     return CalibrationConfig(
         data=data, tokens=node.get("tokens", (int,), d.tokens, _at_least_one),
         block_size=node.get("block_size", (int,), d.block_size, _at_least_one),
         damping=node.get("damping", (int, float), d.damping, _non_negative),
+        refit=node.get("refit", (bool,), d.refit),
+        sequential=node.get("sequential", (bool,), d.sequential),
     )
 
 
+def _parse_quantize(node: RecipeNode) -> QuantizeConfig:
+    node.mapping(["bits", "group_size", "dense"])
+    bits = node.get("bits", (int,), 8, _Check(lambda v: v in (4, 8), "one of 4, 8"))
+    return QuantizeConfig(bits=bits, group_size=node.get("group_size", (int,), None, _at_least_one),
+                          dense=node.get("dense", (bool,), False))
+
+
+BUDGET_STRATEGIES = ("svd", "kronecker")  # what kroncompress.budget can draw error curves for
+
+
+def _parse_budget(node: RecipeNode, rules: list) -> BudgetConfig:
+    node.mapping(["keep", "params", "strategies", "sensitivity", "rules"])
+    keep = node.get("keep", (int, float), None)
+    params = node.get("params", (int,), None, _at_least_one)
+    if (keep is None) == (params is None):
+        raise RecipeError("give exactly one of keep (a fraction of the parameters kept) and params (a count)", where=node.where(), fix="write e.g. budget: {keep: 0.5}")
+    if keep is not None and not 0 < keep < 1:
+        raise RecipeError(f"must be a fraction between 0 and 1 (exclusive), got {keep}", where=node.child("keep").where(), fix="write e.g. keep: 0.5 to keep half of the parameters")
+    strategies = node.string_list("strategies") or None
+    for i, name in enumerate(strategies or []):
+        if name not in BUDGET_STRATEGIES:
+            raise RecipeError(f"{name!r} cannot be allocated by a budget", where=node.child("strategies").child(i).where(), fix=f"use some of {list(BUDGET_STRATEGIES)}")
+    sensitivity = node.get("sensitivity", (str,), "measured")
+    if sensitivity not in ("measured", "uniform"):
+        raise RecipeError(f"unknown sensitivity {sensitivity!r}", where=node.child("sensitivity").where(), fix="use measured or uniform")
+    chosen = None
+    if node.value.get("rules") is not None:
+        chosen = node.get("rules", (list,))
+        for i, index in enumerate(chosen):
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(rules):
+                raise RecipeError(f"{index!r} is not the index of a compress rule", where=node.child("rules").child(i).where(), fix=f"use 0..{len(rules) - 1}")
+    covered = [rules[i] for i in chosen] if chosen is not None else [r for r in rules if r.strategy in BUDGET_STRATEGIES]
+    wrong = [r for r in covered if r.strategy not in BUDGET_STRATEGIES]
+    if wrong:
+        raise RecipeError(f"compress[{wrong[0].index}] uses {wrong[0].strategy}, which a budget cannot "
+                                        "allocate", where=node.child("rules").where(), fix=f"list only rules of {list(BUDGET_STRATEGIES)}")
+    if not covered:
+        raise RecipeError("no compress rule uses a strategy the budget can allocate", where=node.where(), fix=f"add a rule with strategy {' or '.join(BUDGET_STRATEGIES)}")
+    return BudgetConfig(keep=keep, params=params, strategies=strategies, sensitivity=sensitivity, rules=chosen)
+
+
 def parse_recipe(root: RecipeNode) -> Recipe:
-    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "task"],
+    root.mapping(["version", "name", "description", "compress", "ignore", "distill", "evaluate", "calibration", "budget",
+                  "task", "quantize"],
                  required=["version", "name", "compress"])
     version = root.get("version", (int,))
     if version != RECIPE_VERSION:
@@ -380,8 +424,11 @@ def parse_recipe(root: RecipeNode) -> Recipe:
     evaluate = _parse_evaluate(root.child("evaluate")) if root.value.get("evaluate") is not None else None
     calibration = _parse_calibration(root.child("calibration")) if root.value.get("calibration") is not None else None
     task = _parse_task(root.child("task")) if root.value.get("task") is not None else None
+    quantize = _parse_quantize(root.child("quantize")) if root.value.get("quantize") is not None else None
+    budget = _parse_budget(root.child("budget"), rules) if root.value.get("budget") is not None else None
     return Recipe(version=version, name=name, description=description.strip(), compress=rules, ignore=ignore,
-                  distill=distill, evaluate=evaluate, calibration=calibration, task=task, source=root.source)
+                  distill=distill, evaluate=evaluate, calibration=calibration, budget=budget, task=task, quantize=quantize,
+                  source=root.source)
 
 
 def _parse_task(node: RecipeNode) -> dict[str, Any]:

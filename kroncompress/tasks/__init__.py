@@ -6,8 +6,8 @@
     report["scores"]["distilled"]["score"]
 
 Submodules: `spec` (the task spec, GLUE presets), `data` (loading and checking labelled data), `sources`
-(where the rows come from: hub, folders, csv / tsv / jsonl files), `metrics` (GLUE's metrics via
-scikit-learn / scipy), `modeling` (classification heads, padding, scoring), `training` (fine-tuning and
+(where the rows come from: hub, folders, csv / tsv / jsonl files), `metrics` (GLUE's metrics, computed
+with numpy), `modeling` (classification heads, padding, scoring), `training` (fine-tuning and
 task distillation on a transformers Trainer), `pipeline` (the whole run).
 """
 

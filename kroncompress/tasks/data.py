@@ -20,6 +20,7 @@ files, held-out validation). Their public names are importable from here too, as
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -115,6 +116,9 @@ def load_task(spec: Any, data: Any = None, *, validation_fraction: float = DEFAU
                          f"{', '.join(rows) or 'none'} (set task train_split / eval_splits)")
     if max_examples is not None:
         rows = {name: list(r)[:max_examples] for name, r in rows.items()}
+    for name in dict.fromkeys(needed):  # before the columns: an empty split has none, and that is not the problem
+        if hasattr(rows[name], "__len__") and not len(rows[name]):
+            raise ValueError(f"task {spec.name}: the {name!r} split of {source} is empty")
     spec = dataclasses.replace(spec, labels=_label_names(spec, rows[spec.train_split], source))
     splits = {name: _to_split(spec, name, rows[name], source) for name in dict.fromkeys(needed)}
     return TaskData(spec=spec, splits=splits, source=source)
@@ -170,6 +174,9 @@ def _label_names(spec: TaskSpec, train_rows: Any, source: str) -> list[str] | No
     if feature is not None and getattr(feature, "names", None):
         return list(feature.names)  # a datasets ClassLabel
     values = _column(train_rows, spec.label, "label", spec.train_split, spec, source)
+    for row, value in enumerate(values):
+        if _blank(value):
+            _no_label(spec, value, spec.train_split, row, source)
     if all(_as_int(v) is not None for v in values) and values:
         return [str(i) for i in range(max(_as_int(v) for v in values) + 1)]
     names = sorted({str(v) for v in values})
@@ -197,9 +204,7 @@ def _to_split(spec: TaskSpec, split: str, rows: Any, source: str) -> TaskSplit:
     if spec.text_pair:
         pairs = [_text(v) for v in _column(rows, spec.text_pair, "text_pair", split, spec, source)]
     raw = _column(rows, spec.label, "label", split, spec, source)
-    labels = [_label(spec, value, split, i) for i, value in enumerate(raw)]
-    if not texts:
-        raise ValueError(f"task {spec.name}: the {split!r} split of {source} is empty")
+    labels = [_label(spec, value, split, i, source) for i, value in enumerate(raw)]
     return TaskSplit(texts=texts, pairs=pairs, labels=labels)
 
 
@@ -207,13 +212,30 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _label(spec: TaskSpec, value: Any, split: str, row: int) -> Any:
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _no_label(spec: TaskSpec, value: Any, split: str, row: int, source: str) -> None:
+    what = "missing" if value is None else "empty"
+    raise ValueError(f"task {spec.name}: the label (column {spec.label!r}) of row {row} of the {split!r} split of {source} is "
+                     f"{what}; every example needs one: fill it in or remove the row")
+
+
+def _label(spec: TaskSpec, value: Any, split: str, row: int, source: str = "the data") -> Any:
+    if _blank(value):
+        _no_label(spec, value, split, row, source)
     if spec.kind == "regression":
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"task {spec.name}: label {value!r} in split {split!r} (row {row}) is not a number; "
+            raise ValueError(f"task {spec.name}: label {value!r} in split {split!r} (row {row}) of {source} is not a number; "
                              f"a regression task needs a float in column {spec.label!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"task {spec.name}: label {value!r} in split {split!r} (row {row}) of {source} is not a finite "
+                             f"number; a regression trains on it as a target (one NaN makes every weight NaN): "
+                             "fix or remove the row")
+        return number
     names = spec.labels
     if str(value) in names:
         return names.index(str(value))

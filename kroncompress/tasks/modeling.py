@@ -124,11 +124,30 @@ def prepare_model(model: nn.Module, tokenizer: Any, data: TaskData) -> nn.Module
                          f"({'a regression' if data.spec.kind == 'regression' else 'labels ' + ', '.join(data.spec.labels)}); "
                          "fine-tune a model for this task")
     model.config.problem_type = _problem_type(data)
-    if data.spec.labels:
+    if data.spec.labels and not _check_head_labels(model, data):
         model.config.id2label = dict(enumerate(data.spec.labels))
         model.config.label2id = {name: i for i, name in enumerate(data.spec.labels)}
     set_pad_token(model, tokenizer)
     return model
+
+
+def _check_head_labels(model: nn.Module, data: TaskData) -> bool:
+    """ValueError when the head was trained with other class names, or in another order, than the task's
+    labels (its gold labels would be read as other classes); True when the task gives bare ids (0, 1, ...)
+    and the head's names are kept. An untrained head's default names (LABEL_0 ...) are replaced silently."""
+    names = getattr(model.config, "id2label", None) or {}
+    held = [str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(len(names))]
+    if not held or held == [f"LABEL_{i}" for i in range(len(held))]:
+        return False
+    if [n.casefold() for n in held] == [n.casefold() for n in data.spec.labels]:  # POSITIVE is positive
+        return False
+    if data.spec.labels == [str(i) for i in range(len(held))]:
+        return True
+    swapped = sorted(n.casefold() for n in held) == sorted(n.casefold() for n in data.spec.labels)
+    raise ValueError(f"the model's head was trained with labels {', '.join(held)} (config.json id2label, in id order) but "
+                     f"the task gives {', '.join(data.spec.labels)}: its gold labels would be read as "
+                     f"{'swapped' if swapped else 'other'} classes; give the task's labels in the head's order "
+                     f"(--labels {','.join(held)} / labels=[...]), or fine-tune a model for these labels")
 
 
 def set_pad_token(model: nn.Module, tokenizer: Any) -> None:

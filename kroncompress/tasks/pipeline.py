@@ -74,8 +74,9 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     every run), recorded in the report with the split sizes it was drawn from. Returns the report (also in
     report.json).
     """
+    from kroncompress.distill.guards import check_finite_weights
     from kroncompress.io import save_compressed
-    from kroncompress.outputs import check_output_state
+    from kroncompress.outputs import check_output_path, check_output_state
     from kroncompress.surgery import compress, plan
 
     parsed, section = load_task_recipe(recipe)
@@ -86,11 +87,11 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     elif spec_values:
         spec = task_spec(spec_values)
     elif not isinstance(model, torch.nn.Module) and (Path(os.fspath(model)) / TASK_FILE).is_file():
-        spec = task_spec(json.loads((Path(os.fspath(model)) / TASK_FILE).read_text(encoding="utf-8")))
+        spec = read_task_file(Path(os.fspath(model)) / TASK_FILE)
     else:
         raise ValueError("name the task: pass task= (a GLUE name or task fields), give the recipe a task: section, "
                          f"or fine-tune the teacher with kc.tasks.finetune (it saves {TASK_FILE} next to the model)")
-    target = Path(output_dir)
+    target = check_output_path(output_dir)
     check_output_state(target, overwrite=overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -105,6 +106,7 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     available = {name: len(split) for name, split in task_data.eval_splits().items()}
     task_data = cap_eval_splits(task_data, max_eval_examples)
     teacher, tokenizer = load_task_model(model, task_data, tokenizer=tokenizer, require_head=True)
+    check_finite_weights(teacher, "teacher")  # before scoring and compressing: no recipe option can repair it
     if device is not None:
         teacher.to(device)
     lap("load")
@@ -143,16 +145,33 @@ def run_task_pipeline(model: Any, recipe: Any, output_dir: str | os.PathLike, *,
     }
     metrics = {f"{task_data.spec.name} score {stage}": round(value["score"], 4) for stage, value in scores.items()}
     metrics["task metrics"] = ", ".join(task_data.spec.metrics) + f" on {', '.join(task_data.spec.eval_splits)}"
+
+    def finish(folder: Path) -> None:  # into the temporary folder: part of the atomic save
+        (folder / TASK_FILE).write_text(json.dumps(task_data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+        report["plot"] = plot_scores(folder / PLOT_NAME, summary, scores, task_data.spec.name)
+        path = folder / "report.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved.update({k: v for k, v in report.items() if k not in ("params_before", "params_after")})
+        path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
+
     save_compressed(student, target, recipe=parsed, report=compression, metrics=metrics, tokenizer=tokenizer,
-                    overwrite=True)
-    (target / TASK_FILE).write_text(json.dumps(task_data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
-    report["plot"] = plot_scores(target / PLOT_NAME, summary, scores, task_data.spec.name)
-    path = target / "report.json"
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.update({k: v for k, v in report.items() if k not in ("params_before", "params_after")})
-    path.write_text(json.dumps(saved, indent=2, default=str) + "\n", encoding="utf-8")
+                    overwrite=True, extra=finish)
     report["compression"] = compression.to_dict()
     return report
+
+
+def read_task_file(path: Path):
+    """The TaskSpec a task.json holds (`finetune` writes one next to the model); a ValueError naming the file."""
+    try:
+        return task_spec(json.loads(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); it should be the task.json `finetune` "
+                         "wrote: fine-tune again, or pass the task (--task / task=)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); it should be the "
+                         "task.json `finetune` wrote: fix it, fine-tune again, or pass the task (--task / task=)") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def calibrate_on_task(model: torch.nn.Module, recipe: Any, tokenizer: Any, data: TaskData, *,

@@ -49,6 +49,11 @@ class TaskSpec:
         if self.labels is not None:
             if self.kind == "regression":
                 raise ValueError(f"task {self.name}: labels are class names, but the task is a regression; drop labels")
+            empty = [i for i, x in enumerate(self.labels) if x is None or not str(x).strip()]
+            if empty:
+                raise ValueError(f"task {self.name}: labels (--labels): class name {empty[0]} is empty in "
+                                 f"{[str(x) if x is not None else x for x in self.labels]}; give the class names in id "
+                                 "order, e.g. neg,pos")
             self.labels = [str(x) for x in self.labels]
             if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
                 raise ValueError(f"task {self.name}: labels must be at least two distinct class names, got {self.labels}")

@@ -1,6 +1,6 @@
 """The Trainer of task distillation: the task loss (CE on gold labels, or MSE for regression), logit KD
 against a frozen teacher, and the intermediate-layer terms of `DistillationLoss`; each term is logged as
-`loss_<term>`. At module level (not built inside a function) so it can be subclassed and inspected."""
+`loss_<term>`; and `FinetuneTrainer`, the model's own loss checked finite at every step. At module level (not built inside a function) so it can be subclassed and inspected."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from kroncompress.distill.trainer import NonFiniteLossError
+from kroncompress.distill.guards import check_finite_loss
 
 
 class TaskDistillTrainer(Trainer):
@@ -53,10 +53,8 @@ class TaskDistillTrainer(Trainer):
             inner_total, inner_terms = self.inner(outputs, teacher_outputs, None, mask)
             total = total + inner_total
             terms.update(inner_terms)
-        bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach()))]
-        if bad:
-            raise NonFiniteLossError(f"task distillation: loss term(s) {', '.join(bad)} became non-finite at step "
-                                     f"{self.state.global_step + 1}; lower the learning rate or check the data")
+        check_finite_loss(terms, step=self.state.global_step + 1, where="task distillation",
+                          advice="lower the recipe's distill.train.lr, turn on train.max_grad_norm, or check the data")
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
         self._count += 1
@@ -68,3 +66,13 @@ class TaskDistillTrainer(Trainer):
                 logs[f"loss_{name}"] = round(value / self._count, 6)
             self._sums, self._count = {}, 0
         super().log(logs, start_time)
+
+
+class FinetuneTrainer(Trainer):
+    """The Trainer of `finetune`: the model's own task loss, checked finite at every step."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        check_finite_loss({"loss": loss}, step=self.state.global_step + 1, where="finetune",
+                          advice="lower the learning rate (--lr / lr=), or check the data")
+        return (loss, outputs) if return_outputs else loss

@@ -38,12 +38,14 @@ def _training_arguments(output_dir, *, lr: float, batch_size: int, epochs: float
                         grad_accum: int = 1, bf16: bool = False, log_every: int = 10):
     from transformers import TrainingArguments
 
+    from kroncompress.distill.hf_trainer import version_arguments
+
     gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or 0.0, optim="adamw_torch",
         lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule],
-        warmup_steps=float(warmup_ratio) if warmup_ratio else 0, num_train_epochs=epochs,
+        **version_arguments(warmup_ratio=warmup_ratio), num_train_epochs=epochs,
         max_steps=max_steps if max_steps is not None else -1, seed=seed, data_seed=seed,
         eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=log_every,
         logging_first_step=True, disable_tqdm=True, report_to="none", remove_unused_columns=False,
@@ -122,18 +124,19 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     `max_examples` keeps the first examples of every split; `max_eval_examples` scores each evaluation split
     on a seeded sample of that many (`cap_eval_splits`), recorded in finetune.json.
     """
-    from transformers import Trainer
+    from kroncompress.distill.guards import check_finite_weights, check_training_settings
+    from kroncompress.outputs import check_output_path, check_output_state
+    from kroncompress.tasks.trainer import FinetuneTrainer
 
-    from kroncompress.io import OutputExistsError
-
-    target = Path(output_dir) if output_dir is not None else None
-    if target is not None and target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists and is not empty; pass overwrite=True "
-                                "(CLI: --overwrite) or pick another folder")
+    check_training_settings(epochs=epochs, lr=lr, seed=seed)
+    target = check_output_path(output_dir) if output_dir is not None else None
+    if target is not None:
+        check_output_state(target, overwrite=overwrite)
     data = data if isinstance(data, TaskData) else load_task(task_spec(task), data, max_examples=max_examples)
     data = cap_eval_splits(data, max_eval_examples)
     torch.manual_seed(seed)  # the new head's initialisation
     model, tokenizer = load_task_model(model, data, tokenizer=tokenizer)
+    check_finite_weights(model, "model to fine-tune")
     train = encode(data.train, tokenizer, data.spec.max_length)
     score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
     callback = _ScoreCallback(score, _eval_every(eval_every, max_steps, epochs, len(train), batch_size, 1))
@@ -141,10 +144,11 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     with _scratch(target) as scratch:
         args = _training_arguments(scratch, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed,
                                    warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
-                          callbacks=[callback])
-        _quiet(trainer)
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
+                                  callbacks=[callback])
+        _quiet(trainer, "finetune", callback.history)
         trainer.train()
+    check_finite_weights(model, "fine-tuned model", after_training=True, advice="lower the learning rate (--lr / lr=)")
     model.eval()
     seconds = time.perf_counter() - start
     scores = evaluate_task(model, tokenizer, data)
@@ -157,11 +161,17 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     return result
 
 
-def _quiet(trainer) -> None:
+def _quiet(trainer, label: str, history: list | None = None) -> None:
+    """No tqdm bar nor printed log dicts; plain progress lines instead (step, ETA, loss, the last score), at
+    the rhythm of kroncompress.progress, which a log file or CI output shows too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from kroncompress.distill.hf_trainer import LogProgress
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    score = (lambda: f"score {history[-1]['score']:.4g}" if history else "") if history is not None else None
+    trainer.add_callback(LogProgress(label, status=score))
 
 
 class _scratch:
@@ -191,10 +201,13 @@ TASK_FILE = "task.json"
 def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Path, record: dict[str, Any],
                     *, overwrite: bool = False) -> Path:
     """save_pretrained of model and tokenizer plus task.json (the task spec) and finetune.json (`record`),
-    into a temporary folder renamed into place."""
+    into a temporary folder renamed into place with its manifest (`kroncompress.outputs.replace_folder`:
+    an existing `target` is replaced only with `overwrite`, and only when kroncompress wrote all of it)."""
     import json
     import shutil
     import uuid
+
+    from kroncompress.outputs import replace_folder
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,11 +217,7 @@ def save_task_model(model: nn.Module, tokenizer: Any, data: TaskData, target: Pa
         tokenizer.save_pretrained(tmp)
         (tmp / TASK_FILE).write_text(json.dumps(data.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "finetune.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"output folder {target} already exists; pass overwrite=True")
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_folder(tmp, target, overwrite=overwrite, command="finetune")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,7 +285,7 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
                                          callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
                                          temperature=weights.logits_kl.temperature,
                                          regression=data.spec.kind == "regression", inner=inner)
-            _quiet(trainer)
+            _quiet(trainer, "task distill", callback.history)
             trainer.train()
         student.eval()
     losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
