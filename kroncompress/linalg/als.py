@@ -268,7 +268,7 @@ class KroneckerProblem:
         total = tr(W Ctt W^T))."""
         problem = cls(W, C)
         if tuple(V.shape) != tuple(problem.W.shape):
-            raise ValueError(f"KroneckerProblem: V must have W's shape {tuple(problem.W.shape)}, got {tuple(V.shape)}")
+            raise DataError(f"KroneckerProblem: V must have W's shape {tuple(problem.W.shape)}, got {tuple(V.shape)}")
         problem._V, problem._total = V.to(device=problem.W.device, dtype=torch.float64), float(total)
         return problem
 
