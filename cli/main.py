@@ -322,29 +322,48 @@ def inspect(directory: Path, as_json: bool) -> None:
         raise UserError(f"{directory} is damaged: {summary['problems'][0]}")
 
 
-@cli.command(epilog=_example("kroncompress export runs/kn-gpt2 --dense --output runs/kn-gpt2-dense"))
+@cli.command(epilog=_example("kroncompress export runs/kn-gpt2 --dense --output runs/kn-gpt2-dense",
+                             "kroncompress export runs/kn-gpt2 --onnx --output runs/kn-gpt2-onnx"))
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--dense", is_flag=True, help="Multiply the factors back into plain weights (the only export format so far).")
+@click.option("--dense", is_flag=True, help="Multiply the factors back into plain weights (a plain HF model).")
+@click.option("--onnx", is_flag=True,
+              help="An ONNX graph that keeps the factors (causal LMs: input_ids, attention_mask -> logits), "
+                   "checked against onnxruntime. Needs kroncompress[onnx].")
+@click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset for --onnx (default: torch's).")
 @click.option("--output", "-o", required=True, type=click.Path(),  # str: an empty value is refused, not read as "."
               help="Folder for the exported model.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it already exists.")
 @user_errors
-def export(directory: Path, dense: bool, output: str, overwrite: bool) -> None:
-    """Export a compressed folder as a plain Hugging Face model (loads without kroncompress).
+def export(directory: Path, dense: bool, onnx: bool, opset: int | None, output: str, overwrite: bool) -> None:
+    """Export a compressed folder for serving.
 
-    With --dense, AutoModelForCausalLM.from_pretrained(OUTPUT) loads the result; it has the original
-    parameter count (the compression is baked into the weights' values, not their structure).
+    With --dense, AutoModelForCausalLM.from_pretrained(OUTPUT) loads the result without kroncompress; it has
+    the original parameter count (the compression is baked into the weights' values, not their structure).
+    With --onnx, OUTPUT/model.onnx computes the logits with the factorised layers (the savings kept), and
+    onnxruntime runs it; see docs/deployment.md.
     """
-    from kroncompress.io import export_dense
-
-    if not dense:
-        raise UserError("export needs a format: pass --dense (a plain HF model with the factors multiplied back)")
+    if dense == onnx:
+        raise UserError("export needs one format: --dense (a plain HF model with the factors multiplied back) "
+                        "or --onnx (an ONNX graph that keeps the factors)")
+    if opset is not None and not onnx:
+        raise UserError("--opset applies to --onnx only")
     if not (directory / "config.json").is_file():
         raise UserError(f"{str(directory)!r} is not a compressed model folder (no config.json); pass a folder written by `kroncompress compress`")
     with _claim_output(output, overwrite=overwrite, sources=[directory]) as output:
         _quiet_transformers()
-        _save(export_dense, directory, output, overwrite=overwrite)  # with the manifest a later --overwrite needs
-    render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
+        if dense:
+            from kroncompress.io import export_dense
+
+            _save(export_dense, directory, output, overwrite=overwrite)  # with the manifest a later --overwrite needs
+        else:
+            from kroncompress.io.onnx import export_onnx
+
+            result = export_onnx(directory, output, overwrite=overwrite, opset=opset)
+    if dense:
+        render.console().print(f"[green]exported[/green] {output} (plain Hugging Face model, loads with from_pretrained)")
+    else:
+        render.console().print(f"[green]exported[/green] {output}/model.onnx (opset {result.opset}; onnxruntime's logits "
+                               f"match PyTorch's to {result.max_abs_diff:.2g}, tolerance {result.tolerance:.2g})")
 
 
 @cli.command("eval", epilog=_example("kroncompress eval runs/kn-gpt2 --data shakespeare --block-size 256 --stride 128",

@@ -65,45 +65,58 @@ __all__ = [
 _REGISTRY_MODULE = "transformers.quantizers.auto"  # where from_pretrained looks formats up
 
 
-def _register_with_transformers() -> None:
-    """Make `AutoModel*.from_pretrained(folder)` load compressed folders after a bare `import kroncompress`,
-    without importing transformers here: register at once if transformers' quantizer registry is loaded,
-    else right after it is (a one-shot import hook; `from_pretrained` loads it, a tokenizer-only use of
-    transformers does not). `import kroncompress.hf` registers explicitly."""
+def _after_import(target: str, then: str) -> None:
+    """Import our module `then` (which registers us with a library) at once if module `target` is loaded,
+    else right after it is, through a one-shot import hook, so `import kroncompress` itself loads neither."""
     import sys
 
-    if _REGISTRY_MODULE in sys.modules:
-        importlib.import_module("kroncompress.hf")
+    if target in sys.modules:
+        importlib.import_module(then)
         return
 
     from importlib.abc import MetaPathFinder
     from importlib.util import find_spec
 
-    class _AfterTransformers(MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname != _REGISTRY_MODULE:
+    class _AfterImport(MetaPathFinder):
+        busy = False
+
+        def find_spec(self, fullname, path=None, target_=None):
+            # a bare find_spec (e.g. transformers' is_peft_available) also lands here without importing:
+            # the hook stays in place until the module is really executed
+            if fullname != target or self.busy:
                 return None
-            sys.meta_path.remove(self)
-            spec = find_spec(fullname)
+            self.busy = True
+            try:
+                spec = find_spec(fullname)
+            finally:
+                self.busy = False
             if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return spec
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 try:
-                    importlib.import_module("kroncompress.hf")
-                except Exception:  # noqa: BLE001  never break `import transformers`; kc.* paths register again
+                    importlib.import_module(then)
+                except Exception:  # noqa: BLE001  never break the library's import; kc.* paths register again
                     pass
 
             spec.loader.exec_module = exec_then_register
             return spec
 
-    if not any(type(f).__name__ == "_AfterTransformers" for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterTransformers())
+    _AfterImport.target = target
+    if not any(getattr(f, "target", None) == target and type(f).__name__ == "_AfterImport" for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
 
 
-_register_with_transformers()
+# `AutoModel*.from_pretrained(folder)` loads compressed folders after a bare `import kroncompress` (kroncompress.hf
+# registers the format once transformers loads its quantizer registry: `from_pretrained` does, a tokenizer-only
+# use of transformers does not pay for it); `import kroncompress.hf` registers explicitly.
+_after_import(_REGISTRY_MODULE, "kroncompress.hf")
+# stock `PeftModel.from_pretrained` loads adapters of compressed models (kroncompress.peft_compat) once peft loads
+_after_import("peft", "kroncompress._peft_hook")
 
 
 def __getattr__(name: str) -> Any:

@@ -90,8 +90,15 @@ class KronCompressQuantizer(HfQuantizer):
         from kroncompress.io.checks import rebuild_modules
         from kroncompress.io.verify import check_shared, check_stored, read_specs, read_tensor
         from kroncompress.surgery import CONFIG_KEY
+        from kroncompress.io.metadata import check_weights_metadata
 
         self._checkpoint_files = list(kwargs.get("checkpoint_files") or [])
+        for path in self._checkpoint_files:  # a folder of a newer kroncompress format: say so before any shape error
+            if str(path).endswith(".safetensors"):
+                check_weights_metadata(path)
+        for path in self._checkpoint_files:  # a folder of a newer kroncompress format: say so before any shape error
+            if str(path).endswith(".safetensors"):
+                check_weights_metadata(path)
         folder = Path(str(getattr(model.config, "name_or_path", "") or "."))
         section = getattr(model.config, CONFIG_KEY, None) or {}
         dtype = next(model.parameters()).dtype

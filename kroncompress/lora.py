@@ -10,6 +10,7 @@ extension point). `lora_config` builds a LoraConfig with our factorised layers r
     ...train...
     model.save_pretrained("adapter")                      # the adapter only
     again = kc.lora.load_adapter(base, "adapter")         # base: the compressed model, e.g. from_pretrained
+    again = PeftModel.from_pretrained(base, "adapter")    # the same: import kroncompress taught PEFT our layers
     merged = kc.lora.merge(model)                         # low-rank layers absorb the adapter exactly
 
 The adapter computes y = base(x) + scale * B A x next to the factorised layer, which is never densified.

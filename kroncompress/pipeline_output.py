@@ -94,7 +94,11 @@ def _card(run: _Run) -> dict[str, Any]:
     if settings.calibrates and settings.calibration_stats is None:  # saved statistics do not record their text
         section = settings.recipe.calibration.data if settings.recipe.calibration is not None else None
         texts.append(_calibration_data(settings.recipe, settings.calibration_data, settings.data) or section)
-    return {"base_model": _source_name(settings.model), "datasets": [d for d in map(_hub_dataset, texts) if d]}
+    import torch
+
+    source = settings.model  # a model object without name_or_path has no source to name (not its class name)
+    base = getattr(source, "name_or_path", None) if isinstance(source, torch.nn.Module) else _source_name(source)
+    return {"base_model": base or None, "datasets": [d for d in map(_hub_dataset, texts) if d]}
 
 
 def _hub_dataset(spec) -> str | None:

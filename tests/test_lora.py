@@ -50,12 +50,11 @@ def train(model, steps: int = 8) -> list[float]:
     return losses
 
 
-def test_plain_lora_config_refuses_and_ours_accepts():
+@pytest.mark.parametrize("make_config", [peft.LoraConfig, kc.lora.lora_config])
+def test_plain_lora_config_and_ours_both_accept(make_config):
+    # a plain LoraConfig works because importing kroncompress taught PEFT our layers (kroncompress.peft_compat)
     model = compressed("kronecker")
-    with pytest.raises(ValueError, match="not supported"):
-        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"]))
-    model = compressed("kronecker")
-    wrapped = peft.get_peft_model(model, kc.lora.lora_config(r=4, target_modules=["c_attn"]))
+    wrapped = peft.get_peft_model(model, make_config(r=4, target_modules=["c_attn"]))
     adapted = [n for n, m in wrapped.named_modules() if isinstance(m, kc.lora.FactorizedLoraLinear)]
     assert len(adapted) == 2  # one per block
 

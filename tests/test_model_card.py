@@ -50,8 +50,10 @@ def test_pipeline_card_front_matter(source, tmp_path):
                              progress=False, measure_speed=False)
     meta, body = front_matter(tmp_path / "out")
     assert meta["library_name"] == "kroncompress"
-    assert meta["tags"] == ["kroncompress", "compressed", "kronecker", "svd"]
-    assert meta["base_model"] == str(source / "model") and meta["license"] == "apache-2.0"
+    assert meta["tags"] == ["kroncompress", "compressed", "kronecker", "svd", "gpt2"]
+    assert meta["pipeline_tag"] == "text-generation"
+    # a local folder is no hub id: no base_model, but its card still gives the licence
+    assert "base_model" not in meta and meta["license"] == "apache-2.0"
     assert "datasets" not in meta  # local files are no hub dataset
     assert meta["metrics"] == ["perplexity"]
     assert meta["kroncompress"]["recipe"] == "card-test"
@@ -66,7 +68,7 @@ def test_save_compressed_card_from_arguments_and_without_a_licence(source, tmp_p
     kc.compress(model, _recipe())
     kc.save_compressed(model, tmp_path / "a", card={"datasets": ["wikitext", "wikitext"]})
     meta, _ = front_matter(tmp_path / "a")
-    assert meta["base_model"] == str(source / "model") and "license" not in meta and "metrics" not in meta
+    assert "base_model" not in meta and "license" not in meta and "metrics" not in meta
     assert meta["datasets"] == ["wikitext"]
     kc.save_compressed(model, tmp_path / "b", card={"base_model": "openai-community/gpt2", "license": "mit"})
     meta, _ = front_matter(tmp_path / "b")
@@ -85,3 +87,35 @@ def test_card_of_a_run_lists_its_hub_datasets(tmp_path):
     run = pipeline._Run(settings)
     run.distill_config = pipeline._distill_config(recipe, settings.data, None)
     assert pipeline._card(run) == {"base_model": "org/model", "datasets": ["wikitext", "c4"]}
+
+
+def test_base_model_is_written_only_for_a_hub_id(tmp_path, monkeypatch):
+    from kroncompress.io.card import hub_model_id
+
+    monkeypatch.chdir(tmp_path)
+    assert hub_model_id("openai-community/gpt2") == "openai-community/gpt2" and hub_model_id("gpt2") == "gpt2"
+    (tmp_path / "gpt2").mkdir()  # a local folder of that name shadows the id, as in from_pretrained
+    assert hub_model_id("gpt2") is None and hub_model_id(tmp_path / "gpt2") is None
+    assert hub_model_id("shakespeare-gpt2") is None and hub_model_id("demo") is None  # packaged, not on the hub
+    for not_an_id in ("runs/kn-gpt2/checkpoint", "a--b", "../up", "/abs/path", "name.git", ""):
+        assert hub_model_id(not_an_id) is None, not_an_id
+    snapshot = tmp_path / "hub" / "models--google--gemma-3-270m" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert hub_model_id(snapshot) == "google/gemma-3-270m"
+
+
+@pytest.mark.parametrize("arch, tag", [("gpt2", "text-generation"), ("llama", "text-generation"),
+                                       ("bert", "fill-mask"), ("vit", "image-classification")])
+def test_pipeline_tag_follows_the_model_class(tiny_model, arch, tag):
+    from kroncompress.io.card import pipeline_tag
+
+    assert pipeline_tag(tiny_model(arch)) == tag
+
+
+def test_pipeline_tag_of_bare_and_classifier_models(tiny_config_of):
+    from kroncompress.io.card import pipeline_tag
+
+    assert pipeline_tag(transformers.BertModel(tiny_config_of("bert"))) == "feature-extraction"
+    assert pipeline_tag(transformers.ViTModel(tiny_config_of("vit"))) == "image-feature-extraction"
+    assert pipeline_tag(transformers.BertForSequenceClassification(tiny_config_of("bert"))) == "text-classification"
+    assert pipeline_tag(torch.nn.Linear(2, 2)) is None

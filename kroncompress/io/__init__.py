@@ -6,6 +6,7 @@
     dense = kc.to_dense(model)                    # plain transformers model (save_pretrained/from_pretrained)
     kc.io.verify_folder("out/")                   # [] or one line per problem (truncated weights, bad plan, ...)
     kc.export_dense("out/", "out-dense/")
+    kc.io.export_onnx("out/", "out-onnx/")       # ONNX graph of the factorised model (kroncompress[onnx])
     stats.save("stats.safetensors"); kc.CalibrationStats.load("stats.safetensors")  # calibration statistics
 
 A folder holds config.json (with a `kroncompress` section: per-module plans, tied heads, shared
@@ -14,8 +15,8 @@ ever read, so loading unpickles nothing; and everything read is validated (see `
 
 Import every name from `kroncompress.io`; the code lives in submodules by responsibility: `save`
 (atomic writes), `card` (the model card), `load` (rebuild and strict loading, `verify_folder`), `checks`
-(the folder layout, safetensors and config checks), `dense` (export to a plain transformers model) and
-`calibration` (calibration statistics files).
+(the folder layout, safetensors and config checks), `dense` (export to a plain transformers model), `onnx`
+(ONNX export), `metadata` (the safetensors header) and `calibration` (calibration statistics files).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kroncompress.io.card import source_license
 from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES, WEIGHTS_NAME, check_safetensors, first_nonfinite
 from kroncompress.io.dense import export_dense, to_dense
 from kroncompress.io.load import load_compressed, model_key_names, verify_folder
+from kroncompress.io.onnx import export_onnx
 from kroncompress.io.save import save_compressed, saved_section
 from kroncompress.outputs import OutputExistsError  # noqa: F401  (re-exported, as before; documented there)
 
@@ -32,5 +34,5 @@ from kroncompress.outputs import OutputExistsError  # noqa: F401  (re-exported, 
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "FOLDER_FILES", "saved_section", "source_license", "save_compressed",
     "check_safetensors", "first_nonfinite", "model_key_names", "load_compressed", "verify_folder", "to_dense",
-    "export_dense", "save_calibration", "load_calibration", "check_calibration_file",
+    "export_dense", "export_onnx", "save_calibration", "load_calibration", "check_calibration_file",
 ]

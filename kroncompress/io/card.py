@@ -15,18 +15,25 @@ from kroncompress.surgery import count_params
 
 def _front_matter(model: nn.Module, section: dict[str, Any], recipe_dict: dict | None, metrics: dict | None,
                   card: dict | None) -> str:
-    """The model card's YAML metadata (Hugging Face model card fields): library, tags (the strategies),
-    base model, licence, datasets and metrics; values not known are left out."""
+    """The model card's YAML metadata (Hugging Face model card fields): library, tags (the strategies and the
+    model type), pipeline_tag, base model (only a hub id), licence, datasets and metrics; values not known
+    are left out, never guessed."""
     import yaml
 
     card = dict(card or {})
     strategies = sorted({e["strategy"] for e in section.get("modules", {}).values()}
                         | {e["strategy"] for e in section.get("structural", [])})
-    meta: dict[str, Any] = {"library_name": "kroncompress", "tags": ["kroncompress", "compressed", *strategies]}
-    base = card.get("base_model") or getattr(model.config, "_name_or_path", "") or None
+    model_type = getattr(model.config, "model_type", None)
+    tags = ["kroncompress", "compressed", *strategies, *([model_type] if model_type else [])]
+    meta: dict[str, Any] = {"library_name": "kroncompress", "tags": list(dict.fromkeys(tags))}
+    task = pipeline_tag(model)
+    if task:
+        meta["pipeline_tag"] = task
+    source = card.get("base_model") or getattr(model.config, "_name_or_path", "") or None
+    base = hub_model_id(source) if source else None
     if base:
-        meta["base_model"] = str(base)
-    licence = card.get("license") or (source_license(base) if base else None)
+        meta["base_model"] = base
+    licence = card.get("license") or (source_license(source) if source else None)
     if licence:
         meta["license"] = licence
     if card.get("datasets"):
@@ -43,6 +50,52 @@ def _front_matter(model: nn.Module, section: dict[str, Any], recipe_dict: dict |
         extra["perplexity_after"] = float(after)
     meta["kroncompress"] = {k: v for k, v in extra.items() if v is not None}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+# the model class's suffix -> the hub's pipeline_tag (the task widget and the search filter)
+_PIPELINE_TAGS = (
+    ("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"), ("ForMaskedLM", "fill-mask"),
+    ("ForSequenceClassification", "text-classification"), ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"), ("ForImageClassification", "image-classification"),
+    ("ForConditionalGeneration", "text2text-generation"),
+)
+
+
+def pipeline_tag(model: nn.Module) -> str | None:
+    """The Hugging Face `pipeline_tag` of a model, from its class (GPT2LMHeadModel: text-generation,
+    BertForMaskedLM: fill-mask, ...); a bare encoder gives feature-extraction; None when unknown."""
+    name = type(model).__name__
+    for suffix, tag in _PIPELINE_TAGS:
+        if name.endswith(suffix):
+            return tag
+    if name.endswith("Model") and getattr(model, "base_model", None) is model:
+        vision = getattr(model.config, "model_type", "") in {"vit", "deit", "beit", "dinov2", "convnext", "swin"}
+        return "image-feature-extraction" if vision else "feature-extraction"
+    return None
+
+
+def hub_model_id(source: Any) -> str | None:
+    """`source` as a Hugging Face model id, or None when it is not one: an existing local folder (unless it
+    is a snapshot in the hub cache, `.../models--org--name/snapshots/<hash>`, which gives `org/name`), a
+    name of a model packaged with kroncompress (the demo), or a string outside the hub's id grammar."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from kroncompress.demo import is_demo_name
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        parts = path.resolve().parts
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3].removeprefix("models--").replace("--", "/", 1)
+        return None
+    if is_demo_name(text):
+        return None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
 
 
 def source_license(source: Any) -> str | None:

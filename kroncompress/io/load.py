@@ -16,6 +16,7 @@ from kroncompress import hf  # registers the kroncompress format with transforme
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME, _check_section, check_safetensors, rebuild_modules
 from kroncompress.io.verify import check_finite, check_shared, check_stored, read_specs
 from kroncompress.surgery import CONFIG_KEY
+from kroncompress.io.metadata import check_weights_metadata
 
 
 def _model_class(config: Any, folder: Path):
@@ -108,6 +109,7 @@ def check_structure(folder: Path, dtype: torch.dtype | None = None, attn_impleme
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; give a folder written by kc.save_compressed (config.json + model.safetensors)")
     specs = read_specs([folder / WEIGHTS_NAME])
+    check_weights_metadata(folder / WEIGHTS_NAME)  # a newer kroncompress format: say so before any shape error
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as exc:

@@ -19,6 +19,7 @@ from kroncompress import hf  # registers the kroncompress format with transforme
 from kroncompress.io.card import _model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
 from kroncompress.io.load import check_structure
+from kroncompress.io.metadata import weights_metadata
 from kroncompress.io.verify import check_finite
 from kroncompress.outputs import OutputExistsError, replace_folder
 from kroncompress.quantization import check_foreign_quantization, weight_bytes
@@ -67,7 +68,7 @@ def saved_section(model: nn.Module) -> dict[str, Any]:
 def _write_weights(model: nn.Module, path: Path) -> None:
     state = _unique_state(model)
     check_finite(state, "save_compressed: the model")  # a folder holding NaN would not reload
-    save_file(state, str(path), metadata={"format": "pt"})
+    save_file(state, str(path), metadata=weights_metadata())
 
 
 def _refuse_adapters(model: nn.Module) -> None:
@@ -89,9 +90,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
     `recipe` (a Recipe; default: the one recorded by `compress`) is written resolved as recipe.yaml,
     `report` (a CompressionReport) and `metrics` into report.json and the README.md model card,
     `tokenizer` with its own save_pretrained. An existing `directory` is replaced only with overwrite=True.
-    The model card's front matter says `library_name: kroncompress`, the strategies as tags, and from
-    `card` (else what the model knows): `base_model` (default: the config's name_or_path), `license`
-    (default: the base model's, from its README.md or config when found locally) and `datasets`.
+    The model card's front matter says `library_name: kroncompress`, the strategies and model type as tags,
+    the `pipeline_tag` of the model class, and from `card` (else what the model knows): `base_model`
+    (default: the config's name_or_path; written only when it is a hub id, see `io.card.hub_model_id`),
+    `license` (default: the source model's, from its README.md or config when found locally) and `datasets`.
+    model.safetensors carries metadata naming the writer (see `io.metadata`).
     `extra(folder)` is called with the temporary folder before the rename, to add a run's own files (its
     results in report.json, plots), so those are part of the atomic write too.
     """
