@@ -36,8 +36,7 @@ import torch
 
 import kroncompress as kc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import Cell, cached_rows, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic  # noqa: E402
+from common import Cell, cached_rows, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic
 
 # Same optimiser as bench_quality, fewer tokens per step (no accumulation), a schedule that ignores the total.
 TRAIN = {"lr": 2.5e-4, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 8, "grad_accum": 1,

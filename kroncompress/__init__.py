@@ -21,9 +21,11 @@ _EXPORTS: dict[str, str] = {
                      "LowRankLinear", "TTLinear", "TuckerLinear"), "kroncompress.layers"),
     **dict.fromkeys(("kron_matmul", "kron_sum", "kronecker_shapes", "nearest_kronecker", "truncated_svd"),
                     "kroncompress.linalg"),
-    **dict.fromkeys(("LayerPlan", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy",
+    **dict.fromkeys(("CheckpointError", "DataError", "KroncompressError", "OptionError", "OutputError",
+                     "OutputExistsError", "RecipeError"), "kroncompress.errors"),
+    **dict.fromkeys(("LayerPlan", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy",
                      "list_strategies", "register_strategy"), "kroncompress.strategies"),
-    **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes",
+    **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "Rule", "list_recipes",
                      "load_recipe", "match_pattern"), "kroncompress.recipe"),
     "aliases_for": "kroncompress.aliases",
     **dict.fromkeys(("CompressionPlan", "CompressionReport", "plan"), "kroncompress.surgery"),
@@ -43,6 +45,7 @@ _EXPORTS: dict[str, str] = {
 _SUBPACKAGES = ("distill", "lora")
 
 __all__ = [
+    "KroncompressError", "CheckpointError", "DataError", "OutputError", "OutputExistsError",
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
     "LowRankLinear", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy", "kron_matmul", "kron_sum",
     "kronecker_shapes", "list_strategies", "nearest_kronecker", "register_strategy", "truncated_svd",
@@ -137,6 +140,9 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
     from kroncompress.aliases import aliases_for
     from kroncompress.calibration import CalibrationStats, calibrate, collect_statistics
     from kroncompress.distill import DistillResult
+    from kroncompress.errors import (
+        CheckpointError, DataError, KroncompressError, OptionError, OutputError, OutputExistsError, RecipeError,
+    )
     from kroncompress.evaluate import perplexity
     from kroncompress.io import export_dense, load_compressed, save_compressed, to_dense
     from kroncompress.layers import (
@@ -148,10 +154,10 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
     from kroncompress.pipeline import run_pipeline
     from kroncompress.quantization import QuantizationSummary, quantize, weight_bytes
     from kroncompress.recipe import (
-        DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
+        DistillConfig, EvaluateConfig, Override, Recipe, Rule, list_recipes, load_recipe, match_pattern,
     )
     from kroncompress.strategies import (
-        LayerPlan, OptionError, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
+        LayerPlan, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
     )
     from kroncompress.hf import compress
     from kroncompress.surgery import CompressionPlan, CompressionReport, plan

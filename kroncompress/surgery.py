@@ -39,7 +39,7 @@ from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and repor
     CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, jsonable, module_entries,
     record_plan, renumber, set_tie_word_embeddings,
 )
-from kroncompress.strategies.base import config_error, replacement, weight_and_bias
+from kroncompress.strategies.base import replacement, weight_and_bias
 
 
 
@@ -301,8 +301,7 @@ def _plan_layer(strategy: Strategy, module: nn.Module, kind: str, stats=None) ->
     usable = None if _is_meta(weight) else weight.detach()
     stats = _module_stats(strategy, kind, stats) if usable is not None else None
     try:
-        extra = {"stats": stats} if strategy.uses_calibration else {}  # the declared contract, see strategies.base
-        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
+        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, stats=stats)
     except OptionError:
         raise
     except ValueError as exc:  # a strategy's own check without a field: point at the rule's options
@@ -340,7 +339,7 @@ def _check_reduces(name: str, strategy: Strategy, layer_plan: LayerPlan) -> None
     if whole or layer_plan.params_after < layer_plan.params_before:
         if whole:
             other = "b_shape" if whole[0] == "a_shape" else "a_shape"
-            raise config_error(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
+            raise OptionError(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
                 f"module {name}: {other} {list(spec[other])} is the whole {' x '.join(map(str, layer_plan.shape))} "
                 f"weight ({whole[0]} {list(spec[whole[0]])}), so the plan keeps {layer_plan.params_after:,} parameters "
                 f"of {layer_plan.params_before:,}: it does not compress it; pick a b_shape strictly inside the weight's "

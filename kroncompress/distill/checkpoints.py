@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kroncompress.errors import CheckpointError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 SETTINGS_NAME = "run_settings.json"
 # training settings that may change between sessions of one run: they do not change what is trained
@@ -30,7 +32,7 @@ _FREE_PREFIXES = ("train.training_args",)  # reporting and logging may change be
 _MAX_VALUE_CHARS = 80
 
 
-class ResumeError(ValueError):
+class ResumeError(CheckpointError):
     """A run cannot be resumed: its settings changed, or no checkpoint is intact. The message says what to do."""
 
 

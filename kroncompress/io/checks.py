@@ -261,6 +261,8 @@ def rebuild_modules(model: nn.Module, section: Any, folder: Path, dtype, other_c
                 local.append(name or saved)  # a name the model lacks is reported by tie_groups
         if len(local) > 1:
             groups.append(local)
+    if "shared_parameters" not in section and hasattr(model, "tie_weights"):
+        model.tie_weights()  # transformers' own save_pretrained wrote the folder (a layer-dropped model): its config's ties
     tie_groups(model, groups, folder)
     prefix = getattr(model, "base_model_prefix", "") or ""
     # the model's own names: in a head class, its head lies outside the base model's prefix

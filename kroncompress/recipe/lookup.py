@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from kroncompress.recipe.errors import _error
+from kroncompress.recipe.errors import RecipeError
 from kroncompress.recipe.loading import RecipeLoader, parse_yaml, read_recipe_text
 from kroncompress.recipe.recipe import Recipe
 
@@ -62,7 +62,8 @@ def load_recipe(name_or_path: "str | Path | Mapping | Recipe") -> Recipe:
     close = difflib.get_close_matches(bare, list(bundled), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     problem = "is a folder, not a recipe file" if path.is_dir() else "no such recipe file, and no bundled recipe of that name"
-    raise _error(text, "", problem, f"{hint}give a path to a YAML file or a bundled recipe: {', '.join(sorted(bundled))}")
+    raise RecipeError(problem, where=text,
+                      fix=f"{hint}give a path to a YAML file or a bundled recipe: {', '.join(sorted(bundled))}")
 
 
 def as_recipe(recipe: Any) -> Recipe:

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from kroncompress.recipe.errors import _error
+from kroncompress.recipe.errors import RecipeError
 from kroncompress.recipe.patterns import match_any
 from kroncompress.recipe.schema import (
     RECIPE_VERSION, BudgetConfig, CalibrationConfig, DistillConfig, EvaluateConfig, QuantizeConfig, Rule,
@@ -38,8 +38,8 @@ class Recipe:
 
     def __post_init__(self):
         if not self.compress:
-            raise _error(self.source, "compress", "is empty", "add a rule, e.g. Rule(targets=[...], strategy=\"kronecker\", "
-                         "config=KroneckerConfig(ratio=2))")
+            raise RecipeError("is empty", where=f"{self.source}: compress",
+                              fix="add a rule, e.g. Rule(targets=[...], strategy=\"kronecker\", config=KroneckerConfig(ratio=2))")
         for i, rule in enumerate(self.compress):
             rule.index = i
 
