@@ -21,28 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kroncompress"
 
 # (importing module, defining module, name): why the name is shared across files while staying private
-PRIVATE_IMPORTS_ALLOWED = {
-    ("kroncompress.linalg.tensorized.cp", "kroncompress.linalg.tensorized.common", "_cast"):
-        "linalg.tensorized's own helpers: shared by its three decompositions, not part of linalg's API",
-    ("kroncompress.linalg.tensorized.cp", "kroncompress.linalg.tensorized.common", "_tensorly_pytorch"): "as above",
-    ("kroncompress.linalg.tensorized.cp", "kroncompress.linalg.tensorized.common", "_work_tensor"): "as above",
-    ("kroncompress.linalg.tensorized.tt", "kroncompress.linalg.tensorized.common", "_cast"): "as above",
-    ("kroncompress.linalg.tensorized.tt", "kroncompress.linalg.tensorized.common", "_tensorly_pytorch"): "as above",
-    ("kroncompress.linalg.tensorized.tt", "kroncompress.linalg.tensorized.common", "_work_tensor"): "as above",
-    ("kroncompress.linalg.tensorized.tucker", "kroncompress.linalg.tensorized.common", "_cast"): "as above",
-    ("kroncompress.linalg.tensorized.tucker", "kroncompress.linalg.tensorized.common", "_work_tensor"): "as above",
-    ("kroncompress.linalg.kronecker", "kroncompress.linalg.svd", "_CHUNK_ELEMENTS"):
-        "one memory bound for the chunked products of linalg (not API)",
-    ("kroncompress.linalg.weighted_kronecker", "kroncompress.linalg.als", "_balance"):
-        "the factor balancing of the ALS fit, reused by the weighted fit (linalg-internal)",
-    ("kroncompress.strategies.cp", "kroncompress.strategies.tucker", "_is_int"): "strategies' own option check",
-    ("kroncompress.strategies.kronecker", "kroncompress.linalg.kronecker", "_infer_shapes"):
-        "the Kronecker strategy completes a half-given shape as linalg does (strategies are linalg's one user)",
-    ("kroncompress.recipe.loading", "kroncompress.recipe.errors", "_error"): "the recipe package's error builder",
-    ("kroncompress.recipe.lookup", "kroncompress.recipe.errors", "_error"): "as above",
-    ("kroncompress.recipe.recipe", "kroncompress.recipe.errors", "_error"): "as above",
-    ("kroncompress.recipe.validate", "kroncompress.recipe.errors", "_error"): "as above",
-}
+# (importer, source, private name) -> why it may cross files. Empty: every name used across files is public.
+PRIVATE_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:
