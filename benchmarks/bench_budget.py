@@ -36,8 +36,7 @@ import torch
 
 import kroncompress as kc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import Cell, cached_rows, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic  # noqa: E402
+from common import Cell, cached_rows, cell_recipe, num_layers_of, save_figure, source_fingerprint, write_atomic
 
 # Same optimiser as bench_quality, fewer tokens per step (no accumulation), a schedule that ignores the total.
 TRAIN = {"lr": 2.5e-4, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 8, "grad_accum": 1,
@@ -100,7 +99,9 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
     segment, resuming from the last checkpoint, and score after each."""
     torch.set_num_threads(args.threads)
     from kroncompress.distill.trainer import distill
-    from kroncompress.pipeline_data import _distill_config, _DistillData, _positions, _Scorer
+    from kroncompress.evaluate import max_positions
+    from kroncompress.pipeline.evaluate import Scorer
+    from kroncompress.pipeline.text import RunText, distill_config
 
     done = cached_rows(cache)
     todo = [s for s in targets if point_key(cell, s) not in done]
@@ -124,10 +125,10 @@ def advance(cell: Cell, targets: list[int], args: argparse.Namespace, cache: Pat
         compressed_at = round(time.perf_counter() - start, 1)
     teacher, info = kc.load_model(args.model)
     tokenizer = info.tokenizer
-    config = _distill_config(recipe, args.data, HORIZON)
-    limit = _positions(teacher)
-    data = _DistillData(config, args.data, tokenizer, None, limit)
-    score = _Scorer(recipe, args.data, data, tokenizer, None, limit)
+    config = distill_config(recipe, args.data, HORIZON)
+    limit = max_positions(teacher)
+    data = RunText(config, args.data, tokenizer, None, limit)
+    score = Scorer(recipe, args.data, data, tokenizer, None, limit)
     train, _ = data.blocks()
     student = kc.load_compressed(student_dir)
     params = sum(p.numel() for p in student.parameters())

@@ -136,10 +136,8 @@ def old_tree() -> Path:
 def run_cell(cell: str, layers: str, stats_path: Path, timeout: float) -> dict:
     code = CELLS[cell][0]
     env = dict(os.environ, PYTHONPATH=str(old_tree() if code == "old" else ROOT), OMP_NUM_THREADS="2")
-    # the script itself from this checkout, the package from the tree of its cell
-    command = [sys.executable, "-c",
-               f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import json, bench_compress_time as b; "
-               f"from pathlib import Path; print('RESULT', json.dumps(b.worker({cell!r}, {layers!r}, Path({str(stats_path)!r}))))"]
+    # the script itself from this checkout (in --worker mode), the package from the tree of its cell
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", cell, layers, str(stats_path)]
     try:
         out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -199,6 +197,10 @@ def comparison(prefix: str, old: dict, new: dict) -> str:
                          if worse else "."))
 
 def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:  # one cell in a fresh process (run_cell): CELL LAYERS STATS
+        cell, layers, stats = sys.argv[2:5]
+        print("RESULT", json.dumps(worker(cell, layers, Path(stats))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/compress-time.md"))
     parser.add_argument("--layers", default="all", help="'all' or a range of block indices such as 0-2")

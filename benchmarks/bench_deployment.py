@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kroncompress as kc  # noqa: E402
-from bench_quality import write_atomic  # noqa: E402
-from kroncompress.evaluate import max_positions  # noqa: E402
-from kroncompress.io.onnx import LogitsOnly, export_onnx, logits_tolerance  # noqa: E402
+import kroncompress as kc
+from common import write_atomic
+from kroncompress.evaluate import max_positions
+from kroncompress.io.onnx import LogitsOnly, export_onnx, logits_tolerance
 
 
 def greedy(step, ids: torch.Tensor, new: int) -> torch.Tensor:

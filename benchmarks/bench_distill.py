@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kroncompress as kc  # noqa: E402
-from kroncompress.distill.losses import (  # noqa: E402
+import kroncompress as kc
+from kroncompress.distill.losses import (
     DistillationLoss, attention_kl, causal_lm_loss, embedding_mse, hidden_mse, use_eager_attention,
 )
-from kroncompress.recipe import LossWeights  # noqa: E402
+from kroncompress.recipe import LossWeights
 
 GOAL = 0.8  # ILKD step throughput >= GOAL x that of (plain step + teacher forward)
 

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -38,8 +37,9 @@ from kroncompress.linalg.weighted_kronecker import (
 )
 from kroncompress.linalg.whitening import damp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemma import pack_blocks, read_blocks, score, tokenizer_bos, write_atomic  # noqa: E402
+from common import read_blocks, score, write_atomic
+from kroncompress.distill import pack_blocks
+from kroncompress.distill.bos import tokenizer_bos
 
 REAL = Path.home() / ".cache/kroncompress/real"
 STATS = Path.home() / ".cache/kroncompress/embedinit/gemma-stats.pt"

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -32,8 +31,7 @@ import torch
 
 import kroncompress as kc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import TRAIN, cached_rows, source_fingerprint  # noqa: E402
+from common import TRAIN, cached_rows, source_fingerprint
 
 LAYOUTS = ("kn-gpt2", "embedding only")
 INITS = ("nkp", "als-freq+head")

@@ -30,15 +30,9 @@ from pathlib import Path
 import torch
 
 import kroncompress as kc
-from kroncompress.distill import distill, pack_blocks
-from kroncompress.distill.bos import tokenizer_bos
+from common import BLOCK_LINEARS, CACHE, EMBEDDING, calibration, read_blocks, save_figure, score, write_atomic
+from kroncompress.distill import distill
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import save_figure, write_atomic  # noqa: E402
-
-CACHE = Path(os.environ.get("KRONCOMPRESS_CACHE") or Path.home() / ".cache" / "kroncompress") / "real"
-BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-EMBEDDING = "model.embed_tokens"
 BUDGETS = {"2/3": 1.5, "1/2": 2.0}  # block-parameter fraction kept -> compression ratio of the block matrices
 METHODS = ("kronecker", "svd", "layerdrop")
 # recipes/kron-gemma.yaml's losses: Gemma's residual stream makes a summed hidden MSE ~1e6, hence 1e-5.
@@ -94,30 +88,6 @@ def cell_recipe(cell: Cell, num_layers: int) -> dict:
                         "data": {"block_size": 256}, "train": TRAIN}}
 
 
-def read_blocks(path: Path, tokenizer, count: int) -> torch.Tensor:
-    """(N, 256) blocks of the documents in a jsonl file (each followed by EOS), every block opening with BOS
-    as Gemma expects (without it the teacher scores 223.5 instead of 56.0 on the same targets), as the library
-    packs them (kroncompress.distill.bos): BOS is context, never a target. N covers `count` tokens."""
-    bos = tokenizer_bos(tokenizer)
-    if bos is None:
-        raise SystemExit(f"{path}: the tokenizer adds no BOS; this benchmark's protocol is BOS + 255 tokens")
-    return pack_blocks(read_tokens(path, tokenizer, -(-count // 255) * 255), 256, bos)
-
-
-def read_tokens(path: Path, tokenizer, count: int) -> torch.Tensor:
-    """The first `count` token ids of the documents in a jsonl file, each followed by EOS."""
-    ids: list[int] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            ids.extend(tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"])
-            ids.append(tokenizer.eos_token_id)
-            if len(ids) >= count:
-                break
-    if len(ids) < count:
-        raise SystemExit(f"{path}: only {len(ids):,} tokens, need {count:,}")
-    return torch.tensor(ids[:count])
-
-
 def block_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers."))
 
@@ -152,33 +122,6 @@ def run_cell(cell: Cell, teacher, texts: dict, args) -> dict:
         row["distilled"] = score(student, texts["eval"])
         row["distill_tokens"] = cell.steps * TRAIN["batch_size"] * TRAIN["grad_accum"] * 256
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
-
-
-def calibration(model, texts: dict, args) -> tuple:
-    """The statistics of every block linear and the embedding (each cell reads the modules it compresses), computed
-    once per calibration size and cached beside the cells (`CalibrationStats.save`, + a .json with the seconds
-    the pass took): the teacher is the same in every cell. Returns them with those seconds."""
-    from kroncompress.calibration import CalibrationStats
-
-    path = args.output.with_name(f"{args.output.stem}.calibration-{Path(args.model).name}-{args.calibration_tokens}"
-                                 ".safetensors")
-    seconds_file = path.with_suffix(".json")
-    if path.exists() and seconds_file.exists():
-        return CalibrationStats.load(path), json.loads(seconds_file.read_text())["seconds"]
-    plan = kc.plan(model, kc.load_recipe({"version": 1, "name": "gemma-calibration", "ignore": ["lm_head"], "compress": [
-        {"targets": [EMBEDDING], "strategy": "kronecker", "options": {"ratio": 2.0, "init": "auto"}},
-        {"targets": [BLOCK_LINEARS], "strategy": "svd", "options": {"ratio": 2.0, "init": "auto"}}]}))
-    start = time.perf_counter()
-    stats = kc.calibrate(model, plan, texts["tokenizer"], data=texts["calibration"], tokens=args.calibration_tokens,
-                         block_size=256)
-    seconds = time.perf_counter() - start
-    stats.save(path)
-    write_atomic(seconds_file, json.dumps({"seconds": seconds}))
-    return stats, seconds
-
-
-def score(model, ids: torch.Tensor) -> float:
-    return kc.perplexity(model, ids, block_size=256, stride=256, batch_size=4).perplexity
 
 
 def cells_for(args) -> list[Cell]:

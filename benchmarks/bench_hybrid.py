@@ -34,8 +34,7 @@ from kroncompress.linalg.als import kronecker_als
 from kroncompress.linalg.kronecker import kron_sum
 from kroncompress.linalg.whitening import output_error, whitened_svd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import write_atomic  # noqa: E402
+from common import write_atomic
 
 GEMMA = Path(os.environ.get("KRONCOMPRESS_CACHE") or Path.home() / ".cache" / "kroncompress") / "real" / "gemma3-270m"
 GEMMA_STATS = Path("benchmarks/results/gemma.calibration-gemma3-270m-16384.safetensors")  # bench_gemma's cache

@@ -34,8 +34,7 @@ import kroncompress as kc
 from kroncompress.layers.base import dense_weight_of
 from kroncompress.linalg.whitening import output_error
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemma import CACHE, calibration, read_blocks, score, write_atomic  # noqa: E402
+from common import CACHE, calibration, read_blocks, score, write_atomic
 
 MLP = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 # name -> (strategy, options, what it is)

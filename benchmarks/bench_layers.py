@@ -31,10 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import kroncompress as kc  # noqa: E402
-from kroncompress.linalg.kronecker import kron_rearrange, kron_sum  # noqa: E402
+import kroncompress as kc
+from kroncompress.linalg.kronecker import kron_rearrange, kron_sum
 
 IN_FEATURES, OUT_FEATURES = 768, 3072
 RATIOS = (2, 4, 8, 16)

@@ -31,17 +31,18 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import kroncompress as kc
+from common import (
+    CURVE_LAYOUTS, LINE_NAMES, MLP_ONLY, TRAIN, Cell, cached_rows, cell_recipe, main_keep, num_layers_of, save_figure,
+    source_fingerprint, write_atomic,
+)
 
-# One optimisation budget for every cell (the kn-gpt2 recipe's schedule); only the loss terms differ by family.
-TRAIN = {"lr": 2.5e-4, "warmup_ratio": 0.05, "schedule": "cosine", "batch_size": 8, "grad_accum": 4,
-         "max_grad_norm": 1.0, "weight_decay": 0.01, "bf16": False}
 # Main table rows: (recipe, init). Data-aware init exists for kronecker (activation-aware ALS) and svd (whitened).
 MAIN = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("kn-gpt2-mlp", "weight-only"),
         ("kn-gpt2-mlp", "data-aware"), ("svd-gpt2", "weight-only"), ("svd-gpt2", "data-aware"),
@@ -52,50 +53,8 @@ MAIN = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("kn-gpt2-mlp", "
 # Every strategy gets every layout and every init it has (data-aware: kronecker and svd; tucker and tt have none).
 CURVE_RECIPES = (("kn-gpt2", "weight-only"), ("kn-gpt2", "data-aware"), ("svd-gpt2", "weight-only"),
                  ("svd-gpt2", "data-aware"), ("tucker-gpt2", "weight-only"), ("tt-gpt2", "weight-only"))
-# "mlp only": the MLP matrices (c_fc, c_proj) of every block, embedding dense - kn-gpt2-mlp's layout and budget,
-# so those cells join the main table; for kronecker it is the kn-gpt2-mlp recipe itself (a main-table row).
-MLP_ONLY = "mlp only"
-CURVE_LAYOUTS = ("no embedding", "all blocks, no embedding", "all blocks", MLP_ONLY)
-MLP_TARGETS = [r"re:transformer\.h\.\d+\.mlp\.(c_fc|c_proj)"]
 # Main-table cells repeated with every seed (the others run with the first seed).
 REPEAT = r"^(kn-gpt2|kn-gpt2-mlp|distilgpt2)\|"
-ODD_BLOCKS = "(1|3|5|7|9|11)"
-LINE_NAMES = {"kn-gpt2": "kronecker", "kn-gpt2-mlp": "kronecker, MLP only", "svd-gpt2": "svd",
-              "tucker-gpt2": "tucker", "tt-gpt2": "tt", "distilgpt2": "layer drop (DistilGPT2)"}
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run: a bundled recipe, a layout of it ("recipe", "no embedding", "all blocks", "keep K"), an init, a seed."""
-
-    recipe: str
-    layout: str
-    init: str
-    seed: int
-    main: bool = False  # a row of the main table (the kn-gpt2 budget)
-
-    @property
-    def key(self) -> str:
-        return f"{self.recipe}|{self.layout}|{self.init}|{self.seed}"
-
-    @property
-    def line(self) -> str:
-        name = LINE_NAMES.get(self.recipe, self.recipe)
-        return f"{name}, data-aware" if self.init == "data-aware" else name
-
-
-def evenly_spaced(num_layers: int, keep: int) -> list[int]:
-    """`keep` block indices spread over `num_layers`, first and last included (12 -> 6 gives DistilGPT2's)."""
-    if not 1 <= keep <= num_layers:
-        raise ValueError(f"cannot keep {keep} of {num_layers} blocks")
-    if keep == 1:
-        return [0]
-    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
-
-
-def main_keep(num_layers: int) -> int:
-    """Blocks layer dropping keeps at the main table's budget: 6 -> 4 (the kn-gpt2 budget on the demo), 12 -> 8."""
-    return max(1, num_layers - num_layers // 3)
 
 
 def cells(num_layers: int, seeds: list[int], curve: bool, repeat: str = REPEAT) -> list[Cell]:
@@ -116,41 +75,6 @@ def cells(num_layers: int, seeds: list[int], curve: bool, repeat: str = REPEAT) 
         keeps = sorted({k for k in (num_layers - 1, num_layers - num_layers // 2, num_layers // 3) if 1 <= k < num_layers} - {keep_main})
         grid += [Cell("distilgpt2", f"keep {k}", "-", seeds[0]) for k in keeps]
     return grid
-
-
-def cell_recipe(cell: Cell, num_layers: int) -> dict[str, Any]:
-    """The recipe dict a cell runs: the bundled recipe with its layout, init and the common training budget."""
-    recipe = kc.load_recipe(cell.recipe).to_dict()
-    rules = recipe["compress"]
-    if cell.layout.startswith("keep "):
-        keep = evenly_spaced(num_layers, int(cell.layout.split()[1]))
-        rules[0]["options"] = {"keep": keep}
-        recipe["distill"]["layer_map"] = keep
-    elif cell.layout not in ("recipe", *CURVE_LAYOUTS):
-        raise ValueError(f"unknown layout {cell.layout!r}")
-    if cell.layout == MLP_ONLY:
-        blocks = [r for r in rules if not any(t.endswith(".wte") for t in r["targets"])]
-        if len(blocks) != 1:
-            raise ValueError(f"{cell.recipe}: layout {MLP_ONLY!r} needs exactly one block rule, found {len(blocks)}")
-        recipe["compress"] = rules = [{**blocks[0], "targets": list(MLP_TARGETS)}]
-    if "no embedding" in cell.layout:
-        recipe["compress"] = rules = [r for r in rules if not any(t.endswith(".wte") for t in r["targets"])]
-    if "all blocks" in cell.layout:
-        for rule in rules:
-            rule["targets"] = [t.replace(ODD_BLOCKS, r"\d+") for t in rule["targets"]]
-    if cell.init != "data-aware":
-        recipe.pop("calibration", None)
-    recipe["distill"]["train"] = {**TRAIN, "seed": cell.seed}
-    recipe["name"] = f"{cell.recipe} ({cell.layout}, {cell.init})"
-    return recipe
-
-
-def num_layers_of(model: str) -> int:
-    config = kc.load_model(model, load_tokenizer=False)[0].config
-    for name in ("n_layer", "num_hidden_layers", "num_layers"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    raise ValueError(f"{model}: the config names no layer count")
 
 
 def run_cell(cell: Cell, model: str, data: str, steps: int, calibration_tokens: int, num_layers: int,
@@ -176,28 +100,6 @@ def run_cell(cell: Cell, model: str, data: str, steps: int, calibration_tokens: 
             "teacher_params": report["params_before"], "teacher": ppl["teacher"]["perplexity"],
             "zero_shot": ppl["compressed"]["perplexity"], "distilled": ppl["distilled"]["perplexity"],
             "steps": report["distill"]["steps"], "protocol": protocol, "seconds": round(time.perf_counter() - start, 1)}
-
-
-def source_fingerprint() -> str:
-    """A hash of the code and recipes that decide a cell's numbers (kroncompress/ and recipes/)."""
-    import hashlib
-
-    root = Path(kc.__file__).resolve().parent
-    files = sorted([*root.rglob("*.py"), *root.rglob("*.safetensors"), *(root.parent / "recipes").glob("*.yaml")])
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cached_rows(cache: Path) -> dict[str, dict[str, Any]]:
-    """Every row in the cache file, by cell key (the last one wins)."""
-    rows = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["key"]] = row
-    return rows
 
 
 def import_report(report_path: Path, cache: Path, label: str) -> int:
@@ -424,23 +326,6 @@ def report(rows: list[dict], args: argparse.Namespace, wall: float, missing: lis
 def rows_source(rows: list[dict]) -> str:
     current = sorted({r["source"] for r in rows if not r.get("earlier_source")})
     return "source " + ", ".join(current) if current else "none"
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure as PNG atomically (a temporary file, then a rename) and close it."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -31,8 +30,7 @@ import torch
 import kroncompress as kc
 from kroncompress.evaluate import evaluate_perplexity, generation_throughput
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import write_atomic  # noqa: E402
+from common import write_atomic
 
 CACHE = Path(os.environ.get("KRONCOMPRESS_CACHE") or Path.home() / ".cache" / "kroncompress") / "real"
 GEMMA_SVD = {"version": 1, "name": "svd-gemma-weight-only", "ignore": ["role:embedding", "lm_head"], "compress": [

@@ -35,11 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kroncompress as kc  # noqa: E402
-from bench_quality import Cell, cell_recipe, main_keep, num_layers_of, save_figure, write_atomic  # noqa: E402
-from kroncompress.evaluate import generation_throughput, max_positions, throughput  # noqa: E402
-from kroncompress.layers import FactorizedLinear, KroneckerTiedHead  # noqa: E402
+import kroncompress as kc
+from common import Cell, cell_recipe, main_keep, num_layers_of, save_figure, write_atomic
+from kroncompress.evaluate import generation_throughput, max_positions, throughput
+from kroncompress.layers import FactorizedLinear, KroneckerTiedHead
 
 DEMO_RECIPES = ("kn-gpt2", "kn-gpt2-mlp", "svd-gpt2", "tucker-gpt2", "tt-gpt2", "distilgpt2")
 GPT2_SMALL_RECIPES = DEMO_RECIPES

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kroncompress.errors import DataError
+
 NUMBER = r"([\d,]+(?:\.\d+)?)"
 
 
@@ -26,7 +28,7 @@ def _table(text: str, header: str) -> list[list[str]]:
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
     if start is None:
-        raise ValueError(f"earlier report: no table starting {header!r}")
+        raise DataError(f"no table starting {header!r}", where="earlier report")
     rows = []
     for line in lines[start + 2:]:
         if not line.startswith("|"):
@@ -40,7 +42,7 @@ def _protocol(text: str) -> dict[str, Any]:
     def find(pattern: str, what: str) -> re.Match:
         match = re.search(pattern, text)
         if match is None:
-            raise ValueError(f"earlier report: cannot find {what}")
+            raise DataError(f"cannot find {what}", where="earlier report")
         return match
 
     teacher = find(rf"Teacher: `([^`]+)`, {NUMBER} parameters, perplexity {NUMBER}", "the teacher line")
@@ -67,14 +69,14 @@ def rows_from_report(text: str, label: str, line_names: dict[str, str]) -> list[
         seeds = re.fullmatch(rf"{NUMBER}-{NUMBER} \((\d+) seeds\)", spread)
         runs = [_num(seeds[1]), _num(seeds[2])] if seeds else [_num(after)]
         if seeds and int(seeds[3]) != 2:
-            raise ValueError(f"earlier report: {recipe} ran {seeds[3]} seeds; only a two-seed range maps back to runs")
+            raise DataError(f"{recipe} ran {seeds[3]} seeds; only a two-seed range maps back to runs", where="earlier report")
         main[(match[1], layout, init)] = {"runs": runs, "seconds": _num(minutes) * 60}
     rows = []
     for line, layout, params, _, zero, after in _table(text, "| line | layout |"):
         name, aware, _ = line.partition(", data-aware")
         recipe = recipes.get(name)
         if recipe is None:
-            raise ValueError(f"earlier report: unknown line {line!r}")
+            raise DataError(f"unknown line {line!r}", where="earlier report")
         init = "data-aware" if aware else ("-" if recipe == "distilgpt2" else "weight-only")
         key3 = (recipe, layout, init)
         found = main.get(key3)
@@ -92,5 +94,5 @@ def rows_from_report(text: str, label: str, line_names: dict[str, str]) -> list[
             })
     missing = set(main) - {(r["recipe"], r["layout"], r["init"]) for r in rows}
     if missing:
-        raise ValueError(f"earlier report: main-table rows without a curve-table row: {sorted(missing)}")
+        raise DataError(f"main-table rows without a curve-table row: {sorted(missing)}", where="earlier report")
     return rows

@@ -1,7 +1,7 @@
 """`kroncompress calibrate`: one calibration pass saved to a file, and the checks of
 `compress --calibration-stats FILE`, which reuses it instead of calibrating again.
 
-The statistics file is a single safetensors file (kroncompress.io.calibration), written atomically. Like an
+The statistics file is a single safetensors file (kroncompress.calibration.stats), written atomically. Like an
 output folder, an existing file is replaced only with --overwrite, and only when it holds calibration
 statistics: a file of the user's is never replaced.
 """
@@ -32,7 +32,7 @@ def check_stats_output(output: str, overwrite: bool) -> Path:
     if path.exists():
         if not overwrite:
             raise UserError(f"output file {output!r} already exists; pass --overwrite to replace it, or give a new path")
-        from kroncompress.io.calibration import check_calibration_file
+        from kroncompress.calibration import check_calibration_file
 
         try:
             check_calibration_file(path)
@@ -54,7 +54,7 @@ def check_stats_option(stats: str | None, data: str | None, tokens: int | None) 
         raise click.UsageError(f"--calibration-stats and {given} exclude each other: the saved statistics were "
                                f"collected already; drop {given}, or drop --calibration-stats to calibrate in this run",
                                ctx=click.get_current_context(silent=True))
-    from kroncompress.io.calibration import check_calibration_file
+    from kroncompress.calibration import check_calibration_file
 
     check_calibration_file(stats)  # ValueError / FileNotFoundError: one line naming the file
     return [stats]
@@ -89,7 +89,7 @@ def calibrate(model: str, recipe: str, output: str, overwrite: bool, calibration
     then uses them instead of calibrating, for this recipe or any other over the same modules of MODEL.
     """
     from kroncompress.cli.main import _quiet_transformers
-    from kroncompress.pipeline_calibrate import run_calibration
+    from kroncompress.pipeline import run_calibration
     from kroncompress.recipe import load_recipe
 
     parsed = load_recipe(recipe)

@@ -11,7 +11,10 @@ from typing import Callable
 
 import click
 
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
+from kroncompress.errors import KroncompressError
+
+# KroncompressError (every subclass) first; ValueError for the bare ones left in the library and its dependencies
+USER_ERRORS = (KroncompressError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
 MESSAGE_LIMIT = 1000  # characters of an error line; longer library messages are cut
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 

@@ -21,12 +21,15 @@ _EXPORTS: dict[str, str] = {
                      "LowRankLinear", "TTLinear", "TuckerLinear"), "kroncompress.layers"),
     **dict.fromkeys(("kron_matmul", "kron_sum", "kronecker_shapes", "nearest_kronecker", "truncated_svd"),
                     "kroncompress.linalg"),
-    **dict.fromkeys(("LayerPlan", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy",
+    **dict.fromkeys(("CheckpointError", "DataError", "KroncompressError", "OptionError", "OutputError",
+                     "OutputExistsError", "RecipeError"), "kroncompress.errors"),
+    **dict.fromkeys(("LayerPlan", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy",
                      "list_strategies", "register_strategy"), "kroncompress.strategies"),
-    **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "RecipeError", "Rule", "list_recipes",
+    **dict.fromkeys(("DistillConfig", "EvaluateConfig", "Override", "Recipe", "Rule", "list_recipes",
                      "load_recipe", "match_pattern"), "kroncompress.recipe"),
     "aliases_for": "kroncompress.aliases",
-    **dict.fromkeys(("CompressionPlan", "CompressionReport", "compress", "plan"), "kroncompress.surgery"),
+    **dict.fromkeys(("CompressionPlan", "CompressionReport", "plan"), "kroncompress.surgery"),
+    "compress": "kroncompress.hf",  # surgery's compress, then the model is marked as a kroncompress checkpoint
     **dict.fromkeys(("CalibrationStats", "calibrate", "collect_statistics"), "kroncompress.calibration"),
     **dict.fromkeys(("export_dense", "load_compressed", "save_compressed", "to_dense"), "kroncompress.io"),
     "perplexity": "kroncompress.evaluate",
@@ -42,6 +45,7 @@ _EXPORTS: dict[str, str] = {
 _SUBPACKAGES = ("distill", "lora")
 
 __all__ = [
+    "KroncompressError", "CheckpointError", "DataError", "OutputError", "OutputExistsError",
     "FactorizedLinear", "KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedHead", "LayerPlan",
     "LowRankLinear", "OptionError", "Strategy", "StrategyConfig", "StructuralStrategy", "get_strategy", "kron_matmul", "kron_sum",
     "kronecker_shapes", "list_strategies", "nearest_kronecker", "register_strategy", "truncated_svd",
@@ -136,6 +140,9 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
     from kroncompress.aliases import aliases_for
     from kroncompress.calibration import CalibrationStats, calibrate, collect_statistics
     from kroncompress.distill import DistillResult
+    from kroncompress.errors import (
+        CheckpointError, DataError, KroncompressError, OptionError, OutputError, OutputExistsError, RecipeError,
+    )
     from kroncompress.evaluate import perplexity
     from kroncompress.io import export_dense, load_compressed, save_compressed, to_dense
     from kroncompress.layers import (
@@ -147,10 +154,11 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, mkdocstrings) see; 
     from kroncompress.pipeline import run_pipeline
     from kroncompress.quantization import QuantizationSummary, quantize, weight_bytes
     from kroncompress.recipe import (
-        DistillConfig, EvaluateConfig, Override, Recipe, RecipeError, Rule, list_recipes, load_recipe, match_pattern,
+        DistillConfig, EvaluateConfig, Override, Recipe, Rule, list_recipes, load_recipe, match_pattern,
     )
     from kroncompress.strategies import (
-        LayerPlan, OptionError, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
+        LayerPlan, Strategy, StrategyConfig, StructuralStrategy, get_strategy, list_strategies, register_strategy,
     )
-    from kroncompress.surgery import CompressionPlan, CompressionReport, compress, plan
+    from kroncompress.hf import compress
+    from kroncompress.surgery import CompressionPlan, CompressionReport, plan
     from kroncompress.tasks import finetune

@@ -26,38 +26,28 @@ A config that lost its `quantization_config` (saved before it existed, or edited
 `get_hf_quantizer`), so it loads its factors, never random weights. The quantizer runs the loader check
 of `kc.load_compressed` (kroncompress.io.verify) on the files' headers before any value is read.
 
-Registration happens when kroncompress.io / kroncompress.surgery load (kc.compress, kc.load_compressed, ...),
-on `import kroncompress.hf`, and, after a bare `import kroncompress`, as soon as transformers loads its
+`compress` (kc.compress) is `kroncompress.surgery.compress` followed by `mark`: the compressed model then
+saves (save_pretrained, push_to_hub) as a kroncompress checkpoint. The marks themselves (config.json's
+`quantization_config`, the refusal marker, the saved section) live in kroncompress.io.config, below this module.
+
+Registration happens on `import kroncompress.hf` (kc.compress loads it), and, after a bare `import kroncompress`, as soon as transformers loads its
 quantizer registry (`from_pretrained` does; a tokenizer-only use of transformers does not pay for it).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-QUANT_METHOD = "kroncompress"
-REFUSAL = ("this folder is a kroncompress checkpoint (factorized weights): plain transformers would load random "
-           "weights. Run `pip install kroncompress`, then `import kroncompress` before from_pretrained")
-
-
-class KronCompressConfig(QuantizationConfigMixin):
-    """The `quantization_config` entry of a compressed folder's config.json. The plan itself stays in the
-    `kroncompress` section; this entry only routes `from_pretrained` to `KronCompressQuantizer`."""
-
-    def __init__(self, quant_method: str = QUANT_METHOD, format_version: int = 1, **kwargs: Any):
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.install = "pip install kroncompress; import kroncompress"
-
+from kroncompress.io.config import (  # noqa: F401  (re-exported: the format's marks, documented there)
+    QUANT_METHOD, REFUSAL, KronCompressConfig, is_factorized, mark, mark_config,
+)
 
 class KronCompressQuantizer(HfQuantizer):
     """Rebuilds the factorized modules of a compressed folder on the empty model `from_pretrained` builds."""
@@ -240,54 +230,18 @@ def route_unmarked(config: Any) -> bool:
     return True
 
 
-def mark_config(config_path: str | os.PathLike, model: Any = None) -> None:
-    """Make a written config.json of a compressed model a kroncompress checkpoint: the `quantization_config`
-    entry that routes from_pretrained here, and the marker that makes plain transformers refuse it. With
-    `model`, the `kroncompress` section is also written as kc.save_compressed writes it."""
-    path = Path(config_path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if model is not None:
-        from kroncompress.io import saved_section
-        from kroncompress.plans import CONFIG_KEY
 
-        data[CONFIG_KEY] = saved_section(model)
-    data["quantization_config"] = KronCompressConfig().to_dict()
-    data["transformers_weights"] = REFUSAL
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def compress(model, recipe, progress: Callable[[int, int, str], None] | None = None, calibration=None,
+             refit: bool | None = None, sequential=None):
+    """kc.compress: `kroncompress.surgery.compress` (see there), then the model is marked as a kroncompress
+    checkpoint, so its save_pretrained / push_to_hub write a folder that from_pretrained loads back."""
+    from kroncompress.surgery import compress as compress_modules
 
-
-def is_factorized(config: Any) -> bool:
-    """Whether a config describes factorized or kc.quantize'd modules (a model plain transformers cannot load)."""
-    from kroncompress.plans import CONFIG_KEY
-
-    section = getattr(config, CONFIG_KEY, None) or {}
-    return bool(section.get("modules") or (section.get("quantization") or {}).get("modules"))
-
-
-def _save_pretrained(self, save_directory, *args, **kwargs):
-    """transformers' save_pretrained, then config.json marked as a kroncompress checkpoint."""
-    push = kwargs.pop("push_to_hub", False)
-    if push:
-        raise ValueError("save_pretrained(push_to_hub=True) of a kroncompress model: call model.push_to_hub(repo_id) "
-                         "instead (it saves through this method, so the folder is marked as a kroncompress checkpoint)")
-    type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    config_file = Path(save_directory) / "config.json"
-    if is_factorized(self.config) and config_file.is_file():
-        mark_config(config_file, self)
-
-
-_save_pretrained.__name__ = "save_pretrained"
-
-
-def mark(model) -> None:
-    """Give a compressed model its checkpoint identity: config.quantization_config (so transformers and its
-    integrations see the format) and a save_pretrained (also used by push_to_hub) that marks config.json."""
-    if not is_factorized(getattr(model, "config", None)):
-        return
-    if not isinstance(getattr(model.config, "quantization_config", None), KronCompressConfig):
-        model.config.quantization_config = KronCompressConfig()
-    if hasattr(type(model), "save_pretrained"):
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+    report = compress_modules(model, recipe, progress=progress, calibration=calibration, refit=refit,
+                              sequential=sequential)
+    if hasattr(model, "config"):
+        mark(model)
+    return report
 
 
 register()

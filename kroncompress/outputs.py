@@ -36,6 +36,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from kroncompress.errors import OutputError, OutputExistsError
+
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "kroncompress"  # the config.json section a compressed folder carries (surgery.CONFIG_KEY)
@@ -47,14 +49,6 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")  # io
 
 # files the distillation engine keeps beside its checkpoint-N folders (checkpoints.SETTINGS_NAME, trainer.RESULT_NAME)
 RUN_FILES = ("run_settings.json", "distill_result.json")
-
-
-class OutputError(ValueError):
-    """A refused output folder: the message is one line naming the folder and the fix."""
-
-
-class OutputExistsError(FileExistsError, OutputError):
-    """The output folder exists and must not be written as asked (finished, unfinished or not ours)."""
 
 
 _FLAGS = {
@@ -242,10 +236,16 @@ def lock_path(path: Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
-def _unwritable(path: Path, action: str, exc: OSError, style: str) -> OutputError:
-    reason = exc.strerror or type(exc).__name__
-    return OutputError(f"{_flag(style, 'output')} {str(path)!r}: cannot {action} ({reason}); "
-                       "give a folder you can write to")
+def _output(path: Path, style: str) -> str:
+    """How an error names the output folder: `--output 'runs/x'` (CLI) or `output_dir 'runs/x'` (API)."""
+    return f"{_flag(style, 'output')} {str(path)!r}"
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+UNWRITABLE = "give a folder you can write to"  # the fix of every refused write
 
 
 @contextlib.contextmanager
@@ -258,7 +258,8 @@ def _locked(path: Path, style: str) -> Iterator[None]:
         try:
             handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise _unwritable(path, f"write the lock file {lock.name} into {str(path.parent)!r}", exc, style) from None
+            raise OutputError(f"cannot write the lock file {lock.name} into {str(path.parent)!r} ({_reason(exc)})",
+                              where=_output(path, style), fix=UNWRITABLE) from None
         try:
             holder = os.read(handle, 64).decode("ascii", "replace").strip()
         except OSError:  # Windows: the holder's lock covers the file's first byte
@@ -273,7 +274,7 @@ def _locked(path: Path, style: str) -> Iterator[None]:
                               "wait for it to finish, or give another folder") from None
         except OSError as exc:
             os.close(handle)
-            raise _unwritable(path, f"lock {str(lock)!r}", exc, style) from None
+            raise OutputError(f"cannot lock {str(lock)!r} ({_reason(exc)})", where=_output(path, style), fix=UNWRITABLE) from None
         # the run that just released may have removed the file (below) after we opened it: the lock counts only
         # on the file the path names now (an open handle keeps its inode from being reused)
         try:
@@ -310,7 +311,7 @@ def _check_writable_inside(path: Path, style: str) -> None:
         with tempfile.TemporaryFile(dir=path, prefix=".kroncompress-probe-"):
             pass
     except OSError as exc:
-        raise _unwritable(path, "write into it", exc, style) from None
+        raise OutputError(f"cannot write into it ({_reason(exc)})", where=_output(path, style), fix=UNWRITABLE) from None
 
 
 # -- 4. leftovers of an interrupted save ---------------------------------------------------------
@@ -360,7 +361,8 @@ def claim_output(output: str | os.PathLike, *, overwrite: bool = False, resume: 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unwritable(path, f"create its parent folder {str(path.parent)!r}", exc, style) from None
+        raise OutputError(f"cannot create its parent folder {str(path.parent)!r} ({_reason(exc)})", where=_output(path, style),
+                          fix=UNWRITABLE) from None
     with _locked(path, style):
         check_output_state(path, overwrite=overwrite, resume=resume, style=style)  # changed while we waited?
         if path.exists():

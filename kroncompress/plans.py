@@ -54,7 +54,7 @@ class PlanRow:
         notes = "; ".join(n for n in (plan.note, self.note) if n)
         return {
             "name": self.name, "strategy": self.strategy, "rule": self.rule, "kind": plan.kind,
-            "shape": list(plan.shape), "spec": _jsonable(plan.spec), "options": _jsonable(self.options),
+            "shape": list(plan.shape), "spec": jsonable(plan.spec), "options": jsonable(self.options),
             "params_before": plan.params_before, "params_after": plan.params_after,
             "flops_before": plan.flops_before, "flops_after": plan.flops_after,
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
@@ -105,7 +105,7 @@ class CompressionPlan:
         """{module name: {"strategy", "options", "plan", "tied"}} for the factorized modules: what
         `load_compressed` needs to rebuild them (JSON-able; stored in config.json by compress)."""
         return {
-            row.name: {"strategy": row.strategy, "options": _jsonable(row.options), "plan": _jsonable(row.plan.to_dict()),
+            row.name: {"strategy": row.strategy, "options": jsonable(row.options), "plan": jsonable(row.plan.to_dict()),
                        "tied": [dict(t) for t in row.tied]}
             for row in self.rows if not row.structural
         }
@@ -121,7 +121,7 @@ class CompressionPlan:
         return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
@@ -167,9 +167,9 @@ class CompressionReport:
             "recipe": self.recipe, "params_before": self.params_before, "params_after": self.params_after,
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": round(self.ratio, 4), "seconds": round(self.seconds, 3),
-            "modules": [_jsonable(dataclasses.asdict(r)) for r in self.rows],
+            "modules": [jsonable(dataclasses.asdict(r)) for r in self.rows],
             "compressed": self.compressed, "notes": list(self.notes),
-            **({"allocation": _jsonable(self.allocation)} if self.allocation is not None else {}),
+            **({"allocation": jsonable(self.allocation)} if self.allocation is not None else {}),
         }
 
 
@@ -202,7 +202,7 @@ def describe_modules(names: list[str], blocks: dict[str, int] | None = None) -> 
     return "; ".join(parts)
 
 
-def _renumber(modules: dict[str, Any], layers_name: str, keep: list[int]) -> dict[str, Any]:
+def renumber(modules: dict[str, Any], layers_name: str, keep: list[int]) -> dict[str, Any]:
     """Rename `<layers>.<old index>.*` entries to the kept block's new index."""
     new_index = {old: new for new, old in enumerate(keep)}
     prefix = f"{layers_name}."
@@ -241,7 +241,7 @@ def set_tie_word_embeddings(model: nn.Module, value: bool) -> None:
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
 
 
-def _module_entries(model, the_plan: CompressionPlan) -> dict[str, dict[str, Any]]:
+def module_entries(model, the_plan: CompressionPlan) -> dict[str, dict[str, Any]]:
     """The saved plan of each factorized module (plus its embedding padding_idx)."""
     entries = the_plan.module_plans()
     for name, entry in entries.items():
@@ -251,7 +251,7 @@ def _module_entries(model, the_plan: CompressionPlan) -> dict[str, dict[str, Any
     return entries
 
 
-def _record_plan(model, the_plan: CompressionPlan, entries: dict[str, dict[str, Any]], before: int, after: int) -> None:
+def record_plan(model, the_plan: CompressionPlan, entries: dict[str, dict[str, Any]], before: int, after: int) -> None:
     """Record what compress did in `model.config.kroncompress`: the section of config.json that
     save_compressed writes and load_compressed rebuilds the modules from (per-module plans, blocks
     dropped, the tied head, the recipe). A model compressed twice accumulates both."""
@@ -262,8 +262,8 @@ def _record_plan(model, the_plan: CompressionPlan, entries: dict[str, dict[str, 
     structural = list(section.get("structural", []))
     for row in the_plan.rows:
         if row.structural:
-            modules = _renumber(modules, row.name, row.plan.spec["keep"])
-            structural.append({"name": row.name, "strategy": row.strategy, "spec": _jsonable(row.plan.spec)})
+            modules = renumber(modules, row.name, row.plan.spec["keep"])
+            structural.append({"name": row.name, "strategy": row.strategy, "spec": jsonable(row.plan.spec)})
     tied_head = section.get("tied_head")
     heads = [t for row in the_plan.rows for t in row.tied if t["as"] == "head"]
     if heads:

@@ -28,19 +28,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.aliases import aliases_for
 from kroncompress.layers.kronecker import KroneckerTiedHead
 from kroncompress.budget import allocate_recipe
 from kroncompress.linalg.refit import CrossMoments, cross_output_error
 from kroncompress.refit import refit_layer
-from kroncompress.recipe import Recipe, RecipeError, Rule, load_recipe, match_pattern, pattern_kind
+from kroncompress.recipe import Recipe, RecipeError, Rule, as_recipe, match_pattern, pattern_kind
 from kroncompress.strategies import LayerPlan, OptionError, Strategy, StructuralStrategy, get_strategy
 from kroncompress.plans import (  # noqa: F401  (re-exported: the plan and report types live with the saved section)
-    CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, _jsonable, _module_entries,
-    _record_plan, _renumber, set_tie_word_embeddings,
+    CONFIG_KEY, FORMAT_VERSION, CompressionPlan, CompressionReport, PlanRow, ReportRow, jsonable, module_entries,
+    record_plan, renumber, set_tie_word_embeddings,
 )
-from kroncompress.strategies.base import config_error, replacement, weight_and_bias
+from kroncompress.strategies.base import replacement, weight_and_bias
 
 
 
@@ -84,7 +83,7 @@ def _is_meta(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "meta"
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -99,10 +98,10 @@ def install(model: nn.Module, name: str, new: nn.Module, tied: list[dict[str, An
             raise ValueError(f"{name} is a {type(model.get_submodule(name)).__name__} (rows scaled by {scale:g}); "
                              f"its replacement {type(new).__name__} cannot keep the scale")
         new.scale = scale
-    _set_submodule(model, name, new)
+    set_submodule(model, name, new)
     for tie in tied:
         old = model.get_submodule(tie["name"])
-        _set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
+        set_submodule(model, tie["name"], tied_replacement(new, tie["as"], getattr(old, "bias", None)))
 
 
 def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
@@ -172,11 +171,6 @@ def _stats_for(calibration, name: str, tied=()):
     if calibration is None or name not in calibration:
         return None
     return calibration.for_module(name, [tie["name"] for tie in tied if tie["as"] == "head"])
-
-
-def as_recipe(recipe: "Recipe | str | Any") -> Recipe:
-    """A Recipe passes through; a name, path or dict is loaded (the one place the public API loads one)."""
-    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
 def plan(model: nn.Module, recipe: Recipe | str, calibration=None) -> CompressionPlan:
@@ -307,8 +301,7 @@ def _plan_layer(strategy: Strategy, module: nn.Module, kind: str, stats=None) ->
     usable = None if _is_meta(weight) else weight.detach()
     stats = _module_stats(strategy, kind, stats) if usable is not None else None
     try:
-        extra = {"stats": stats} if strategy.uses_calibration else {}  # the declared contract, see strategies.base
-        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, **extra)
+        return strategy.plan(tuple(weight.shape), kind, weight=usable, bias=bias is not None, stats=stats)
     except OptionError:
         raise
     except ValueError as exc:  # a strategy's own check without a field: point at the rule's options
@@ -346,13 +339,13 @@ def _check_reduces(name: str, strategy: Strategy, layer_plan: LayerPlan) -> None
     if whole or layer_plan.params_after < layer_plan.params_before:
         if whole:
             other = "b_shape" if whole[0] == "a_shape" else "a_shape"
-            raise config_error(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
+            raise OptionError(strategy.name, other if getattr(strategy.config, other, None) is not None else whole[0], (
                 f"module {name}: {other} {list(spec[other])} is the whole {' x '.join(map(str, layer_plan.shape))} "
                 f"weight ({whole[0]} {list(spec[whole[0]])}), so the plan keeps {layer_plan.params_after:,} parameters "
                 f"of {layer_plan.params_before:,}: it does not compress it; pick a b_shape strictly inside the weight's "
                 "shape (e.g. ratio: 2 picks one), or leave the module out of the rule's targets"))
         return
-    warnings.warn(f"plan: module {name}: {_jsonable(spec)} keeps {layer_plan.params_after:,} parameters of the "
+    warnings.warn(f"plan: module {name}: {jsonable(spec)} keeps {layer_plan.params_after:,} parameters of the "
                   f"weight's {layer_plan.params_before:,}: it does not compress it (pick a smaller rank or larger "
                   "factors)", UserWarning, stacklevel=4)
 
@@ -393,7 +386,8 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     A plan made without statistics and compressed with them has its data-aware rows' shapes re-chosen
     with the statistics (what `kc.plan(model, recipe, calibration)` would give); every other row is
     compressed exactly as planned. The plan is recorded in `model.config.kroncompress`, the section of
-    config.json that `load_compressed` rebuilds the structure from.
+    config.json that `load_compressed` rebuilds the structure from. `kc.compress` (kroncompress.hf) also
+    marks the model as a kroncompress checkpoint, so its own save_pretrained writes a loadable folder.
     """
     start = time.perf_counter()
     if any(_is_meta(p) for p in model.parameters()):
@@ -409,7 +403,7 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
     from kroncompress.quantization import weight_bytes
 
     before, bytes_before = count_params(model), weight_bytes(model)
-    entries = _module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
+    entries = module_entries(model, the_plan)  # before blocks are dropped: the names are the plan's
     factor_rows = [r for r in the_plan.rows if not r.structural]
     structural_rows = [r for r in the_plan.rows if r.structural]
     check_statistics(model, factor_rows, calibration, will_calibrate=sequential is not None)
@@ -436,15 +430,14 @@ def compress(model: nn.Module, recipe: "CompressionPlan | Recipe | str",
                 cross.update(sequential.collect(model, groups[row.name]))
             moments = cross.pop(row.name, None)
             errors, note, before_refit = _compress_row(model, row, calibration, refit, moments)
-        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, _jsonable(row.plan.spec),
+        report_rows.append(ReportRow(row.name, row.strategy, row.plan.kind, jsonable(row.plan.spec),
                                      row.plan.params_before, row.plan.params_after, errors[0],
                                      time.perf_counter() - t0, note, errors[1], before_refit))
         if progress is not None:
             progress(len(report_rows), total, row.name)
     after = count_params(model)
     if hasattr(model, "config"):
-        _record_plan(model, the_plan, entries, before, after)
-        hf.mark(model)  # from_pretrained/save_pretrained treat it as a kroncompress checkpoint
+        record_plan(model, the_plan, entries, before, after)
     return CompressionReport(report_rows, before, after, time.perf_counter() - start, the_plan.recipe,
                              bytes_before=bytes_before, bytes_after=weight_bytes(model),
                              allocation=the_plan.allocation, compressed=the_plan.compressed, notes=list(the_plan.notes))

@@ -268,9 +268,10 @@ def test_decompose_after_a_calibrated_plan_gives_the_fresh_als_factors(dtype):
     C = correlated_moment(16, 8)
     strategy = get_strategy("kronecker")(ratio=2, rank="auto", init="als", sweeps=5)
     plan = strategy.plan((16, 16), weight=W, stats=C.clone(), bias=False)
-    assert len(strategy._fits) == 1  # the winner's fit, finished in plan, awaits decompose
+    assert set(plan.fit.factors) == {"a", "b"}  # the winner's fit, finished in plan, travels on the plan
+    assert "fit" not in plan.to_dict() and vars(strategy).keys() <= {"config", "_moments"}  # no fit on the instance
     reused = strategy.decompose(W, plan, stats=C.clone())  # a new statistics tensor with the same content
-    assert not strategy._fits
+    assert plan.fit is None  # taken by decompose
     spec = plan.spec
     fresh = kronecker_als(W, C, spec["a_shape"], spec["b_shape"], spec["rank"], max_sweeps=5)
     fresh_strategy = get_strategy("kronecker")(ratio=2, rank="auto", init="als", sweeps=5)

@@ -463,7 +463,7 @@ def test_api_messages_name_the_api_argument(tmp_path):
 
 # -- main: print the table for an executable --------------------------------------------------------
 
-def _first_line(stderr: str) -> str:
+def first_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line]
     if not lines:
         return ""
@@ -489,7 +489,7 @@ def table(executable: str, root: Path) -> list[tuple[str, str, str]]:
         try:
             done = subprocess.run(["bash", "-c", command], cwd=cwd, env=environ, capture_output=True, text=True,
                                   timeout=300)
-            code, first = str(done.returncode), _first_line(done.stderr)
+            code, first = str(done.returncode), first_line(done.stderr)
         except subprocess.TimeoutExpired:
             code, first = "timeout", "(killed after 300 s)"
         finally:

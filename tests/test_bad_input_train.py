@@ -450,14 +450,13 @@ def test_ctrl_c_while_saving_leaves_no_folder_a_rerun_takes_for_a_finished_run(c
                                                                                 monkeypatch):
     """SIGINT while the results and the plot are written: before, the folder already stood renamed into place
     (a rerun said it "already holds a finished run") with a report.json lacking the scores."""
-    import kroncompress.pipeline
-    import kroncompress.tasks.pipeline
+    from kroncompress.pipeline import report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kroncompress.pipeline, "_plot", interrupted)
-    monkeypatch.setattr(kroncompress.tasks.pipeline, "plot_scores", interrupted)
+    monkeypatch.setattr(report, "plot_perplexity", interrupted)
+    monkeypatch.setattr(report, "plot_scores", interrupted)
     out = tmp_path / "runs" / "out"
     if command == "compress":
         argv = fill(COMPRESS + ["--no-distill", "--output", str(out)], env)

@@ -19,8 +19,13 @@ import kroncompress as kc
 
 @pytest.fixture(scope="module")
 def benchmarks():
-    """The two scripts as modules (bench_speed imports bench_quality from its own folder)."""
+    """The two scripts as modules (both import the grid from their sibling common.py)."""
     return import_benchmark("bench_quality"), import_benchmark("bench_speed")
+
+
+@pytest.fixture(scope="module")
+def common():
+    return import_benchmark("common")
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +45,14 @@ def speed(benchmarks):
     (6, 1, [0]),
     (6, 6, [0, 1, 2, 3, 4, 5]),
 ])
-def test_evenly_spaced_blocks(quality, layers, keep, expected):
-    assert quality.evenly_spaced(layers, keep) == expected
+def test_evenly_spaced_blocks(common, layers, keep, expected):
+    assert common.evenly_spaced(layers, keep) == expected
 
 
 @pytest.mark.parametrize("keep", [0, 7])
-def test_evenly_spaced_refuses_impossible_counts(quality, keep):
-    with pytest.raises(ValueError, match=f"cannot keep {keep} of 6"):
-        quality.evenly_spaced(6, keep)
+def test_evenly_spaced_refuses_impossible_counts(common, keep):
+    with pytest.raises(kc.RecipeError, match=f"cannot keep {keep} of 6"):
+        common.evenly_spaced(6, keep)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +103,7 @@ def test_every_strategy_gets_every_layout_and_init(quality, demo_plans):
                 assert key in keys, key
 
 
-def test_mlp_only_cells_share_the_kn_gpt2_mlp_budget(quality, demo_plans):
+def test_mlp_only_cells_share_the_kn_gpt2_mlp_budget(quality, common, demo_plans):
     grid, params = demo_plans
     mlp = params["kn-gpt2-mlp|recipe|weight-only|0"]
     cells = [c for c in grid if c.layout == quality.MLP_ONLY]
@@ -106,7 +111,7 @@ def test_mlp_only_cells_share_the_kn_gpt2_mlp_budget(quality, demo_plans):
     for cell in cells:
         assert abs(params[cell.key] - mlp) / mlp < 0.01, cell.key
     recipe = quality.cell_recipe(quality.Cell("svd-gpt2", quality.MLP_ONLY, "data-aware", 0), 6)
-    assert [r["targets"] for r in recipe["compress"]] == [quality.MLP_TARGETS] and "calibration" not in recipe
+    assert [r["targets"] for r in recipe["compress"]] == [common.MLP_TARGETS] and "calibration" not in recipe
 
 
 def test_layer_drop_cells_set_the_layer_map(quality):

@@ -171,13 +171,13 @@ def llama_folder(tmp_path_factory, tiny_llama):
 ])
 def test_the_pipeline_trains_scores_and_calibrates_on_bos_led_blocks(llama_folder, tmp_path, monkeypatch, tokenizer,
                                                                      setting, bos):
-    import kroncompress.calibration
+    import kroncompress.calibration.collect
     import kroncompress.distill.trainer
     import kroncompress.evaluate
 
     folders, text = llama_folder
     seen: dict[str, list] = {"train": [], "calibration": [], "scored": []}
-    real_distill, real_collect = kroncompress.distill.trainer.distill, kroncompress.calibration.collect_statistics
+    real_distill, real_collect = kroncompress.distill.trainer.distill, kroncompress.calibration.collect.collect_statistics
     real_perplexity = kroncompress.evaluate.perplexity
 
     def distill(student, teacher, config, train, validation, **kwargs):
@@ -194,7 +194,7 @@ def test_the_pipeline_trains_scores_and_calibrates_on_bos_led_blocks(llama_folde
         return real_perplexity(model, data, **kwargs)
 
     monkeypatch.setattr(kroncompress.distill.trainer, "distill", distill)
-    monkeypatch.setattr(kroncompress.calibration, "collect_statistics", collect)
+    monkeypatch.setattr(kroncompress.calibration.collect, "collect_statistics", collect)
     monkeypatch.setattr(kroncompress.evaluate, "perplexity", perplexity)
     recipe = Recipe.from_dict({
         "version": 1, "name": "t", "compress": [{"targets": ["role:mlp"], "strategy": "svd",

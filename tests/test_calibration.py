@@ -263,10 +263,10 @@ def _recipe_with(calibration_data=None, distill_data=None):
     ({}, None, None, None),                                                   # else calibrate's offline default
 ])
 def test_pipeline_calibration_text_defaults_to_the_runs_own_text(recipe_kwargs, explicit, override, expected):
-    from kroncompress.pipeline import _calibration_data
+    from kroncompress.pipeline.text import calibration_text
 
     recipe = _recipe_with(**recipe_kwargs)
-    got = _calibration_data(recipe, explicit, override)
+    got = calibration_text(recipe, explicit, override)
     if expected == "distill":
         assert got is recipe.distill.data
     else:

@@ -44,7 +44,7 @@ def _bert(folder, vocab: int, head: bool = False):
     return folder
 
 
-def _has_tokenizer(folder) -> bool:
+def has_tokenizer(folder) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
@@ -65,7 +65,7 @@ def files(tmp_path_factory):
     folders = {"tmp": tmp, "tokenizer": tokenizer, "empty": tmp / "empty", "text": text, "task": task,
                "gpt2": _gpt2(tmp / "gpt2", FITS), "gpt2-small-vocab": _gpt2(tmp / "gpt2-small", TOO_SMALL),
                "bert": _bert(tmp / "bert", FITS), "bert-small-vocab": _bert(tmp / "bert-small", TOO_SMALL, head=True)}
-    assert not any(_has_tokenizer(folders[k]) for k in ("gpt2", "gpt2-small-vocab", "bert", "bert-small-vocab"))
+    assert not any(has_tokenizer(folders[k]) for k in ("gpt2", "gpt2-small-vocab", "bert", "bert-small-vocab"))
     return folders
 
 
@@ -103,7 +103,7 @@ def test_a_given_tokenizer_stands_in_for_the_missing_one(case, files, tmp_path):
     if command == "eval":
         assert json.loads(result.stdout)["tokens"] > 0
         return
-    assert _has_tokenizer(out)  # the output folder is self-contained: it carries the tokenizer it was run with
+    assert has_tokenizer(out)  # the output folder is self-contained: it carries the tokenizer it was run with
     saved = transformers.AutoTokenizer.from_pretrained(out)
     assert saved("To be")["input_ids"] == byte_tokenizer()("To be")["input_ids"]
     if command == "compress":
@@ -176,7 +176,7 @@ def test_compress_task_caps_the_evaluation_examples_and_records_it(cap, scored, 
     for stage in ("teacher", "compressed", "distilled"):
         assert report["scores"][stage]["examples"] == {"validation": scored}
     assert (report["eval_sample"] is None) == (cap is None)
-    assert report["tokenizer"] == str(files["tokenizer"]) and _has_tokenizer(out)
+    assert report["tokenizer"] == str(files["tokenizer"]) and has_tokenizer(out)
 
 
 def test_compress_task_without_a_tokenizer_names_the_option(teacher, files, tmp_path):

@@ -12,6 +12,8 @@ import yaml
 
 import kroncompress as kc
 from kroncompress import pipeline
+from kroncompress.pipeline import save as pipeline_save
+from kroncompress.pipeline.text import RunText, distill_config
 from kroncompress.recipe import Recipe
 from kroncompress.tokenizers import byte_tokenizer
 
@@ -76,17 +78,19 @@ def test_save_compressed_card_from_arguments_and_without_a_licence(source, tmp_p
 
 
 def test_the_card_names_hub_datasets_of_distillation_and_calibration():
-    assert pipeline._hub_dataset("wikitext:wikitext-2-raw-v1") == "wikitext"
-    assert pipeline._hub_dataset({"dataset": "openwebtext"}) == "openwebtext"
-    assert pipeline._hub_dataset("shakespeare") is None and pipeline._hub_dataset(["some", "text"]) is None
+    hub_dataset = pipeline_save.hub_dataset
+    assert hub_dataset("wikitext:wikitext-2-raw-v1") == "wikitext"
+    assert hub_dataset({"dataset": "openwebtext"}) == "openwebtext"
+    assert hub_dataset("shakespeare") is None and hub_dataset(["some", "text"]) is None
 
 
 def test_card_of_a_run_lists_its_hub_datasets(tmp_path):
     recipe = _recipe(distill={"data": {"source": "shakespeare"}}, calibration={"data": {"dataset": "c4"}})
     settings = pipeline.PipelineSettings("org/model", recipe, tmp_path / "out", data="wikitext:wikitext-2-raw-v1")
-    run = pipeline._Run(settings)
-    run.distill_config = pipeline._distill_config(recipe, settings.data, None)
-    assert pipeline._card(run) == {"base_model": "org/model", "datasets": ["wikitext", "c4"]}
+    run = pipeline.Run(settings)
+    run.text = RunText(distill_config(recipe, settings.data, None), settings.data, None, None, None)
+    assert pipeline_save.model_card(run) == {"base_model": "org/model", "datasets": ["wikitext", "c4"]}
+
 
 
 def test_base_model_is_written_only_for_a_hub_id(tmp_path, monkeypatch):

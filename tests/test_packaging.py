@@ -44,10 +44,10 @@ def test_every_listed_package_exists():
 def test_without_matplotlib_the_plot_is_skipped_with_one_note(tmp_path, monkeypatch, caplog):
     import sys
 
-    from kroncompress.pipeline_output import plot_history
+    from kroncompress.pipeline.report import plot_history
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    with caplog.at_level("WARNING", logger="kroncompress.pipeline_output"):
+    with caplog.at_level("WARNING", logger="kroncompress.pipeline"):
         assert plot_history(tmp_path / "perplexity.png", [0, 1], [9.0, 5.0], 4.0, label="s", ylabel="ppl",
                             title="t") is None
     assert not (tmp_path / "perplexity.png").exists()
@@ -57,7 +57,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_one_note(tmp_path, monkeypa
 
 def test_with_matplotlib_the_plot_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
-    from kroncompress.pipeline_output import plot_history
+    from kroncompress.pipeline.report import plot_history
 
     assert plot_history(tmp_path / "p.png", [0, 1], [9.0, 5.0], 4.0, label="s", ylabel="ppl", title="t") == "p.png"
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

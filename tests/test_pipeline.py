@@ -41,9 +41,11 @@ def _no_expensive_stage(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an expensive stage ran before the recipe was checked against the model")
 
-    monkeypatch.setattr(pipeline._Scorer, "__call__", refuse)
-    monkeypatch.setattr(pipeline, "_speed", refuse)
-    monkeypatch.setattr(pipeline, "_teacher", refuse)
+    from kroncompress.pipeline import runs
+
+    expensive = {"evaluate_teacher", "speed_teacher", "keep_teacher", "calibrate", "compress", "distill"}
+    monkeypatch.setattr(runs, "COMPRESS", tuple(refuse if s.__name__ in expensive else s for s in runs.COMPRESS))
+    monkeypatch.setattr("kroncompress.pipeline.evaluate.Scorer.__call__", refuse)
     monkeypatch.setattr("kroncompress.calibration.calibrate", refuse)
 
 
@@ -104,11 +106,13 @@ def test_settings_take_the_keyword_arguments_and_a_recipe_object(tmp_path):
 
 
 def test_the_data_override_replaces_the_text_keys_only():
+    from kroncompress.pipeline.text import merged_data
+
     base = kc.load_recipe("kn-gpt2").distill.data
-    merged = pipeline._merged_data(base, {"files": "notes.txt"})
+    merged = merged_data(base, {"files": "notes.txt"})
     assert merged.files == ["notes.txt"] and merged.dataset is None and merged.fraction == 1.0
     assert merged.block_size == base.block_size
-    assert pipeline._merged_data(None, {"source": "shakespeare"}).source == "shakespeare"
+    assert merged_data(None, {"source": "shakespeare"}).source == "shakespeare"
 
 
 SAMPLE_BLOCKS, DATA_BLOCK = 3, 16  # the validation sample shrunk so that it, not the text, bounds the scored ids
@@ -145,9 +149,9 @@ CAP_CASES = [
                          ids=[c[0] for c in CAP_CASES])
 def test_no_perplexity_stage_scores_more_ids_than_the_cap(tiny_folder, tmp_path, monkeypatch, distill, make_data,
                                                           eval_tokens, max_tokens, cap):
-    from kroncompress import pipeline_data
+    from kroncompress.pipeline import text
 
-    monkeypatch.setattr(pipeline_data, "MAX_VALIDATION_BLOCKS", SAMPLE_BLOCKS)
+    monkeypatch.setattr(text, "MAX_VALIDATION_BLOCKS", SAMPLE_BLOCKS)
     folder, text = tiny_folder
     sections = {"distill": {"teacher": "original", "data": {"files": [str(text)], "block_size": DATA_BLOCK},
                             "train": {"batch_size": 2, "grad_accum": 1}}}
@@ -174,3 +178,17 @@ def test_a_run_without_distillation_scores_the_same_held_out_ids_as_one_with_it(
                                measure_speed=False, progress=False)["perplexity"]["teacher"] for distill in (True, False)]
     assert teacher[0]["tokens"] == teacher[1]["tokens"] and teacher[0]["block_size"] == teacher[1]["block_size"]
     assert teacher[0]["perplexity"] == teacher[1]["perplexity"]  # the same model on the same ids
+
+
+def test_the_runs_are_stage_lists_over_shared_stages():
+    from kroncompress.pipeline import CALIBRATE, COMPRESS, COMPRESS_TASK
+
+    names = {run: [stage.__name__ for stage in stages]
+             for run, stages in (("compress", COMPRESS), ("task", COMPRESS_TASK), ("calibrate", CALIBRATE))}
+    shared = ["plan", "evaluate_teacher", "keep_teacher", "calibrate", "compress", "evaluate_compressed", "distill",
+              "evaluate_distilled", "report", "save"]
+    for run in ("compress", "task"):
+        assert [n for n in names[run] if n in shared] == shared, run  # the same stages, in the same order
+    assert set(names["task"]) - set(names["compress"]) == {"load_task"}  # only loading is the task's own
+    assert names["calibrate"] == ["load", "plan", "require_calibration", "calibrate"]
+    assert {s for s in CALIBRATE if s.__name__ != "require_calibration"} <= set(COMPRESS)  # the very same functions

@@ -14,7 +14,7 @@ import kroncompress as kc
 from kroncompress.calibration import CalibrationStats, InputStatistic, calibration_targets
 from kroncompress.cli.main import cli
 from kroncompress.strategies import registry
-from kroncompress.strategies.base import config_error, dense_flops, linear_params
+from kroncompress.strategies.base import dense_flops, linear_params
 from conftest import build_inputs, build_tiny
 
 
@@ -31,7 +31,7 @@ def plugin(monkeypatch):
 
         def __post_init__(self):
             if not isinstance(self.keep, int) or self.keep < 1:
-                raise config_error("heads", "keep", f"must be a positive int, got {self.keep!r}")
+                raise kc.OptionError("heads", "keep", f"must be a positive int, got {self.keep!r}")
 
     @kc.register_strategy("heads")
     class Heads(kc.Strategy):
@@ -40,8 +40,10 @@ def plugin(monkeypatch):
         Config = HeadsConfig
         uses_calibration = True
         seen_stats: list = []
+        planned_stats: list = []
 
         def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):
+            Heads.planned_stats.append(stats is not None)
             self.check_kind(kind)
             m, n = shape
             k = self.config.keep
@@ -99,16 +101,33 @@ def test_a_plugin_that_declares_calibration_receives_statistics(plugin):
     assert all(row.output_error is not None for row in report.rows)
 
 
-def test_a_misspelled_stats_parameter_fails_loudly(plugin):
-    class Misspelled(plugin):
-        def decompose(self, weight, plan, statistics=None):  # not the contract's name
-            return super().decompose(weight, plan)
+def test_a_plugin_without_calibration_is_passed_stats_none(plugin):
+    class WeightOnly(plugin):
+        uses_calibration = False
 
-    kc.register_strategy("misspelled")(Misspelled)
+    kc.register_strategy("weight-only")(WeightOnly)
+    model = build_tiny("gpt2")
     recipe = kc.Recipe.from_dict({"version": 1, "name": "x", "compress": [
-        {"targets": ["role:mlp"], "strategy": "misspelled", "options": {}}]})
-    with pytest.raises(TypeError, match="stats"):
-        kc.compress(build_tiny("gpt2"), recipe)
+        {"targets": ["role:mlp"], "strategy": "weight-only", "options": {}}]})
+    stats = CalibrationStats([InputStatistic(torch.eye(model.get_submodule(name).weight.shape[0], dtype=torch.float64),
+                                             tokens=1, modules=[name]) for name in calibration_targets(model, kc.plan(model, _recipe()))])
+    plugin.planned_stats.clear()
+    kc.compress(model, recipe, calibration=stats)
+    assert plugin.planned_stats == [False] * 4 and plugin.seen_stats == [False] * 4  # always passed, None here
+
+
+MISSPELLED = {  # `statistics` is not the contract's name
+    "plan": lambda self, shape, kind="linear", weight=None, bias=True, statistics=None: None,
+    "decompose": lambda self, weight, plan, statistics=None: None,
+}
+
+
+@pytest.mark.parametrize("method", sorted(MISSPELLED))
+def test_a_plugin_whose_method_has_no_stats_parameter_is_refused_at_registration(plugin, method):
+    misspelled_cls = type("Misspelled", (plugin,), {method: MISSPELLED[method]})
+    with pytest.raises(TypeError, match=rf"Misspelled.{method}\(\) has no `stats` parameter.*add `stats=None`"):
+        kc.register_strategy("misspelled")(misspelled_cls)
+    assert "misspelled" not in registry._REGISTRY
 
 
 def test_a_plugin_option_error_names_its_recipe_field(plugin):
@@ -116,9 +135,38 @@ def test_a_plugin_option_error_names_its_recipe_field(plugin):
         _recipe(keep=0)
 
 
-def test_structural_strategies_share_one_base_class():
-    assert issubclass(kc.get_strategy("layerdrop"), kc.StructuralStrategy)
-    assert not any(issubclass(kc.get_strategy(n), kc.StructuralStrategy) for n in ("kronecker", "svd", "tucker", "cp", "tt"))
+def test_structural_strategies_are_siblings_of_the_factorising_ones():
+    from kroncompress.strategies.base import BaseStrategy
+
+    layerdrop = kc.get_strategy("layerdrop")
+    assert issubclass(layerdrop, kc.StructuralStrategy) and not issubclass(layerdrop, kc.Strategy)
+    assert not any(hasattr(layerdrop, method) for method in ("plan", "decompose", "build", "compress_module"))
+    for name in kc.list_strategies():
+        cls = kc.get_strategy(name)
+        assert issubclass(cls, BaseStrategy) and issubclass(cls, kc.Strategy) != issubclass(cls, kc.StructuralStrategy)
+
+
+def test_a_structural_plugin_registers_and_a_strategy_of_neither_kind_does_not(plugin):
+    class KeepFirst(kc.StructuralStrategy):
+        def plan_layers(self, layer_params):
+            return kc.LayerPlan(self.name, "layers", (len(layer_params), 1), {"keep": [0], "num_layers": len(layer_params)},
+                                sum(layer_params), layer_params[0])
+
+        def apply(self, model, layers_name, plan):
+            from kroncompress.strategies.layerdrop import drop_layers
+
+            drop_layers(model, layers_name, plan.spec["keep"])
+
+    kc.register_strategy("keep-first")(KeepFirst)
+    model = build_tiny("gpt2")
+    recipe = kc.Recipe.from_dict({"version": 1, "name": "x", "compress": [
+        {"targets": ["role:layers"], "strategy": "keep-first", "options": {}}]})
+    report = kc.compress(model, recipe)
+    assert len(model.transformer.h) == 1 and model.config.n_layer == 1 and report.params_after < report.params_before
+    from kroncompress.strategies.base import BaseStrategy
+
+    with pytest.raises(TypeError, match="Strategy or kroncompress.StructuralStrategy"):
+        kc.register_strategy("neither")(type("Neither", (BaseStrategy,), {}))
 
 
 def test_cli_plan_lists_the_plugin(plugin, tmp_path):

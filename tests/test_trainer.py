@@ -405,7 +405,6 @@ def test_non_finite_source_weights_are_refused_before_training(role, pair, tmp_p
 def test_cli_resume_with_another_max_steps_exits_2_naming_it(tiny_gpt2_folder, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import kroncompress.pipeline as pipeline
     from kroncompress.cli.main import cli
 
     folder, text = tiny_gpt2_folder
@@ -417,7 +416,7 @@ def test_cli_resume_with_another_max_steps_exits_2_naming_it(tiny_gpt2_folder, t
 
     monkeypatch.setenv("KRONCOMPRESS_CACHE", str(tmp_path / "cache"))
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "_save", killed)
+        patch.setattr("kroncompress.io.save_compressed", killed)
         CliRunner().invoke(cli, [*args, "--max-steps", "2"])
     assert last_checkpoint(output / "checkpoints").endswith("checkpoint-2")
     other = tmp_path / "other.txt"

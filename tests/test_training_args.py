@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from kroncompress import pipeline_data
+from kroncompress.pipeline import text as pipeline_text
 from kroncompress.cli.main import cli
 from kroncompress.distill.trainer import training_arguments
 from kroncompress.recipe import Recipe, RecipeError
@@ -45,12 +45,12 @@ def test_unknown_training_args_are_named_with_a_did_you_mean(tmp_path):
     with pytest.raises(ValueError, match=r"unknown TrainingArguments key 'logging_step'; did you mean 'logging_steps'"):
         training_arguments(_recipe({}).distill, tmp_path, training_args={"logging_step": 3})
     with pytest.raises(ValueError, match="logging_step"):
-        pipeline_data._distill_config(_recipe({}), None, None, {"logging_step": 3})
+        pipeline_text.distill_config(_recipe({}), None, None, {"logging_step": 3})
 
 
 def test_run_pipeline_merges_training_args_over_the_recipe():
     recipe = _recipe({"training_args": {"report_to": ["tensorboard"], "logging_steps": 3}})
-    config = pipeline_data._distill_config(recipe, None, None, {"logging_steps": 9})
+    config = pipeline_text.distill_config(recipe, None, None, {"logging_steps": 9})
     assert config.train.training_args == {"report_to": ["tensorboard"], "logging_steps": 9}
     assert recipe.distill.train.training_args["logging_steps"] == 3  # the recipe itself is unchanged
 
@@ -99,8 +99,7 @@ def test_api_report_to_is_checked_before_the_model_loads(tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline_data, "_load", never, raising=False)
-    monkeypatch.setattr("kroncompress.pipeline._load", never)
+    monkeypatch.setattr("kroncompress.pipeline.load.load_model_and_tokenizer", never)
     with pytest.raises(ValueError, match=r"training_args\.report_to: unknown integration 'tensorbord'"):
         kc.run_pipeline("shakespeare-gpt2", "kn-gpt2", tmp_path / "o", training_args={"report_to": ["tensorbord"]})
     assert not (tmp_path / "o").exists()

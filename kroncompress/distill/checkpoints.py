@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kroncompress.errors import CheckpointError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 SETTINGS_NAME = "run_settings.json"
 # training settings that may change between sessions of one run: they do not change what is trained
@@ -30,7 +32,7 @@ _FREE_PREFIXES = ("train.training_args",)  # reporting and logging may change be
 _MAX_VALUE_CHARS = 80
 
 
-class ResumeError(ValueError):
+class ResumeError(CheckpointError):
     """A run cannot be resumed: its settings changed, or no checkpoint is intact. The message says what to do."""
 
 
@@ -131,10 +133,10 @@ def load_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> 
     under one of its names and loading it fills every alias)."""
     from safetensors.torch import load_file
 
-    from kroncompress.io.save import _unique_state
+    from kroncompress.io.save import unique_state
 
     state = load_file(os.path.join(checkpoint, "model.safetensors"), device="cpu")
-    expected = set(_unique_state(model))
+    expected = set(unique_state(model))
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)
         raise ResumeError(f"{checkpoint}: its weights do not match the model ({len(odd)} tensor names differ, e.g. "

@@ -126,7 +126,7 @@ def load_text(spec: Any, split: str | None = None, *, cache_dir: str | os.PathLi
     if s.kind == "inline":
         if isinstance(s.inline, torch.Tensor):
             raise ValueError("data: token ids have no text; use token_stream")
-        inline = _inline_kept(s)
+        inline = inline_kept(s)
         if isinstance(inline, (list, tuple)):
             return list(inline)
         return _iter_column(inline, s.describe(), column=s.column)
@@ -142,7 +142,7 @@ def _kept(count: int, fraction: float) -> int:
     return count if fraction >= 1 else max(1, int(count * fraction))
 
 
-def _inline_kept(s: TextSpec) -> Any:
+def inline_kept(s: TextSpec) -> Any:
     """The first `fraction` of in-memory data: of the strings of a list, the rows of a Dataset or of a 2-D
     tensor, the ids of a 1-D tensor. An IterableDataset has no length to take a fraction of."""
     data = s.inline

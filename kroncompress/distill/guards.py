@@ -6,7 +6,7 @@
     check_finite_loss({"ce": loss}, step=7, where="finetune", advice="lower the learning rate")  # every step
     check_finite_weights(model, "fine-tuned model", after_training=True)   # before saving
 
-Both errors are ValueErrors, so the CLI prints them as one `error:` line with exit code 2.
+Both errors are KroncompressErrors (ValueErrors), so the CLI prints them as one `error:` line with exit code 2.
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from kroncompress.errors import CheckpointError, KroncompressError
+
 SEED_MAX = 2**32 - 1  # numpy's and the Trainer's seeds are 32-bit
 
 
-class NonFiniteLossError(RuntimeError, ValueError):
+class NonFiniteLossError(RuntimeError, KroncompressError):
     """A loss term became NaN or inf: training stopped; the message names the step and the term(s).
-    (A RuntimeError as before, and a ValueError so the CLI prints it as one line.)"""
+    (A RuntimeError as before, and a KroncompressError so the CLI prints it as one line.)"""
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(CheckpointError):
     """The model holds NaN/inf weights: before training its source weights are broken; after training the
     training diverged (nothing is saved)."""
 

@@ -3,7 +3,15 @@ Trainer's API lives here, so a transformers upgrade is checked in one place.
 
     trainer = DistillTrainer(model=student, args=args, train_dataset=..., teacher=teacher, loss_fn=loss_fn)
 
-The public hooks it overrides (`compute_loss`, `log`, `evaluation_loop`) and class attributes it sets
+One trainer for every run: the loss head (`loss_fn`) says what the student and the teacher are fed and how
+their outputs are weighed: `DistillationLoss` for token blocks (kc.distill), `kroncompress.tasks.heads.TaskLoss`
+for a labelled task (task distillation, and fine-tuning: the same head with only its `ce` term and no
+teacher). What an evaluation measures is the run's: the validation perplexity of the blocks by default,
+or `score(model)` (a task's metrics) when one is given; when it runs is the TrainingArguments'
+(`training_arguments` and `eval_every` in kroncompress.distill.trainer: at the start, every `eval_every`
+steps and at the end).
+
+The public hooks it overrides (`compute_loss`, `log`, `evaluate`, `evaluation_loop`) and class attributes it sets
 (`loss_is_scaled_for_ga`, `model_accepts_loss_kwargs`) are documented extension points. One private
 method is overridden because no public hook does its job; `PRIVATE_OVERRIDES` lists it with the reason,
 and tests/test_trainer.py fails when the installed transformers no longer has it with the same
@@ -15,15 +23,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from kroncompress.distill.losses import DistillationLoss
 from kroncompress.distill.checkpoints import last_checkpoint
-from kroncompress.distill.trainer import NonFiniteLossError
+from kroncompress.distill.guards import NonFiniteLossError, check_finite_loss
+from kroncompress.distill.losses import DistillationLoss
 
 # name -> why no public hook can replace it
 PRIVATE_OVERRIDES: dict[str, str] = {
@@ -60,15 +68,20 @@ class DistillTrainer(Trainer):
 
     In training mode the loss is `loss_fn`'s weighted sum and every term is accumulated and logged as
     `loss_<term>`; in evaluation it is the student's plain LM loss, so `eval_loss` gives the validation
-    perplexity (`eval_perplexity`, non-overlapping blocks).
+    perplexity (`eval_perplexity`, non-overlapping blocks). With `score`, an evaluation is instead
+    `score(model)`, logged as `eval_score`.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
 
-    def __init__(self, *args, teacher: nn.Module | None, loss_fn: DistillationLoss, **kwargs):
+    def __init__(self, *args, teacher: nn.Module | None, loss_fn: DistillationLoss,
+                 score: Callable[[nn.Module], float] | None = None, where: str | None = None,
+                 advice: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_fn = loss_fn
+        self.score = score
+        self.where, self.advice = where, advice  # a run without checkpoints: its name and fix in the error
         self.teacher = teacher
         if teacher is not None:
             teacher.to(self.args.device)
@@ -76,19 +89,15 @@ class DistillTrainer(Trainer):
         self._term_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids, labels = inputs["input_ids"], inputs.get("labels")
-        attention_mask = inputs.get("attention_mask")
+        labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
         if not model.training:  # evaluation: the student's own LM loss
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, labels=labels)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
-        extra = self.loss_fn.model_kwargs()
-        wants_ce = "ce" in self.loss_fn.enabled
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels if wants_ce else None, **extra)
+        outputs = model(**self.loss_fn.student_inputs(inputs), **self.loss_fn.model_kwargs())
         teacher_outputs = None
         if self.loss_fn.needs_teacher:
             with torch.no_grad(), self.accelerator.autocast():
-                teacher_outputs = self.loss_fn.teacher_forward(self.teacher, input_ids=input_ids,
-                                                               attention_mask=attention_mask)
+                teacher_outputs = self.loss_fn.teacher_forward(self.teacher, **self.loss_fn.teacher_inputs(inputs))
         total, terms = self.loss_fn(outputs, teacher_outputs, labels, attention_mask)
         self._check_finite(terms)
         for name, value in terms.items():
@@ -101,6 +110,8 @@ class DistillTrainer(Trainer):
         if bool(torch.isfinite(values).all()):
             return
         step = self.state.global_step + 1
+        if self.where is not None:  # nothing to resume from (task runs keep no checkpoints)
+            check_finite_loss(dict(zip(terms, values.tolist())), step=step, where=self.where, advice=self.advice or "")
         bad = ", ".join(f"{name}={float(v):g}" for name, v in zip(terms, values.tolist()) if not math.isfinite(v))
         last = last_checkpoint(self.args.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -120,6 +131,14 @@ class DistillTrainer(Trainer):
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.score is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = {f"{metric_key_prefix}_score": float(self.score(self.model))}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         for key, loss in list(output.metrics.items()):  # "<prefix>_loss" -> "<prefix>_perplexity"
@@ -132,14 +151,14 @@ class DistillTrainer(Trainer):
         # Trainer's resume path reads it back with a non-strict load_state_dict, which matches these keys.
         from safetensors.torch import save_file
 
-        from kroncompress.io.save import _unique_state
+        from kroncompress.io.save import unique_state
 
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        save_file(_unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        save_file(unique_state(model), os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
         if hasattr(model, "config"):
             model.config.save_pretrained(output_dir)
 

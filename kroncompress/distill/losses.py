@@ -20,8 +20,6 @@ The hidden states and attention maps come from the models themselves (`output_hi
 
 from __future__ import annotations
 
-import contextlib
-
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kroncompress.distill.models import (  # noqa: F401  (re-exported: used with the losses)
+    disable_attention_dropout, is_causal, keep_inference_settings, use_eager_attention,
+)
 from kroncompress.recipe import LossWeights
 
 LOSS_TERMS = ("ce", "logits_kl", "hidden_mse", "attention_kl", "embedding_mse")
@@ -212,6 +213,16 @@ class DistillationLoss:
     def needs_attentions(self) -> bool:
         return "attention_kl" in self.enabled
 
+    def student_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The student's forward arguments for a batch of token blocks: the labels only when `ce` is on (the
+        model then computes its own next-token loss)."""
+        labels = batch.get("labels") if "ce" in self.enabled else None
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "labels": labels}
+
+    def teacher_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The teacher's forward arguments for a batch (`teacher_forward` adds the extra outputs)."""
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
     def teacher_forward(self, teacher: nn.Module, **inputs: Any) -> Any:
         """The teacher's outputs for the enabled terms (call it under no_grad). Without a logits term only its
         base model runs: the hidden states and attention maps are the same, and the LM head's
@@ -334,52 +345,3 @@ def check_same_vocabulary(student: nn.Module, teacher: nn.Module, student_tokeni
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise ValueError("the teacher's tokenizer differs from the student's; teacher and student must share one "
                              "tokenizer: distil from the model the student was compressed from")
-
-
-@contextlib.contextmanager
-def keep_inference_settings(*models: nn.Module | None):
-    """Give each model back its `use_cache` and attention implementation on exit: training switches them
-    (attention maps need eager attention, the Trainer turns the KV cache off), and a saved or returned model
-    should generate as fast as the original."""
-    saved = [(m, getattr(m.config, "use_cache", None), getattr(m.config, "_attn_implementation", None))
-             for m in models if m is not None and hasattr(m, "config")]
-    try:
-        yield
-    finally:
-        for model, use_cache, implementation in saved:
-            if use_cache is not None:
-                model.config.use_cache = use_cache
-            if implementation and getattr(model.config, "_attn_implementation", None) != implementation:
-                if hasattr(model, "set_attn_implementation"):
-                    model.set_attn_implementation(implementation)
-                else:
-                    model.config._attn_implementation = implementation
-
-
-def use_eager_attention(model: nn.Module) -> None:
-    """Switch `model` to the eager attention implementation, the only one returning attention maps."""
-    if getattr(model.config, "_attn_implementation", None) == "eager":
-        return
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    else:
-        model.config._attn_implementation = "eager"
-
-
-def disable_attention_dropout(model: nn.Module) -> int:
-    """Zero the dropout on attention probabilities (returned maps would otherwise be dropped-out samples,
-    whose zeros make the attention KL explode). Returns how many dropouts were changed."""
-    changed = 0
-    for module in model.modules():
-        if "attention" not in type(module).__name__.lower():
-            continue
-        for name, child in module.named_children():
-            if isinstance(child, nn.Dropout) and ("attn" in name or "attention" in name or name == "dropout") and child.p > 0:
-                child.p = 0.0
-                changed += 1
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            value = getattr(module, name, None)
-            if isinstance(value, float) and value > 0:
-                setattr(module, name, 0.0)
-                changed += 1
-    return changed

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kroncompress.distill.corpora import get_corpus
-from kroncompress.distill.documents import _inline_kept, load_text, resolve_files
+from kroncompress.distill.documents import inline_kept, load_text, resolve_files
 from kroncompress.distill.spec import TextSpec, default_cache_dir, text_spec
 
 logger = logging.getLogger("kroncompress.distill.data")  # the name it logged under before the split
@@ -170,7 +170,7 @@ def token_stream(spec: Any, tokenizer, split: str | None = None, *, max_tokens: 
     s = text_spec(spec)
     split = split or s.split
     if s.kind == "inline":
-        inline = _inline_kept(s)
+        inline = inline_kept(s)
         if isinstance(inline, torch.Tensor):
             ids = inline.long().reshape(-1)
             return ids[:max_tokens] if max_tokens is not None else ids

@@ -11,6 +11,7 @@ optimizer/scheduler/RNG state, and DDP / FSDP / DeepSpeed under `accelerate laun
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -30,14 +31,13 @@ from kroncompress.distill.data import BlockDataset
 from kroncompress.distill.guards import (  # noqa: F401  (the errors: public here before guards.py)
     NonFiniteLossError, NonFiniteWeightsError, check_finite_weights,
 )
-from kroncompress.distill.losses import (
-    LOSS_TERMS, DistillationLoss, check_same_vocabulary, disable_attention_dropout, resolve_layer_map,
-    keep_inference_settings, use_eager_attention,
-)
+from kroncompress.distill.losses import LOSS_TERMS, DistillationLoss, check_same_vocabulary, resolve_layer_map
+from kroncompress.distill.models import disable_attention_dropout, is_causal, keep_inference_settings, use_eager_attention
 from kroncompress.recipe import DistillConfig
 
 RESULT_NAME = "distill_result.json"
 DEFAULT_SAVE_EVERY = 500
+EVALS_PER_RUN = 10  # evaluations over a run whose settings give no train.eval_every
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -140,12 +140,24 @@ def check_training_args(training_args: Any) -> dict[str, Any]:
     return dict(training_args)
 
 
+def eval_every(train: Any, examples: int) -> int:
+    """The evaluation schedule of every run: `train.eval_every` (a TrainConfig's), else about EVALS_PER_RUN
+    evaluations over the steps that `examples` training examples (or blocks) make, across every process."""
+    if train.eval_every:
+        return train.eval_every
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = math.ceil(examples / (train.batch_size * world)) // train.grad_accum or 1
+    steps = train.max_steps or max(1, math.ceil(per_epoch * train.epochs))
+    return max(1, steps // EVALS_PER_RUN)
+
+
 def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, max_steps: int | None = None,
                        has_eval: bool = False, log_every: int = 10, eval_on_start: bool = False,
-                       training_args: Mapping[str, Any] | None = None):
-    """The transformers TrainingArguments a DistillConfig stands for. `train.training_args`, then
-    `training_args`, replace or add keyword arguments (e.g. `report_to`, `logging_steps`; default
-    `report_to="none"`)."""
+                       training_args: Mapping[str, Any] | None = None, save: bool = True):
+    """The transformers TrainingArguments a DistillConfig stands for (every run trains with these: token
+    distillation, task distillation, fine-tuning). `train.training_args`, then `training_args`, replace or add
+    keyword arguments (e.g. `report_to`, `logging_steps`; default `report_to="none"`). `save=False` keeps no
+    checkpoint (a run whose result is saved by its caller)."""
     from transformers import TrainingArguments
 
     from kroncompress.distill.hf_trainer import version_arguments
@@ -173,7 +185,7 @@ def training_arguments(config: DistillConfig, output_dir: str | os.PathLike, *, 
         eval_steps=eval_every,
         eval_on_start=bool(has_eval and eval_on_start),
         prediction_loss_only=True,
-        save_strategy="steps",
+        save_strategy="steps" if save else "no",
         save_steps=save_every,
         save_total_limit=2,
         logging_strategy="steps",
@@ -230,22 +242,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, config: DistillConfig
 
     start = time.perf_counter()
     with keep_inference_settings(student, teacher):
-        loss_fn = DistillationLoss(config.losses, causal=_is_causal(student))
-        if loss_fn.needs_teacher:
-            if teacher is None:
-                raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
-                                 "pass the original model as teacher (or keep only ce)")
-            check_same_vocabulary(student, teacher)
-            if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
-                loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
-            _freeze(teacher)
-            if loss_fn.needs_attentions:
-                use_eager_attention(student)
-                use_eager_attention(teacher)
-                disable_attention_dropout(student)
-        else:
-            teacher = None
-
+        loss_fn, teacher = _loss_and_teacher(student, teacher, config)
         check_finite_weights(student, "student")
         if teacher is not None:
             check_finite_weights(teacher, "teacher")
@@ -303,15 +300,25 @@ def _finished(checkpoint: str, max_steps: int) -> bool:
     return end > 0 and state.get("global_step", 0) >= end
 
 
-def _is_causal(model: nn.Module) -> bool:
-    """Decoder-only LMs attend causally; encoders (BERT-like, no is_decoder) do not."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    config = model.config
-    model_type = getattr(config, "model_type", "")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        return False
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
+def _loss_and_teacher(student: nn.Module, teacher: nn.Module | None,
+                      config: DistillConfig) -> tuple[DistillationLoss, nn.Module | None]:
+    """The loss of `config` and the teacher it needs (None when only `ce` is on), the teacher frozen and both
+    models set up for the enabled terms (layer map, eager attention, no attention dropout)."""
+    loss_fn = DistillationLoss(config.losses, causal=is_causal(student))
+    if not loss_fn.needs_teacher:
+        return loss_fn, None
+    if teacher is None:
+        raise ValueError(f"loss terms {', '.join(n for n in loss_fn.enabled if n != 'ce')} need a teacher; "
+                         "pass the original model as teacher (or keep only ce)")
+    check_same_vocabulary(student, teacher)
+    if loss_fn.needs_hidden_states or loss_fn.needs_attentions:
+        loss_fn.layer_map = resolve_layer_map(student, teacher, config.layer_map)
+    _freeze(teacher)
+    if loss_fn.needs_attentions:
+        use_eager_attention(student)
+        use_eager_attention(teacher)
+        disable_attention_dropout(student)
+    return loss_fn, teacher
 
 
 def _freeze(teacher: nn.Module) -> None:

@@ -15,19 +15,23 @@ ever read, so loading unpickles nothing; and everything read is validated (see `
 
 Import every name from `kroncompress.io`; the code lives in submodules by responsibility: `save`
 (atomic writes), `card` (the model card), `load` (rebuild and strict loading, `verify_folder`), `checks`
-(the folder layout, safetensors and config checks), `dense` (export to a plain transformers model), `onnx`
-(ONNX export), `metadata` (the safetensors header) and `calibration` (calibration statistics files).
+(the folder layout, safetensors and config checks), `config` (what makes config.json a kroncompress
+checkpoint: the saved section, `quantization_config`, the refusal marker), `dense` (export to a plain
+transformers model), `onnx` (ONNX export) and `metadata` (the safetensors header). The calibration statistics
+file lives with the statistics (kroncompress.calibration.stats) and is re-exported here.
 """
 
 from __future__ import annotations
 
-from kroncompress.io.calibration import check_calibration_file, load_calibration, save_calibration
+from kroncompress.calibration.stats import check_calibration_file, load_calibration, save_calibration  # re-exported
 from kroncompress.io.card import source_license
 from kroncompress.io.checks import CONFIG_NAME, FOLDER_FILES, WEIGHTS_NAME, check_safetensors, first_nonfinite
 from kroncompress.io.dense import export_dense, to_dense
-from kroncompress.io.load import load_compressed, model_key_names, verify_folder
+from kroncompress.io.config import saved_section
+from kroncompress.io.load import load_compressed, verify_folder
 from kroncompress.io.onnx import export_onnx
-from kroncompress.io.save import save_compressed, saved_section
+from kroncompress.io.save import save_compressed
+from kroncompress.io.verify import model_key_names
 from kroncompress.outputs import OutputExistsError  # noqa: F401  (re-exported, as before; documented there)
 
 # in the order the reference page lists them

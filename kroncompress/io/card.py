@@ -133,7 +133,7 @@ def source_license(source: Any) -> str | None:
     return None
 
 
-def _model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | None, report: Any, metrics: dict | None,
+def model_card(model: nn.Module, section: dict[str, Any], recipe_dict: dict | None, report: Any, metrics: dict | None,
                 card: dict | None = None) -> str:
     config = model.config
     before = section.get("params_before") or (report.params_before if report is not None else None)

@@ -89,7 +89,7 @@ def first_nonfinite(tensors) -> tuple[str, int, int] | None:
     return None
 
 
-def _config_error(folder: Path, field: str, problem: str) -> ValueError:
+def config_error(folder: Path, field: str, problem: str) -> ValueError:
     return ValueError(f"{folder / CONFIG_NAME}: {field}: {problem}; the folder was edited or damaged: restore it or "
                       "compress again")
 
@@ -106,73 +106,73 @@ def _module_shape(module: nn.Module) -> tuple[str | None, tuple[int, int] | None
     return kind, (shape[1], shape[0]) if kind == "conv1d" else shape
 
 
-def _check_section(section: Any, folder: Path) -> dict[str, Any]:
+def check_section(section: Any, folder: Path) -> dict[str, Any]:
     """The `kroncompress` section's structure (types only; modules are checked as they are rebuilt)."""
     if not isinstance(section, dict):
-        raise _config_error(folder, CONFIG_KEY, f"is a {type(section).__name__}, not an object")
+        raise config_error(folder, CONFIG_KEY, f"is a {type(section).__name__}, not an object")
     modules = section.get("modules", {}) or {}
     if not isinstance(modules, dict):
-        raise _config_error(folder, f"{CONFIG_KEY}.modules", f"is a {type(modules).__name__}, not an object")
+        raise config_error(folder, f"{CONFIG_KEY}.modules", f"is a {type(modules).__name__}, not an object")
     for name, entry in modules.items():
         field = f"{CONFIG_KEY}.modules[{name!r}]"
         if not isinstance(entry, dict):
-            raise _config_error(folder, field, f"is a {type(entry).__name__}, not an object")
+            raise config_error(folder, field, f"is a {type(entry).__name__}, not an object")
         for key in ("strategy", "plan"):
             if key not in entry:
-                raise _config_error(folder, field, f"has no {key!r} key")
+                raise config_error(folder, field, f"has no {key!r} key")
         if not isinstance(entry["plan"], dict):
-            raise _config_error(folder, f"{field}.plan", "is not an object")
+            raise config_error(folder, f"{field}.plan", "is not an object")
         if not isinstance(entry.get("options", {}) or {}, dict):
-            raise _config_error(folder, f"{field}.options", "is not an object")
+            raise config_error(folder, f"{field}.options", "is not an object")
         tied = entry.get("tied", []) or []
         if not isinstance(tied, list) or not all(
                 isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("as") in ("head", "alias") for t in tied):
-            raise _config_error(folder, f"{field}.tied", 'must be a list of {"name": module, "as": "head" or "alias"}')
+            raise config_error(folder, f"{field}.tied", 'must be a list of {"name": module, "as": "head" or "alias"}')
         padding = entry.get("padding_idx")
         if padding is not None and (type(padding) is not int or padding < 0):
-            raise _config_error(folder, f"{field}.padding_idx", f"must be null or a token id, got {padding!r}")
+            raise config_error(folder, f"{field}.padding_idx", f"must be null or a token id, got {padding!r}")
     implementation = section.get("attn_implementation")
     if implementation is not None and not isinstance(implementation, str):
-        raise _config_error(folder, f"{CONFIG_KEY}.attn_implementation", f"must be a name, got {implementation!r}")
+        raise config_error(folder, f"{CONFIG_KEY}.attn_implementation", f"must be a name, got {implementation!r}")
     shared = section.get("shared_parameters", []) or []
     if not isinstance(shared, list) or not all(
             isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) for n in g) for g in shared):
-        raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", "must be a list of lists of 2+ parameter names")
+        raise config_error(folder, f"{CONFIG_KEY}.shared_parameters", "must be a list of lists of 2+ parameter names")
     return modules
 
 
-def _rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype,
+def rebuild_module(model: nn.Module, name: str, entry: dict[str, Any], folder: Path, dtype,
                     saved_name: str | None = None) -> nn.Module:
     """The compressed module `name` rebuilt from its saved plan, after checking the plan against the model."""
     field = f"{CONFIG_KEY}.modules[{saved_name or name!r}]"
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise _config_error(folder, field, f"the {type(model).__name__} has no module {name!r}") from None
+        raise config_error(folder, field, f"the {type(model).__name__} has no module {name!r}") from None
     try:
         strategy_cls = get_strategy(entry["strategy"])
     except (ValueError, TypeError) as exc:
-        raise _config_error(folder, f"{field}.strategy", str(exc).splitlines()[0]) from None
+        raise config_error(folder, f"{field}.strategy", str(exc).splitlines()[0]) from None
     try:
         layer_plan = LayerPlan.from_dict(entry["plan"])
     except (TypeError, KeyError, ValueError) as exc:
-        raise _config_error(folder, f"{field}.plan", f"not a saved plan ({exc})") from None
+        raise config_error(folder, f"{field}.plan", f"not a saved plan ({exc})") from None
     kind, shape = _module_shape(old)
     if layer_plan.strategy != entry["strategy"] or layer_plan.kind != kind or tuple(layer_plan.shape) != shape:
-        raise _config_error(folder, f"{field}.plan", (
+        raise config_error(folder, f"{field}.plan", (
             f"says a {layer_plan.kind} {tuple(layer_plan.shape)} by {layer_plan.strategy!r}, but the module is a "
             f"{kind} {shape} compressed by {entry['strategy']!r}"))
     for key, value in layer_plan.spec.items():  # shapes and ranks: positive integers, possibly nested in lists
         leaves = value if isinstance(value, list) else [value]
         leaves = [v for leaf in leaves for v in (leaf if isinstance(leaf, list) else [leaf])]
         if not all(type(v) is int and v > 0 for v in leaves):
-            raise _config_error(folder, f"{field}.plan.spec.{key}", f"must hold positive integers, got {value!r}")
+            raise config_error(folder, f"{field}.plan.spec.{key}", f"must hold positive integers, got {value!r}")
     try:
         options = strategy_cls.parse_options(dict(entry.get("options", {}) or {}))
         strategy = strategy_cls(config=options)
         new = with_forward_mode(strategy, strategy.build(layer_plan, None, dtype=dtype))
     except Exception as exc:  # noqa: BLE001  any failure here comes from the edited plan
-        raise _config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
+        raise config_error(folder, f"{field}.plan", f"cannot rebuild the module ({type(exc).__name__}: "
                                                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return new
 
@@ -219,7 +219,7 @@ def rebuild_modules(model: nn.Module, section: Any, folder: Path, dtype, other_c
     of a head the model lacks are skipped (transformers warns about the head it adds or drops)."""
     from kroncompress.surgery import install
 
-    modules = _check_section(section, folder)
+    modules = check_section(section, folder)
     _in_base = _base_model_test(model, section)
     rebuilt: list[str] = []
     for saved_name, entry in modules.items():
@@ -229,7 +229,7 @@ def rebuild_modules(model: nn.Module, section: Any, folder: Path, dtype, other_c
                 name = saved_name  # reported as "no module" below
             else:
                 continue
-        new = _rebuild_module(model, name, entry, folder, dtype, saved_name)
+        new = rebuild_module(model, name, entry, folder, dtype, saved_name)
         if entry.get("padding_idx") is not None:
             new.padding_idx = entry["padding_idx"]
         tied = []
@@ -238,20 +238,20 @@ def rebuild_modules(model: nn.Module, section: Any, folder: Path, dtype, other_c
             if local is not None:
                 tied.append({**tie, "name": local})
             elif not other_class or _in_base(tie["name"]):
-                raise _config_error(folder, f"{CONFIG_KEY}.modules[{saved_name!r}].tied",
+                raise config_error(folder, f"{CONFIG_KEY}.modules[{saved_name!r}].tied",
                                     f"the {type(model).__name__} has no module {tie['name']!r}")
         try:
             install(model, name, new, tied)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise _config_error(folder, f"{CONFIG_KEY}.modules[{saved_name!r}].tied", f"{type(exc).__name__}: {exc}") from None
+            raise config_error(folder, f"{CONFIG_KEY}.modules[{saved_name!r}].tied", f"{type(exc).__name__}: {exc}") from None
         rebuilt.append(name)
     if (section.get("quantization") or {}).get("modules"):
         if other_class:
-            raise _config_error(folder, f"{CONFIG_KEY}.quantization", f"a kc.quantize'd folder loads only as the class it "
+            raise config_error(folder, f"{CONFIG_KEY}.quantization", f"a kc.quantize'd folder loads only as the class it "
                                 f"was saved as, not as a {type(model).__name__}")
         from kroncompress.quantization import apply_saved_quantization
 
-        apply_saved_quantization(model, section, lambda field, problem: _config_error(folder, field, problem))
+        apply_saved_quantization(model, section, lambda field, problem: config_error(folder, field, problem))
     groups = []
     for group in section.get("shared_parameters", []) or []:
         local = []
@@ -261,6 +261,8 @@ def rebuild_modules(model: nn.Module, section: Any, folder: Path, dtype, other_c
                 local.append(name or saved)  # a name the model lacks is reported by tie_groups
         if len(local) > 1:
             groups.append(local)
+    if "shared_parameters" not in section and hasattr(model, "tie_weights"):
+        model.tie_weights()  # transformers' own save_pretrained wrote the folder (a layer-dropped model): its config's ties
     tie_groups(model, groups, folder)
     prefix = getattr(model, "base_model_prefix", "") or ""
     # the model's own names: in a head class, its head lies outside the base model's prefix
@@ -287,9 +289,9 @@ def tie_groups(model: nn.Module, groups: list[list[str]], folder: Path) -> None:
         try:
             params = [model.get_parameter(name) for name in names]
         except AttributeError as exc:
-            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
+            raise config_error(folder, f"{CONFIG_KEY}.shared_parameters", f"{exc}") from None
         if len({tuple(p.shape) for p in params}) > 1:
-            raise _config_error(folder, f"{CONFIG_KEY}.shared_parameters",
+            raise config_error(folder, f"{CONFIG_KEY}.shared_parameters",
                                 f"{', '.join(names)} have different shapes and cannot be one parameter")
         shared = params[0]
         for name in names[1:]:

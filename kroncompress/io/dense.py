@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
 from kroncompress.io.checks import FOLDER_FILES
+from kroncompress.io.config import QUANT_METHOD, KronCompressConfig
 from kroncompress.io.load import load_compressed
-from kroncompress.io.save import _move_into_place
+from kroncompress.io.save import move_into_place
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.layers.kronecker import KroneckerEmbedding, KroneckerTiedHead
 from kroncompress.layers.quantized import dequantize_tensors
 from kroncompress.outputs import OutputExistsError
-from kroncompress.surgery import CONFIG_KEY, _set_submodule, set_tie_word_embeddings
+from kroncompress.surgery import CONFIG_KEY, set_submodule, set_tie_word_embeddings
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def to_dense(model: nn.Module) -> nn.Module:
                 if isinstance(module, KroneckerEmbedding) and module.padding_idx is not None:
                     dense.padding_idx = module.padding_idx
                 replaced[id(module)] = dense
-            _set_submodule(model, name, dense)
+            set_submodule(model, name, dense)
     for name, head in heads:
         embedding = replaced.get(id(head.tied_to))
         if embedding is None:
@@ -57,7 +57,7 @@ def to_dense(model: nn.Module) -> nn.Module:
         dense_head.weight = embedding.weight
         if head.bias is not None:
             dense_head.bias = head.bias
-        _set_submodule(model, name, dense_head)
+        set_submodule(model, name, dense_head)
     config = getattr(model, "config", None)
     if config is not None:
         section = getattr(config, CONFIG_KEY, None) or {}
@@ -67,8 +67,8 @@ def to_dense(model: nn.Module) -> nn.Module:
         if hasattr(config, CONFIG_KEY):
             delattr(config, CONFIG_KEY)
         quantization = getattr(config, "quantization_config", None)
-        if isinstance(quantization, hf.KronCompressConfig) or (
-                isinstance(quantization, dict) and quantization.get("quant_method") == hf.QUANT_METHOD):
+        if isinstance(quantization, KronCompressConfig) or (
+                isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD):
             delattr(config, "quantization_config")  # a plain model now: no kroncompress checkpoint
     model.__dict__.pop("save_pretrained", None)
     return model
@@ -90,7 +90,7 @@ def export_dense(source: str | os.PathLike, output: str | os.PathLike, overwrite
         for item in source.iterdir():
             if item.is_file() and item.name not in FOLDER_FILES and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
-        _move_into_place(tmp, target, overwrite, command="export")
+        move_into_place(tmp, target, overwrite, command="export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
-from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME, _check_section, check_safetensors, rebuild_modules
+from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME, check_safetensors, check_section, rebuild_modules
+from kroncompress.io.config import REFUSAL, mark
 from kroncompress.io.verify import check_finite, check_shared, check_stored, read_specs
 from kroncompress.surgery import CONFIG_KEY
 from kroncompress.io.metadata import check_weights_metadata
@@ -39,24 +39,6 @@ def _file_dtype(path: Path) -> torch.dtype:
             if isinstance(dtype, torch.dtype):
                 return dtype
     return torch.float32
-
-
-def model_key_names(model: nn.Module, keys) -> dict[str, str]:
-    """{stored key: the model's name for it}. transformers' save_pretrained writes some architectures (ViT,
-    GPT-NeoX ...) under their legacy checkpoint names and renames them when loading; this applies the same
-    renamings (name changes only: a key that needs a tensor conversion keeps its stored name)."""
-    names = set(model.state_dict(keep_vars=True))
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-        renamings = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]
-    except (ImportError, AttributeError, TypeError):  # another transformers: the names as stored
-        renamings = []
-    if not renamings:
-        return {key: key for key in keys}
-    prefix, meta = getattr(model, "base_model_prefix", None), dict.fromkeys(names, True)
-    return {key: key if key in names else rename_source_key(key, renamings, [], prefix, meta)[0] for key in keys}
 
 
 def _load_weights_strict(model: nn.Module, path: Path, specs: dict, shared: list[list[str]]) -> None:
@@ -91,7 +73,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device | N
         model = _build(cls, config, dtype, kwargs, folder)
         rebuilt = rebuild_modules(model, section, folder, dtype)
     _load_weights_strict(model, folder / WEIGHTS_NAME, specs, rebuilt.shared)
-    hf.mark(model)
+    mark(model)
     model.eval()
     if device is not None:
         model.to(device)
@@ -116,10 +98,10 @@ def check_structure(folder: Path, dtype: torch.dtype | None = None, attn_impleme
         raise ValueError(f"{folder / CONFIG_NAME}: not a readable model config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                          "restore it or compress again") from None
     cls = _model_class(config, folder)
-    if getattr(config, "transformers_weights", None) == hf.REFUSAL:
+    if getattr(config, "transformers_weights", None) == REFUSAL:
         delattr(config, "transformers_weights")  # the plain-transformers refusal marker (see kroncompress.hf)
     section = getattr(config, CONFIG_KEY, None) or {}
-    _check_section(section, folder)
+    check_section(section, folder)
     dtype = dtype or _file_dtype(folder / WEIGHTS_NAME)
     implementation = attn_implementation or section.get("attn_implementation")
     kwargs = {"attn_implementation": implementation} if implementation else {}
@@ -150,7 +132,7 @@ def _marker_problems(folder: Path) -> list[str]:
     except (ValueError, OSError):
         return []  # reported by the load
     section = config.get(CONFIG_KEY) if isinstance(config, dict) else None
-    if not isinstance(section, dict) or not section.get("modules") or config.get("transformers_weights") == hf.REFUSAL:
+    if not isinstance(section, dict) or not section.get("modules") or config.get("transformers_weights") == REFUSAL:
         return []
     return [f"{folder / CONFIG_NAME} lacks the kroncompress checkpoint marker (`transformers_weights`, dropped by a "
             "config round trip through transformers): kroncompress loads the folder, but plain transformers would load "

@@ -37,7 +37,7 @@ from torch import nn
 
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
 from kroncompress.io.load import load_compressed
-from kroncompress.io.save import _move_into_place
+from kroncompress.io.save import move_into_place
 from kroncompress.outputs import OutputExistsError
 
 ONNX_NAME = "model.onnx"
@@ -245,7 +245,7 @@ def export_onnx(source: str | os.PathLike | nn.Module, output: str | os.PathLike
                 "max_sequence": limit, **{k: v for k, v in asdict(result).items() if k != "path"},
                 "torch": torch.__version__}
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, target, overwrite)
+        move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

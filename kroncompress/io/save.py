@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kroncompress import hf  # registers the kroncompress format with transformers' from_pretrained
-from kroncompress.io.card import _model_card
+from kroncompress.io.card import model_card
 from kroncompress.io.checks import CONFIG_NAME, WEIGHTS_NAME
+from kroncompress.io.config import is_factorized, mark_config, saved_section
 from kroncompress.io.load import check_structure
 from kroncompress.io.metadata import weights_metadata
 from kroncompress.io.verify import check_finite
@@ -26,15 +26,7 @@ from kroncompress.quantization import check_foreign_quantization, weight_bytes
 from kroncompress.surgery import CONFIG_KEY, count_params
 
 
-def _shared_groups(model: nn.Module) -> list[list[str]]:
-    """Names of parameters that are the same Parameter object (tied), groups of 2 or more."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor stored once (safetensors refuses aliases)."""
     seen: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
@@ -54,19 +46,8 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def saved_section(model: nn.Module) -> dict[str, Any]:
-    """The `kroncompress` config section as a folder stores it: the recorded plan plus what only the model
-    object knows (tied parameter groups, attention implementation, parameter count)."""
-    section = copy.deepcopy(getattr(model.config, CONFIG_KEY, None) or {})
-    if section:
-        section["shared_parameters"] = _shared_groups(model)
-        section["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-        section["params_after"] = count_params(model)
-    return section
-
-
 def _write_weights(model: nn.Module, path: Path) -> None:
-    state = _unique_state(model)
+    state = unique_state(model)
     check_finite(state, "save_compressed: the model")  # a folder holding NaN would not reload
     save_file(state, str(path), metadata=weights_metadata())
 
@@ -117,8 +98,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         if section:
             setattr(config, CONFIG_KEY, section)
         config.save_pretrained(tmp)
-        if hf.is_factorized(config):
-            hf.mark_config(tmp / CONFIG_NAME)
+        if is_factorized(config):
+            mark_config(tmp / CONFIG_NAME)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
@@ -134,7 +115,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
             "report": report.to_dict() if report is not None else None, "metrics": metrics or {},
         }
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_model_card(model, section, recipe_dict, report, metrics, card), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(model, section, recipe_dict, report, metrics, card), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -144,13 +125,13 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, recipe: Any 
         except ValueError as exc:
             raise ValueError(f"save_compressed: not writing {target}: the folder would not reload ("
                              f"{str(exc).replace(str(tmp), str(target))})") from None
-        _move_into_place(tmp, target, overwrite)
+        move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _move_into_place(tmp: Path, target: Path, overwrite: bool, command: str = "save_compressed") -> None:
+def move_into_place(tmp: Path, target: Path, overwrite: bool, command: str = "save_compressed") -> None:
     """The rename into place, with its manifest and ownership rule (`kroncompress.outputs.replace_folder`)."""
     replace_folder(tmp, target, overwrite=overwrite, command=command)

@@ -77,8 +77,6 @@ def check_stored(model: nn.Module, specs: dict[str, Stored], where: str, factors
     the model may lack (a head another class adds or drops; transformers initialises or ignores it).
     `strict_shapes=False` leaves a mismatched dense tensor to transformers (`ignore_mismatched_sizes`).
     Returns {stored name: the model's name for it}."""
-    from kroncompress.io.load import model_key_names
-
     names = model_key_names(model, specs)
     state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
@@ -138,3 +136,21 @@ def read_tensor(stored: Stored, name: str) -> torch.Tensor:
         with safe_open(str(stored.file), framework="pt") as handle:
             return handle.get_tensor(name)
     return torch.load(str(stored.file), map_location="cpu", weights_only=True, mmap=True)[name]
+
+
+def model_key_names(model: nn.Module, keys) -> dict[str, str]:
+    """{stored key: the model's name for it}. transformers' save_pretrained writes some architectures (ViT,
+    GPT-NeoX ...) under their legacy checkpoint names and renames them when loading; this applies the same
+    renamings (name changes only: a key that needs a tensor conversion keeps its stored name)."""
+    names = set(model.state_dict(keep_vars=True))
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: the names as stored
+        renamings = []
+    if not renamings:
+        return {key: key for key in keys}
+    prefix, meta = getattr(model, "base_model_prefix", None), dict.fromkeys(names, True)
+    return {key: key if key in names else rename_source_key(key, renamings, [], prefix, meta)[0] for key in keys}

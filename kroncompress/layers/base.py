@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kroncompress.errors import DataError
+
 LAYOUTS = ("linear", "conv1d")
 FORWARD_MODES = ("factored", "dense")
 
@@ -44,7 +46,7 @@ def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> 
         )
         return dense
     if layout != "linear":
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise DataError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         dense.weight.copy_(weight)
@@ -69,7 +71,7 @@ class FactorizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, layout: str, device=None, dtype=None):
         super().__init__()
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+            raise DataError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.in_features, self.out_features, self.layout = in_features, out_features, layout
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -96,7 +98,7 @@ class FactorizedLinear(nn.Module):
             return self.factored_forward(x)
         if self.forward_mode == "dense":
             return F.linear(x, self._forward_weight(), self.bias)
-        raise ValueError(f"{type(self).__name__}.forward_mode must be one of {self.FORWARD_MODES}, got {self.forward_mode!r}")
+        raise DataError(f"{type(self).__name__}.forward_mode must be one of {self.FORWARD_MODES}, got {self.forward_mode!r}")
 
     def _forward_weight(self) -> torch.Tensor:
         """W for forward_mode "dense": rebuilt while the factors train or under torch.compile, else cached

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from kroncompress.errors import DataError
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.linalg.tensorized import cp_matmul, cp_matmul_flops, cp_to_matrix
 
@@ -24,7 +25,7 @@ class CPLinear(FactorizedLinear):
     def __init__(self, out_shape, in_shape, rank: int, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         out_shape, in_shape = tuple(out_shape), tuple(in_shape)
         if len(out_shape) != len(in_shape):
-            raise ValueError(f"CPLinear: out_shape {out_shape} and in_shape {in_shape} need the same length")
+            raise DataError(f"CPLinear: out_shape {out_shape} and in_shape {in_shape} need the same length")
         super().__init__(math.prod(in_shape), math.prod(out_shape), bias, layout, device, dtype)
         self.out_shape, self.in_shape, self.rank = out_shape, in_shape, int(rank)
         self.factors = nn.ParameterList(
@@ -41,7 +42,7 @@ class CPLinear(FactorizedLinear):
         factors = list(factors)
         d = d if d is not None else len(factors) // 2
         if len(factors) != 2 * d or any(f.dim() != 2 or f.shape[1] != factors[0].shape[1] for f in factors):
-            raise ValueError(f"CPLinear factors must be 2d matrices (dim_k, R) with the same R; got "
+            raise DataError(f"CPLinear factors must be 2d matrices (dim_k, R) with the same R; got "
                              f"{[tuple(f.shape) for f in factors]} for d={d}")
         first = factors[0]
         layer = cls([f.shape[0] for f in factors[:d]], [f.shape[0] for f in factors[d:]], first.shape[1],

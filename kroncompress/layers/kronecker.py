@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kroncompress.errors import DataError
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.linalg.kronecker import kron_matmul, kron_matmul_flops, kron_sum
 
@@ -17,7 +18,7 @@ def _stacked(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if A.dim() == 2 and B.dim() == 2:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
     if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"Kronecker factors must be (m1, n1) and (m2, n2), or stacked (r, m1, n1) and (r, m2, n2) with the "
             f"same r; {given}"
         )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kroncompress.errors import DataError
 from kroncompress.layers.base import FactorizedLinear
 
 
@@ -26,7 +27,7 @@ class LowRankLinear(FactorizedLinear):
     @classmethod
     def from_factors(cls, U, V, bias=None, layout: str = "linear") -> "LowRankLinear":
         if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0]:
-            raise ValueError(f"LowRankLinear factors must be U (out, k) and V (k, in); got {tuple(U.shape)} and {tuple(V.shape)}")
+            raise DataError(f"LowRankLinear factors must be U (out, k) and V (k, in); got {tuple(U.shape)} and {tuple(V.shape)}")
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias is not None, layout, "meta", U.dtype).to_empty(device=U.device)
         with torch.no_grad():
             layer.u.copy_(U)

@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import nn
 
+from kroncompress.errors import DataError
 from kroncompress.linalg.quantize import (
     check_quant_args, dequantize_symmetric, qdata_shape, quantize_symmetric, quantized_nbytes, scale_shape,
 )
@@ -127,7 +128,7 @@ def _tensors_of(module: nn.Module, name: str) -> list[torch.Tensor]:
         return list(value)
     if isinstance(value, torch.Tensor):
         return [value]
-    raise ValueError(f"{type(module).__name__} has no float tensor {name!r} to quantize")
+    raise DataError(f"{type(module).__name__} has no float tensor {name!r} to quantize")
 
 
 def planned_bytes(module: nn.Module, name: str, bits: int, group_size: int | None, axis: int) -> tuple[int, int]:

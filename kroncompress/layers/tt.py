@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from kroncompress.errors import DataError
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.linalg.tensorized import tt_matmul, tt_matmul_flops, tt_sweep_right_to_left, tt_to_matrix
 
@@ -23,7 +24,7 @@ class TTLinear(FactorizedLinear):
     def __init__(self, out_shape, in_shape, ranks, bias: bool = True, layout: str = "linear", device=None, dtype=None):
         out_shape, in_shape, ranks = tuple(out_shape), tuple(in_shape), tuple(ranks)
         if len(out_shape) != len(in_shape) or len(ranks) != len(out_shape) - 1:
-            raise ValueError(f"TTLinear: out_shape {out_shape} and in_shape {in_shape} need the same length d and "
+            raise DataError(f"TTLinear: out_shape {out_shape} and in_shape {in_shape} need the same length d and "
                              f"ranks d - 1 inner ranks, got ranks {ranks}")
         super().__init__(math.prod(in_shape), math.prod(out_shape), bias, layout, device, dtype)
         self.out_shape, self.in_shape, self.ranks = out_shape, in_shape, ranks
@@ -44,7 +45,7 @@ class TTLinear(FactorizedLinear):
         ok = (len(cores) >= 1 and all(c.dim() == 4 for c in cores) and cores[0].shape[0] == 1 and cores[-1].shape[3] == 1
               and all(a.shape[3] == b.shape[0] for a, b in zip(cores, cores[1:])))
         if not ok:
-            raise ValueError(f"TTLinear cores must be (r_{{k-1}}, o_k, i_k, r_k) with matching ranks and r_0 = r_d = 1; "
+            raise DataError(f"TTLinear cores must be (r_{{k-1}}, o_k, i_k, r_k) with matching ranks and r_0 = r_d = 1; "
                              f"got {[tuple(c.shape) for c in cores]}")
         first = cores[0]
         layer = cls([c.shape[1] for c in cores], [c.shape[2] for c in cores], [c.shape[3] for c in cores[:-1]],

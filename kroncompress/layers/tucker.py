@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from kroncompress.errors import DataError
 from kroncompress.layers.base import FactorizedLinear
 from kroncompress.linalg.tensorized import tucker_matmul, tucker_matmul_flops, tucker_plan_orders, tucker_to_matrix
 
@@ -25,7 +26,7 @@ class TuckerLinear(FactorizedLinear):
         out_shape, in_shape, ranks = tuple(out_shape), tuple(in_shape), tuple(ranks)
         dims = out_shape + in_shape
         if len(out_shape) != len(in_shape) or len(ranks) != len(dims):
-            raise ValueError(f"TuckerLinear: out_shape {out_shape} and in_shape {in_shape} need the same length and "
+            raise DataError(f"TuckerLinear: out_shape {out_shape} and in_shape {in_shape} need the same length and "
                              f"ranks one entry per mode ({len(dims)}), got ranks {ranks}")
         super().__init__(math.prod(in_shape), math.prod(out_shape), bias, layout, device, dtype)
         self.out_shape, self.in_shape, self.ranks = out_shape, in_shape, ranks
@@ -45,7 +46,7 @@ class TuckerLinear(FactorizedLinear):
         factors = list(factors)
         d = core.dim() // 2
         if core.dim() % 2 or len(factors) != core.dim() or any(f.dim() != 2 or f.shape[1] != r for f, r in zip(factors, core.shape)):
-            raise ValueError(f"TuckerLinear factors must be a core with 2d modes and one (dim_k, r_k) matrix per mode; "
+            raise DataError(f"TuckerLinear factors must be a core with 2d modes and one (dim_k, r_k) matrix per mode; "
                              f"got core {tuple(core.shape)} and factors {[tuple(f.shape) for f in factors]}")
         out_shape = tuple(out_shape or [f.shape[0] for f in factors[:d]])
         in_shape = tuple(in_shape or [f.shape[0] for f in factors[d:]])

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
+from kroncompress.errors import DataError
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -49,7 +51,7 @@ def lower_hull(candidates: Sequence[Candidate]) -> list[Candidate]:
     best: dict[int, Candidate] = {}
     for c in candidates:
         if c.params < 0 or not (math.isfinite(c.error) and c.error >= 0):
-            raise ValueError(f"allocation: a candidate needs params >= 0 and a finite error >= 0, got {c}")
+            raise DataError(f"allocation: a candidate needs params >= 0 and a finite error >= 0, got {c}")
         if c.params not in best or c.error < best[c.params].error:
             best[c.params] = c
     hull: list[Candidate] = []
@@ -70,16 +72,16 @@ def lower_hull(candidates: Sequence[Candidate]) -> list[Candidate]:
 def allocate(curves: Mapping[Hashable, Sequence[Candidate]], budget: int) -> Allocation:
     """The allocation of `budget` parameters over the modules of `curves` (module -> its candidates)."""
     if not curves:
-        raise ValueError("allocation: no modules to allocate a budget over")
+        raise DataError("allocation: no modules to allocate a budget over")
     hulls = {}
     for name, candidates in curves.items():
         if not candidates:
-            raise ValueError(f"allocation: module {name!r} has no candidates")
+            raise DataError(f"allocation: module {name!r} has no candidates")
         hulls[name] = lower_hull(candidates)
     position = {name: 0 for name in hulls}
     used = sum(h[0].params for h in hulls.values())
     if used > budget:
-        raise ValueError(f"allocation: the budget of {budget:,} parameters is below the smallest choice of every "
+        raise DataError(f"allocation: the budget of {budget:,} parameters is below the smallest choice of every "
                          f"module ({used:,}); raise the budget or compress more modules")
 
     def push(heap, name):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kroncompress.errors import DataError
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
 from kroncompress.linalg.whitening import cholesky_factor, output_error
 
@@ -63,9 +64,9 @@ def _check(W: torch.Tensor, C: torch.Tensor, a_shape: Shape, b_shape: Shape) -> 
     m, n = W.shape
     (m1, n1), (m2, n2) = a_shape, b_shape
     if m1 * m2 != m or n1 * n2 != n:
-        raise ValueError(f"kronecker ALS: A {tuple(a_shape)} (x) B {tuple(b_shape)} does not tile a {m} x {n} weight")
+        raise DataError(f"kronecker ALS: A {tuple(a_shape)} (x) B {tuple(b_shape)} does not tile a {m} x {n} weight")
     if tuple(C.shape) != (n, n):
-        raise ValueError(f"kronecker ALS: C must be {n} x {n} (the input size of W), got {tuple(C.shape)}")
+        raise DataError(f"kronecker ALS: C must be {n} x {n} (the input size of W), got {tuple(C.shape)}")
 
 
 def kronecker_whitening(C: torch.Tensor, n1: int, n2: int) -> KroneckerWhitening:
@@ -116,7 +117,7 @@ def _solve_spd(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     step = 0
     while int(info) != 0:
         if step > 10:
-            raise ValueError("kronecker ALS: the normal equations are singular (linearly dependent factors); "
+            raise DataError("kronecker ALS: the normal equations are singular (linearly dependent factors); "
                              "lower the rank or raise the damping")
         L, info = torch.linalg.cholesky_ex(G + scale * 10.0 ** (step - 14) * torch.eye(len(G), dtype=G.dtype, device=G.device))
         step += 1
@@ -173,7 +174,7 @@ def _b_step(A: torch.Tensor, V4: torch.Tensor, C4: torch.Tensor) -> torch.Tensor
     return _solve_spd(H, rhs).reshape(A.shape[0], n2, -1).permute(0, 2, 1)
 
 
-def _balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale A_r by c and B_r by 1/c so ||A_r|| = ||B_r|| (W^ unchanged; keeps the systems well scaled)."""
     a_norm = A.flatten(1).norm(dim=1).clamp_min(1e-300)
     b_norm = B.flatten(1).norm(dim=1).clamp_min(1e-300)
@@ -198,7 +199,7 @@ class MomentCache:
 
     def __init__(self, C: torch.Tensor, keep_views: int = 4):
         if C.dim() != 2 or C.shape[0] != C.shape[1]:
-            raise ValueError(f"MomentCache: C must be a square matrix, got shape {tuple(C.shape)}")
+            raise DataError(f"MomentCache: C must be a square matrix, got shape {tuple(C.shape)}")
         self.C = C.to(torch.float64)
         self.keep_views = keep_views
         self._whitenings: dict[int, KroneckerWhitening] = {}
@@ -230,7 +231,7 @@ class KroneckerProblem:
 
     def __init__(self, W: torch.Tensor, C: "torch.Tensor | MomentCache"):
         if W.dim() != 2:
-            raise ValueError(f"kronecker ALS: W must be 2-D, got shape {tuple(W.shape)}")
+            raise DataError(f"kronecker ALS: W must be 2-D, got shape {tuple(W.shape)}")
         self.W = W.to(torch.float64)
         moments = C if isinstance(C, MomentCache) else MomentCache(C.to(device=W.device))
         if moments.C.device != self.W.device:
@@ -267,7 +268,7 @@ class KroneckerProblem:
         total = tr(W Ctt W^T))."""
         problem = cls(W, C)
         if tuple(V.shape) != tuple(problem.W.shape):
-            raise ValueError(f"KroneckerProblem: V must have W's shape {tuple(problem.W.shape)}, got {tuple(V.shape)}")
+            raise DataError(f"KroneckerProblem: V must have W's shape {tuple(problem.W.shape)}, got {tuple(V.shape)}")
         problem._V, problem._total = V.to(device=problem.W.device, dtype=torch.float64), float(total)
         return problem
 
@@ -305,11 +306,11 @@ def kronecker_als(W: torch.Tensor, C: "torch.Tensor | MomentCache", a_shape: Sha
     (V = W C, the whitening, C's permuted views). Runs in float64 on W's device.
     """
     if W.dim() != 2:
-        raise ValueError(f"kronecker_als: W must be 2-D, got shape {tuple(W.shape)}")
+        raise DataError(f"kronecker_als: W must be 2-D, got shape {tuple(W.shape)}")
     a_shape, b_shape = tuple(a_shape), tuple(b_shape)
     _check(W, C.C if isinstance(C, MomentCache) else C, a_shape, b_shape)
     if max_sweeps < 0:
-        raise ValueError(f"kronecker_als: max_sweeps must be >= 0, got {max_sweeps}")
+        raise DataError(f"kronecker_als: max_sweeps must be >= 0, got {max_sweeps}")
     problem = problem or KroneckerProblem(W, C)
     W64, C64 = problem.W, problem.C
     (m1, n1), (m2, n2) = a_shape, b_shape
@@ -328,18 +329,18 @@ def kronecker_als(W: torch.Tensor, C: "torch.Tensor | MomentCache", a_shape: Sha
             if rank == 1:
                 A, B = A.unsqueeze(0), B.unsqueeze(0)
         else:
-            raise ValueError(f"kronecker_als: start must be 'whitened', 'nkp', a pair (A, B) or an ALSResult, got {start!r}")
+            raise DataError(f"kronecker_als: start must be 'whitened', 'nkp', a pair (A, B) or an ALSResult, got {start!r}")
     else:
         A, B = (t.to(device=W.device, dtype=torch.float64) for t in start)
     if tuple(A.shape) != (rank, *a_shape) or tuple(B.shape) != (rank, *b_shape):
-        raise ValueError(f"kronecker_als: start factors must be {(rank, *a_shape)} and {(rank, *b_shape)}, "
+        raise DataError(f"kronecker_als: start factors must be {(rank, *a_shape)} and {(rank, *b_shape)}, "
                          f"got {tuple(A.shape)} and {tuple(B.shape)}")
     if max_sweeps == done:
         history = history or [output_error(W64, kron_sum(A, B), C64)]
         return ALSResult(A.to(W.dtype), B.to(W.dtype), history, done, False)
     V4 = problem.V.reshape(m1, m2, n1, n2)
     Ca = problem.moments.a_view(n1, n2)
-    A, B = _balance(A, B)
+    A, B = balance(A, B)
     converged, sweeps = False, done
     for sweeps in range(done + 1, max_sweeps + 1):
         G, rhs = _a_system(B, V4, Ca)
@@ -350,7 +351,7 @@ def kronecker_als(W: torch.Tensor, C: "torch.Tensor | MomentCache", a_shape: Sha
         x = _solve_spd(H, rhs)
         B = x.reshape(rank, n2, m2).permute(0, 2, 1)
         history.append(problem.relative(_quadratic_error(problem.total, H, rhs, x)))
-        A, B = _balance(A, B)
+        A, B = balance(A, B)
         if history[-2] - history[-1] <= tol * history[-2]:
             converged = True
             break

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from kroncompress.linalg.svd import _CHUNK_ELEMENTS, top_singular_triplets
+from kroncompress.errors import DataError
+from kroncompress.linalg.svd import CHUNK_ELEMENTS, top_singular_triplets
 
 Shape = tuple[int, int]
 
@@ -21,21 +22,21 @@ def _shape_pair(name: str, shape):
     if shape is None:
         return [None, None]
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
-        raise ValueError(f"nearest_kronecker: {name} must be a pair (rows, columns) such as (1, 2), got {shape!r}")
+        raise DataError(f"nearest_kronecker: {name} must be a pair (rows, columns) such as (1, 2), got {shape!r}")
     pair = []
     for entry in shape:
         if entry is None:
             pair.append(None)
             continue
         if isinstance(entry, bool) or not hasattr(entry, "__index__") or entry.__index__() < 1:
-            raise ValueError(f"nearest_kronecker: {name} entries must be positive ints or None, got {shape!r}")
+            raise DataError(f"nearest_kronecker: {name} entries must be positive ints or None, got {shape!r}")
         pair.append(entry.__index__())
     return pair
 
 
-def _infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
+def infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
     if a_shape is None and b_shape is None:
-        raise ValueError(
+        raise DataError(
             f"nearest_kronecker: give a_shape or b_shape for a {m} x {n} matrix "
             "(the other is inferred), e.g. b_shape=(1, 2)"
         )
@@ -43,13 +44,13 @@ def _infer_shapes(m: int, n: int, a_shape, b_shape) -> tuple[Shape, Shape]:
     for axis, (total, label) in enumerate(((m, "rows"), (n, "columns"))):
         a, b = a_shape[axis], b_shape[axis]
         if a is None and b is None:
-            raise ValueError(f"nearest_kronecker: a_shape[{axis}] and b_shape[{axis}] are both None; give one")
+            raise DataError(f"nearest_kronecker: a_shape[{axis}] and b_shape[{axis}] are both None; give one")
         if a is None:
             a = total // b if b and total % b == 0 else None
         if b is None:
             b = total // a if a and total % a == 0 else None
         if a is None or b is None or a * b != total or a < 1 or b < 1:
-            raise ValueError(
+            raise DataError(
                 f"nearest_kronecker: the {label} of W ({total}) are not a_shape[{axis}] x b_shape[{axis}] "
                 f"({a_shape[axis]} x {b_shape[axis]}); pick factors whose product is {total}"
             )
@@ -97,15 +98,15 @@ def nearest_kronecker(
     """
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
-        raise ValueError(f"nearest_kronecker: W must be a 2-D tensor, got shape {shape}; reshape it to (out, in)")
+        raise DataError(f"nearest_kronecker: W must be a 2-D tensor, got shape {shape}; reshape it to (out, in)")
     if W.is_complex():
-        raise ValueError(f"nearest_kronecker: W is complex ({W.dtype}); only real matrices are supported "
+        raise DataError(f"nearest_kronecker: W is complex ({W.dtype}); only real matrices are supported "
                          "(fit W.real and W.imag separately if that is what you mean)")
     m, n = W.shape
-    a_shape, b_shape = _infer_shapes(m, n, a_shape, b_shape)
+    a_shape, b_shape = infer_shapes(m, n, a_shape, b_shape)
     max_rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(
+        raise DataError(
             f"nearest_kronecker: rank={rank} is out of range for A {a_shape} (x) B {b_shape}; "
             f"use 1 <= rank <= {max_rank} (= min(m1*n1, m2*n2))"
         )
@@ -132,7 +133,7 @@ def _residual(R: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     """
     p, q = R.shape
     Vt, S = V.to(torch.float64).T, S.to(torch.float64)
-    step = max(1, _CHUNK_ELEMENTS // max(q, 1))
+    step = max(1, CHUNK_ELEMENTS // max(q, 1))
     total = torch.zeros((), dtype=torch.float64, device=R.device)
     for start in range(0, p, step):
         rows = slice(start, start + step)
@@ -162,7 +163,7 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.T
     cost_b_first = n1 * m2 * (n2 + m1)
     cost_a_first = m1 * n2 * (n1 + m2)
     if order is not None and order not in KRON_ORDERS:
-        raise ValueError(f"kron_matmul: order must be one of {KRON_ORDERS} or None (the cheaper), got {order!r}")
+        raise DataError(f"kron_matmul: order must be one of {KRON_ORDERS} or None (the cheaper), got {order!r}")
     if order == "b_first" or (order is None and cost_b_first <= cost_a_first):
         # T[N, n1, (r, m2)] = X @ B^T, then contract (r, n1) against A.
         T = X.reshape(N * n1, n2) @ B.permute(2, 0, 1).reshape(n2, r * m2)

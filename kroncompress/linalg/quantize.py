@@ -16,15 +16,17 @@ import math
 
 import torch
 
+from kroncompress.errors import DataError
+
 BITS = (4, 8)
 
 
 def check_quant_args(bits, group_size, field: str = "quantize") -> None:
     """Raise ValueError naming `field` unless bits is 4 or 8 and group_size is None or a positive int."""
     if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"{field}.bits: must be 4 or 8 (weight-only int4 / int8), got {bits!r}")
+        raise DataError(f"{field}.bits: must be 4 or 8 (weight-only int4 / int8), got {bits!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"{field}.group_size: must be a positive integer, or null for one scale per channel, got {group_size!r}")
+        raise DataError(f"{field}.group_size: must be a positive integer, or null for one scale per channel, got {group_size!r}")
 
 
 def group_length(length: int, group_size: int | None) -> int:
@@ -32,7 +34,7 @@ def group_length(length: int, group_size: int | None) -> int:
     if group_size is None or group_size >= length:
         return length
     if length % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the quantized axis of length {length}")
+        raise DataError(f"group_size {group_size} does not divide the quantized axis of length {length}")
     return group_size
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kroncompress.errors import DataError
 from kroncompress.linalg.svd import lapack_threads
 from kroncompress.linalg.whitening import cholesky_factor
 
@@ -49,7 +50,7 @@ class CrossMoments:
     def __post_init__(self):
         shapes = {tuple(t.shape) for t in (self.ss, self.ts, self.tt)}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2 or self.ss.shape[0] != self.ss.shape[1]:
-            raise ValueError(f"CrossMoments: Css, Cts and Ctt must be square and of one size, got {sorted(shapes)}")
+            raise DataError(f"CrossMoments: Css, Cts and Ctt must be square and of one size, got {sorted(shapes)}")
         self.ss, self.ts, self.tt = (t.to(torch.float64) for t in (self.ss, self.ts, self.tt))
 
     @property
@@ -62,9 +63,9 @@ class CrossMoments:
 
 def _check(W: torch.Tensor, moments: CrossMoments, name: str) -> None:
     if W.dim() != 2:
-        raise ValueError(f"{name}: W must be 2-D, got shape {tuple(W.shape)}")
+        raise DataError(f"{name}: W must be 2-D, got shape {tuple(W.shape)}")
     if W.shape[1] != moments.n:
-        raise ValueError(f"{name}: the moments are {moments.n} x {moments.n} but W has {W.shape[1]} inputs; "
+        raise DataError(f"{name}: the moments are {moments.n} x {moments.n} but W has {W.shape[1]} inputs; "
                          "pass the statistics of this layer's inputs")
 
 
@@ -91,7 +92,7 @@ def refit_left(W: torch.Tensor, right: torch.Tensor, moments: CrossMoments) -> t
     """The U (m x k) minimising E(U R) for a fixed right factor R (k x n): W Cts R^T (R Css R^T)^-1, W's dtype."""
     _check(W, moments, "refit_left")
     if right.dim() != 2 or right.shape[1] != W.shape[1]:
-        raise ValueError(f"refit_left: the right factor must be k x {W.shape[1]}, got {tuple(right.shape)}")
+        raise DataError(f"refit_left: the right factor must be k x {W.shape[1]}, got {tuple(right.shape)}")
     m = moments.to(W.device)
     R = right.to(device=W.device, dtype=torch.float64)
     gram = R @ m.ss @ R.T
@@ -118,7 +119,7 @@ def cross_whitened_spectrum(W: torch.Tensor, moments: CrossMoments) -> tuple[tor
 def cross_whitened_svd(W: torch.Tensor, moments: CrossMoments, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, V), W ~ U @ V of rank `rank` minimising E exactly (sqrt(sigma) on each side), in W's dtype."""
     if not 1 <= rank <= min(W.shape):
-        raise ValueError(f"cross_whitened_svd: rank={rank} is out of range for a {W.shape[0]} x {W.shape[1]} "
+        raise DataError(f"cross_whitened_svd: rank={rank} is out of range for a {W.shape[0]} x {W.shape[1]} "
                          f"matrix; use 1..{min(W.shape)}")
     U, S, Vh, L, _ = cross_whitened_spectrum(W, moments)
     root = S[:rank].sqrt()
@@ -137,10 +138,10 @@ def kronecker_refit(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, moments: 
 
     _check(W, moments, "kronecker_refit")
     if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
-        raise ValueError(f"kronecker_refit: factors must be stacked (r, m1, n1) and (r, m2, n2), got "
+        raise DataError(f"kronecker_refit: factors must be stacked (r, m1, n1) and (r, m2, n2), got "
                          f"{tuple(A.shape)} and {tuple(B.shape)}")
     if sweeps < 0:
-        raise ValueError(f"kronecker_refit: sweeps must be >= 0, got {sweeps}")
+        raise DataError(f"kronecker_refit: sweeps must be >= 0, got {sweeps}")
     m = moments.to(W.device)
     problem = KroneckerProblem.with_targets(W, m.ss, W.to(torch.float64) @ m.ts, target_energy(W, m))
     n1, n2 = A.shape[2], B.shape[2]

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from kroncompress.errors import DataError
 from kroncompress.linalg.kronecker import kron_rearrange
 from kroncompress.linalg.svd import top_singular_values
 
@@ -108,15 +109,15 @@ def kronecker_shapes(
     sweep costs at most this many whitened SVDs of the matrix (see the module docs; None: no limit).
     """
     if (ratio is None) == (budget is None):
-        raise ValueError("kronecker_shapes: give exactly one of ratio= (e.g. 2.0) or budget= (a parameter count)")
+        raise DataError("kronecker_shapes: give exactly one of ratio= (e.g. 2.0) or budget= (a parameter count)")
     if ratio is not None:
         if not ratio > 1:
-            raise ValueError(f"kronecker_shapes: ratio={ratio} must be > 1 (2 halves the parameters)")
+            raise DataError(f"kronecker_shapes: ratio={ratio} must be > 1 (2 halves the parameters)")
         budget = m * n / ratio
     if budget <= 0:
-        raise ValueError(f"kronecker_shapes: budget={budget} must be positive")
+        raise DataError(f"kronecker_shapes: budget={budget} must be positive")
     if rank != "auto" and (not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"kronecker_shapes: rank={rank!r} must be a positive int or 'auto'")
+        raise DataError(f"kronecker_shapes: rank={rank!r} must be a positive int or 'auto'")
     limit = budget * (1 + tolerance)
 
     found: list[KroneckerShape] = []
@@ -132,7 +133,7 @@ def kronecker_shapes(
                 continue
             found.append(KroneckerShape(a, b, r, r * per_term))
     if not found:
-        raise ValueError(
+        raise DataError(
             f"kronecker_shapes: no Kronecker shape of a {m} x {n} matrix fits {int(budget)} parameters "
             f"with rank={rank}; lower the ratio, use rank='auto', or allow_degenerate=True"
         )
@@ -144,7 +145,7 @@ def kronecker_shapes(
         if not affordable:
             cheapest = min(found, key=lambda s: als_cost(m, n, s.a_shape, s.b_shape, s.rank))
             ratio_cost = als_cost(m, n, cheapest.a_shape, cheapest.b_shape, cheapest.rank) / whitened_svd_cost(m, n)
-            raise ValueError(
+            raise DataError(
                 f"kronecker_shapes: every Kronecker shape of a {m} x {n} matrix that fits {int(budget)} parameters "
                 f"with rank='auto' needs so many terms that one ALS sweep costs more than {max_als_cost:g} whitened "
                 f"SVDs (the cheapest, A {cheapest.a_shape} (x) B {cheapest.b_shape} with {cheapest.rank} terms, "

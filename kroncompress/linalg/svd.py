@@ -16,8 +16,10 @@ import contextlib
 
 import torch
 
+from kroncompress.errors import DataError
+
 GRAM_LIMIT = 4096  # largest short side for which the Gram eigensolve is used
-_CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
+CHUNK_ELEMENTS = 1 << 24  # rows are streamed through float64 computations in chunks of about this size
 _GRAM_CHUNK_ELEMENTS = 1 << 22  # the Gram's chunks: 32 MiB in float64, few parallel regions (see _gram)
 # R with at most this many columns (the (1 x k) factors of KnGPT2: 2 columns) is streamed on one thread
 # in cache-sized float64 chunks (_THIN_CHUNK_ELEMENTS, 1 MiB): see _thin
@@ -76,7 +78,7 @@ def _gram(R: torch.Tensor) -> torch.Tensor:
         return R.T @ R
     G = torch.zeros(q, q, dtype=torch.float64, device=R.device)
     # Wide R: chunks of several q rows keep each addmm compute-bound rather than re-writing G per chunk.
-    step = max(1, _GRAM_CHUNK_ELEMENTS // max(q, 1), min(4 * q, _CHUNK_ELEMENTS // max(q, 1)))
+    step = max(1, _GRAM_CHUNK_ELEMENTS // max(q, 1), min(4 * q, CHUNK_ELEMENTS // max(q, 1)))
     if q <= THIN_COLUMNS:  # run on one thread (_thin): cache-sized chunks
         step = _THIN_CHUNK_ELEMENTS // q
     # The buffer holds chunk^T (q x rows, rows contiguous): MKL runs G += C C^T far faster than C^T C
@@ -90,8 +92,9 @@ def _gram(R: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def non_finite_error(name: str, W: torch.Tensor) -> ValueError:
-    """The ValueError for a matrix whose entries (or their squares) are not finite, counting what is wrong."""
+def non_finite_problem(W: torch.Tensor) -> str:
+    """What is wrong with a matrix whose entries (or their squares) are not finite, counted, and the fix:
+    `raise DataError(non_finite_problem(W), where=name)`."""
     nan = int(torch.isnan(W).sum().item()) if W.is_floating_point() else 0
     inf = int(torch.isinf(W).sum().item()) if W.is_floating_point() else 0
     if nan or inf:
@@ -100,7 +103,7 @@ def non_finite_error(name: str, W: torch.Tensor) -> ValueError:
     else:
         what = f"entries too large to square in float64 (max |W| = {W.abs().max().item():.3g})"
         advice = "rescale W before factorising"
-    return ValueError(f"{name}: W has {what}; {advice}")
+    return f"W has {what}; {advice}"
 
 
 def _scaled_triplets_from_gram(R: torch.Tensor, rank: int, name: str):
@@ -114,7 +117,7 @@ def _scaled_triplets_from_gram_impl(R: torch.Tensor, rank: int, name: str):
     G = _gram(R)
     with lapack_threads(G):  # the eigensolve and the small q x q steps around it
         if not bool(torch.isfinite(G).all()):
-            raise non_finite_error(name, R)
+            raise DataError(non_finite_problem(R), where=name)
         if R.dtype == torch.float32 and G.shape[0] >= SINGLE_EIGH_COLUMNS:
             # Half the time of a float64 eigh. The factors' product is R V V^T whatever V's scaling, so the
             # fit depends only on the spanned subspace, and an error theta in it raises the residual by
@@ -181,7 +184,7 @@ def top_singular_triplets(R: torch.Tensor, rank: int, *, scaled: bool = False, n
         V, S, U = pick(R.T, rank, name)
         return U, S, V
     if not bool(torch.isfinite(R).all()):
-        raise non_finite_error(name, R)
+        raise DataError(non_finite_problem(R), where=name)
     U, S, V = _triplets_randomized(R, rank)
     if scaled:
         root = S.clamp_min(0).sqrt()
@@ -202,12 +205,12 @@ def top_singular_values(R: torch.Tensor, rank: int, name: str = "top_singular_va
         with _thin(tall):
             G = _gram(tall)
             if not bool(torch.isfinite(G).all()):
-                raise non_finite_error(name, R)
+                raise DataError(non_finite_problem(R), where=name)
             with lapack_threads(G):
                 evals = torch.linalg.eigvalsh(G)
         return evals.flip(0)[:rank].clamp_min(0).sqrt(), float(G.diagonal().sum().item())
     if not bool(torch.isfinite(R).all()):
-        raise non_finite_error(name, R)
+        raise DataError(non_finite_problem(R), where=name)
     _, S, _ = _triplets_randomized(R, rank)
     return S.to(torch.float64), float(R.double().pow(2).sum().item())
 
@@ -222,18 +225,18 @@ def truncated_svd(W: torch.Tensor, rank: int):
     """
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
-        raise ValueError(f"truncated_svd: W must be 2-D, got shape {shape}")
+        raise DataError(f"truncated_svd: W must be 2-D, got shape {shape}")
     m, n = W.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-        raise ValueError(f"truncated_svd: rank={rank} is out of range for a {m} x {n} matrix; use 1..{min(m, n)}")
+        raise DataError(f"truncated_svd: rank={rank} is out of range for a {m} x {n} matrix; use 1..{min(m, n)}")
     if W.is_complex():
-        raise ValueError("truncated_svd: W is complex; only real weights are supported")
+        raise DataError("truncated_svd: W is complex; only real weights are supported")
     out_dtype = W.dtype if W.is_floating_point() else torch.get_default_dtype()
     compute_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wc = W.to(compute_dtype)
     if compute_dtype == torch.float64 and min(m, n) <= GRAM_LIMIT:
         if not bool(torch.isfinite(Wc).all()):
-            raise non_finite_error("truncated_svd", Wc)
+            raise DataError(non_finite_problem(Wc), where="truncated_svd")
         with lapack_threads(Wc):
             U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
         root = S[:rank].sqrt()

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kroncompress.linalg.als import ALSResult, _balance
+from kroncompress.errors import DataError
+from kroncompress.linalg.als import ALSResult, balance
 from kroncompress.linalg.kronecker import kron_sum, nearest_kronecker
 from kroncompress.linalg.svd import lapack_threads
 
@@ -58,10 +59,10 @@ def embedding_weights(E: torch.Tensor, counts: torch.Tensor, head: torch.Tensor 
     """(w (V,), Ch (d x d) or None) of the normalised objective (see the module docs), in float64."""
     V, d = E.shape
     if counts.dim() != 1 or counts.numel() != V:
-        raise ValueError(f"weighted kronecker: counts must have one entry per row of the {V} x {d} table, "
+        raise DataError(f"weighted kronecker: counts must have one entry per row of the {V} x {d} table, "
                          f"got shape {tuple(counts.shape)}")
     if floor < 0 or not torch.isfinite(counts).all() or (counts < 0).any():
-        raise ValueError("weighted kronecker: counts must be finite and >= 0, and floor >= 0")
+        raise DataError("weighted kronecker: counts must be finite and >= 0, and floor >= 0")
     E64 = E.to(torch.float64)
     counts = counts.to(device=E.device, dtype=torch.float64)
     total = counts.sum().item()
@@ -71,7 +72,7 @@ def embedding_weights(E: torch.Tensor, counts: torch.Tensor, head: torch.Tensor 
     if head is None:
         return w, None
     if tuple(head.shape) != (d, d):
-        raise ValueError(f"weighted kronecker: the head's second moment must be {d} x {d}, got {tuple(head.shape)}")
+        raise DataError(f"weighted kronecker: the head's second moment must be {d} x {d}, got {tuple(head.shape)}")
     C = head.to(device=E.device, dtype=torch.float64)
     reference = sum((E64[s:s + _ROWS] @ C * E64[s:s + _ROWS]).sum().item() for s in range(0, V, _ROWS))
     return w, C / max(reference, 1e-300)
@@ -206,13 +207,13 @@ def weighted_kronecker_als(E: torch.Tensor, stats: TokenStatistics, a_shape: Sha
     Stops after `max_sweeps` sweeps or when one lowers sqrt(F) by less than `tol` (relative).
     """
     if E.dim() != 2:
-        raise ValueError(f"weighted_kronecker_als: E must be 2-D (vocab x dim), got shape {tuple(E.shape)}")
+        raise DataError(f"weighted_kronecker_als: E must be 2-D (vocab x dim), got shape {tuple(E.shape)}")
     (v1, d1), (v2, d2) = a_shape, b_shape
     if v1 * v2 != E.shape[0] or d1 * d2 != E.shape[1]:
-        raise ValueError(f"weighted_kronecker_als: A {tuple(a_shape)} (x) B {tuple(b_shape)} does not tile a "
+        raise DataError(f"weighted_kronecker_als: A {tuple(a_shape)} (x) B {tuple(b_shape)} does not tile a "
                          f"{E.shape[0]} x {E.shape[1]} table")
     if max_sweeps < 0:
-        raise ValueError(f"weighted_kronecker_als: max_sweeps must be >= 0, got {max_sweeps}")
+        raise DataError(f"weighted_kronecker_als: max_sweeps must be >= 0, got {max_sweeps}")
     E64 = E.to(torch.float64)
     w, Ch = embedding_weights(E64, stats.counts, stats.head, floor)
 
@@ -221,7 +222,7 @@ def weighted_kronecker_als(E: torch.Tensor, stats: TokenStatistics, a_shape: Sha
 
     if isinstance(start, str):
         if start not in ("nkp", "kron", "best"):
-            raise ValueError(f"weighted_kronecker_als: start must be 'nkp', 'kron', 'best' or (A, B), got {start!r}")
+            raise DataError(f"weighted_kronecker_als: start must be 'nkp', 'kron', 'best' or (A, B), got {start!r}")
         starts = []
         if start in ("nkp", "best"):
             starts.append(_stacked(*nearest_kronecker(E64, a_shape, b_shape, rank=rank)))
@@ -231,18 +232,18 @@ def weighted_kronecker_als(E: torch.Tensor, stats: TokenStatistics, a_shape: Sha
     else:
         A, B = (t.to(device=E.device, dtype=torch.float64) for t in start)
         if tuple(A.shape) != (rank, *a_shape) or tuple(B.shape) != (rank, *b_shape):
-            raise ValueError(f"weighted_kronecker_als: start factors must be {(rank, *a_shape)} and "
+            raise DataError(f"weighted_kronecker_als: start factors must be {(rank, *a_shape)} and "
                              f"{(rank, *b_shape)}, got {tuple(A.shape)} and {tuple(B.shape)}")
     F4 = (w[:, None] * E64 + (E64 @ Ch if Ch is not None else 0)).reshape(v1, v2, d1, d2)
     w2 = w.reshape(v1, v2)
     C4 = None if Ch is None else Ch.reshape(d1, d2, d1, d2)
-    A, B = _balance(A, B)
+    A, B = balance(A, B)
     history = [objective(A, B)]
     converged, sweeps = False, 0
     for sweeps in range(1, max_sweeps + 1):
         A = _a_step(B, F4, w2, C4)
         B = _b_step(A, F4, w2, C4)
-        A, B = _balance(A, B)
+        A, B = balance(A, B)
         history.append(objective(A, B))
         if history[-2] - history[-1] <= tol * history[-2]:
             converged = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kroncompress.errors import DataError
 from kroncompress.linalg.svd import lapack_threads
 
 DEFAULT_DAMPING = 0.01
@@ -27,9 +28,9 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
 def damp(C: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """C + damping * mean(diag C) I in float64 (symmetrised); an all-zero C becomes damping * I."""
     if C.dim() != 2 or C.shape[0] != C.shape[1]:
-        raise ValueError(f"damp: C must be a square matrix, got shape {tuple(C.shape)}")
+        raise DataError(f"damp: C must be a square matrix, got shape {tuple(C.shape)}")
     if damping < 0:
-        raise ValueError(f"damp: damping must be >= 0, got {damping}; 0.01 is the usual choice")
+        raise DataError(f"damp: damping must be >= 0, got {damping}; 0.01 is the usual choice")
     C = C.to(torch.float64)
     C = (C + C.T) / 2
     scale = C.diagonal().mean().item()
@@ -49,7 +50,7 @@ def cholesky_factor(C: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(C + scale * 10.0 ** (step - 12) * eye)
         if int(info) == 0:
             return L
-    raise ValueError("cholesky_factor: the second-moment matrix is not positive definite even with jitter; "
+    raise DataError("cholesky_factor: the second-moment matrix is not positive definite even with jitter; "
                      "raise the damping (e.g. 0.01) or collect more calibration tokens")
 
 
@@ -71,13 +72,13 @@ def whitened_svd(W: torch.Tensor, C: torch.Tensor, rank: int, damping: float = 0
     already damped). sqrt(sigma) goes on each side, as in `truncated_svd`; U: m x k, V: k x n, in W's dtype.
     """
     if W.dim() != 2:
-        raise ValueError(f"whitened_svd: W must be 2-D, got shape {tuple(W.shape)}")
+        raise DataError(f"whitened_svd: W must be 2-D, got shape {tuple(W.shape)}")
     m, n = W.shape
     if tuple(C.shape) != (n, n):
-        raise ValueError(f"whitened_svd: C must be {n} x {n} (the input size of W), got {tuple(C.shape)}; "
+        raise DataError(f"whitened_svd: C must be {n} x {n} (the input size of W), got {tuple(C.shape)}; "
                          "pass the second moment of this layer's inputs")
     if not 1 <= rank <= min(m, n):
-        raise ValueError(f"whitened_svd: rank={rank} is out of range for a {m} x {n} matrix; use 1..{min(m, n)}")
+        raise DataError(f"whitened_svd: rank={rank} is out of range for a {m} x {n} matrix; use 1..{min(m, n)}")
     C = C.to(device=W.device, dtype=torch.float64)
     L = cholesky_factor(damp(C, damping) if damping else C)
     WL = W.to(torch.float64) @ L

@@ -9,15 +9,15 @@ A config-only folder gives a model on the meta device: shapes only, no memory, e
 `kc.plan`. Errors for bad input are ValueErrors naming the path or id, what is wrong and the fix.
 
 Import every name from `kroncompress.models`; the code lives in submodules by responsibility: `load`
-(`load_model`, `ModelInfo`: folders, config-only folders, hub ids, the demo), `checks` (config.json, weight
+(`load_model`; `info`: `ModelInfo`; folders, config-only folders, hub ids, the demo), `checks` (config.json, weight
 files, the loading report, finiteness) and `tokenizer` (which tokenizer a loaded model gets).
 """
 
 from __future__ import annotations
 
 from kroncompress.models.checks import PICKLE_SUFFIXES, check_finite, check_weight_files
-from kroncompress.models.load import (  # noqa: F401  (_parse_dtype: also used by kroncompress.pipeline)
-    COMPRESSED_CONFIG_KEY, WEIGHT_FILES, ModelInfo, _parse_dtype, load_model,
+from kroncompress.models.load import (
+    COMPRESSED_CONFIG_KEY, WEIGHT_FILES, ModelInfo, load_model, parse_dtype,
 )
 from kroncompress.models.tokenizer import (
     CHECKPOINTS, GPT2_VOCAB, TOKENIZER_FILES, TOKENIZER_HINT, check_tokenizer_fits, require_tokenizer, resolve_tokenizer,
@@ -28,5 +28,5 @@ from kroncompress.models.tokenizer import (
 __all__ = [
     "WEIGHT_FILES", "COMPRESSED_CONFIG_KEY", "ModelInfo", "load_model", "PICKLE_SUFFIXES", "check_weight_files",
     "check_finite", "TOKENIZER_FILES", "GPT2_VOCAB", "CHECKPOINTS", "require_tokenizer", "TOKENIZER_HINT",
-    "check_tokenizer_fits", "resolve_tokenizer", "tokenizer_name", "tokenizer_size",
+    "check_tokenizer_fits", "resolve_tokenizer", "tokenizer_name", "tokenizer_size", "parse_dtype",
 ]

@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from kroncompress.models.load import ModelInfo
+from kroncompress.models.info import ModelInfo
 
 
-def _read_config_dict(path: Path) -> dict[str, Any]:
+
+def read_config_dict(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(
@@ -24,7 +24,7 @@ def _read_config_dict(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(config_file)!r} is not valid JSON ({_first_line(exc)}); fix or regenerate it with "
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({first_line(exc)}); fix or regenerate it with "
                          "save_pretrained()") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{str(config_file)!r} holds a JSON {type(data).__name__}, not an object; fix or regenerate it "
@@ -48,7 +48,7 @@ def check_weight_files(path: Path, name: str) -> None:
     if not safetensors:
         pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
         shown = ", ".join(pickles[:3]) or "pytorch_model.bin"
-        classes = _read_config_dict(path).get("architectures") or ["AutoModelForCausalLM"]
+        classes = read_config_dict(path).get("architectures") or ["AutoModelForCausalLM"]
         cls = classes[0] if isinstance(classes, list) and classes and isinstance(classes[0], str) else "AutoModel"
         raise ValueError(
             f"model folder {name!r} holds only pickle weights ({shown}); kroncompress never unpickles files (a pickle "
@@ -60,7 +60,7 @@ def check_weight_files(path: Path, name: str) -> None:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{str(index)!r} is not a valid safetensors index ({_first_line(exc)}); "
+            raise ValueError(f"{str(index)!r} is not a valid safetensors index ({first_line(exc)}); "
                              "re-download or re-save the model") from exc
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
@@ -70,8 +70,8 @@ def check_weight_files(path: Path, name: str) -> None:
         check_safetensors(file)
 
 
-class _quiet_load_report:
-    """Drop transformers' multi-line LOAD REPORT; `_check_loading_info` turns its content into one line.
+class quiet_load_report:
+    """Drop transformers' multi-line LOAD REPORT; `check_loading_info` turns its content into one line.
 
     A filter, not a higher level: transformers 5 runs (and logs) its tensor-parallel plan check only when
     that logger's level is WARNING or above.
@@ -94,7 +94,7 @@ def _show(names, limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _check_loading_info(loading: dict, name: str, cls: type, info: ModelInfo) -> None:
+def check_loading_info(loading: dict, name: str, cls: type, info: ModelInfo) -> None:
     """Missing or mismatched tensors are an error (transformers would initialise them at random); so are
     unexpected ones, except a task head left out on purpose when no `architectures` names the class."""
     missing = loading.get("missing_keys") or ()
@@ -135,6 +135,6 @@ def check_finite(model: torch.nn.Module, name: str) -> None:
         )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -4,18 +4,18 @@ compressed folder, the packaged demo model or a hub id (see kroncompress.models)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kroncompress.demo import demo_model_path, is_demo_name
+from kroncompress.models.info import ModelInfo
 from kroncompress.models.checks import (
-    _check_loading_info, _first_line, _quiet_load_report, _read_config_dict, check_finite, check_weight_files,
+    check_finite, check_loading_info, check_weight_files, first_line, quiet_load_report, read_config_dict,
 )
 from kroncompress.models.tokenizer import (
-    _fallback_tokenizer, _load_tokenizer, check_tokenizer_fits, resolve_tokenizer, tokenizer_name,
+    check_tokenizer_fits, fallback_tokenizer, looks_like_path, resolve_tokenizer, tokenizer_in, tokenizer_name,
 )
 
 
@@ -24,24 +24,6 @@ WEIGHT_FILES = (
 )
 # The key under which io.save_compressed records the per-module plan in config.json.
 COMPRESSED_CONFIG_KEY = "kroncompress"
-
-
-@dataclass
-class ModelInfo:
-    """Where a loaded model came from and what it is."""
-
-    name_or_path: str
-    source: str  # "local" (folder with weights), "config" (config.json only), "hub", "compressed"
-    model_type: str
-    model_class: str
-    meta: bool = False  # True: parameters live on the meta device (shapes only)
-    tokenizer: Any = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def description(self) -> str:
-        text = f"{self.model_class} ({self.model_type}) from {self.source} {self.name_or_path!r}"
-        return text + ("; meta: shapes only" if self.meta else "")
 
 
 def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: str | torch.dtype | None = None,
@@ -73,13 +55,13 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
     (`check_tokenizer_fits`).
     """
     name = os.fspath(name_or_path)
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     path = Path(name).expanduser()
     if not path.exists() and is_demo_name(name):  # a folder of that name in the cwd still wins
         path = demo_model_path()
     if path.exists():
         model, info = _load_local(path, name, meta_ok=meta_ok, dtype=torch_dtype)
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise ValueError(
             f"model path {name!r} does not exist; pass an existing folder holding config.json "
             "(and weights, as written by save_pretrained()) or a Hugging Face hub id such as 'gpt2'"
@@ -96,29 +78,21 @@ def load_model(name_or_path: str | os.PathLike, *, meta_ok: bool = True, dtype: 
         info.notes.append(f"tokenizer: {tokenizer_name(info.tokenizer)!r}")
     elif load_tokenizer and info.tokenizer is None and info.source != "config":
         source = path if info.source != "hub" else name
-        info.tokenizer, note = _load_tokenizer(source)
+        info.tokenizer, note = tokenizer_in(source)
         if info.tokenizer is None and isinstance(source, Path):
-            info.tokenizer, note = _fallback_tokenizer(model, source, note)
+            info.tokenizer, note = fallback_tokenizer(model, source, note)
         if note:
             info.notes.append(note)
     return model, info
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
     return value
-
-
-def _looks_like_path(name: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x\\y) is meant as a path."""
-    return (
-        name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-        or name.endswith(("/", ".json", ".safetensors", ".bin"))
-    )
 
 
 def _model_class(config) -> type:
@@ -153,7 +127,7 @@ def _load_local(path: Path, name: str, *, meta_ok: bool, dtype) -> tuple[Any, Mo
 
     if not path.is_dir():
         raise ValueError(f"model path {name!r} is a file; pass the folder that holds config.json and the weights")
-    config_dict = _read_config_dict(path)
+    config_dict = read_config_dict(path)
     if COMPRESSED_CONFIG_KEY in config_dict:
         from kroncompress.io import load_compressed
 
@@ -165,7 +139,7 @@ def _load_local(path: Path, name: str, *, meta_ok: bool, dtype) -> tuple[Any, Mo
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"cannot read the model config in {name!r}: {_first_line(exc)}") from exc
+        raise ValueError(f"cannot read the model config in {name!r}: {first_line(exc)}") from exc
     cls = _model_class(config)
     has_weights = any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("*.safetensors"))
     if not has_weights:
@@ -183,13 +157,13 @@ def _load_local(path: Path, name: str, *, meta_ok: bool, dtype) -> tuple[Any, Mo
     check_weight_files(path, name)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        with _quiet_load_report():
+        with quiet_load_report():
             model, loading = cls.from_pretrained(path, use_safetensors=True, output_loading_info=True,
                                                  ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"cannot load the model weights in {name!r}: {_first_line(exc)}") from exc
+        raise ValueError(f"cannot load the model weights in {name!r}: {first_line(exc)}") from exc
     info = ModelInfo(name, "local", config.model_type, _class_name(model))
-    _check_loading_info(loading, name, cls, info)
+    check_loading_info(loading, name, cls, info)
     return model, info
 
 
@@ -204,17 +178,17 @@ def _load_hub(name: str, *, dtype) -> tuple[Any, ModelInfo]:
         config = AutoConfig.from_pretrained(name, **cache_only)
         cls = _model_class(config)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        with _quiet_load_report():
+        with quiet_load_report():
             model, loading = cls.from_pretrained(name, use_safetensors=True, output_loading_info=True,
                                                  ignore_mismatched_sizes=True, **cache_only, **kwargs)
     except OSError as exc:
         if cache_only:
             raise ValueError(hub.offline_message("model", name)) from exc
         raise ValueError(
-            f"could not load model {name!r} from the Hugging Face hub ({_first_line(exc)}); the id may be wrong or "
+            f"could not load model {name!r} from the Hugging Face hub ({first_line(exc)}); the id may be wrong or "
             f"the repo may hold only pickle (.bin) weights, which kroncompress never loads; no local folder named "
             f"{name!r} exists either: to use a local model, pass the folder written by save_pretrained() (e.g. ./my-model)"
         ) from exc
     info = ModelInfo(name, "hub", config.model_type, _class_name(model))
-    _check_loading_info(loading, name, cls, info)
+    check_loading_info(loading, name, cls, info)
     return model, info

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kroncompress.models.checks import _first_line
+from kroncompress.models.checks import first_line
+from kroncompress.models.info import ModelInfo
 
-if TYPE_CHECKING:
-    from kroncompress.models.load import ModelInfo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 logger = logging.getLogger("kroncompress.models")
@@ -19,7 +18,15 @@ GPT2_VOCAB = 50257
 CHECKPOINTS = "checkpoints"
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x\\y) is meant as a path."""
+    return (
+        name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+        or name.endswith(("/", ".json", ".safetensors", ".bin"))
+    )
+
+
+def has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -31,13 +38,13 @@ def _vocab_size(model) -> int | None:
         return int(value) if isinstance(value, int) else None
 
 
-def _fallback_tokenizer(model, folder: Path, note: str) -> tuple[Any, str]:
+def fallback_tokenizer(model, folder: Path, note: str) -> tuple[Any, str]:
     """No tokenizer in `folder`: the run's (a checkpoint's output folder), else GPT-2's when the vocabulary
     is GPT-2's, else None with a note saying so."""
     if folder.parent.name == CHECKPOINTS:  # <output>/checkpoints/checkpoint-N: the run's tokenizer
         for run_folder in (folder.parent, folder.parent.parent):
-            if _has_tokenizer(run_folder):
-                tokenizer, problem = _load_tokenizer(run_folder)
+            if has_tokenizer(run_folder):
+                tokenizer, problem = tokenizer_in(run_folder)
                 if tokenizer is not None:
                     return tokenizer, f"tokenizer: the run's, from {str(run_folder)!r}"
                 note = problem or note
@@ -51,7 +58,7 @@ def _fallback_tokenizer(model, folder: Path, note: str) -> tuple[Any, str]:
             logger.warning(note)
             return tokenizer, note
         except ValueError as exc:  # the offline BPE files are not installed
-            return None, f"no tokenizer in the folder, and GPT-2's BPE is unavailable: {_first_line(exc)}"
+            return None, f"no tokenizer in the folder, and GPT-2's BPE is unavailable: {first_line(exc)}"
     return None, note or (f"no tokenizer in the folder, and the vocabulary ({vocab} tokens) is not GPT-2's "
                           f"({GPT2_VOCAB}), so GPT-2's BPE cannot stand in")
 
@@ -124,18 +131,17 @@ def _explicit_tokenizer(source: str | os.PathLike):
 
     from kroncompress import hub
     from kroncompress.demo import demo_model_path, is_demo_name
-    from kroncompress.models.load import _looks_like_path
 
     name = os.fspath(source)
     path = Path(name).expanduser()
     if not path.exists() and is_demo_name(name):
         path = demo_model_path()
     if path.exists():
-        if not path.is_dir() or not _has_tokenizer(path):
+        if not path.is_dir() or not has_tokenizer(path):
             raise ValueError(f"tokenizer {name!r} is not a folder holding tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                              "pass the folder a tokenizer was saved to with save_pretrained(), or a hub id")
         target, cache_only = str(path), {}
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise ValueError(f"tokenizer path {name!r} does not exist; pass a folder written by tokenizer.save_pretrained() "
                          "or a Hugging Face hub id such as 'gpt2'")
     else:
@@ -145,11 +151,11 @@ def _explicit_tokenizer(source: str | os.PathLike):
     except Exception as exc:  # noqa: BLE001  transformers raises many types for a bad tokenizer
         if cache_only:
             raise ValueError(hub.offline_message("tokenizer", name)) from exc
-        raise ValueError(f"cannot load the tokenizer {name!r}: {_first_line(exc)}; pass a folder written by "
+        raise ValueError(f"cannot load the tokenizer {name!r}: {first_line(exc)}; pass a folder written by "
                          "tokenizer.save_pretrained()") from exc
 
 
-def _load_tokenizer(source: Path | str) -> tuple[Any, str]:
+def tokenizer_in(source: Path | str) -> tuple[Any, str]:
     """(tokenizer or None, a note when one was expected but failed to load)."""
     if isinstance(source, Path) and not any((source / f).is_file() for f in TOKENIZER_FILES):
         return None, ""
@@ -160,4 +166,4 @@ def _load_tokenizer(source: Path | str) -> tuple[Any, str]:
     except Exception as exc:  # noqa: BLE001  a model without a usable tokenizer is still a model
         if isinstance(source, str):
             return None, ""
-        return None, f"tokenizer not loaded: {_first_line(exc)}"
+        return None, f"tokenizer not loaded: {first_line(exc)}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kroncompress.errors import RecipeError
 
-class RecipeError(ValueError):
-    """An invalid recipe: the message names the source, the YAML path, what is wrong and the fix."""
+__all__ = ["REPR_LIMIT", "RecipeError", "short_repr"]
 
 
 REPR_LIMIT = 200  # characters of a value quoted in an error message
@@ -23,7 +23,3 @@ def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
     text = shortener.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def _error(source: str, path: str, problem: str, fix: str | None = None) -> RecipeError:
-    where = f"{source}: {path}: " if path else f"{source}: "
-    return RecipeError(where + problem + (f"; {fix}" if fix else ""))

@@ -8,9 +8,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from kroncompress.recipe.errors import _error
-from kroncompress.recipe.loading import _RecipeLoader, parse_yaml, read_recipe_text
-from kroncompress.recipe.schema import Recipe
+from kroncompress.recipe.errors import RecipeError
+from kroncompress.recipe.loading import RecipeLoader, parse_yaml, read_recipe_text
+from kroncompress.recipe.recipe import Recipe
 
 
 def _bundled_dir():
@@ -32,7 +32,7 @@ def list_recipes() -> list[tuple[str, str]]:
     out = []
     for name, entry in sorted(_bundled_files().items()):
         try:
-            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=RecipeLoader) or {}
         except yaml.YAMLError:
             data = {}
         description = data.get("description", "") if isinstance(data, Mapping) else ""
@@ -62,4 +62,10 @@ def load_recipe(name_or_path: "str | Path | Mapping | Recipe") -> Recipe:
     close = difflib.get_close_matches(bare, list(bundled), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     problem = "is a folder, not a recipe file" if path.is_dir() else "no such recipe file, and no bundled recipe of that name"
-    raise _error(text, "", problem, f"{hint}give a path to a YAML file or a bundled recipe: {', '.join(sorted(bundled))}")
+    raise RecipeError(problem, where=text,
+                      fix=f"{hint}give a path to a YAML file or a bundled recipe: {', '.join(sorted(bundled))}")
+
+
+def as_recipe(recipe: Any) -> Recipe:
+    """A Recipe passes through; a name, path or dict is loaded (the one place the public API loads one)."""
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

@@ -1,36 +1,42 @@
-"""What a decomposition strategy is: a validated config + plan() + decompose() + build().
+"""What a strategy is: a validated config (`BaseStrategy`), then one of two siblings.
 
-plan() needs only a shape (so a model on the meta device can be planned); decompose() is pure math on
-a weight; build() turns factors (or nothing, when loading a saved model) into a drop-in module.
+A factorising `Strategy` (kronecker, svd, tucker, cp, tt) replaces a weight matrix: plan() needs only a
+shape (so a model on the meta device can be planned); decompose() is pure math on a weight; build() turns
+factors (or nothing, when loading a saved model) into a drop-in module. A `StructuralStrategy`
+(layerdrop) changes the model's structure instead: plan_layers() and apply(). Neither pretends to be the
+other: a structural strategy has no decompose or build to refuse.
 
 The contract, all of it declared here (the surgery inspects nothing else):
 
 - `name`, `Config` (a StrategyConfig dataclass), `kinds` (module kinds it compresses);
 - `plan(shape, kind, weight=None, bias=True, stats=None)` and `decompose(weight, plan, stats=None)`:
-  `stats` is the layer's damped input second moment (for an embedding: a `TokenStatistics` from
-  linalg.weighted_kronecker, token counts and the tied head's second moment), passed (as the keyword
-  `stats=`) only to strategies whose `uses_calibration` is True, so a strategy without calibration may
-  leave the parameter out, and one that declares it but misspells the parameter fails loudly instead of
-  silently running weight-only;
-- `wants_statistics(kind)`: whether the configured init would use statistics for a module of that kind
-  (which modules the calibration pass hooks); `init_for(kind, stats)`: the name of the init that runs;
-- `build(plan, factors=None, bias=None, device=None, dtype=None)`.
-
-Structural strategies (which remove whole blocks instead of factorising weights) derive from
-`StructuralStrategy` and implement `plan_layers` and `apply` instead of decompose/build.
+  `stats` is always passed, as the keyword `stats=`: the layer's damped input second moment (for an
+  embedding: a `TokenStatistics` from linalg.weighted_kronecker, token counts and the tied head's second
+  moment), or None when there are none or the strategy does not want them (`wants_statistics`).
+  `register_strategy` refuses a class whose plan or decompose has no `stats` parameter;
+- what plan() computed that decompose() can reuse travels on the plan (`LayerPlan.fit`, a `PlannedFit`
+  naming the weight and statistics it belongs to), never in a cache on the strategy instance;
+- `uses_calibration` / `wants_statistics(kind)`: whether the configured init would use statistics for a
+  module of that kind (which modules the calibration pass hooks); `init_for(kind, stats)`: the name of
+  the init that runs;
+- `build(plan, factors=None, bias=None, device=None, dtype=None)`;
+- bad options raise `OptionError(strategy, field, problem)` (kroncompress.errors), other bad input a
+  `KroncompressError` subclass.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from kroncompress.errors import OptionError
 from kroncompress.layers.base import FORWARD_MODES, FactorizedLinear, dense_weight_of
 
 KINDS = ("linear", "conv1d", "embedding")
@@ -49,9 +55,12 @@ class LayerPlan:
     flops_before: int = 0
     flops_after: int = 0
     note: str = ""
+    # What plan() computed that decompose() can take instead of computing it again (a PlannedFit), or
+    # None. Held in memory only: never saved, compared or shown.
+    fit: "PlannedFit | None" = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "fit"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
@@ -60,28 +69,28 @@ class LayerPlan:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class PlannedFit:
+    """Factors plan() already computed for one (weight, statistics) pair, which decompose() takes when it
+    is given the same pair (`key`, by content: linalg.als.content_key) instead of computing them again."""
+
+    key: tuple
+    factors: dict[str, torch.Tensor]
+
+
 @dataclass
 class StrategyConfig:
     """Base of every strategy's options; subclasses add fields and validate them in __post_init__."""
 
 
-class OptionError(ValueError):
-    """An invalid strategy option; `field` names the option, so a recipe can point at its YAML path."""
-
-    def __init__(self, strategy: str, field: str | None, problem: str):
-        self.strategy, self.field, self.problem = strategy, field, problem
-        super().__init__(f"strategy {strategy!r}, option {field!r}: {problem}" if field else f"strategy {strategy!r}: {problem}")
-
-
-def config_error(strategy: str, field_name: str | None, problem: str) -> OptionError:
-    return OptionError(strategy, field_name, problem)
+config_error = OptionError  # the name plugins written before kroncompress.errors used: the same class
 
 
 def check_forward_mode(strategy: str, value) -> None:
     """The `forward_mode` option of a factorising strategy (see FactorizedLinear)."""
     if value not in FORWARD_MODES:
-        raise config_error(strategy, "forward_mode", f"must be one of {', '.join(FORWARD_MODES)} (\"dense\" builds W once "
-                           f"next to the factors: memory for speed), got {value!r}")
+        raise OptionError(strategy, "forward_mode", f"must be one of {', '.join(FORWARD_MODES)} (\"dense\" builds W once "
+                          f"next to the factors: memory for speed), got {value!r}")
 
 
 def with_forward_mode(strategy: "Strategy", module: nn.Module) -> nn.Module:
@@ -98,12 +107,12 @@ def with_forward_mode(strategy: "Strategy", module: nn.Module) -> nn.Module:
 RATIO_BAND = 0.05
 
 
-class Strategy:
+class BaseStrategy:
+    """What every strategy has: a registered `name`, a validated `Config`, the module `kinds` it targets."""
+
     name: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
-    kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    # True when plan()/decompose() can use calibration statistics (`stats`); see wants_statistics().
-    uses_calibration: ClassVar[bool] = False
+    kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any):
         if config is not None and options:
@@ -117,13 +126,13 @@ class Strategy:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(known)}"
-                raise config_error(cls.name, key, f"unknown option; {hint}")
+                raise OptionError(cls.name, key, f"unknown option; {hint}")
         try:
             return cls.Config(**options)
         except OptionError:
             raise
         except (TypeError, ValueError) as exc:  # a Config that raises plain errors: no field to point at
-            raise config_error(cls.name, None, str(exc)) from None
+            raise OptionError(cls.name, None, str(exc)) from None
 
     @classmethod
     def options_of(cls, config: StrategyConfig) -> dict[str, Any]:
@@ -139,6 +148,18 @@ class Strategy:
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+    def check_kind(self, kind: str) -> None:
+        if kind not in self.kinds:
+            raise OptionError(self.name, None, f"cannot compress a {kind} module; it supports {', '.join(self.kinds)}")
+
+
+class Strategy(BaseStrategy):
+    """A factorising strategy: plan() a module, decompose() its weight, build() the drop-in module."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    # True when plan()/decompose() can use calibration statistics (`stats`); see wants_statistics().
+    uses_calibration: ClassVar[bool] = False
 
     # -- calibration -------------------------------------------------------------------------------
     def wants_statistics(self, kind: str) -> bool:
@@ -168,9 +189,10 @@ class Strategy:
         raise NotImplementedError
 
     # -- conveniences ------------------------------------------------------------------------------
-    def check_kind(self, kind: str) -> None:
-        if kind not in self.kinds:
-            raise ValueError(f"strategy {self.name!r} cannot compress a {kind} module; it supports {', '.join(self.kinds)}")
+    def statistics_for(self, kind: str, stats: Any) -> Any:
+        """`stats` when this strategy would use them for a module of `kind`, else None (what plan and
+        decompose are passed)."""
+        return stats if stats is not None and self.uses_calibration and self.wants_statistics(kind) else None
 
     def compress_module(self, module: nn.Module, stats: torch.Tensor | None = None) -> tuple[nn.Module, LayerPlan, float]:
         """Plan, decompose and build a replacement for an nn.Linear, Conv1D or nn.Embedding.
@@ -179,16 +201,16 @@ class Strategy:
         """
         kind = "embedding" if isinstance(module, nn.Embedding) else dense_weight_of(module)[1]
         weight, bias = weight_and_bias(module, kind)
-        stats = stats if self.uses_calibration and self.wants_statistics(kind) else None
-        extra = {"stats": stats} if self.uses_calibration else {}
-        plan = self.plan(tuple(weight.shape), kind, weight=weight.detach(), bias=bias is not None, **extra)
+        stats = self.statistics_for(kind, stats)
+        plan = self.plan(tuple(weight.shape), kind, weight=weight.detach(), bias=bias is not None, stats=stats)
         replaced = replacement(self, module, plan, stats)
         return replaced.module, plan, replaced.error
 
 
-class StructuralStrategy(Strategy):
+class StructuralStrategy(BaseStrategy):
     """A strategy that changes the model's structure (e.g. drops whole blocks) instead of factorising a
-    weight. It targets an nn.ModuleList of blocks; the surgery calls `plan_layers` then `apply`."""
+    weight, the sibling of `Strategy`. It targets an nn.ModuleList of blocks; the surgery calls
+    `plan_layers` then `apply`, and a saved model reloads with plain `from_pretrained`."""
 
     kinds: ClassVar[tuple[str, ...]] = ("layers",)
 
@@ -199,18 +221,6 @@ class StructuralStrategy(Strategy):
     def apply(self, model: nn.Module, layers_name: str, plan: LayerPlan) -> None:
         """Change `model.<layers_name>` in place following `plan` (and update the model's config)."""
         raise NotImplementedError
-
-    def plan(self, shape, kind="layers", weight=None, bias=True, stats=None) -> LayerPlan:
-        """shape = (number of blocks, parameters per block), for uniform stacks."""
-        self.check_kind(kind)
-        num_layers, per_layer = shape
-        return self.plan_layers([per_layer] * num_layers)
-
-    def decompose(self, weight, plan, stats=None):
-        raise TypeError(f"{self.name} is structural (it changes whole blocks); apply it with kc.compress(model, recipe)")
-
-    def build(self, plan, factors=None, bias=None, device=None, dtype=None):
-        raise TypeError(f"{self.name} is structural (it changes whole blocks); apply it with kc.compress(model, recipe)")
 
 
 def weight_and_bias(module: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,8 +252,7 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
     work = weight if weight.dtype in (torch.float32, torch.float64) else weight.to(torch.float32)
     work_bias = None if bias is None else bias.detach().to(work.dtype)
     with torch.no_grad():
-        extra = {"stats": stats} if strategy.uses_calibration else {}
-        new = with_forward_mode(strategy, strategy.build(plan, strategy.decompose(work, plan, **extra), work_bias))
+        new = with_forward_mode(strategy, strategy.build(plan, strategy.decompose(work, plan, stats=stats), work_bias))
         if kind == "embedding" and module.padding_idx is not None:
             new.padding_idx = module.padding_idx
         new.to(device=weight.device, dtype=weight.dtype)
@@ -263,6 +272,11 @@ def replacement(strategy: Strategy, module: nn.Module, plan: LayerPlan, stats: t
     return Replacement(new, error, output_error, strategy.init_for(kind, stats))
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's `true` is not a rank)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_ratio(value: Any) -> bool:
     """A compression ratio: a finite number > 1 (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 1
@@ -274,9 +288,9 @@ def check_ratio_met(strategy: str, ratio: float, shape: tuple[int, int], factor_
     budget = shape[0] * shape[1] / ratio
     if factor_params < budget * (1 - RATIO_BAND):
         achieved = shape[0] * shape[1] / max(factor_params, 1)
-        raise config_error(strategy, "ratio", f"{ratio:g} cannot be met for a {shape[0]} x {shape[1]} weight: the "
-                           f"closest plan keeps {factor_params:,} of the {budget:,.0f} parameters the ratio allows "
-                           f"(ratio {achieved:.3g}); {reach}")
+        raise OptionError(strategy, "ratio", f"{ratio:g} cannot be met for a {shape[0]} x {shape[1]} weight: the "
+                          f"closest plan keeps {factor_params:,} of the {budget:,.0f} parameters the ratio allows "
+                          f"(ratio {achieved:.3g}); {reach}")
 
 
 def linear_params(shape: tuple[int, int], kind: str, bias: bool) -> int:

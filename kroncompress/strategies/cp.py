@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kroncompress.errors import OptionError
 from kroncompress.layers.cp import CPLinear
 from kroncompress.linalg.tensorized import cp_decompose, cp_matmul_flops, cp_params
-from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, linear_params
+from kroncompress.strategies.base import (
+    LayerPlan, Strategy, StrategyConfig, check_forward_mode, dense_flops, is_int, linear_params,
+)
 from kroncompress.strategies.registry import register_strategy
-from kroncompress.strategies.tucker import _is_int, check_tensor_options, ranks_for_ratio, resolve_tensorization
+from kroncompress.strategies.tucker import check_tensor_options, ranks_for_ratio, resolve_tensorization
 
 
 @dataclass
@@ -38,8 +41,8 @@ class CPConfig(StrategyConfig):
     def __post_init__(self):
         check_forward_mode("cp", self.forward_mode)
         check_tensor_options("cp", self, "rank")
-        if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
-            raise config_error("cp", "rank", f"must be a positive int, got {self.rank!r}")
+        if self.rank is not None and (not is_int(self.rank) or self.rank < 1):
+            raise OptionError("cp", "rank", f"must be a positive int, got {self.rank!r}")
 
 
 @register_strategy("cp")

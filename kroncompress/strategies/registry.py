@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from importlib.metadata import entry_points
 
-from kroncompress.strategies.base import Strategy
+from kroncompress.errors import KroncompressError, RecipeError
+from kroncompress.strategies.base import BaseStrategy, Strategy, StructuralStrategy
 
 ENTRY_POINT_GROUP = "kroncompress.strategies"
-_REGISTRY: dict[str, type[Strategy]] = {}
+_REGISTRY: dict[str, type[BaseStrategy]] = {}
 _entry_points_loaded = False
 
 
 def register_strategy(name: str):
-    """Class decorator: `@register_strategy("mine") class Mine(Strategy): ...`."""
+    """Class decorator: `@register_strategy("mine") class Mine(Strategy): ...` (or `StructuralStrategy`)."""
 
-    def decorator(cls: type[Strategy]) -> type[Strategy]:
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise TypeError(f"register_strategy({name!r}) expects a subclass of kroncompress.Strategy, got {cls!r}")
+    def decorator(cls: type[BaseStrategy]) -> type[BaseStrategy]:
+        if not (isinstance(cls, type) and issubclass(cls, (Strategy, StructuralStrategy))):
+            raise TypeError(f"register_strategy({name!r}) expects a subclass of kroncompress.Strategy or "
+                            f"kroncompress.StructuralStrategy, got {cls!r}")
+        if issubclass(cls, Strategy):
+            _check_takes_stats(name, cls)
         existing = _REGISTRY.get(name)
         if existing is not None and existing is not cls:
-            raise ValueError(f"a strategy named {name!r} is already registered ({existing.__module__}.{existing.__qualname__})")
+            raise KroncompressError(f"a strategy named {name!r} is already registered "
+                                    f"({existing.__module__}.{existing.__qualname__})", fix="pick another name")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return decorator
+
+
+def _check_takes_stats(name: str, cls: type[Strategy]) -> None:
+    """The contract passes `stats=` to plan and decompose, always (None when there are none): refuse a
+    class whose methods would fail on it (or misspell it) at registration, not in the middle of a run."""
+    for method in ("plan", "decompose"):
+        parameters = inspect.signature(getattr(cls, method)).parameters.values()
+        if not any(p.name == "stats" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            raise TypeError(f"register_strategy({name!r}): {cls.__qualname__}.{method}() has no `stats` parameter; "
+                            f"the surgery always passes stats= (None when there are no statistics): add "
+                            f"`stats=None` to its parameters")
 
 
 def _load_entry_points() -> None:
@@ -39,7 +56,8 @@ def _load_entry_points() -> None:
         try:
             cls = ep.load()
         except Exception as exc:
-            raise ValueError(f"{where} failed to load: {exc}; fix or uninstall the package that provides it") from exc
+            raise KroncompressError(f"failed to load: {exc}", where=where,
+                                    fix="fix or uninstall the package that provides it") from exc
         try:
             register_strategy(ep.name)(cls)
         except TypeError as exc:
@@ -48,17 +66,17 @@ def _load_entry_points() -> None:
     _entry_points_loaded = True
 
 
-def get_strategy(name: str) -> type[Strategy]:
+def get_strategy(name: str) -> type[BaseStrategy]:
     """The registered strategy class called `name` (built-ins, decorated classes, entry points)."""
     if not isinstance(name, str):
-        raise ValueError(f"a strategy name must be a string, got {type(name).__name__} ({str(name)[:40]!r}); "
-                         f"known: {', '.join(list_strategies())}")
+        raise RecipeError(f"a strategy name must be a string, got {type(name).__name__} ({str(name)[:40]!r})",
+                          fix=f"known: {', '.join(list_strategies())}")
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown strategy {name!r}; {hint}known: {', '.join(list_strategies())}")
+        raise RecipeError(f"unknown strategy {name!r}", fix=f"{hint}known: {', '.join(list_strategies())}")
     return _REGISTRY[name]
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kroncompress.errors import OptionError
 from kroncompress.layers.lowrank import LowRankLinear
 from kroncompress.linalg.svd import truncated_svd
 from kroncompress.linalg.whitening import whitened_svd
-from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
+from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, dense_flops, is_ratio, linear_params
 from kroncompress.strategies.registry import register_strategy
 
 
@@ -30,13 +31,13 @@ class SVDConfig(StrategyConfig):
     def __post_init__(self):
         check_forward_mode("svd", self.forward_mode)
         if self.init not in INITS:
-            raise config_error("svd", "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
+            raise OptionError("svd", "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if (self.rank is None) == (self.ratio is None):
-            raise config_error("svd", "rank", "give either rank (e.g. 64) or ratio (e.g. 2), exactly one of them")
+            raise OptionError("svd", "rank", "give either rank (e.g. 64) or ratio (e.g. 2), exactly one of them")
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
-            raise config_error("svd", "rank", f"must be a positive int, got {self.rank!r}")
+            raise OptionError("svd", "rank", f"must be a positive int, got {self.rank!r}")
         if self.ratio is not None and not is_ratio(self.ratio):
-            raise config_error("svd", "ratio", f"must be a finite number > 1 (2 halves the parameters), got {self.ratio!r}")
+            raise OptionError("svd", "ratio", f"must be a finite number > 1 (2 halves the parameters), got {self.ratio!r}")
 
 
 @register_strategy("svd")
@@ -49,7 +50,7 @@ class SVDStrategy(Strategy):
         rank = self.config.rank if self.config.rank is not None else int(m * n // (self.config.ratio * (m + n)))
         if not 1 <= rank <= min(m, n):
             field = "rank" if self.config.rank is not None else "ratio"
-            raise config_error("svd", field, f"gives rank {rank} for a {m} x {n} weight; the rank must be in 1..{min(m, n)}")
+            raise OptionError("svd", field, f"gives rank {rank} for a {m} x {n} weight; the rank must be in 1..{min(m, n)}")
         return rank
 
     def plan(self, shape, kind="linear", weight=None, bias=True, stats=None):

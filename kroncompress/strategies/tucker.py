@@ -18,39 +18,38 @@ import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from kroncompress.errors import OptionError
 from kroncompress.layers.tucker import TuckerLinear
 from kroncompress.linalg.tensorized import (
     balanced_factors, solve_ranks, tucker_ranks_problem, tucker_decompose, tucker_matmul_flops, tucker_max_ranks, tucker_params,
     tucker_params_grid,
 )
-from kroncompress.strategies.base import check_forward_mode, LayerPlan, Strategy, StrategyConfig, config_error, dense_flops, is_ratio, linear_params
+from kroncompress.strategies.base import (
+    LayerPlan, Strategy, StrategyConfig, check_forward_mode, dense_flops, is_int, is_ratio, linear_params,
+)
 from kroncompress.strategies.registry import register_strategy
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_tensor_options(strategy: str, cfg, rank_field: str, min_order: int = 1) -> None:
     """Validate ratio / out_shape / in_shape / order and that exactly one of `rank_field` or ratio is given."""
     if (getattr(cfg, rank_field) is None) == (cfg.ratio is None):
-        raise config_error(strategy, rank_field, f"give either {rank_field} or ratio (e.g. 2), exactly one of them")
+        raise OptionError(strategy, rank_field, f"give either {rank_field} or ratio (e.g. 2), exactly one of them")
     if cfg.ratio is not None and not is_ratio(cfg.ratio):
-        raise config_error(strategy, "ratio", f"must be a finite number > 1 (2 halves the parameters), got {cfg.ratio!r}")
-    if not _is_int(cfg.order) or cfg.order < min_order:
-        raise config_error(strategy, "order", f"must be an int >= {min_order} (factors per side), got {cfg.order!r}")
+        raise OptionError(strategy, "ratio", f"must be a finite number > 1 (2 halves the parameters), got {cfg.ratio!r}")
+    if not is_int(cfg.order) or cfg.order < min_order:
+        raise OptionError(strategy, "order", f"must be an int >= {min_order} (factors per side), got {cfg.order!r}")
     for name in ("out_shape", "in_shape"):
         value = getattr(cfg, name)
         if value is None:
             continue
-        if not isinstance(value, (list, tuple)) or len(value) < min_order or not all(_is_int(v) and v >= 1 for v in value):
-            raise config_error(strategy, name, f"expected a list of at least {min_order} positive ints, e.g. [48, 64], got {value!r}")
+        if not isinstance(value, (list, tuple)) or len(value) < min_order or not all(is_int(v) and v >= 1 for v in value):
+            raise OptionError(strategy, name, f"expected a list of at least {min_order} positive ints, e.g. [48, 64], got {value!r}")
     if cfg.out_shape is not None and cfg.in_shape is not None and len(cfg.out_shape) != len(cfg.in_shape):
-        raise config_error(strategy, "in_shape", f"needs as many factors as out_shape {list(cfg.out_shape)} "
-                           f"(got {list(cfg.in_shape)}); pad with 1s")
+        raise OptionError(strategy, "in_shape", f"needs as many factors as out_shape {list(cfg.out_shape)} "
+                          f"(got {list(cfg.in_shape)}); pad with 1s")
     for name in ("n_iter_max",):
-        if hasattr(cfg, name) and (not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 1):
-            raise config_error(strategy, name, f"must be a positive int, got {getattr(cfg, name)!r}")
+        if hasattr(cfg, name) and (not is_int(getattr(cfg, name)) or getattr(cfg, name) < 1):
+            raise OptionError(strategy, name, f"must be a positive int, got {getattr(cfg, name)!r}")
 
 
 def resolve_tensorization(strategy: str, cfg, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -62,9 +61,9 @@ def resolve_tensorization(strategy: str, cfg, shape) -> tuple[tuple[int, ...], t
         if given is None:
             result.append(balanced_factors(size, order))
         elif math.prod(given) != size:
-            raise config_error(strategy, name, f"{list(given)} multiplies to {math.prod(given)}, but the weight "
-                               f"{m} x {n} has {size}; use factors of {size}, e.g. {list(balanced_factors(size, order))}, "
-                               "or leave it out to choose automatically")
+            raise OptionError(strategy, name, f"{list(given)} multiplies to {math.prod(given)}, but the weight "
+                              f"{m} x {n} has {size}; use factors of {size}, e.g. {list(balanced_factors(size, order))}, "
+                              "or leave it out to choose automatically")
         else:
             result.append(tuple(given))
     return result[0], result[1]
@@ -75,23 +74,23 @@ def ranks_for_ratio(strategy: str, cfg, shape, params_of, max_ranks, params_of_g
     budget = shape[0] * shape[1] / cfg.ratio
     ranks = solve_ranks(params_of, max_ranks, budget, params_of_grid=params_of_grid)
     if ranks is None:
-        raise config_error(strategy, "ratio", f"{cfg.ratio} is too high for a {shape[0]} x {shape[1]} weight: the "
-                           f"smallest ranks need {params_of([1] * len(max_ranks))} parameters > budget {budget:.0f}; "
-                           "lower the ratio or use more factors (order)")
+        raise OptionError(strategy, "ratio", f"{cfg.ratio} is too high for a {shape[0]} x {shape[1]} weight: the "
+                          f"smallest ranks need {params_of([1] * len(max_ranks))} parameters > budget {budget:.0f}; "
+                          "lower the ratio or use more factors (order)")
     used = params_of(ranks) / budget
     return ranks, f"ranks from ratio {cfg.ratio}: {used:.2%} of the budget of {budget:.0f} parameters"
 
 
 def check_explicit_ranks(strategy: str, field: str, ranks, max_ranks, what: str, problem=None) -> list[int]:
-    if not isinstance(ranks, (list, tuple)) or len(ranks) != len(max_ranks) or not all(_is_int(r) for r in ranks):
-        raise config_error(strategy, field, f"needs {len(max_ranks)} ints ({what}), got {ranks!r}")
+    if not isinstance(ranks, (list, tuple)) or len(ranks) != len(max_ranks) or not all(is_int(r) for r in ranks):
+        raise OptionError(strategy, field, f"needs {len(max_ranks)} ints ({what}), got {ranks!r}")
     bad = [(k, r, mr) for k, (r, mr) in enumerate(zip(ranks, max_ranks)) if not 1 <= r <= mr]
     if bad:
         k, r, mr = bad[0]
-        raise config_error(strategy, field, f"entry {k} is {r}; it must be in 1..{mr} ({what}: maxima {list(max_ranks)})")
+        raise OptionError(strategy, field, f"entry {k} is {r}; it must be in 1..{mr} ({what}: maxima {list(max_ranks)})")
     reason = problem(ranks) if problem is not None else None
     if reason:
-        raise config_error(strategy, field, f"{list(ranks)} is not attainable: {reason}; lower that rank")
+        raise OptionError(strategy, field, f"{list(ranks)} is not attainable: {reason}; lower that rank")
     return list(ranks)
 
 

@@ -20,12 +20,14 @@ files, held-out validation). Their public names are importable from here too, as
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from kroncompress.tasks.sources import FILE_SUFFIXES, _read_rows  # noqa: F401  (FILE_SUFFIXES: re-exported)
+from kroncompress.tasks.sources import FILE_SUFFIXES, read_rows  # noqa: F401  (FILE_SUFFIXES: re-exported)
 from kroncompress.tasks.spec import GLUE_TASKS, KINDS, TaskSpec, task_spec  # noqa: F401  (KINDS: re-exported)
 
 # the validation part held out of a single file, chosen by a hash of the row (stable across runs and machines)
@@ -108,7 +110,7 @@ def load_task(spec: Any, data: Any = None, *, validation_fraction: float = DEFAU
             data = f"glue/{spec.name}"
         else:
             raise ValueError(f"task {spec.name}: no data given; pass a dataset name, a folder, a csv/tsv/jsonl file or rows")
-    rows, source = _read_rows(spec, data, validation_fraction)
+    rows, source = read_rows(spec, data, validation_fraction)
     needed = [spec.train_split, *spec.eval_splits]
     missing = [s for s in needed if s not in rows]
     if missing:
@@ -122,6 +124,43 @@ def load_task(spec: Any, data: Any = None, *, validation_fraction: float = DEFAU
     spec = dataclasses.replace(spec, labels=_label_names(spec, rows[spec.train_split], source))
     splits = {name: _to_split(spec, name, rows[name], source) for name in dict.fromkeys(needed)}
     return TaskData(spec=spec, splits=splits, source=source)
+
+
+def load_task_recipe(recipe: Any) -> tuple[Any, dict[str, Any]]:
+    """(Recipe, its task section as a dict, checked) from a bundled name, a YAML path, a mapping or a Recipe."""
+    from kroncompress.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    return parsed, _task_section(parsed.task, parsed.source)
+
+
+def _task_section(section: Any, source: str) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if isinstance(section, str):
+        return {"glue": section}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{source}: task: expected a mapping of task fields (glue, text, text_pair, label, labels, kind, "
+                         f"metrics, data, ...), got {type(section).__name__}")
+    try:
+        task_spec(dict(section))  # validate now, before any model is loaded
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    return dict(section)
+
+
+def read_task_file(path: Path) -> TaskSpec:
+    """The TaskSpec a task.json holds (`finetune` writes one next to the model); a ValueError naming the file."""
+    try:
+        return task_spec(json.loads(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); it should be the task.json `finetune` "
+                         "wrote: fine-tune again, or pass the task (--task / task=)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); it should be the "
+                         "task.json `finetune` wrote: fix it, fine-tune again, or pass the task (--task / task=)") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _cap(data: TaskData, count: int) -> TaskData:

@@ -31,9 +31,9 @@ def is_classifier(model: nn.Module) -> bool:
 def is_decoder(model: nn.Module) -> bool:
     """Decoder-only families (causal attention, last-token pooling); encoders are BERT-like. The same
     rule the distillation engine uses for its attention loss."""
-    from kroncompress.distill.trainer import _is_causal
+    from kroncompress.distill.models import is_causal
 
-    return _is_causal(model)
+    return is_causal(model)
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path | str:
@@ -58,7 +58,7 @@ def load_task_model(model: Any, data: TaskData, *, tokenizer: Any = None, requir
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from kroncompress.models import TOKENIZER_FILES, TOKENIZER_HINT, resolve_tokenizer
-    from kroncompress.models.tokenizer import _has_tokenizer
+    from kroncompress.models.tokenizer import has_tokenizer
 
     tokenizer = resolve_tokenizer(tokenizer)
 
@@ -79,7 +79,7 @@ def load_task_model(model: Any, data: TaskData, *, tokenizer: Any = None, requir
     if require_head and not has_head:
         raise ValueError(f"{os.fspath(model)!r} is a {', '.join(config.architectures or [config.model_type])}, not a model "
                          "fine-tuned on the task; fine-tune it first (kc.tasks.finetune / `kroncompress finetune`)")
-    if tokenizer is None and isinstance(source, Path) and not _has_tokenizer(source):
+    if tokenizer is None and isinstance(source, Path) and not has_tokenizer(source):
         # transformers 5 would build an empty tokenizer (special tokens only) from the config alone
         raise ValueError(f"{os.fspath(model)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); {TOKENIZER_HINT}, "
                          "or save the tokenizer next to the model")

@@ -1,6 +1,6 @@
 """Where a task's labelled rows come from: a hub dataset, a `save_to_disk` folder, a folder of csv / tsv /
 jsonl files named after their splits, one such file (its validation part held out by a hash of each row),
-or rows given in memory; `_read_rows` returns them by split for `load_task` to check (kroncompress.tasks.data)."""
+or rows given in memory; `read_rows` returns them by split for `load_task` to check (kroncompress.tasks.data)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _SPLIT_ALIASES = {"validation": ("validation", "dev", "valid", "val"),
                   "train": ("train",), "test": ("test",)}
 
 
-def _read_rows(spec: TaskSpec, data: Any, validation_fraction: float) -> tuple[dict[str, list], str]:
+def read_rows(spec: TaskSpec, data: Any, validation_fraction: float) -> tuple[dict[str, list], str]:
     """{split: rows (sequences of mappings)} and a description of where they came from."""
     if _is_dataset_dict(data):
         return {str(k): v for k, v in data.items()}, "the given DatasetDict"

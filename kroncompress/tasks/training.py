@@ -1,5 +1,6 @@
-"""Training on a task: fine-tuning (the teacher) and distillation (the compressed student), both with a
-transformers `Trainer`.
+"""Training on a task: fine-tuning (the teacher) and distillation (the compressed student), both on the
+distillation engine (kroncompress.distill: its trainer, TrainingArguments and evaluation schedule) with the
+task's loss head (kroncompress.tasks.loss.TaskLoss) and the task's score as the evaluation.
 
     result = finetune("path/to/bert", "sst2", "glue/sst2", output_dir="runs/bert-sst2")
     history = distill_task(student, teacher, tokenizer, data, config)   # config: a recipe's DistillConfig
@@ -17,80 +18,49 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from kroncompress.tasks.data import TaskData, cap_eval_splits, load_task, task_spec
+from kroncompress.tasks.loss import TaskLoss
 from kroncompress.tasks.modeling import collator, encode, evaluate_task, is_decoder, load_task_model
 
-EVALS_PER_RUN = 10  # score points on the distillation plot when no eval_every is given
 MAX_TRAINING_EVAL_EXAMPLES = 512  # the periodic scores during training use the first examples of the split
 
 
-def _training_arguments(output_dir, *, lr: float, batch_size: int, epochs: float, max_steps: int | None, seed: int,
-                        warmup_ratio: float, weight_decay: float, max_grad_norm: float | None, schedule: str = "linear",
-                        grad_accum: int = 1, bf16: bool = False, log_every: int = 10):
-    from transformers import TrainingArguments
+def _train(model: nn.Module, teacher: nn.Module | None, loss: TaskLoss, config: Any, tokenizer: Any, data: TaskData,
+           *, max_steps: int | None, eval_every: int | None, scratch_near: Path | None, label: str, where: str,
+           advice: str):
+    """Train `model` in place with the distillation engine (its TrainingArguments, evaluation schedule and
+    trainer) on the task's training examples, scoring it on the evaluation split at the start, every
+    `eval_every` steps (default: the engine's schedule) and at the end. A non-finite loss stops it with an
+    error naming `where` and the fix (`advice`). Returns (trainer state, score history, seconds)."""
+    from kroncompress.distill.hf_trainer import DistillTrainer
+    from kroncompress.distill.trainer import eval_every as schedule, training_arguments
 
-    from kroncompress.distill.hf_trainer import version_arguments
-
-    gpu = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or 0.0, optim="adamw_torch",
-        lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule],
-        **version_arguments(warmup_ratio=warmup_ratio), num_train_epochs=epochs,
-        max_steps=max_steps if max_steps is not None else -1, seed=seed, data_seed=seed,
-        eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=log_every,
-        logging_first_step=True, disable_tqdm=True, report_to="none", remove_unused_columns=False,
-        dataloader_num_workers=0, dataloader_pin_memory=gpu, use_cpu=not gpu and not torch.backends.mps.is_available(),
-        bf16=bool(bf16 and gpu and torch.cuda.is_bf16_supported()),
-    )
-
-
-class _ScoreCallback:
-    """Scores the model on the evaluation split at step 0, every `every` steps and at the end."""
-
-    def __new__(cls, *args, **kwargs):
-        from transformers import TrainerCallback
-
-        class ScoreCallback(TrainerCallback):
-            def __init__(self, score: Callable[[nn.Module], float], every: int):
-                self.score, self.every, self.history, self.model = score, every, [], None
-
-            def _record(self, state, model):
-                if not self.history or self.history[-1]["step"] != state.global_step:
-                    self.history.append({"step": int(state.global_step), "score": float(self.score(model))})
-
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                self.model = model
-                self._record(state, model)
-
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
-                    self._record(state, model or self.model)
-
-            def on_train_end(self, args, state, control, model=None, **kwargs):
-                self._record(state, model or self.model)
-
-        return ScoreCallback(*args, **kwargs)
-
-
-def _steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(examples / batch_size) // grad_accum)
-
-
-def _eval_every(eval_every: int | None, max_steps: int | None, epochs: float, examples: int, batch_size: int, grad_accum: int) -> int:
-    if eval_every:
-        return eval_every
-    steps = max_steps or max(1, math.ceil(_steps_per_epoch(examples, batch_size, grad_accum) * epochs))
-    return max(1, steps // EVALS_PER_RUN)
+    train_set = encode(data.train, tokenizer, data.spec.max_length)
+    steps = max_steps or config.train.max_steps
+    train = dataclasses.replace(config.train, max_steps=steps, eval_every=eval_every or config.train.eval_every)
+    config = dataclasses.replace(config, train=dataclasses.replace(train, eval_every=schedule(train, len(train_set))))
+    score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
+    start = time.perf_counter()
+    with _scratch(scratch_near) as scratch:
+        args = training_arguments(config, scratch, max_steps=steps, has_eval=True, eval_on_start=True, save=False)
+        # the examples stand in as eval_dataset (the Trainer wants one to schedule evaluations); `score` reads the split
+        trainer = DistillTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
+                                 data_collator=collator(tokenizer), teacher=teacher, loss_fn=loss, score=score,
+                                 where=where, advice=advice)
+        _quiet(trainer, label)
+        trainer.train()
+    model.eval()
+    history = [{"step": int(e["step"]), "score": float(e["eval_score"])} for e in trainer.state.log_history
+               if "eval_score" in e]
+    return trainer.state, history, time.perf_counter() - start
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------
@@ -126,7 +96,7 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     """
     from kroncompress.distill.guards import check_finite_weights, check_training_settings
     from kroncompress.outputs import check_output_path, check_output_state
-    from kroncompress.tasks.trainer import FinetuneTrainer
+    from kroncompress.recipe import DistillConfig, TrainConfig
 
     check_training_settings(epochs=epochs, lr=lr, seed=seed)
     target = check_output_path(output_dir) if output_dir is not None else None
@@ -137,23 +107,18 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     torch.manual_seed(seed)  # the new head's initialisation
     model, tokenizer = load_task_model(model, data, tokenizer=tokenizer)
     check_finite_weights(model, "model to fine-tune")
-    train = encode(data.train, tokenizer, data.spec.max_length)
-    score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
-    callback = _ScoreCallback(score, _eval_every(eval_every, max_steps, epochs, len(train), batch_size, 1))
-    start = time.perf_counter()
-    with _scratch(target) as scratch:
-        args = _training_arguments(scratch, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed,
-                                   warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-        trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, data_collator=collator(tokenizer),
-                                  callbacks=[callback])
-        _quiet(trainer, "finetune", callback.history)
-        trainer.train()
+    # fine-tuning: the task head's ce term alone, no teacher
+    config = DistillConfig(train=TrainConfig(
+        lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, schedule="linear", grad_accum=1, bf16=False))
+    loss = TaskLoss({"ce": 1.0}, regression=data.spec.kind == "regression")
+    state, history, seconds = _train(model, None, loss, config, tokenizer, data, max_steps=max_steps,
+                                     eval_every=eval_every, scratch_near=target, label="finetune", where="finetune",
+                                     advice="lower the learning rate (--lr / lr=), or check the data")
     check_finite_weights(model, "fine-tuned model", after_training=True, advice="lower the learning rate (--lr / lr=)")
-    model.eval()
-    seconds = time.perf_counter() - start
     scores = evaluate_task(model, tokenizer, data)
-    result = FinetuneResult(model=model, tokenizer=tokenizer, data=data, scores=scores, steps=trainer.state.global_step,
-                            seconds=round(seconds, 3), history=callback.history)
+    result = FinetuneResult(model=model, tokenizer=tokenizer, data=data, scores=scores, steps=state.global_step,
+                            seconds=round(seconds, 3), history=history)
     if target is not None:
         save_task_model(model, tokenizer, data, target, {"scores": scores, "steps": result.steps, "seconds": result.seconds,
                                                          "history": result.history, "max_eval_examples": max_eval_examples}, overwrite=overwrite)
@@ -161,7 +126,7 @@ def finetune(model: Any, task: Any, data: Any = None, output_dir: str | os.PathL
     return result
 
 
-def _quiet(trainer, label: str, history: list | None = None) -> None:
+def _quiet(trainer, label: str) -> None:
     """No tqdm bar nor printed log dicts; plain progress lines instead (step, ETA, loss, the last score), at
     the rhythm of kroncompress.progress, which a log file or CI output shows too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -170,8 +135,7 @@ def _quiet(trainer, label: str, history: list | None = None) -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    score = (lambda: f"score {history[-1]['score']:.4g}" if history else "") if history is not None else None
-    trainer.add_callback(LogProgress(label, status=score))
+    trainer.add_callback(LogProgress(label))  # it shows the last score from the logged eval_score
 
 
 class _scratch:
@@ -242,53 +206,36 @@ def distill_task(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: T
     its `losses`, `layer_map` and `train` settings; its `data` is not used, the task brings its own).
     Returns {"steps", "seconds", "losses" (logged terms per step), "history" ([{"step", "score"}] on the
     first evaluation split, at step 0, every `eval_every` steps and at the end), "layer_map"}."""
-    from kroncompress.distill.losses import (
-        DistillationLoss, disable_attention_dropout, keep_inference_settings, resolve_layer_map, use_eager_attention,
-    )
+    from kroncompress.distill.losses import DistillationLoss, resolve_layer_map
+    from kroncompress.distill.models import disable_attention_dropout, keep_inference_settings, use_eager_attention
     from kroncompress.recipe import LogitsKL, LossWeights
-    from kroncompress.tasks.trainer import TaskDistillTrainer
 
     config = copy.deepcopy(config) if config is not None else default_task_distill()
-    weights, train = config.losses, config.train
-    head = {"ce": weights.ce, "logits_kl": weights.logits_kl.weight}
-    head = {name: float(w) for name, w in head.items() if w > 0}
-    inner_weights = LossWeights(ce=0.0, logits_kl=LogitsKL(weight=0.0), hidden_mse=weights.hidden_mse,
-                                attention_kl=weights.attention_kl, embedding_mse=weights.embedding_mse)
-    inner = DistillationLoss(inner_weights, causal=is_decoder(student))
-    if not inner.enabled:
-        inner = None
-    needs_teacher = "logits_kl" in head or inner is not None
+    weights = config.losses
+    inner = DistillationLoss(LossWeights(ce=0.0, logits_kl=LogitsKL(weight=0.0), hidden_mse=weights.hidden_mse,
+                                         attention_kl=weights.attention_kl, embedding_mse=weights.embedding_mse),
+                             causal=is_decoder(student))
+    loss = TaskLoss({"ce": weights.ce, "logits_kl": weights.logits_kl.weight}, temperature=weights.logits_kl.temperature,
+                    regression=data.spec.kind == "regression", inner=inner)
     with keep_inference_settings(student, teacher):
         layer_map = None
-        if needs_teacher:
+        if loss.needs_teacher:
             teacher.eval()
             for param in teacher.parameters():
                 param.requires_grad_(False)
             layer_map = resolve_layer_map(student, teacher, config.layer_map)
-            if inner is not None:
-                inner.layer_map = layer_map
-                if inner.needs_attentions:
+            if loss.inner is not None:
+                loss.inner.layer_map = layer_map
+                if loss.inner.needs_attentions:
                     use_eager_attention(student)
                     use_eager_attention(teacher)
                     disable_attention_dropout(student)
-        train_set = encode(data.train, tokenizer, data.spec.max_length)
-        score = lambda m: evaluate_task(m, tokenizer, data, max_examples=MAX_TRAINING_EVAL_EXAMPLES)["score"]  # noqa: E731
-        callback = _ScoreCallback(score, _eval_every(eval_every or train.eval_every, max_steps or train.max_steps, train.epochs,
-                                                     len(train_set), train.batch_size, train.grad_accum))
-        start = time.perf_counter()
-        with _scratch(scratch_near) as scratch:
-            args = _training_arguments(scratch, lr=train.lr, batch_size=train.batch_size, epochs=train.epochs,
-                                       max_steps=max_steps or train.max_steps, seed=train.seed, warmup_ratio=train.warmup_ratio,
-                                       weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-                                       schedule=train.schedule, grad_accum=train.grad_accum, bf16=train.bf16)
-            trainer = TaskDistillTrainer(model=student, args=args, train_dataset=train_set, data_collator=collator(tokenizer),
-                                         callbacks=[callback], teacher=teacher if needs_teacher else None, head_weights=head,
-                                         temperature=weights.logits_kl.temperature,
-                                         regression=data.spec.kind == "regression", inner=inner)
-            _quiet(trainer, "task distill", callback.history)
-            trainer.train()
-        student.eval()
+        state, history, seconds = _train(student, teacher if loss.needs_teacher else None, loss, config, tokenizer, data,
+                                         max_steps=max_steps, eval_every=eval_every, scratch_near=scratch_near,
+                                         label="task distill", where="task distillation",
+                                         advice="lower the recipe's distill.train.lr, turn on train.max_grad_norm, "
+                                                "or check the data")
     losses = [{"step": int(e["step"]), **{k[5:]: float(v) for k, v in e.items() if k.startswith("loss_")}}
-              for e in trainer.state.log_history if any(k.startswith("loss_") for k in e)]
-    return {"steps": int(trainer.state.global_step), "seconds": round(time.perf_counter() - start, 3), "losses": losses,
-            "history": callback.history, "layer_map": layer_map, "terms": [*head, *(inner.enabled if inner else {})]}
+              for e in state.log_history if any(k.startswith("loss_") for k in e)]
+    return {"steps": int(state.global_step), "seconds": round(seconds, 3), "losses": losses, "history": history,
+            "layer_map": layer_map, "terms": list(loss.enabled)}

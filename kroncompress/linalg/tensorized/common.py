@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from kroncompress.errors import DataError
+
 Shape = tuple[int, ...]
 
 
@@ -17,7 +19,7 @@ Shape = tuple[int, ...]
 def balanced_factors(k: int, order: int) -> Shape:
     """Split k into `order` factors (ascending) whose largest is as small as possible, e.g. 3072, 2 -> (48, 64)."""
     if k < 1 or order < 1:
-        raise ValueError(f"balanced_factors: need k >= 1 and order >= 1, got k={k}, order={order}")
+        raise DataError(f"balanced_factors: need k >= 1 and order >= 1, got k={k}, order={order}")
 
     def splits(rest: int, parts: int, low: int):
         if parts == 1:
@@ -37,11 +39,11 @@ def check_tensorization(m: int, n: int, out_shape: Sequence[int], in_shape: Sequ
     """ValueError (naming out_shape / in_shape and the fix) unless the shapes multiply to (m, n) with equal order."""
     for name, shape, size in (("out_shape", out_shape, m), ("in_shape", in_shape, n)):
         if math.prod(shape) != size:
-            raise ValueError(f"{name}={list(shape)} multiplies to {math.prod(shape)}, but the weight has {size} "
+            raise DataError(f"{name}={list(shape)} multiplies to {math.prod(shape)}, but the weight has {size} "
                              f"{'rows (out features)' if name == 'out_shape' else 'columns (in features)'}; "
                              f"give factors whose product is {size}, e.g. {list(balanced_factors(size, len(shape)))}")
     if len(out_shape) != len(in_shape):
-        raise ValueError(f"out_shape={list(out_shape)} and in_shape={list(in_shape)} must have the same number of "
+        raise DataError(f"out_shape={list(out_shape)} and in_shape={list(in_shape)} must have the same number of "
                          "factors (pad with 1s)")
 
 
@@ -94,17 +96,17 @@ def solve_ranks(params_of: Callable[[Sequence[int]], int], max_ranks: Sequence[i
 
 
 # -- decompositions (tensorly) ------------------------------------------------------------------------
-def _work_tensor(weight: torch.Tensor, out_shape, in_shape) -> torch.Tensor:
+def work_tensor(weight: torch.Tensor, out_shape, in_shape) -> torch.Tensor:
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return weight.detach().to(dtype).reshape(*out_shape, *in_shape).contiguous()
 
 
-def _tensorly_pytorch():
+def tensorly_pytorch():
     import tensorly as tl
 
     # Thread-local and restored on exit: other code keeps whatever backend it had.
     return tl.backend_context("pytorch", local_threadsafe=True)
 
 
-def _cast(tensors, like: torch.Tensor) -> list[torch.Tensor]:
+def cast_like(tensors, like: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device=like.device, dtype=like.dtype).contiguous() for t in tensors]

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from kroncompress.linalg.tensorized.common import _cast, _tensorly_pytorch, _work_tensor
+from kroncompress.linalg.tensorized.common import cast_like, tensorly_pytorch, work_tensor
 
 
 def cp_params(out_shape: Sequence[int], in_shape: Sequence[int], rank: int) -> int:
@@ -39,14 +39,14 @@ def cp_decompose(weight: torch.Tensor, out_shape, in_shape, rank: int, n_iter_ma
 
     from kroncompress.linalg.svd import lapack_threads
 
-    T = _work_tensor(weight, out_shape, in_shape)
-    with _tensorly_pytorch(), warnings.catch_warnings(), lapack_threads(T):
+    T = work_tensor(weight, out_shape, in_shape)
+    with tensorly_pytorch(), warnings.catch_warnings(), lapack_threads(T):
         warnings.filterwarnings("ignore", message=".*n_eigenvecs.*")  # rank > mode size: expected, padded randomly
         weights, factors = parafac(T, rank, n_iter_max=n_iter_max, init="svd", tol=tol, random_state=random_state,
                                    normalize_factors=False, svd=_gram_svd)
     factors = list(factors)
     factors[0] = factors[0] * weights
-    return _cast(factors, weight)
+    return cast_like(factors, weight)
 
 
 # -- reconstruction (export and tests only) ----------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from kroncompress.linalg.tensorized.common import _cast, _tensorly_pytorch, _work_tensor
+from kroncompress.linalg.tensorized.common import cast_like, tensorly_pytorch, work_tensor
 
 
 # -- parameter count and rank limits -----------------------------------------------------------------
@@ -43,12 +43,12 @@ def tt_decompose(weight: torch.Tensor, out_shape, in_shape, ranks) -> list[torch
     """TT-matrix cores G_k (r_{k-1}, o_k, i_k, r_k) by tensorly's TT-SVD (deterministic)."""
     from tensorly.decomposition import tensor_train_matrix
 
-    T = _work_tensor(weight, out_shape, in_shape)
+    T = work_tensor(weight, out_shape, in_shape)
     from kroncompress.linalg.svd import lapack_threads
 
-    with _tensorly_pytorch(), lapack_threads(T):  # a chain of LAPACK SVDs: one thread (see lapack_threads)
+    with tensorly_pytorch(), lapack_threads(T):  # a chain of LAPACK SVDs: one thread (see lapack_threads)
         cores = tensor_train_matrix(T, rank=[1, *ranks, 1])
-    return _cast(list(cores), weight)
+    return cast_like(list(cores), weight)
 
 
 # -- reconstruction (export and tests only) ----------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from kroncompress.linalg.tensorized.common import _cast, _work_tensor
+from kroncompress.linalg.tensorized.common import cast_like, work_tensor
 
 
 # -- parameter counts and rank limits ----------------------------------------------------------------
@@ -66,7 +66,7 @@ def tucker_decompose(weight: torch.Tensor, out_shape, in_shape, ranks, n_iter_ma
         # of copying its transpose, then move the small core's modes back
         core, factors = tucker_decompose(weight.T, in_shape, out_shape, [*ranks[d:], *ranks[:d]], n_iter_max, tol)
         return core.permute(*range(d, 2 * d), *range(d)).contiguous(), [*factors[d:], *factors[:d]]
-    T = _work_tensor(weight, out_shape, in_shape)
+    T = work_tensor(weight, out_shape, in_shape)
     modes = list(range(T.dim()))
     half = max(1, len(modes) // 2)
     groups = [modes[:half], modes[half:]] if len(modes) > 1 else [modes]
@@ -85,7 +85,7 @@ def tucker_decompose(weight: torch.Tensor, out_shape, in_shape, ranks, n_iter_ma
             if previous is not None and previous - error <= tol * max(error, 1e-30 * total ** 0.5):
                 break
             previous = error
-    return _cast([core], weight)[0], _cast(factors, weight)
+    return cast_like([core], weight)[0], cast_like(factors, weight)
 
 
 def _split(T: torch.Tensor, k: int) -> tuple[int, int, int]:
@@ -133,14 +133,15 @@ def _mode_gram(T: torch.Tensor, k: int) -> torch.Tensor:
 def _leading_vectors(T: torch.Tensor, k: int, rank: int) -> torch.Tensor:
     """The `rank` leading left singular vectors of T's mode-k unfolding (short and wide): eigenvectors of
     its Gram (see _mode_gram), eigensolved in float64 (at most a few hundred rows: microseconds)."""
-    from kroncompress.linalg.svd import GRAM_LIMIT, non_finite_error, top_singular_triplets
+    from kroncompress.errors import DataError
+    from kroncompress.linalg.svd import GRAM_LIMIT, non_finite_problem, top_singular_triplets
 
     rows, cols = T.shape[k], T.numel() // max(T.shape[k], 1)
     if rows > min(cols, GRAM_LIMIT):  # not short and wide (e.g. order 1): the general solver
         return top_singular_triplets(T.movedim(k, 0).reshape(rows, cols), rank, name="tucker_decompose")[0]
     G = _mode_gram(T, k)
     if not bool(torch.isfinite(G).all()):
-        raise non_finite_error("tucker_decompose", T.movedim(k, 0).reshape(rows, cols))
+        raise DataError(non_finite_problem(T.movedim(k, 0).reshape(rows, cols)), where="tucker_decompose")
     _, vectors = torch.linalg.eigh(G)  # ascending
     return vectors.flip(1)[:, :rank].to(T.dtype)
 

@@ -19,182 +19,16 @@ name, and `for_module(embedding, heads=[head])` pairs the two (linalg.weighted_k
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from kroncompress.linalg.weighted_kronecker import TokenStatistics
-from kroncompress.linalg.whitening import DEFAULT_DAMPING, damp
+from kroncompress.calibration.stats import CalibrationStats, InputStatistic, TokenCount, in_features
+from kroncompress.linalg.whitening import DEFAULT_DAMPING
 
 DEFAULT_TOKENS = 16384
 DEFAULT_BLOCK_SIZE = 256
-_ROW_CHUNK = 4096  # rows converted to float64 at a time
-
-
-@dataclass
-class InputStatistic:
-    """The accumulated sum of x x^T of one distinct input and the modules that read it."""
-
-    sum_xxt: torch.Tensor
-    tokens: int = 0
-    modules: list[str] = field(default_factory=list)
-    _last: Any = field(default=None, repr=False, compare=False)  # weakref to the last input tensor counted
-
-    def add(self, x: torch.Tensor, device: torch.device | None) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1])
-        if device is not None:
-            rows = rows.to(device)
-        for start in range(0, rows.shape[0], _ROW_CHUNK):
-            chunk = rows[start:start + _ROW_CHUNK].to(torch.float64)
-            self.sum_xxt.addmm_(chunk.T, chunk)
-        self.tokens += rows.shape[0]
-
-
-@dataclass
-class TokenCount:
-    """The token-id histogram of one embedding module (float64, length V)."""
-
-    counts: torch.Tensor
-    padding_idx: int | None = None
-    tokens: int = 0
-    modules: list[str] = field(default_factory=list)
-
-    def add(self, ids: torch.Tensor) -> None:
-        ids = ids.detach().reshape(-1).to(self.counts.device)
-        if self.padding_idx is not None:
-            ids = ids[ids != self.padding_idx]
-        self.counts += torch.bincount(ids, minlength=self.counts.numel()).to(torch.float64)
-        self.tokens += ids.numel()
-
-
-class CalibrationStats:
-    """Per-module input second moments from `collect_statistics` / `calibrate`.
-
-    `for_module(name)` is what a strategy's `decompose(..., stats=)` takes (`matrix(name)` for a linear
-    module, token counts for an embedding); `groups` lists modules sharing an input; `memory_bytes` is
-    what the accumulators hold.
-    """
-
-    def __init__(self, inputs: list[InputStatistic], damping: float = DEFAULT_DAMPING,
-                 token_counts: list[TokenCount] | None = None):
-        if damping < 0:
-            raise ValueError(f"calibration: damping must be >= 0, got {damping}; 0.01 is the usual choice")
-        self.inputs = inputs
-        self.damping = damping
-        self.token_counts = list(token_counts or [])
-        self._by_module = {name: stat for stat in inputs for name in stat.modules}
-        self._counts_of = {name: stat for stat in self.token_counts for name in stat.modules}
-        self._recent: dict[tuple, torch.Tensor] = {}  # damped moments of the last inputs asked for (`matrix`)
-        self.path: Path | None = None  # the file `load` read them from (reports name it)
-        # module -> the loss's weight on its squared output error (kroncompress.sensitivity), for a recipe's budget
-        self.sensitivity: dict[str, float] | None = None
-
-    def save(self, path) -> Path:
-        """Write the statistics to a safetensors file, atomically (`kroncompress.io.calibration`)."""
-        from kroncompress.io.calibration import save_calibration
-
-        return save_calibration(self, path)
-
-    @classmethod
-    def load(cls, path, device: str | torch.device | None = None) -> "CalibrationStats":
-        """Statistics saved by `save`; every field is checked, errors name the file and the field."""
-        from kroncompress.io.calibration import load_calibration
-
-        return load_calibration(path, device)
-
-    def check_model(self, model: nn.Module, names: Iterable[str]) -> None:
-        """Raise ValueError naming the module if the statistics of any of `names` do not fit it (statistics
-        collected on another model, or a file saved for one), or if they name a module the model lacks."""
-        known = dict(model.named_modules())
-        stranger = next((m for m in self.modules if m not in known), None)
-        if stranger is not None:
-            raise ValueError(f"calibration{self._source}: module {stranger!r} of the statistics is not in the "
-                             f"{type(model).__name__}; they were collected on another model (or the file was edited): "
-                             "calibrate this model (kc.calibrate) and pass those")
-        for name in names:
-            stat = self._by_module.get(name) or self._counts_of.get(name)
-            if stat is None:
-                continue
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                continue  # planned names come from this model; a dropped block has nothing to fit
-            size = stat.counts.numel() if isinstance(stat, TokenCount) else stat.sum_xxt.shape[0]
-            expected = getattr(module, "num_embeddings", None) if isinstance(stat, TokenCount) else _in_features_or_none(module)
-            if expected is not None and size != expected:
-                what = "token counts" if isinstance(stat, TokenCount) else "input statistics"
-                raise ValueError(f"calibration: module {name!r}: the {what} have size {size} but the module reads "
-                                 f"{expected} {'token ids' if isinstance(stat, TokenCount) else 'features'}; they were "
-                                 "collected on another model: calibrate this model (kc.calibrate) and pass those")
-
-    @property
-    def _source(self) -> str:
-        return f" ({self.path})" if self.path is not None else ""
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._by_module or name in self._counts_of
-
-    @property
-    def modules(self) -> list[str]:
-        return list(self._by_module) + list(self._counts_of)
-
-    @property
-    def groups(self) -> list[list[str]]:
-        return [list(stat.modules) for stat in self.inputs] + [list(stat.modules) for stat in self.token_counts]
-
-    @property
-    def memory_bytes(self) -> int:
-        return (sum(stat.sum_xxt.numel() * stat.sum_xxt.element_size() for stat in self.inputs)
-                + sum(stat.counts.numel() * stat.counts.element_size() for stat in self.token_counts))
-
-    def tokens(self, name: str) -> int:
-        """Rows (tokens) seen by the module's input."""
-        return (self._by_module.get(name) or self._counts_of[name]).tokens
-
-    def counts(self, name: str) -> torch.Tensor | None:
-        """The token-id histogram (float64, length V) of an embedding module, or None if it was not calibrated."""
-        stat = self._counts_of.get(name)
-        return None if stat is None or stat.tokens == 0 else stat.counts
-
-    def for_module(self, name: str, heads: Iterable[str] = ()):
-        """The statistics a strategy receives: `matrix(name)` for a linear module; for an embedding its
-        TokenStatistics, with the damped input second moment of the first calibrated tied head in `heads`."""
-        if name not in self._counts_of:
-            return self.matrix(name)
-        counts = self.counts(name)
-        if counts is None:
-            return None
-        head = next((self.matrix(h) for h in heads if self.matrix(h) is not None), None)
-        return TokenStatistics(counts, head)
-
-    def raw(self, name: str) -> torch.Tensor:
-        """The undamped sum of x x^T over the module's inputs (float64)."""
-        return self._by_module[name].sum_xxt
-
-    def matrix(self, name: str) -> torch.Tensor | None:
-        """Damped mean second moment of the module's input (float64), or None if it was not calibrated.
-
-        The last two are kept: the modules reading one input (q/k/v, gate/up) ask in turn, and compress asks
-        again per stage (plan, decompose, report). Treat the result as read-only."""
-        stat = self._by_module.get(name)
-        if stat is None or stat.tokens == 0:
-            return None
-        key = (id(stat), stat.tokens, self.damping)
-        if key not in self._recent:
-            moment = damp(stat.sum_xxt / stat.tokens, self.damping)
-            # squared later (whitening): refuse here what would overflow there, blaming the statistics, not W
-            if not bool(torch.isfinite(moment).all()) or moment.abs().max().item() > 1e150:
-                raise ValueError(f"calibration{self._source}: module {name!r}: the input second moment (damping "
-                                 f"{self.damping:g}) is not finite or too large to whiten (max |C| = "
-                                 f"{moment.abs().max().item():.3g}); the statistics were edited or damaged: collect "
-                                 "them again (kc.calibrate / kroncompress calibrate)")
-            self._recent[key] = moment
-            while len(self._recent) > 2:
-                self._recent.pop(next(iter(self._recent)))
-        return self._recent[key]
 
 
 def _check_hookable(name: str, module: nn.Module) -> None:
@@ -205,24 +39,10 @@ def _check_hookable(name: str, module: nn.Module) -> None:
                          "for nn.Linear, Conv1D and nn.Embedding modules only")
 
 
-def _in_features(module: nn.Module) -> int:
-    from kroncompress.layers.base import dense_weight_of
-
-    weight, _ = dense_weight_of(module)
-    return int(weight.shape[1])
-
-
-def _in_features_or_none(module: nn.Module) -> int | None:
-    try:
-        return _in_features(module)
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
 def _accumulator_bytes(module: nn.Module) -> int:
     if isinstance(module, nn.Embedding):
         return 8 * module.num_embeddings
-    return 8 * _in_features(module) ** 2
+    return 8 * in_features(module) ** 2
 
 
 def memory_estimate(model: nn.Module, module_names: Iterable[str]) -> int:
@@ -473,9 +293,3 @@ def describe(stats: CalibrationStats) -> dict[str, Any]:
             "inputs": [{"modules": list(s.modules), "tokens": s.tokens, "size": int(s.sum_xxt.shape[0])} for s in stats.inputs],
             "embeddings": [{"modules": list(s.modules), "tokens": s.tokens, "vocab": int(s.counts.numel()),
                             "distinct": int((s.counts > 0).sum())} for s in stats.token_counts]}
-
-
-__all__ = [
-    "CalibrationStats", "InputStatistic", "StatisticsCollector", "TokenCount", "calibrate", "calibrate_for_cli", "calibration_targets",
-    "collect_statistics", "describe", "memory_estimate",
-]

@@ -1,38 +1,47 @@
-"""The distillation stage of a `kroncompress compress` run: the evaluation cadence, the checkpoints folder,
-the engine call and the summary the report keeps (see kroncompress.pipeline for the whole run)."""
+"""The distill stage: the compressed student trained in place against the frozen teacher by the one
+distillation engine (kroncompress.distill), on the run's text blocks (a language-model run: checkpoints in
+`<output>/checkpoints`, resumable) or on the task's labelled examples (a task run: the task's loss head)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from kroncompress.pipeline_data import _DistillData
+from kroncompress.pipeline.record import Run
+from kroncompress.pipeline.text import RunText
 
 CHECKPOINTS = "checkpoints"
-EVALS_PER_RUN = 10  # validation points on the plot when the recipe gives no train.eval_every
 TRAINING_EVAL_BLOCKS = 64  # the periodic evaluations during distillation score the first blocks of that sample
 
 
-def _eval_every(config, train_blocks: int) -> int:
-    """train.eval_every, else about EVALS_PER_RUN evaluations over the run."""
-    train = config.train
-    if train.eval_every:
-        return train.eval_every
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_epoch = math.ceil(train_blocks / (train.batch_size * world)) // train.grad_accum or 1
-    steps = train.max_steps or max(1, math.ceil(per_epoch * train.epochs))
-    return max(1, steps // EVALS_PER_RUN)
+def distill(run: Run) -> None:
+    if not run.distills:
+        return
+    settings = run.settings
+    with run.stage("distill"):
+        if run.task is not None:
+            from kroncompress.tasks.training import distill_task
+
+            run.distill_summary = distill_task(run.model, run.teacher, run.tokenizer, run.task, settings.recipe.distill,
+                                               max_steps=settings.max_steps, eval_every=settings.eval_every,
+                                               scratch_near=settings.output_dir)
+        else:
+            run.distill_summary = distill_text(
+                run.model, run.teacher, run.text.config, run.text, settings.output_dir, recipe=settings.recipe,
+                resume=settings.resume, overwrite=settings.overwrite, progress=settings.progress, main=settings.main,
+                max_tokens=run.scorer.max_tokens)
+    run.teacher = None
 
 
-def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe, resume: bool, overwrite: bool,
-             progress: bool | None, main: bool, max_tokens: int | None = None) -> dict[str, Any]:
+def distill_text(model, teacher, config, data: RunText, target: Path, *, recipe, resume: bool, overwrite: bool,
+                 progress: bool | None, main: bool, max_tokens: int | None = None) -> dict[str, Any]:
+    """Distil `model` in place on the run's text blocks (checkpoints in `target`/checkpoints); the summary the
+    report keeps."""
     from kroncompress.distill.checkpoints import fingerprint
-    from kroncompress.distill.trainer import distill
+    from kroncompress.distill.trainer import distill, eval_every
     from kroncompress.evaluate import perplexity
 
     train, validation = data.blocks()
@@ -46,7 +55,7 @@ def _distill(model, teacher, config, data: _DistillData, target: Path, *, recipe
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, dataset=text_spec(config.data).describe()))
     config = copy.deepcopy(config)
-    config.train = dataclasses.replace(config.train, eval_every=_eval_every(config, len(train)))
+    config.train = dataclasses.replace(config.train, eval_every=eval_every(config.train, len(train)))
     checkpoints = target / CHECKPOINTS
     if main and overwrite and not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)
