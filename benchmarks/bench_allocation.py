@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_atomic
 
 import kroncompress as kc
 from kroncompress.budget import allocate_budget
@@ -176,9 +177,7 @@ def write_report(out: Path, cells: list[dict], teacher: float, args) -> None:
             lines.append(f"| {keep} | {method} | {c['params']:,} | {c['perplexity']:.2f} | {gain} | {mix} | "
                          f"{c.get('calibrate_s', 0):.1f} | {c.get('sensitivity_s', 0):.1f} | {c.get('allocate_s', 0):.1f} | "
                          f"{c['compress_s']:.1f} |")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
