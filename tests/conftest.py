@@ -123,6 +123,18 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 BENCH_WORDS = "the king queen lord my thy good sir love night day hath doth come go speak".split()
 
 
+def assert_reloads(model, folder) -> None:
+    """Save `model` with kc.save_compressed into `folder` and check kc.load_compressed gives identical logits."""
+    import kroncompress as kc
+
+    inputs = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+    kc.save_compressed(model, folder)
+    with torch.no_grad():
+        assert torch.equal(kc.load_compressed(folder)(input_ids=inputs).logits, expected)
+
+
 def import_benchmark(name: str):
     """A script of benchmarks/ as a module; benchmarks/ stays on sys.path (they import siblings by bare name)."""
     import importlib
