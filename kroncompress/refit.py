@@ -17,6 +17,7 @@ from torch import nn
 
 from kroncompress.layers.kronecker import KroneckerLinear
 from kroncompress.layers.lowrank import LowRankLinear
+from kroncompress.linalg.kronecker import kron_sum
 from kroncompress.linalg.refit import CrossMoments, cross_output_error, kronecker_refit, refit_left
 
 
@@ -42,7 +43,7 @@ def refit_layer(layer: nn.Module, weight: torch.Tensor, moments: CrossMoments | 
         new = {"u": U}
     else:
         A, B, _ = kronecker_refit(W, layer.a.detach().to(torch.float64), layer.b.detach().to(torch.float64), moments)
-        candidate = torch.einsum("rij,rkl->ikjl", A, B).reshape(W.shape)
+        candidate = kron_sum(A, B)
         new = {"a": A}
     after = cross_output_error(W, candidate, moments)
     if not after < before:  # already optimal up to rounding: keep the factors bit for bit
