@@ -30,20 +30,16 @@ from pathlib import Path
 import torch
 
 import kroncompress as kc
-from common import BLOCK_LINEARS, CACHE, EMBEDDING, calibration, read_blocks, save_figure, score, write_atomic
+from common import BLOCK_LINEARS, CACHE, EMBEDDING, GEMMA_ILKD, GEMMA_TRAIN, calibration, read_blocks, save_figure, score, write_atomic
 from kroncompress.distill import distill
 
 BUDGETS = {"2/3": 1.5, "1/2": 2.0}  # block-parameter fraction kept -> compression ratio of the block matrices
 METHODS = ("kronecker", "svd", "layerdrop")
-# recipes/kron-gemma.yaml's losses: Gemma's residual stream makes a summed hidden MSE ~1e6, hence 1e-5.
-ILKD = {"embedding_mse": 0.0, "attention_kl": 1.0, "hidden_mse": 1.0e-5, "ce": 1.0,
-        "logits_kl": {"weight": 1.0, "temperature": 2.0}}
+ILKD, TRAIN = GEMMA_ILKD, GEMMA_TRAIN
 # Through the layer map, without attention KL, as DistilGPT2's recipe. (An earlier session saw attention KL leave a
 # layer-dropped Gemma's loss without a graph; on 2026-12-04 one step with it ran on the real model, and
 # tests/test_gemma.py distils layerdrop-gemma with it. The cells keep the setting they were measured with.)
 LAYERDROP_LOSSES = {**ILKD, "attention_kl": 0.0}
-TRAIN = {"lr": 1e-4, "warmup_ratio": 0.1, "schedule": "cosine", "batch_size": 2, "grad_accum": 4,
-         "max_grad_norm": 1.0, "weight_decay": 0.0, "bf16": False, "seed": 0}
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,12 @@ def num_layers_of(model: str) -> int:
 CACHE = Path(os.environ.get("KRONCOMPRESS_CACHE") or Path.home() / ".cache" / "kroncompress") / "real"
 BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 EMBEDDING = "model.embed_tokens"
+# The Gemma ILKD of bench_gemma and bench_allocation: recipes/kron-gemma.yaml's losses (Gemma's residual stream
+# makes a summed hidden MSE ~1e6, hence 1e-5) and a short, small-batch run.
+GEMMA_ILKD = {"embedding_mse": 0.0, "attention_kl": 1.0, "hidden_mse": 1.0e-5, "ce": 1.0,
+              "logits_kl": {"weight": 1.0, "temperature": 2.0}}
+GEMMA_TRAIN = {"lr": 1e-4, "warmup_ratio": 0.1, "schedule": "cosine", "batch_size": 2, "grad_accum": 4,
+               "max_grad_norm": 1.0, "weight_decay": 0.0, "bf16": False, "seed": 0}
 
 
 def read_blocks(path: Path, tokenizer, count: int) -> torch.Tensor:
@@ -200,3 +206,66 @@ def calibration(model, texts: dict, args) -> tuple:
 
 def score(model, ids: torch.Tensor) -> float:
     return kc.perplexity(model, ids, block_size=256, stride=256, batch_size=4).perplexity
+
+
+# -- a teacher and its text: the demo or Gemma (bench_allocation, bench_recovery) ------------------------
+
+class LMProtocol:
+    """A teacher, its calibration blocks, its ILKD data and settings, and its perplexity."""
+
+    def __init__(self, which: str, eval_tokens: int, calibration_tokens: int):
+        self.which = which
+        if which == "gemma":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = CACHE / "gemma3-270m"
+            if not (path / "config.json").is_file():
+                raise SystemExit(f"{path}: no model; run python scripts/fetch_gemma.py first")
+            self.name, self.tokenizer = "Gemma 3 270M", AutoTokenizer.from_pretrained(path)
+            self.teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            text = CACHE / "english"
+            self.eval_ids = read_blocks(text / "validation.jsonl", self.tokenizer, eval_tokens)
+            self.train = read_blocks(text / "train.jsonl", self.tokenizer, max(calibration_tokens, 1 << 17))
+            self.blocks = self.train[: -(-calibration_tokens // 256)]
+            self.distill_config = {"teacher": "original", "losses": GEMMA_ILKD, "data": {"block_size": 256},
+                                   "train": GEMMA_TRAIN}
+            self.ignore = ["lm_head"]
+            self.text = (f"the first {eval_tokens:,} tokens of the held-out documents (english/validation.jsonl) in "
+                         f"windows of BOS + 255 tokens; calibration, sensitivity and ILKD data: the training documents")
+        else:
+            from kroncompress.distill.data import pack_blocks, spec_bos
+            from kroncompress.distill.spec import text_spec
+            from kroncompress.distill.tokens import token_stream
+
+            self.name = "shakespeare-gpt2 (the demo teacher)"
+            self.teacher, info = kc.load_model("shakespeare-gpt2")
+            self.teacher.eval()
+            self.tokenizer = info.tokenizer
+            spec = text_spec("shakespeare")
+            bos = spec_bos(spec, self.tokenizer)
+            ids = token_stream(spec, self.tokenizer, "train", max_tokens=max(calibration_tokens, 1 << 16))
+            self.train = pack_blocks(ids, 128, bos)
+            self.blocks = self.train[: -(-calibration_tokens // 128)]
+            self.eval_tokens = eval_tokens
+            distill = kc.load_recipe("kn-gpt2").distill
+            self.distill_config = {"teacher": "original", "losses": _plain(distill.losses),
+                                   "data": {"block_size": 128}, "train": _plain(distill.train)}
+            self.ignore = []
+            self.text = (f"the first {eval_tokens:,} tokens of the Shakespeare test split (kroncompress eval's "
+                         "protocol); calibration, sensitivity and ILKD data: its train split, blocks of 128")
+
+    def perplexity(self, model) -> float:
+        if self.which == "gemma":
+            return score(model, self.eval_ids)
+        from kroncompress.evaluate import evaluate_perplexity
+
+        return evaluate_perplexity(model, self.tokenizer, "shakespeare", split="test",
+                                   max_tokens=self.eval_tokens).perplexity
+
+
+def _plain(section) -> dict:
+    from dataclasses import fields, is_dataclass
+
+    if is_dataclass(section):
+        return {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+    return section
