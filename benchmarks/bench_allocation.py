@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import platform
+import resource
 import tempfile
 import time
 import warnings
@@ -225,6 +226,8 @@ def run_cell(cell: Cell, shared: Shared, protocol: LMProtocol) -> dict:
         row["distilled"] = protocol.perplexity(student)
     if sequential is not None:
         timings["sequential_passes"] = sequential.passes
+    # the process's peak resident memory so far (Linux: KiB): the teacher, a student copy and the statistics
+    timings["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     row.update(timings)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
