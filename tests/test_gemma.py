@@ -133,7 +133,7 @@ def tiny_gemma_folder(tmp_path):
     return folder, data
 
 
-@pytest.mark.parametrize("recipe", ["kron-gemma", "layerdrop-gemma"])
+@pytest.mark.parametrize("recipe", ["kron-gemma", "layerdrop-gemma", "budget-gemma"])
 def test_pipeline_on_tiny_gemma_with_calibration_ilkd_and_reload(recipe, tiny_gemma_folder, tmp_path):
     from kroncompress.pipeline import run_pipeline
 
