@@ -14,7 +14,7 @@ cross-entropy summed over the calibration tokens, so g_t is every later token's 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ def _lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def measure_sensitivity(model: nn.Module, blocks, module_names: Iterable[str], *, batch_size: int = 1,
                         loss: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _lm_loss,
                         progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """s per module (see the module docs) from one forward and backward pass over `blocks` ((N, T) token ids).
+    """s per module (see the module docs) from one forward and backward pass over `blocks`: (N, T) token ids,
+    or examples, each a mapping of one sequence's model inputs (`input_ids`, `attention_mask`, `labels`, ...),
+    run one at a time (their lengths differ) with `loss(model, {name: (1, ...) tensor})`.
 
     The model's parameters get no gradients and are left as they were; `loss(model, input_ids)` must return
     a summed (not averaged) scalar loss. `progress(done_tokens, total_tokens)` is called after each batch.
@@ -44,7 +46,7 @@ def measure_sensitivity(model: nn.Module, blocks, module_names: Iterable[str], *
                          "pass names from model.named_modules()")
     if batch_size < 1:
         raise ValueError(f"sensitivity: batch_size must be >= 1, got {batch_size}")
-    sequences = [torch.as_tensor(b, dtype=torch.long) for b in blocks]
+    sequences = [_example(b) if isinstance(b, Mapping) else torch.as_tensor(b, dtype=torch.long) for b in blocks]
     if not sequences:
         raise ValueError("sensitivity: no token blocks to run; give calibration data with at least one block")
     energy = {n: 0.0 for n in names}
@@ -62,20 +64,25 @@ def measure_sensitivity(model: nn.Module, blocks, module_names: Iterable[str], *
     requires = {p: p.requires_grad for p in model.parameters()}
     target = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
-    total, done, tokens = sum(s.numel() for s in sequences), 0, 0
+    examples = isinstance(sequences[0], dict)
+    step = 1 if examples else batch_size
+    total, done, tokens = sum(_tokens(s) for s in sequences), 0, 0
     try:
         model.eval()
         for p in requires:
             p.requires_grad_(False)
-        for start in range(0, len(sequences), batch_size):
-            batch = torch.stack(sequences[start:start + batch_size]).to(target)
+        for start in range(0, len(sequences), step):
+            if examples:
+                batch = {k: v.unsqueeze(0).to(target) for k, v in sequences[start].items()}
+            else:
+                batch = torch.stack(sequences[start:start + step]).to(target)
             embeds_need_grad = _input_grad_hook(model)
             try:
                 loss(model, batch).backward()
             finally:
                 embeds_need_grad.remove()
-            done += batch.numel()
-            tokens += batch.numel()
+            done += _tokens(batch)
+            tokens += _tokens(batch)
             if progress is not None:
                 progress(done, total)
     finally:
@@ -89,6 +96,17 @@ def measure_sensitivity(model: nn.Module, blocks, module_names: Iterable[str], *
         raise ValueError(f"sensitivity: module(s) {', '.join(missing[:3])} got no gradient (never ran, or their "
                          "output does not reach the loss); drop them from the budget's targets")
     return {n: energy[n] / (width[n] * tokens) for n in names}
+
+
+def _example(example: Mapping) -> dict[str, torch.Tensor]:
+    if "input_ids" not in example:
+        raise ValueError(f"sensitivity: an example has no input_ids (it has {sorted(example)}); give each "
+                         "example's model inputs as the tokenizer returns them")
+    return {k: torch.as_tensor(v) for k, v in example.items()}
+
+
+def _tokens(batch) -> int:
+    return (batch["input_ids"] if isinstance(batch, dict) else batch).numel()
 
 
 def _input_grad_hook(model: nn.Module):

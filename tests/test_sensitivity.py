@@ -85,3 +85,44 @@ def test_unknown_or_unreached_modules_are_named(tiny_model):
         measure_sensitivity(model, blocks, ["transformer.h.9.mlp.c_fc"])
     with pytest.raises(ValueError, match="no token blocks"):
         measure_sensitivity(model, [], ["transformer.h.0.mlp.c_fc"])
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_labelled_examples_of_different_lengths_weigh_the_task_loss(regression):
+    """A classifier on examples of different lengths, run one at a time: sum over examples of the task loss's
+    output-gradient energy, divided by the tokens of all of them."""
+    import transformers
+
+    from kroncompress.tasks.loss import summed_task_loss
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_labels=1 if regression else 3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    names = ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.attention.self.query"]
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(1, 64, (length,), generator=g).tolist(), "attention_mask": [1] * length,
+                 "labels": (0.5 * i if regression else i % 3)} for i, length in enumerate((5, 9, 7))]
+    measured = measure_sensitivity(model, examples, names, loss=summed_task_loss(regression))
+    modules = dict(model.named_modules())
+    energy = dict.fromkeys(names, 0.0)
+    for example in examples:
+        outputs = {}
+        handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: outputs.__setitem__(n, out) or out.retain_grad())
+                   for n in names]
+        ids = torch.tensor([example["input_ids"]])
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        label = torch.tensor([example["labels"]])
+        loss = (torch.nn.functional.mse_loss(logits[:, 0], label.float(), reduction="sum") if regression
+                else torch.nn.functional.cross_entropy(logits, label, reduction="sum"))
+        loss.backward()
+        for h in handles:
+            h.remove()
+        for n in names:
+            energy[n] += float(outputs[n].grad.double().pow(2).sum())
+    model.zero_grad()
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    for n in names:
+        assert measured[n] == pytest.approx(energy[n] / (modules[n].out_features * tokens), rel=1e-4)
+    with pytest.raises(ValueError, match="no input_ids"):
+        measure_sensitivity(model, [{"labels": 0}], names, loss=summed_task_loss(regression))

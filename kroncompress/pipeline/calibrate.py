@@ -83,19 +83,32 @@ def calibrate_on_task(model: torch.nn.Module, recipe: Any, tokenizer: Any, data:
     `kc.plan`, then with the recipe's calibration `section`) from the task's own training examples (each
     example one sequence, as the model will see it), up to `tokens` tokens (default: `calibration.tokens`)."""
     from kroncompress.calibration import calibration_targets, collect_statistics
+    from kroncompress.surgery import CompressionPlan
+    from kroncompress.surgery import plan as plan_model
     from kroncompress.tasks.modeling import encode
 
-    section = section if section is not None else recipe.calibration
+    planned = recipe if isinstance(recipe, CompressionPlan) else plan_model(model, recipe)
+    section = section if section is not None else planned.source.calibration
     budget = int(tokens or section.tokens)
     encoded = encode(data.train, tokenizer, data.spec.max_length)
-    blocks, total = [], 0
+    blocks, examples, total = [], [], 0
     for item in encoded:
         if total >= budget:
             break
         ids = torch.tensor(item["input_ids"], dtype=torch.long)
         blocks.append(ids)
+        examples.append(item)
         total += ids.numel()
-    names = calibration_targets(model, recipe)
+    names = calibration_targets(model, planned)
     if not names:
         return None
-    return collect_statistics(model, blocks, names, damping=section.damping)
+    stats = collect_statistics(model, blocks, names, damping=section.damping)
+    budget_section = planned.source.budget if planned.source is not None else None
+    if budget_section is not None and budget_section.sensitivity == "measured":
+        # the Fisher weight of the task's own loss on the gold labels, from the same examples
+        from kroncompress.sensitivity import measure_sensitivity
+        from kroncompress.tasks.loss import summed_task_loss
+
+        stats.sensitivity = measure_sensitivity(model, examples, planned.allocation["group"],
+                                                loss=summed_task_loss(data.spec.kind == "regression"))
+    return stats

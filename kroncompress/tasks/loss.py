@@ -69,3 +69,17 @@ class TaskLoss:
             total = total + inner_total
             terms.update(inner_terms)
         return total, terms
+
+
+def summed_task_loss(regression: bool = False):
+    """`loss(model, example)` for `kroncompress.sensitivity.measure_sensitivity` on labelled examples: the
+    task loss of one example on its gold label (cross entropy; squared error for a regression), summed."""
+
+    def loss(model: nn.Module, example: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**{k: v for k, v in example.items() if k != "labels"}).logits.float()
+        labels = example["labels"].reshape(-1)
+        if regression:
+            return F.mse_loss(logits[:, 0], labels.float(), reduction="sum")
+        return F.cross_entropy(logits, labels.long(), reduction="sum")
+
+    return loss
