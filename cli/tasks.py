@@ -136,7 +136,7 @@ def finetune(model: str, task, data, text_column, text_pair_column, label_column
 @click.command("compress-task", epilog="\b\nExample:\n  kroncompress compress-task runs/bert-sst2 --recipe kron-task --task sst2 "
                                        "--data glue/sst2 --output runs/kron-sst2")
 @click.argument("model")
-@click.option("--recipe", "-r", required=True, help="Bundled recipe (kron-task, svd-task, layerdrop-task) or a YAML path (may hold a task: section).")
+@click.option("--recipe", "-r", required=True, help="Bundled recipe (kron-task, svd-task, budget-task, layerdrop-task) or a YAML path (may hold a task: section).")
 @_task_options
 @click.option("--output", "-o", required=True, help="Folder for the compressed model.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap the distillation steps.")

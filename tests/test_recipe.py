@@ -16,7 +16,7 @@ from kroncompress.recipe import (
 from kroncompress.strategies import get_strategy
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-BUNDLED = ["budget-gemma", "distilgpt2", "kn-gpt2", "kn-gpt2-mlp", "kron-bert", "kron-gemma", "kron-llama", "kron-task", "layerdrop-gemma",
+BUNDLED = ["budget-gemma", "budget-task", "distilgpt2", "kn-gpt2", "kn-gpt2-mlp", "kron-bert", "kron-gemma", "kron-llama", "kron-task", "layerdrop-gemma",
            "layerdrop-task", "svd-gemma", "svd-gpt2", "svd-task", "tt-gpt2", "tucker-gpt2"]
 
 

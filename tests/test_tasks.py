@@ -97,6 +97,20 @@ def test_encoder_kronecker_pipeline_scores_saves_and_reloads(bert_teacher, tmp_p
     assert evaluate_task(student, tokenizer, data)["score"] == report["scores"]["distilled"]["score"]
 
 
+def test_encoder_global_budget_measures_the_task_loss_sensitivity(bert_teacher, tmp_path):
+    """budget-task: half the block matrices' weights together, ranks allocated by the sensitivity of the task's
+    own loss (gold labels of the calibration examples), not the LM loss a classifier does not have."""
+    report = run_task_pipeline(bert_teacher.output_dir, "budget-task", tmp_path / "budget", task=SENTIMENT_TASK,
+                               data=SENTIMENT, max_steps=2)
+    allocation = report["compression"]["allocation"]
+    assert allocation["sensitivity"] == "measured" and allocation["basis"].startswith("output error")
+    assert all(entry["sensitivity"] > 0 for entry in allocation["modules"].values())
+    dense = sum(entry["dense_params"] for entry in allocation["modules"].values())
+    assert allocation["params"] <= 0.5 * dense
+    student = kc.load_compressed(tmp_path / "budget")
+    assert type(student).__name__ == "BertForSequenceClassification"
+
+
 def test_identical_student_has_zero_distillation_terms(bert_teacher, tmp_path):
     teacher = bert_teacher.model
     student = copy.deepcopy(teacher)
