@@ -12,11 +12,13 @@ interrupted run resumes where it stopped; `--finetune-steps/--finetune-lr/--dist
 
 Cells (model x task): MiniLM on spam (ham / spam, F1 + accuracy), MiniLM on genres (comedy / history /
 tragedy, accuracy) and shakespeare-gpt2 on genres. Each cell fine-tunes the teacher once (seed 0), then
-for every seed runs `kroncompress.tasks.run_task_pipeline` with three recipes at the same budget (the
+for every seed runs `kroncompress.tasks.run_task_pipeline` with four recipes at the same budget (the
 transformer blocks' matrices halved):
 
 - `kron-task`: Kronecker factors with data-aware init (calibrated on the task's text) + ILKD;
 - `svd-task`: whitened truncated SVD at ratio 2 + ILKD;
+- `budget-task`: the same budget for the same matrices together, each one's rank (or dense) allocated from its
+  whitened-SVD error curve weighted by the task loss's measured sensitivity (kroncompress.budget) + ILKD;
 - `layerdrop-task`: every other block kept + KD (soft labels, gold labels, hidden states of kept blocks).
 
 The report gives each score (mean and min-max over seeds), the share of the teacher's score, parameters
@@ -38,8 +40,9 @@ from typing import Any
 
 import torch
 
-RECIPES = ("kron-task", "svd-task", "layerdrop-task")
+RECIPES = ("kron-task", "svd-task", "budget-task", "layerdrop-task")
 LABELS = {"kron-task": "Kronecker, data-aware init + ILKD", "svd-task": "whitened SVD + ILKD",
+          "budget-task": "whitened SVD, global budget by task sensitivity + ILKD",
           "layerdrop-task": "layer dropping (every other block) + KD"}
 CELLS = (("minilm", "spam"), ("minilm", "genres"), ("shakespeare-gpt2", "genres"))
 TASKS = {
@@ -218,7 +221,7 @@ def render(cells: list[dict], args, seconds: float) -> str:
              "learning rates). Scores are x100: the task's metric (spam: mean of F1 and accuracy; genres: accuracy) on "
              "the validation split; brackets give the min-max over seeds. Wall times are per run on this machine "
              "(compress + calibrate + distill + the three evaluations), with the load average after each run.", ""]
-    verdicts = []
+    verdicts, budget_verdicts = [], []
     for cell in cells:
         teacher = cell["teacher"]["score"]
         lines += [f"## {cell['model']} on {cell['task']}", "",
@@ -245,9 +248,20 @@ def render(cells: list[dict], args, seconds: float) -> str:
             verdicts.append(f"- {cell['model']} on {cell['task']}: Kronecker keeps {100 * means['kron-task'] / teacher:.1f}% of the "
                             f"teacher ({'>=' if keeps else '<'} 99%) and {'beats' if beats else 'does not beat'} layer dropping "
                             f"({100 * means['kron-task']:.2f} vs {100 * means.get('layerdrop-task', float('nan')):.2f}).")
+        if "budget-task" in means:
+            best = means["budget-task"]
+            budget_verdicts.append(
+                f"- {cell['model']} on {cell['task']}: the global budget scores {100 * best:.2f} "
+                f"({100 * best / teacher:.1f}% of the teacher's {100 * teacher:.2f}; uniform whitened SVD "
+                f"{100 * means.get('svd-task', float('nan')):.2f}) and {'beats' if best > means.get('layerdrop-task', float('inf')) else 'does not beat'} "
+                f"layer dropping ({100 * means.get('layerdrop-task', float('nan')):.2f}).")
         lines.append("")
     lines += ["## Verdict on the paper's claim", "",
               "The claim: the Kronecker student keeps >= 99% of the teacher's score and beats layer dropping.", "", *verdicts, ""]
+    if budget_verdicts:
+        lines += ["## The global budget (issue 24)", "",
+                  "Does the best low-rank recipe (whitened SVD, ranks allocated globally) beat layer dropping and "
+                  "match the teacher? Read against the resolution line of each cell.", "", *budget_verdicts, ""]
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ def test_bench_tasks_writes_report_and_cells(tmp_path):
                        "--finetune-steps", "2", "--distill-steps", "2", "--batch-size", "8", "--calibration-tokens", "64", "--seeds", "0",
                        "--work", str(tmp_path / "work")]) == 0
     text = output.read_text()
-    assert "## minilm on spam" in text and "## Verdict on the paper's claim" in text
+    assert "## minilm on spam" in text and "## Verdict on the paper's claim" in text and "## The global budget" in text
     for label in bench.LABELS.values():
         assert label in text
     cells = json.loads(output.with_suffix(".json").read_text())
