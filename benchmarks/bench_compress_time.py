@@ -46,7 +46,13 @@ CELLS = {  # name -> (code: "new" or "old", strategy, options)
     "kron1-shortlist1": ("new", "kronecker", {"ratio": 2, "init": "als", "shortlist": 1}),
     "kron1-sweeps12": ("new", "kronecker", {"ratio": 2, "init": "als", "sweeps": 12}),
     "kron1-sweeps24": ("new", "kronecker", {"ratio": 2, "init": "als", "sweeps": 24}),
+    # issue 24: the shape search with rank "auto" on the MLP matrices alone, against its own one-term layout
+    "svd-mlp": ("new", "svd", {"ratio": 2, "init": "whitened"}),
+    "kron1-mlp": ("new", "kronecker", {"ratio": 2, "init": "als"}),
+    "kron-auto-mlp": ("new", "kronecker", {"ratio": 2, "rank": "auto", "init": "als"}),
+    "kron-auto133-mlp": ("new", "kronecker", {"ratio": 1.3333, "rank": "auto", "init": "als"}),
 }
+MLP_TARGETS = r"model\.layers\.({layers})\.mlp\.(gate|up|down)_proj"
 
 
 def layer_regex(spec: str) -> str:
@@ -56,9 +62,10 @@ def layer_regex(spec: str) -> str:
     return "|".join(str(i) for i in range(int(lo), int(hi or lo) + 1))
 
 
-def recipe(strategy: str, options: dict, layers: str) -> dict:
+def recipe(strategy: str, options: dict, layers: str, mlp_only: bool = False) -> dict:
+    targets = (MLP_TARGETS if mlp_only else TARGETS).format(layers=layer_regex(layers))
     return {"version": 1, "name": f"bench-{strategy}", "compress": [
-        {"targets": ["re:" + TARGETS.format(layers=layer_regex(layers))], "strategy": strategy, "options": options}]}
+        {"targets": ["re:" + targets], "strategy": strategy, "options": options}]}
 
 
 @contextlib.contextmanager
@@ -107,7 +114,7 @@ def worker(cell: str, layers: str, stats_path: Path) -> dict:
     stats, calibration_seconds = load_stats(stats_path)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     start = time.perf_counter()
-    report = kc.compress(model, recipe(strategy, options, layers), calibration=stats)
+    report = kc.compress(model, recipe(strategy, options, layers, cell.endswith("-mlp")), calibration=stats)
     seconds = time.perf_counter() - start
     rows = report.rows
     shapes: dict[str, int] = {}
@@ -159,7 +166,8 @@ def write_report(path: Path, results: list[dict], command: str) -> None:
         "# Compress wall time: Kronecker (shape search + ALS) vs whitened SVD on Gemma 3 270M", "",
         f"Regenerate: `{command}`", "",
         f"- model: {MODEL.name} (Gemma3ForCausalLM, float32), blocks `{any_row['layers']}`, every q/k/v/o and "
-        "gate/up/down projection at ratio 2 (explicit regex targets)",
+        "gate/up/down projection at ratio 2 (explicit regex targets); `-mlp` cells: gate/up/down only, at the "
+        "cell's ratio",
         f"- calibration: 16,384 tokens of english/train.jsonl, block 256, one teacher pass: "
         f"{any_row['calibration_seconds']:.0f} s (run once; every cell below uses the same cached statistics)",
         "- each cell: a fresh process, `kc.compress(model, recipe, calibration=stats)` timed (plan with the "
@@ -181,10 +189,26 @@ def write_report(path: Path, results: list[dict], command: str) -> None:
         old, new = by_cell.get(f"{prefix}-old"), by_cell.get(f"{prefix}-new")
         if old and new:
             lines += ["", comparison(prefix, old, new)]
+    single, auto = by_cell.get("kron1-mlp"), by_cell.get("kron-auto-mlp")
+    if single and auto:
+        lines += ["", guard_check(single, auto)]
     lines += ["", "Shapes chosen (spec: matrices):", ""]
     for r in results:
         lines.append(f"- {r['cell']}: " + "; ".join(f"`{k}` x{v}" for k, v in sorted(r["shapes"].items(), key=lambda kv: -kv[1])[:12]))
     path.write_text("\n".join(lines) + "\n")
+
+
+def guard_check(single: dict, auto: dict) -> str:
+    """Issue 24's guard: at the same ratio, `rank: auto` never ends worse than its own one-term layout."""
+    worse = {name: (auto["oerr_by_module"][name], e) for name, e in single["oerr_by_module"].items()
+             if auto["oerr_by_module"].get(name, float("inf")) > e * (1 + 1e-3)}
+    better = sum(auto["oerr_by_module"][name] < e * (1 - 1e-3) for name, e in single["oerr_by_module"].items()
+                 if name in auto["oerr_by_module"])
+    return (f"The shape search's guard, MLP matrices at ratio 2: `rank: auto` ends with a higher output error than the "
+            f"one-term layout (relative tolerance 1e-3) in {len(worse)} of {len(single['oerr_by_module'])} matrices, "
+            f"lower in {better}; mean oerr {auto['oerr']:.4f} vs {single['oerr']:.4f}; "
+            f"{auto['seconds']:.0f} s vs {single['seconds']:.0f} s"
+            + (": " + ", ".join(f"{k} {a:.4f} vs {b:.4f}" for k, (a, b) in list(worse.items())[:5]) if worse else "."))
 
 
 def comparison(prefix: str, old: dict, new: dict) -> str:
