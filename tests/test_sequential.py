@@ -88,3 +88,59 @@ def test_the_pipeline_runs_a_sequential_budgeted_compression(tiny_folder, tmp_pa
     allocation = report["compression"]["allocation"]
     assert allocation["sensitivity"] == "measured" and allocation["params"] <= allocation["budget"]
     assert kc.load_compressed(tmp_path / "out") is not None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_keeping_block_inputs_gives_the_moments_of_whole_passes(arch, tiny_model):
+    """The layer-by-layer path (each pass runs one block on kept inputs) against whole-model passes: the same
+    cross moments for every group, with the student compressed group by group in both."""
+    results = {}
+    for layerwise in (True, False):
+        model = tiny_model(arch)
+        teacher = copy.deepcopy(model)
+        recipe = kc.Recipe.from_dict({"version": 1, "name": "seq", "compress": [
+            {"targets": ["role:attention", "role:mlp"], "strategy": "svd", "options": {"ratio": 2}}]})
+        blocks = torch.randint(3, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+        sequential = SequentialStatistics(teacher, blocks, batch_size=2, layerwise=layerwise)
+        collected = {}
+        collect = sequential.collect
+        sequential.collect = lambda student, group: collected.setdefault(tuple(group), collect(student, group))
+        kc.compress(model, recipe, sequential=sequential)
+        assert (sequential._inputs is not None) == layerwise and sequential.layerwise == layerwise
+        results[layerwise] = collected
+    assert list(results[True]) == list(results[False])
+    for group, moments in results[False].items():
+        for name, expected in moments.items():
+            got = results[True][group][name]
+            for part in ("ss", "ts", "tt"):
+                a, b = getattr(got, part), getattr(expected, part)
+                # float32 activations, the same ops in the same order: equal up to summation-order rounding
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (group, name, part)
+
+
+class _ShiftedStack(torch.nn.Module):
+    """A stack whose forward adds 1 between blocks: block i + 1 does not read block i's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 4)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h) + 1.0
+        return h
+
+
+def test_a_stack_that_is_not_a_chain_falls_back_to_whole_passes():
+    torch.manual_seed(0)
+    teacher = _ShiftedStack()
+    student = copy.deepcopy(teacher)
+    blocks = torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(0))
+    sequential = SequentialStatistics(teacher, blocks, batch_size=2)
+    moments = sequential.collect(student, ["layers.1"])
+    assert sequential.layerwise is False and sequential._inputs is None
+    with torch.no_grad():
+        x = (teacher.layers[0](teacher.embed(blocks)) + 1.0).reshape(-1, 4).double()
+    assert torch.allclose(moments["layers.1"].tt, x.T @ x / x.shape[0], rtol=1e-6)
