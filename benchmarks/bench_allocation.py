@@ -307,6 +307,7 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--rerun", action="store_true", help="run the --cells again even where cached (the new row wins)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/allocation-demo.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -327,7 +328,7 @@ def main() -> None:
         with cells_path.open("a") as f:
             f.write(json.dumps(rows["teacher"]) + "\n")
     for cell in wanted:
-        if cell.key in rows:
+        if cell.key in rows and not args.rerun:
             continue
         print(f"cell {cell.key} ...", flush=True)
         with warnings.catch_warnings():
