@@ -139,11 +139,7 @@ def choose_tensors(name: str, module: nn.Module, axes: dict[str, int], bits: int
         if not params or not all(p.is_floating_point() for p in params):
             summary.kept.append(f"{where} (not a float tensor)")
             continue
-        try:
-            before, after = planned_bytes(module, tensor, bits, group_size, axis)
-        except ValueError as exc:
-            raise QuantizationError(f"quantize.group_size: {exc} of {where} {tuple(params[0].shape)} (axis {axis}); "
-                                    "pick a group_size dividing it, or null for one scale per channel") from None
+        before, after = planned_bytes(module, tensor, bits, group_size, axis)
         if after * MIN_SAVING > before:
             summary.kept.append(f"{where} (int{bits} and its scales would take {after:,} of {before:,} bytes)")
             continue

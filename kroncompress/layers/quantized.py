@@ -132,7 +132,7 @@ def _tensors_of(module: nn.Module, name: str) -> list[torch.Tensor]:
 
 
 def planned_bytes(module: nn.Module, name: str, bits: int, group_size: int | None, axis: int) -> tuple[int, int]:
-    """(bytes as stored now, bytes once quantized) of the tensor(s) `name`; ValueError if group_size does not fit."""
+    """(bytes as stored now, bytes once quantized) of the tensor(s) `name`."""
     tensors = _tensors_of(module, name)
     before = sum(t.numel() * t.element_size() for t in tensors)
     after = sum(quantized_nbytes(tuple(t.shape), bits, group_size, axis, t.element_size()) for t in tensors)

@@ -1,7 +1,8 @@
 """Symmetric weight-only integer quantization of a tensor: integers plus one scale per group.
 
 A tensor is cut along one `axis` into groups of `group_size` consecutive entries (the whole axis when
-`group_size` is None or not smaller than it); every other index gets its own groups, so with group_size None
+`group_size` is None or not smaller than it; the last group shorter when group_size does not divide the axis,
+as a rank chosen by a budget often does not); every other index gets its own groups, so with group_size None
 this is per-channel quantization over the remaining axes. Each group stores s = max|w| / qmax
 (qmax = 2^(bits-1) - 1: 127 for int8, 7 for int4) and q = round(w / s) in [-qmax, qmax]; w is read back
 as q * s. Nothing is clipped, so every entry is within s / 2 of its original value.
@@ -30,18 +31,19 @@ def check_quant_args(bits, group_size, field: str = "quantize") -> None:
 
 
 def group_length(length: int, group_size: int | None) -> int:
-    """Entries per group along an axis of `length`; raises ValueError when group_size does not divide it."""
-    if group_size is None or group_size >= length:
-        return length
-    if length % group_size:
-        raise DataError(f"group_size {group_size} does not divide the quantized axis of length {length}")
-    return group_size
+    """Entries per (full) group along an axis of `length`."""
+    return length if group_size is None or group_size >= length else group_size
+
+
+def group_count(length: int, group_size: int | None) -> int:
+    """Groups along an axis of `length`, the last one shorter when group_size does not divide it."""
+    return -(-length // group_length(length, group_size))
 
 
 def scale_shape(shape: tuple[int, ...], axis: int, group_size: int | None) -> tuple[int, ...]:
     """Shape of the scales: `shape` with the quantized axis replaced by its number of groups."""
     axis = axis % len(shape)
-    groups = shape[axis] // group_length(shape[axis], group_size)
+    groups = group_count(shape[axis], group_size)
     return tuple(groups if d == axis else n for d, n in enumerate(shape))
 
 
@@ -56,8 +58,12 @@ def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int | None, 
 
 
 def _grouped(t: torch.Tensor, axis: int, g: int) -> torch.Tensor:
-    """(..., groups, g) view with the quantized axis last."""
+    """(..., groups, g) with the quantized axis last, a ragged last group padded with zeros (which change
+    neither its largest magnitude nor, cut off again, its values)."""
     moved = t.movedim(axis, -1)
+    pad = -moved.shape[-1] % g
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // g, g)
 
 
@@ -71,7 +77,7 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, group_size: int | None =
     grouped = _grouped(weight.detach().float(), axis, g)
     scale = grouped.abs().amax(dim=-1, keepdim=True) / qmax
     q = torch.round(grouped / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-qmax, qmax).to(torch.int8)
-    q = q.reshape(*q.shape[:-2], -1).movedim(-1, axis).contiguous()  # back to weight's layout
+    q = q.reshape(*q.shape[:-2], -1)[..., :weight.shape[axis]].movedim(-1, axis).contiguous()  # weight's layout
     scale = scale.squeeze(-1).movedim(-1, axis).to(weight.dtype).contiguous()
     return (q if bits == 8 else pack_int4(q.reshape(-1))), scale
 
@@ -84,7 +90,8 @@ def dequantize_symmetric(qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[
     q = (qdata if bits == 8 else unpack_int4(qdata, math.prod(shape)).reshape(shape)).to(scale.dtype)
     if g == shape[axis]:  # one scale per channel: it broadcasts along the axis as it is
         return q * scale
-    return (q.unflatten(axis, (shape[axis] // g, g)) * scale.unsqueeze(axis + 1)).flatten(axis, axis + 1)
+    grouped = _grouped(q, axis, g) * scale.movedim(axis, -1).unsqueeze(-1)
+    return grouped.flatten(-2)[..., :shape[axis]].movedim(-1, axis)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
