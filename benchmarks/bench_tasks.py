@@ -157,7 +157,7 @@ def run_cell(model_name: str, task: str, args, work: Path, log, cache: RunCache)
     cell = {"model": model_name, "task": task, "scale": scale,
             **_teacher(model_name, task, spec, data, scale, args, work, cache), "runs": []}
     log(f"{model_name}/{task}: teacher {cell['teacher']['score']:.4f} ({cell['finetune_seconds']} s)")
-    for recipe_name in RECIPES:
+    for recipe_name in args.recipes:
         for seed in args.seeds:
             key = cache.key(model=model_name, task=task, what=recipe_name, seed=seed, **scale)
             run = cache.get(key)
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="Which students to run (default: all four).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_tasks"),
                         help="Folder for the teachers and students (kept, so an interrupted run resumes).")
