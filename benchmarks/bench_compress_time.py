@@ -179,7 +179,8 @@ def write_report(path: Path, results: list[dict], command: str) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ratio = f"{r['seconds'] / svd['seconds']:.2f}" if svd else "n/a"
+        base = by_cell.get("svd-mlp") if r["cell"].endswith("-mlp") else svd  # whitened SVD on the same matrices
+        ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "n/a"
         lines.append(f"| {r['cell']} | {CELLS[r['cell']][0]} | {r['matrices']} | {r['params_after']:,} / "
                      f"{r['params_before']:,} | {r['seconds']:.1f} | {ratio} | {r['werr']:.4f} | {r['oerr']:.4f} | "
                      f"{r['load']:.1f} |")
