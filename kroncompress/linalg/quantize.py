@@ -90,8 +90,9 @@ def dequantize_symmetric(qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[
     q = (qdata if bits == 8 else unpack_int4(qdata, math.prod(shape)).reshape(shape)).to(scale.dtype)
     if g == shape[axis]:  # one scale per channel: it broadcasts along the axis as it is
         return q * scale
-    grouped = _grouped(q, axis, g) * scale.movedim(axis, -1).unsqueeze(-1)
-    return grouped.flatten(-2)[..., :shape[axis]].movedim(-1, axis)
+    if shape[axis] % g == 0:  # whole groups: a view, no copy of the scales (this runs in every forward)
+        return (q.unflatten(axis, (shape[axis] // g, g)) * scale.unsqueeze(axis + 1)).flatten(axis, axis + 1)
+    return q * scale.repeat_interleave(g, dim=axis).narrow(axis, 0, shape[axis])  # a shorter last group
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
