@@ -178,13 +178,13 @@ class SequentialStatistics:
         kept = _BlockInputs(student, path, 0)
         for batch in self._batches(self.teacher):
             calls: list[tuple[tuple, dict]] = []
-            outputs: list[Any] = []
+            last_output: Any = None
             chained = True
 
             def before(module, args, kwargs, i):
                 nonlocal chained
                 if i != len(calls) or not args or not isinstance(args[0], torch.Tensor) \
-                        or (i > 0 and args[0] is not outputs[-1]):
+                        or (i > 0 and args[0] is not last_output):
                     chained = False
                     raise _Stop
                 if i == 0:
@@ -192,7 +192,8 @@ class SequentialStatistics:
                 calls.append((tuple(args[1:]), {k: (None if k in CACHE_ARGUMENTS else v) for k, v in kwargs.items()}))
 
             def after(module, args, kwargs, output, i):
-                outputs.append(output if isinstance(output, torch.Tensor) else output[0])
+                nonlocal last_output
+                last_output = output if isinstance(output, torch.Tensor) else output[0]
                 if i == len(blocks) - 1:
                     raise _Stop
 
